@@ -1,0 +1,241 @@
+"""Problem/answer data: one ``Example`` type and loaders for files and the benchmark suite.
+
+Contract
+--------
+- ``Example(problem, answer, solution=None, id="")``: frozen. ``answer`` is a ``str``, or a ``tuple`` of
+  str when several forms are accepted (any one matching counts). Numbers in files become strings.
+- ``load_examples(path, ...) -> Examples``: reads .jsonl, .json (a list of objects), .csv, .parquet, or a
+  directory written by ``datasets.save_to_disk``. A bad row (invalid JSON, not an object, missing field,
+  wrong type, empty problem) raises ``DataError`` naming the file, the 1-based row (and line for text
+  files) and the field. With ``skip_bad_rows=True`` bad rows are skipped, logged with a warning, and
+  counted in the returned list's ``report`` (a ``LoadReport``). ``Examples`` is a plain ``list`` subclass,
+  so callers who do not care about the report see a list. CSV cells are read as text (no NaN or number
+  guessing), so list answers need .jsonl, .json, .parquet or a dataset directory.
+- ``BENCHMARKS`` and ``load_benchmark(name_or_path)``: a name is looked up as ``<name>.jsonl`` in
+  ``$RLFR_BENCHMARK_DIR``, then ``../shared/data/benchmarks`` relative to the current directory, then
+  relative to the repository root (the parent of ``src/``). The files are read in place, never copied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Example:
+    problem: str
+    answer: str | tuple[str, ...]
+    solution: str | None = None
+    id: str = ""
+
+
+class DataError(ValueError):
+    """A file or row that cannot be turned into Examples; the message names file, row and field."""
+
+
+@dataclass
+class LoadReport:
+    path: str
+    rows: int = 0  # rows seen
+    loaded: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # one message per skipped row
+
+
+class Examples(list):
+    """A list of Example with the ``LoadReport`` of the load that produced it."""
+
+    report: LoadReport
+
+
+def _to_answer(value: Any) -> str | tuple[str, ...]:
+    if hasattr(value, "tolist"):  # numpy scalars / arrays from parquet
+        value = value.tolist()
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"expected a string, number or list of them, got {value!r}")
+    if isinstance(value, str):
+        if not value.strip():
+            raise TypeError("empty string")
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"non-finite number {value!r}")
+        return str(value)
+    if isinstance(value, (list, tuple)) and value:
+        forms = tuple(_to_answer(v) for v in value)
+        if any(isinstance(f, tuple) for f in forms):
+            raise TypeError("nested lists are not answers")
+        return forms
+    raise TypeError(f"expected a string, number or non-empty list, got {type(value).__name__} {value!r}")
+
+
+def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    """Yields (location, row dict or Exception) in file order; location is e.g. 'line 3'."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError as e:
+            raise DataError(f"{path}: loading a saved dataset needs `pip install datasets`") from e
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None:
+                raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; pass split=")
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r}; splits are {list(ds)}")
+            ds = ds[split]
+        for i, row in enumerate(ds, 1):
+            yield f"row {i}", row
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"line {lineno}", DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        for i, row in enumerate(data, 1):
+            yield f"item {i}", row
+    elif suffix in (".csv", ".parquet"):
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise DataError(f"{path}: loading {suffix} needs `pip install pandas pyarrow`") from e
+        if suffix == ".csv":
+            # Everything as text and no NaN guessing, so "007" stays "007" and an empty cell is "".
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            offset = 1  # the header is line 1
+        else:
+            df = pd.read_parquet(path)
+            offset = None
+        for i, row in enumerate(df.to_dict(orient="records"), 1):
+            yield (f"row {i} (line {i + offset})" if offset else f"row {i}"), row
+    else:
+        raise DataError(
+            f"{path}: unsupported format {suffix!r}; use .jsonl, .json, .csv, .parquet or a dataset dir"
+        )
+
+
+def _parse_row(row: Any, problem_field: str, answer_field: str, solution_field: str | None) -> Example:
+    """Example from one row; raises DataError(message naming the field)."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object, got {type(row).__name__}")
+    for name in (problem_field, answer_field) + ((solution_field,) if solution_field else ()):
+        if name not in row or row[name] is None:
+            raise DataError(f"field {name!r} is missing (row has {sorted(row)})")
+    problem = row[problem_field]
+    if not isinstance(problem, str) or not problem.strip():
+        raise DataError(f"field {problem_field!r} must be a non-empty string, got {problem!r:.80}")
+    try:
+        answer = _to_answer(row[answer_field])
+    except TypeError as e:
+        raise DataError(f"field {answer_field!r}: {e}") from None
+    solution = None
+    if solution_field:
+        solution = row[solution_field]
+        if not isinstance(solution, str):
+            raise DataError(f"field {solution_field!r} must be a string, got {type(solution).__name__}")
+    rid = row.get("id")
+    if rid is None or (isinstance(rid, float) and math.isnan(rid)):  # missing id in a pandas column
+        rid = ""
+    return Example(problem=problem, answer=answer, solution=solution, id=str(rid))
+
+
+def load_examples(
+    path: str | os.PathLike,
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    solution_field: str | None = None,
+    skip_bad_rows: bool = False,
+    split: str | None = None,
+) -> Examples:
+    """Examples from a file or saved dataset directory (see module docstring). Rows without an ``id``
+    get ``<file stem>-<row index>``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    report = LoadReport(path=str(path))
+    out = Examples()
+    for location, row in _rows(path, split):
+        report.rows += 1
+        try:
+            ex = _parse_row(row, problem_field, answer_field, solution_field)
+        except DataError as e:
+            msg = f"{path}, {location}: {e}"
+            if not skip_bad_rows:
+                raise DataError(msg) from None
+            report.skipped += 1
+            report.errors.append(msg)
+            continue
+        if not ex.id:
+            ex = Example(ex.problem, ex.answer, ex.solution, id=f"{path.stem}-{report.rows - 1}")
+        out.append(ex)
+    report.loaded = len(out)
+    if report.skipped:
+        logger.warning(
+            "%s: skipped %d bad rows of %d (first: %s)", path, report.skipped, report.rows, report.errors[0]
+        )
+    out.report = report
+    return out
+
+
+def benchmark_search_dirs() -> list[Path]:
+    """Where ``load_benchmark`` looks for ``<name>.jsonl``, in order."""
+    dirs = []
+    if os.environ.get("RLFR_BENCHMARK_DIR"):
+        dirs.append(Path(os.environ["RLFR_BENCHMARK_DIR"]))
+    dirs += [
+        Path.cwd().parent / "shared" / "data" / "benchmarks",
+        _REPO_ROOT.parent / "shared" / "data" / "benchmarks",
+    ]
+    return dirs
+
+
+def find_benchmark(name: str) -> Path:
+    """Path of benchmark ``name`` (one of BENCHMARKS); FileNotFoundError lists what was searched."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    tried = [d / f"{name}.jsonl" for d in benchmark_search_dirs()]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"benchmark {name!r} not found; searched: {', '.join(map(str, tried))}. "
+        "Set RLFR_BENCHMARK_DIR to the directory holding <name>.jsonl."
+    )
+
+
+def load_benchmark(name_or_path: str | os.PathLike) -> Examples:
+    """A benchmark by name (see ``find_benchmark``) or by path to a file in a supported format."""
+    if isinstance(name_or_path, str) and name_or_path in BENCHMARKS:
+        return load_examples(find_benchmark(name_or_path))
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a benchmark name ({', '.join(BENCHMARKS)}) nor a path"
+        )
+    return load_examples(path)

@@ -1,0 +1,119 @@
+"""Velocity deviation: the per-token flow score (RLFR_METHOD §4).
+
+Contract:
+- ``velocity_deviation(field, target (N, d), cond (N, d), layer (N,), timesteps) -> (N,) float32``:
+  for each rewarding timestep t, D_t = mean_d (v(x_t, t, c, layer) - (x1 - eps))^2 * t / (1 - t),
+  then the mean over timesteps. Higher = the latent deviates more from the reference flow.
+- ``token_scores(field, latents (L, B, T, d), layer_values (L,), mask (B, T), ...) -> TokenScores``:
+  scores (B, T) float32 = mean over layers and modes of the deviation of the pairs built at each position
+  (see ``rlfr.flow.matching.build_pairs``); ``valid`` (B, T) bool marks positions with at least one pair.
+  Scores are 0 where not valid; callers must use ``valid`` (unscored positions join no statistics).
+
+Both run under ``torch.no_grad()``: scores are rewards, not a training signal for the field.
+
+Departures from the authors' code (RLFR_METHOD §8.3): each timestep uses its own debias weight t / (1 - t)
+(theirs applied the last timestep's weight to all) and its own noise draw (theirs shared one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlfr.flow.matching import Mode, check_latents, check_modes, pair_indices
+
+
+@dataclass
+class TokenScores:
+    """scores: (B, T) float32 flow deviation (0 where not valid); valid: (B, T) bool."""
+
+    scores: torch.Tensor
+    valid: torch.Tensor
+
+
+def _check_timesteps(timesteps: Sequence[float]) -> list[float]:
+    ts = [float(t) for t in timesteps]
+    if not ts or any(not 0.0 < t < 1.0 for t in ts):
+        raise ValueError(f"rewarding timesteps must be a non-empty list of values in (0, 1), got {timesteps}")
+    return ts
+
+
+@torch.no_grad()
+def velocity_deviation(
+    field: nn.Module,
+    target: torch.Tensor,
+    cond: torch.Tensor,
+    layer: torch.Tensor,
+    timesteps: Sequence[float] = (0.8,),
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Debiased velocity deviation -> (N,) float32.
+
+    target, cond: (N, d); layer: (N,); noise: None (fresh N(0, I) per timestep from ``generator``, which must
+    live on target's device), (N, d) (shared by all timesteps) or (K, N, d) with K = len(timesteps).
+    """
+    ts = _check_timesteps(timesteps)
+    x1 = target.float()
+    if noise is None:
+        noise = torch.randn((len(ts), *x1.shape), generator=generator, device=x1.device)
+    elif noise.shape == x1.shape:
+        noise = noise.expand(len(ts), *x1.shape)
+    elif noise.shape != (len(ts), *x1.shape):
+        raise ValueError(
+            f"noise must be (N, d) = {tuple(x1.shape)} or (K, N, d) = {(len(ts), *x1.shape)}, "
+            f"got {tuple(noise.shape)}"
+        )
+    total = torch.zeros(x1.shape[0], dtype=torch.float32, device=x1.device)
+    for t, eps in zip(ts, noise.float()):
+        x_t = t * x1 + (1 - t) * eps
+        v = field(x_t, torch.full_like(total, t), cond, layer)
+        total += ((v.float() - (x1 - eps)) ** 2).mean(dim=-1) * (t / (1 - t))
+    return total / len(ts)
+
+
+@torch.no_grad()
+def token_scores(
+    field: nn.Module,
+    latents: torch.Tensor,
+    layer_values: torch.Tensor,
+    mask: torch.Tensor,
+    modes: Sequence[Mode] = ("token_post",),
+    shift: int = 1,
+    timesteps: Sequence[float] = (0.8,),
+    generator: torch.Generator | None = None,
+    chunk_size: int = 8192,
+) -> TokenScores:
+    """Per-token flow scores, averaged over layers and modes (RLFR_METHOD §4).
+
+    latents: (L, B, T, d) (any float dtype; gathered and cast to float32 chunk by chunk, so memory is
+    bounded by ``chunk_size`` pairs rather than L * modes * B * T); layer_values: (L,); mask: (B, T) bool.
+    """
+    check_latents(latents, layer_values, mask)
+    check_modes(modes)
+    _check_timesteps(timesteps)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_layers, bsz, seq_len, _ = latents.shape
+    device = latents.device
+    sums = torch.zeros(bsz * seq_len, dtype=torch.float32, device=device)
+    counts = torch.zeros(bsz * seq_len, dtype=torch.float32, device=device)
+    h = latents.detach()
+    for mode in modes:
+        b, kt, kc, pos = pair_indices(mask, mode, shift)
+        flat = b * seq_len + pos
+        for li in range(num_layers):
+            for start in range(0, b.numel(), chunk_size):
+                sl = slice(start, start + chunk_size)
+                target = h[li, b[sl], kt[sl]].float()
+                cond = h[li, b[sl], kc[sl]].float()
+                layer = layer_values[li].to(device, torch.float32).expand(target.shape[0])
+                dev = velocity_deviation(field, target, cond, layer, timesteps, generator=generator)
+                sums.index_add_(0, flat[sl], dev)
+                counts.index_add_(0, flat[sl], torch.ones_like(dev))
+    valid = counts > 0
+    scores = torch.where(valid, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    return TokenScores(scores=scores.view(bsz, seq_len), valid=valid.view(bsz, seq_len))

@@ -1,0 +1,176 @@
+"""Flow-matching pairs and loss (RLFR_METHOD §1, §3).
+
+Contract:
+- ``build_pairs(latents (L, B, T, d), layer_values (L,), mask (B, T) bool, modes, shift) -> FlowPairs``:
+  one pair per (mode, layer, position k) where ``mask[k]`` and ``mask[k + s]`` are both True
+  (identity: ``mask[k]``). ``token_post``: target h_{k+s}, cond h_k; ``token_pre``: target h_k,
+  cond h_{k+s}; ``identity``: both h_k. The pair "built at k" has ``position = k``; a flow score at
+  position k is the score of that pair.
+- ``flow_matching_loss_per_pair(field, pairs, batch_mul) -> (N,)`` and ``flow_matching_loss(...) -> ()``:
+  x_t = t x1 + (1 - t) eps, u = x1 - eps, loss = mean_d (v - u)^2 with t ~ logit-normal, each pair
+  repeated ``batch_mul`` times with fresh (t, eps), then a weighted mean over pairs.
+
+Latents are detached and cast to float32 in ``build_pairs``: the flow loss must never send gradient into
+the policy (the authors' RL hook did not detach the target, RLFR_METHOD §8.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Mode = Literal["token_post", "token_pre", "identity"]
+MODES: tuple[str, ...] = ("token_post", "token_pre", "identity")
+
+
+@dataclass
+class FlowPairs:
+    """N flow-matching pairs. target, cond: (N, d) float32; layer: (N,) float32 (block_index / num_blocks);
+    batch_index, position, mode_index, layer_index: (N,) long (position = k of the pair built at k)."""
+
+    target: torch.Tensor
+    cond: torch.Tensor
+    layer: torch.Tensor
+    batch_index: torch.Tensor
+    position: torch.Tensor
+    mode_index: torch.Tensor
+    layer_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.target.shape[0]
+
+
+def check_latents(latents: torch.Tensor, layer_values: torch.Tensor, mask: torch.Tensor) -> None:
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be (L, B, T, d), got shape {tuple(latents.shape)}")
+    if layer_values.shape != latents.shape[:1]:
+        raise ValueError(
+            f"layer_values must be (L,) = ({latents.shape[0]},), got {tuple(layer_values.shape)}"
+        )
+    if mask.shape != latents.shape[1:3] or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be bool (B, T) = {tuple(latents.shape[1:3])}, got {mask.dtype} {tuple(mask.shape)}"
+        )
+
+
+def pair_indices(mask: torch.Tensor, mode: str, shift: int) -> tuple[torch.Tensor, ...]:
+    """Index the pairs of one mode: mask (B, T) bool -> (batch, target_pos, cond_pos, position), each (n,)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown context mode {mode!r}; valid: {list(MODES)}")
+    if shift < 1:
+        raise ValueError(f"shift must be >= 1, got {shift}")
+    if mode == "identity":
+        b, k = mask.nonzero(as_tuple=True)
+        return b, k, k, k
+    both = mask[:, :-shift] & mask[:, shift:]  # (B, T - s): True where k and k + s are response tokens
+    b, k = both.nonzero(as_tuple=True)
+    if mode == "token_post":
+        return b, k + shift, k, k
+    return b, k, k + shift, k
+
+
+def check_modes(modes: Sequence[str]) -> None:
+    if isinstance(modes, str) or len(modes) == 0:
+        raise ValueError(f"modes must be a non-empty sequence of {list(MODES)}, got {modes!r}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown context mode {mode!r}; valid: {list(MODES)}")
+
+
+def build_pairs(
+    latents: torch.Tensor,
+    layer_values: torch.Tensor,
+    mask: torch.Tensor,
+    modes: Sequence[Mode] = ("token_post",),
+    shift: int = 1,
+) -> FlowPairs:
+    """latents (L, B, T, d), layer_values (L,), mask (B, T) bool -> FlowPairs, ordered by (mode, layer, k)."""
+    check_latents(latents, layer_values, mask)
+    check_modes(modes)
+    h = latents.detach().float()
+    num_layers, d = h.shape[0], h.shape[-1]
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("target", "cond", "layer", "b", "pos", "m", "l")}
+    for m, mode in enumerate(modes):
+        b, kt, kc, pos = pair_indices(mask, mode, shift)
+        n = b.numel()
+        parts["target"].append(h[:, b, kt].reshape(-1, d))  # (L * n, d), layer-major
+        parts["cond"].append(h[:, b, kc].reshape(-1, d))
+        lidx = torch.arange(num_layers, device=h.device).repeat_interleave(n)
+        parts["l"].append(lidx)
+        parts["layer"].append(layer_values.to(h.device, torch.float32)[lidx])
+        parts["b"].append(b.repeat(num_layers))
+        parts["pos"].append(pos.repeat(num_layers))
+        parts["m"].append(torch.full((num_layers * n,), m, dtype=torch.long, device=h.device))
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return FlowPairs(
+        target=cat["target"], cond=cat["cond"], layer=cat["layer"], batch_index=cat["b"],
+        position=cat["pos"], mode_index=cat["m"], layer_index=cat["l"],
+    )  # fmt: skip
+
+
+def sample_timesteps(
+    n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Logit-normal training timesteps t = sigmoid(N(0, 1)) (RLFR_METHOD §3): -> (n,) float32 in (0, 1)."""
+    return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+
+
+def flow_matching_loss_per_pair(
+    field: nn.Module, pairs: FlowPairs, batch_mul: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Conditional flow-matching loss of each pair, averaged over its ``batch_mul`` fresh (t, eps) draws.
+
+    -> (N,) float32 with graph to the field's parameters (never to the latents).
+    """
+    if batch_mul < 1:
+        raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
+    n, d = pairs.target.shape
+    x1 = pairs.target.detach().float().repeat(batch_mul, 1)  # (batch_mul * N, d)
+    t = sample_timesteps(n * batch_mul, generator=generator, device=x1.device)
+    eps = torch.randn(x1.shape, generator=generator, device=x1.device)
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * eps
+    u = x1 - eps
+    v = field(x_t, t, pairs.cond.detach().repeat(batch_mul, 1), pairs.layer.repeat(batch_mul))
+    per = ((v.float() - u) ** 2).mean(dim=-1)
+    return per.view(batch_mul, n).mean(dim=0)
+
+
+def flow_matching_loss(
+    field: nn.Module,
+    pairs: FlowPairs,
+    batch_mul: int = 1,
+    weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Weighted mean of the per-pair flow-matching loss -> () float32.
+
+    weights: (N,) non-negative (e.g. 1 for pairs of correct rollouts, ``soft_flow`` for wrong ones,
+    RLFR_METHOD §6). A zero total weight (or no pairs) gives a 0 loss that is still connected to the
+    field's parameters, so ``backward()`` works and gives zero gradients instead of NaN or an error.
+    """
+    per = flow_matching_loss_per_pair(field, pairs, batch_mul=batch_mul, generator=generator)
+    if weights is None:
+        weights = torch.ones_like(per)
+    if weights.shape != per.shape:
+        raise ValueError(f"weights must be (N,) = {tuple(per.shape)}, got {tuple(weights.shape)}")
+    weights = weights.detach().to(per.device, torch.float32)
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("flow-matching weights must be finite and non-negative")
+    total = weights.sum()
+    if total <= 0:
+        # Tie the zero to every parameter: an empty `per` may not reach all of them through autograd.
+        return (per * weights).sum() + sum(p.sum() * 0.0 for p in field.parameters())
+    return (per * weights).sum() / total
+
+
+def per_sequence_mean(values: torch.Tensor, batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of per-pair values per rollout: values (N,), batch_index (N,) long -> (B,); 0 where no pair
+    (count with ``torch.bincount(batch_index, minlength=B)``). For logging correct/wrong flow losses."""
+    sums = torch.zeros(batch_size, dtype=torch.float32, device=values.device)
+    sums.index_add_(0, batch_index, values.detach().float())
+    counts = torch.bincount(batch_index, minlength=batch_size).to(sums.dtype)
+    return sums / counts.clamp_min(1)

@@ -1,0 +1,155 @@
+"""Policy-gradient losses, KL estimators, log-probs and entropies (RLFR_METHOD §5).
+
+Alignment (the trainer relies on it): every per-token tensor is (B, T) aligned with ``input_ids``;
+``logp[b, k] = log p(input_ids[b, k] | input_ids[b, :k])``, so position 0 is never scored (0 there), and
+``entropy[b, k]`` is the entropy of the distribution that produced token k.
+
+Contract:
+- ``logprobs_from_logits(logits (B, T, V), input_ids (B, T)) -> (B, T)`` float32.
+- ``entropy_from_logits(logits (B, T, V)) -> (B, T)`` float32.
+- ``kl_penalty(logp, ref_logp, estimator) -> (B, T)``: k1 = log(p / p_ref), k3 = r - 1 - log r with
+  r = p_ref / p (Schulman, "Approximating KL divergence", 2020).
+- ``policy_loss(logp, old_logp, advantages, mask, ...) -> PolicyLossOutput``: the PPO clipped objective
+  -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) (+ kl_coef * KL), masked, aggregated as the mean
+  over sequences of each sequence's token mean (``seq_mean_token_mean``, the paper's) or the mean over all
+  tokens (``token_mean``). ``num_sequences`` / ``num_tokens`` are the normalisers of the whole batch, so
+  summing micro-batch losses under gradient accumulation equals the full-batch loss.
+
+Departure from the authors' code (RLFR_METHOD §8.5): the low and high clips are separate, explicit
+arguments (theirs passed ``use_dapo`` into the clip-high slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+# Log-ratios are clamped before exp() in the KL estimators: a token the reference finds ~impossible would
+# otherwise give inf. |log r| = 20 is far beyond anything a healthy run produces.
+_LOG_RATIO_CLAMP = 20.0
+
+
+def _check_logits(logits: torch.Tensor, chunk_size: int) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (B, T, V), got {tuple(logits.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+    """(B, T, V), (B, T) long -> (B, T) float32 with out[:, 0] = 0 and out[:, k] = log p(ids[k] | ids[:k]).
+
+    Computed as gather - logsumexp in float32, ``chunk_size`` rows at a time, so no (B, T, V) float32
+    log-softmax is materialised at once. Differentiable.
+    """
+    _check_logits(logits, chunk_size)
+    if input_ids.shape != logits.shape[:2]:
+        raise ValueError(f"input_ids must be {tuple(logits.shape[:2])}, got {tuple(input_ids.shape)}")
+    rows = []
+    for start in range(0, logits.shape[0], chunk_size):
+        lg = logits[start : start + chunk_size, :-1].float()
+        ids = input_ids[start : start + chunk_size, 1:]
+        picked = lg.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+        rows.append(torch.nn.functional.pad(picked, (1, 0)))
+    return torch.cat(rows)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+    """(B, T, V) -> (B, T) float32: out[:, k] = H(softmax(logits[:, k - 1])), out[:, 0] = 0."""
+    _check_logits(logits, chunk_size)
+    rows = []
+    for start in range(0, logits.shape[0], chunk_size):
+        lg = logits[start : start + chunk_size, :-1].float()
+        # H = logsumexp(z) - sum softmax(z) * z
+        ent = torch.logsumexp(lg, dim=-1) - (torch.softmax(lg, dim=-1) * lg).sum(dim=-1)
+        rows.append(torch.nn.functional.pad(ent, (1, 0)))
+    return torch.cat(rows)
+
+
+def kl_penalty(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: Literal["k1", "k3"] = "k3"
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs: (B, T), (B, T) -> (B, T)."""
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ")
+    log_ratio = (logp.float() - ref_logp.float()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        # r = p_ref / p: unbiased (E_pi[r - 1] = 0) and always >= 0.
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; valid: ['k1', 'k3']")
+
+
+@dataclass
+class PolicyLossOutput:
+    """loss: () with graph; clip_frac, approx_kl (KL(pi_old || pi), k3), kl (to the reference): () detached
+    token means over this micro-batch (kl is 0 without ``ref_logp``)."""
+
+    loss: torch.Tensor
+    clip_frac: torch.Tensor
+    approx_kl: torch.Tensor
+    kl: torch.Tensor
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean",
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: Literal["k1", "k3"] = "k3",
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+) -> PolicyLossOutput:
+    """PPO-clipped policy loss; all per-token inputs (B, T), mask (B, T) bool.
+
+    Defaults for the normalisers are this micro-batch's counts: ``num_sequences`` = rows with at least one
+    response token, ``num_tokens`` = mask.sum() (count the whole batch the same way when accumulating).
+    Empty rows contribute 0 (never NaN).
+    """
+    for name, x in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
+        if x.shape != logp.shape:
+            raise ValueError(f"{name} must be {tuple(logp.shape)} like logp, got {tuple(x.shape)}")
+    if mask.dtype != torch.bool or logp.dim() != 2:
+        raise ValueError("logp must be (B, T) and mask a bool (B, T) tensor")
+    if not 0 <= clip_low < 1 or clip_high < 0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    log_ratio = torch.where(mask, logp.float() - old_logp.float().detach(), 0.0)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.float().detach()
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(surr1, surr2)
+    kl = torch.zeros((), device=logp.device)
+    if ref_logp is not None:
+        kl_tok = kl_penalty(logp, ref_logp.detach(), kl_estimator)
+        per_token = per_token + kl_coef * kl_tok
+        kl = _masked_mean(kl_tok.detach(), mask)
+    elif kl_coef != 0:
+        raise ValueError("kl_coef != 0 needs ref_logp")
+    per_token = torch.where(mask, per_token, 0.0)
+    if aggregation == "seq_mean_token_mean":
+        tokens_per_seq = mask.sum(dim=1)
+        seq_mean = per_token.sum(dim=1) / tokens_per_seq.clamp_min(1)
+        n = int((tokens_per_seq > 0).sum()) if num_sequences is None else num_sequences
+        loss = seq_mean.sum() / max(n, 1)
+    elif aggregation == "token_mean":
+        n = int(mask.sum()) if num_tokens is None else num_tokens
+        loss = per_token.sum() / max(n, 1)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: ['seq_mean_token_mean', 'token_mean']")
+    with torch.no_grad():
+        clip_frac = _masked_mean((surr2 < surr1).float(), mask)
+        approx_kl = _masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return PolicyLossOutput(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl, kl=kl)

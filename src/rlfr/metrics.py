@@ -1,0 +1,118 @@
+"""Run logging: one JSON line per step (``metrics.jsonl``), TensorBoard scalars, a console line, plots.
+
+Only the main process writes. ``MetricsLogger.log(step, metrics)`` appends a line that includes the
+step and wall time; ``plot_metrics(jsonl, out_png, keys)`` draws the curves people look at
+(reward, accuracy, flow losses) with matplotlib's non-interactive backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+_CONSOLE_KEYS = (
+    ("reward", "rew", "{:.3f}"),
+    ("accuracy", "acc", "{:.3f}"),
+    ("response_len", "len", "{:.1f}"),
+    ("flow/loss_correct", "flow+", "{:.4f}"),
+    ("flow/loss_wrong", "flow-", "{:.4f}"),
+    ("flow_reward/mean", "fr", "{:+.5f}"),
+    ("policy/kl", "kl", "{:.4f}"),
+    ("policy/entropy", "ent", "{:.3f}"),
+    ("time/rollout", "t_roll", "{:.1f}s"),
+    ("time/update", "t_upd", "{:.1f}s"),
+    ("time/flow", "t_flow", "{:.1f}s"),
+    ("time/step", "t_step", "{:.1f}s"),
+)
+
+
+def format_step(step: int, metrics: dict[str, float]) -> str:
+    parts = [f"step {step}"]
+    for key, short, fmt in _CONSOLE_KEYS:
+        if key in metrics and metrics[key] is not None:
+            parts.append(f"{short} {fmt.format(metrics[key])}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb = None
+        self._t0 = time.time()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float], stage: str | None = None) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "wall": round(time.time() - self._t0, 3)}
+        if stage is not None:
+            row["stage"] = stage
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            v = float(v)
+            if not math.isfinite(v):
+                raise FloatingPointError(f"metric {k!r} is {v} at step {step}")
+            row[k] = v
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            prefix = f"{stage}/" if stage else ""
+            for k, v in row.items():
+                if k not in ("step", "wall", "stage"):
+                    self._tb.add_scalar(prefix + k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(
+    rows: Iterable[dict], out_png: str | Path, keys: Sequence[str], title: str = "", smooth: int = 1
+) -> Path | None:
+    """One panel per key (steps on x); returns the PNG path, or None when no key has data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, lw=1.2)
+        if smooth > 1 and len(ys) >= smooth:
+            sm = [sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1]) for i in range(len(ys))]
+            ax.plot(xs, sm, lw=2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

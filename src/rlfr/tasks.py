@@ -1,0 +1,152 @@
+"""The embedded procedural task: short arithmetic problems from reasoning-gym, with worked solutions.
+
+Contract: ``embedded_task(train_size, eval_size, seed, generators, configs) -> TaskSplits(train, eval)``.
+
+- Problems come from reasoning-gym generators (default ``basic_arithmetic`` and ``chain_sum`` with 2-3
+  terms of 1-2 digits; ``gsm_symbolic`` is also supported). Sizes are split evenly over the generators
+  (remainder to the first) and the result is shuffled with ``seed``.
+- Splits come from disjoint reasoning-gym seeds (train ``2*seed``, eval ``2*seed+1``) AND are
+  de-duplicated by problem text: no eval problem appears in train, no problem twice in a split.
+- Every Example has a short worked ``solution`` ending in ``\\boxed{answer}``, for the supervised
+  cold-start stage (a 135M model cannot produce boxed answers without it). For arithmetic the steps are
+  computed here from the expression (safe ``ast`` walk, no ``eval``) and the last step is asserted to
+  equal reasoning-gym's answer; for ``gsm_symbolic`` the template's ``answer_cot`` is used with its
+  ``#### x`` line replaced by ``\\boxed{x}``.
+- reasoning-gym's ``basic_arithmetic`` floor-divides; when ``"/"`` is enabled, rows whose exact value
+  differs from its answer are dropped (a worked solution would be wrong), and the count is logged; the
+  same for ``gsm_symbolic`` rows whose ``answer_cot`` ends in a different number than the answer.
+
+Departure from the paper: RLFR trains on maths datasets with 1.5B-8B models; this task exists so the
+whole pipeline can be exercised end to end with a 135M model on CPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import random
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+from rlfr.data import Example
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
+    "basic_arithmetic": dict(
+        min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=("+", "-", "*"),
+        allow_parentheses=False, allow_negation=False,
+    ),
+    "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+    "gsm_symbolic": dict(),
+}  # fmt: skip
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+class TaskSplits(NamedTuple):
+    train: list[Example]
+    eval: list[Example]
+
+
+def _fmt(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def arithmetic_steps(expression: str) -> tuple[list[str], Fraction]:
+    """Worked steps ``["a + b = c", ...]`` (post-order, so precedence is respected) and the exact value."""
+    steps: list[str] = []
+
+    def walk(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = walk(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            a, b = walk(node.left), walk(node.right)
+            op = _OPS[type(node.op)]
+            if op == "/" and b == 0:
+                raise ZeroDivisionError(expression)
+            v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
+            steps.append(f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(v)}")
+            return v
+        raise ValueError(f"unsupported expression {expression!r} ({ast.dump(node)[:60]})")
+
+    value = walk(ast.parse(expression, mode="eval").body)
+    return steps, value
+
+
+def _arithmetic_example(row: dict, ex_id: str) -> Example | None:
+    steps, value = arithmetic_steps(row["metadata"]["expression"])
+    if _fmt(value) != row["answer"].strip():
+        return None  # reasoning-gym floor-divided an inexact division
+    solution = "".join(s + ".\n" for s in steps) + f"\\boxed{{{row['answer'].strip()}}}"
+    return Example(problem=row["question"], answer=row["answer"].strip(), solution=solution, id=ex_id)
+
+
+def _gsm_example(row: dict, ex_id: str) -> Example | None:
+    cot: str = row["metadata"]["answer_cot"].rstrip()
+    body, sep, final = cot.rpartition("####")
+    answer = row["answer"].strip()
+    try:  # the cot sometimes writes "72.0" for the answer "72"
+        consistent = bool(sep) and Fraction(final.strip()) == Fraction(answer)
+    except ValueError:
+        consistent = False
+    if not consistent:
+        return None  # a worked solution that disagrees with the answer would teach the wrong thing
+    return Example(row["question"], answer, body.rstrip() + f"\n\\boxed{{{answer}}}", ex_id)
+
+
+def _generate(gen: str, n: int, seed: int, exclude: set[str], split: str, config: dict) -> list[Example]:
+    import reasoning_gym
+
+    if gen not in DEFAULT_CONFIGS:
+        raise ValueError(f"unsupported generator {gen!r}; supported: {', '.join(DEFAULT_CONFIGS)}")
+    virtual = 20 * n + 100  # room for duplicates and dropped rows
+    ds = reasoning_gym.create_dataset(gen, size=virtual, seed=seed, **config)
+    out: list[Example] = []
+    dropped = 0
+    for i in range(virtual):
+        if len(out) == n:
+            break
+        row = ds[i]
+        if row["question"] in exclude:
+            continue
+        make = _gsm_example if gen == "gsm_symbolic" else _arithmetic_example
+        ex = make(row, f"{gen}-{split}-{i}")
+        if ex is None:
+            dropped += 1
+            continue
+        exclude.add(ex.problem)
+        out.append(ex)
+    if len(out) < n:
+        raise ValueError(f"{gen}: only {len(out)} unique {split} problems of {n} requested with {config}")
+    if dropped:
+        logger.info(
+            "%s %s: dropped %d rows whose worked solution disagrees with the answer", gen, split, dropped
+        )
+    return out
+
+
+def embedded_task(
+    train_size: int = 2000,
+    eval_size: int = 200,
+    seed: int = 0,
+    generators: tuple[str, ...] = ("basic_arithmetic", "chain_sum"),
+    configs: dict[str, dict[str, Any]] | None = None,
+) -> TaskSplits:
+    """Train/eval splits of the embedded task (see module docstring). ``configs`` overrides the default
+    reasoning-gym config per generator, e.g. ``{"chain_sum": {"max_terms": 4}}``."""
+    if not generators:
+        raise ValueError("embedded_task needs at least one generator")
+    splits = {}
+    seen: set[str] = set()  # eval first, so that train excludes every eval problem
+    for split, size, split_seed in (("eval", eval_size, 2 * seed + 1), ("train", train_size, 2 * seed)):
+        examples: list[Example] = []
+        for k, gen in enumerate(generators):
+            n = size // len(generators) + (size % len(generators) if k == 0 else 0)
+            config = {**DEFAULT_CONFIGS.get(gen, {}), **(configs or {}).get(gen, {})}
+            examples += _generate(gen, n, split_seed, seen, split, config)
+        random.Random(split_seed).shuffle(examples)
+        splits[split] = examples
+    return TaskSplits(train=splits["train"], eval=splits["eval"])

@@ -1,0 +1,296 @@
+"""The RL loop shared by ``--method rlfr | rlvr | entropy`` (RLFR_METHOD §5-6).
+
+One step (``RLTrainer.step``) reads top to bottom:
+rollout -> verify -> outcome advantages -> [per micro-batch: forward (log-probs, entropies and latents
+from the same pass) -> flow scores -> shaped flow rewards -> token advantages -> PPO loss -> backward
+-> flow-matching loss on the detached latents of rollouts that pass the check -> backward] -> optimizer
+steps -> log.
+
+When each rollout batch is used once (``ppo_epochs = minibatches = 1``) the rollout policy *is* the
+current policy, so the old log-probs are the current ones detached and no extra scoring forward is
+needed; otherwise a no-grad pass first records old log-probs, entropies and flow rewards, which stay
+fixed over the PPO epochs. Distributed plumbing (accelerate), checkpoints and logging live in
+``rlfr.engine``.
+
+Departures from the authors' code (RLFR_METHOD §8): the flow loss runs outside the hooks under
+autograd, so online flow updates really train the flow (also under gradient checkpointing), on
+detached latents (no gradient reaches the policy); rewards are binary by default.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlfr.advantages import entropy_advantage, group_advantages, token_advantages
+from rlfr.flow import build_pairs, flow_matching_loss_per_pair, per_sequence_mean, token_scores
+from rlfr.losses import entropy_from_logits, logprobs_from_logits, policy_loss
+from rlfr.rollout import Rollout, generate, position_ids
+from rlfr.shaping import shape_flow_rewards
+
+
+@dataclass
+class Batch:
+    """One step's rollouts with their rewards: all (B, ...) on the policy's device."""
+
+    rollout: Rollout
+    reward: torch.Tensor  # (B,) combined reward
+    correct: torch.Tensor  # (B,) bool, passed the answer check
+    outcome_adv: torch.Tensor  # (B,)
+
+
+def forward_logprobs(model, rollout: Rollout, rows: slice, need_entropy: bool):
+    """Policy forward on rows: -> (logp (b, T), entropy (b, T) detached or None)."""
+    ids = rollout.input_ids[rows]
+    att = rollout.attention_mask[rows]
+    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False).logits
+    logp = logprobs_from_logits(logits, ids)
+    ent = entropy_from_logits(logits.detach()) if need_entropy else None
+    return logp, ent
+
+
+class RLTrainer:
+    """Holds the components (built by ``rlfr.engine.build_rl``); ``step(examples)`` runs one RL step."""
+
+    def __init__(self, cfg, accelerator, policy, ref_policy, tokenizer, tap, flow, policy_opt, policy_sched,
+                 flow_opt, flow_sched, reward_fn, verifier):
+        self.cfg, self.acc = cfg, accelerator
+        self.policy, self.ref, self.tok, self.tap = policy, ref_policy, tokenizer, tap
+        self.flow, self.policy_opt, self.policy_sched = flow, policy_opt, policy_sched
+        self.flow_opt, self.flow_sched = flow_opt, flow_sched
+        self.reward_fn, self.verifier = reward_fn, verifier
+        self.step_count = 0
+
+    @property
+    def uses_flow(self) -> bool:
+        return self.cfg.method == "rlfr"
+
+    # -- one RL step ---------------------------------------------------------------------------
+    def step(self, examples, prompts: list[str]) -> dict[str, float]:
+        cfg, t0 = self.cfg, time.time()
+        n = cfg.rollout.num_generations
+        # 1. rollout (latent capture paused: generate() runs the model once per new token)
+        with self.tap.paused() if self.tap else _null():
+            rollout = generate(
+                self.acc.unwrap_model(self.policy), self.tok, prompts, n, cfg.rollout.max_new_tokens,
+                cfg.rollout.temperature, cfg.rollout.top_p, batch_size=cfg.rollout.batch_size,
+            )
+        t_roll = time.time()
+        # 2. verify
+        answers = [ex.answer for ex in examples for _ in range(n)]
+        reward, correct = self.reward_fn(rollout.completions, answers)
+        dev = self.acc.device
+        rollout = _to(rollout, dev)
+        reward_t = torch.tensor(reward, dtype=torch.float32, device=dev)
+        correct_t = torch.tensor(correct, dtype=torch.bool, device=dev)
+        t_verify = time.time()
+        # 3. outcome advantages (group-normalised over the n samples of each prompt)
+        adv_o = group_advantages(reward_t, n, normalize_std=cfg.policy.normalize_std)
+        batch = Batch(rollout, reward_t, correct_t, adv_o)
+        # 4-7. policy and flow updates
+        stats = self.update(batch)
+        t_end = time.time()
+        self.step_count += 1
+        lens = rollout.response_lengths.float()
+        stats.update({
+            "reward": reward_t.mean().item(),
+            "accuracy": correct_t.float().mean().item(),
+            "response_len": lens.mean().item(),
+            "truncated": rollout.truncated.float().mean().item(),
+            "time/rollout": t_roll - t0,
+            "time/verify": t_verify - t_roll,
+            "time/step": t_end - t0,
+            "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t0, 1e-9),
+        })
+        return self.acc.reduce({k: torch.tensor(v, device=dev) for k, v in stats.items()}, reduction="mean")
+
+    # -- update -------------------------------------------------------------------------------
+    def update(self, batch: Batch) -> dict[str, float]:
+        cfg = self.cfg
+        bsz = batch.rollout.input_ids.shape[0]
+        mbs = cfg.policy.micro_batch_size
+        single_pass = cfg.policy.ppo_epochs == 1 and cfg.policy.minibatches == 1
+        hold_actor = self.step_count < cfg.flow.actor_warmup_steps
+        acc = Accum()
+        self.flow_seconds = 0.0
+        self.flow_weight_total = self.flow_weights(batch).sum()
+        fixed = None if single_pass else self.score_batch(batch, acc)
+        t_upd = time.time()
+        per_epoch = max(1, bsz // cfg.policy.minibatches)
+        for _ in range(cfg.policy.ppo_epochs):
+            order = torch.arange(bsz) if single_pass else torch.randperm(bsz)
+            for m0 in range(0, bsz, per_epoch):
+                mini = order[m0 : m0 + per_epoch]
+                mask_mini = batch.rollout.response_mask[mini]
+                n_seq, n_tok = int(mask_mini.any(1).sum()), int(mask_mini.sum())
+                for c0 in range(0, len(mini), mbs):
+                    rows = mini[c0 : c0 + mbs]
+                    self.micro_step(batch, rows, fixed, n_seq, n_tok, acc, hold_actor)
+                if not hold_actor:
+                    acc.add("policy/grad_norm", self._opt_step(self.policy, self.policy_opt, self.policy_sched))
+        t_flow = time.time()
+        if self.uses_flow and cfg.flow.update:
+            acc.add("flow/grad_norm", self._opt_step(self.flow, self.flow_opt, self.flow_sched, check=False))
+        out = acc.means()
+        out["time/update"] = t_flow - t_upd
+        out["time/flow"] = self.flow_seconds
+        out["policy/lr"] = self.policy_sched.get_last_lr()[0]
+        return out
+
+    def micro_step(self, batch: Batch, rows: torch.Tensor, fixed, n_seq: int, n_tok: int, acc, hold_actor):
+        cfg = self.cfg
+        ro = batch.rollout.select(rows)
+        mask = ro.response_mask
+        with torch.set_grad_enabled(not hold_actor):  # entropies are always logged, so always computed
+            logp, ent = forward_logprobs(self.policy, ro, slice(None), True)
+        if fixed is None:  # single pass: rewards and old log-probs come from this very forward
+            adv, flow_stats = self.advantages(batch, rows, ro, ent)
+            old_logp = logp.detach()
+            acc.add_dict(flow_stats)
+        else:
+            adv, old_logp = fixed["adv"][rows], fixed["old_logp"][rows]
+        if self.uses_flow and cfg.flow.update and fixed is None:
+            self.flow_micro_step(batch, rows, ro, ent, acc)
+        ref_logp = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp, _ = forward_logprobs(self.ref, ro, slice(None), False)
+        if hold_actor:
+            return
+        out = policy_loss(
+            logp, old_logp, adv, mask, cfg.policy.clip_low, cfg.policy.clip_high, cfg.policy.aggregation,
+            ref_logp=ref_logp, kl_coef=cfg.policy.kl_coef, kl_estimator=cfg.policy.kl_estimator,
+            num_sequences=n_seq, num_tokens=n_tok,
+        )
+        self.acc.backward(out.loss)
+        acc.add("policy/loss", out.loss.item(), weight=len(rows))
+        acc.add("policy/clip_frac", out.clip_frac.item(), weight=len(rows))
+        acc.add("policy/kl", out.kl.item(), weight=len(rows))
+        acc.add("policy/entropy", (ent * mask).sum().item() / max(int(mask.sum()), 1), weight=len(rows))
+
+    def advantages(self, batch: Batch, rows: torch.Tensor, ro: Rollout, ent: torch.Tensor):
+        """Token advantages of rows -> ((b, T), flow statistics)."""
+        cfg, mask = self.cfg, ro.response_mask
+        token_rewards, stats = None, {}
+        if self.uses_flow:
+            scores = token_scores(
+                self.acc.unwrap_model(self.flow), self.tap.latents(), self.tap.layer_values.to(mask.device),
+                mask, cfg.flow.modes, cfg.flow.shift, cfg.flow.reward.timesteps,
+            )
+            r = cfg.flow.reward
+            token_rewards = shape_flow_rewards(scores.scores, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma)
+            nz = token_rewards != 0
+            stats = {
+                "flow_reward/mean": token_rewards.sum().item() / max(int(mask.sum()), 1),
+                "flow_reward/nonzero_frac": nz.sum().item() / max(int(mask.sum()), 1),
+                "flow_score/mean": scores.scores[scores.valid].mean().item() if scores.valid.any() else 0.0,
+            }
+        adv = token_advantages(batch.outcome_adv[rows], token_rewards, mask)
+        if cfg.method == "entropy":
+            adv = entropy_advantage(adv, ent, mask, cfg.policy.entropy_alpha, cfg.policy.entropy_kappa)
+        return adv, stats
+
+    def flow_weights(self, batch: Batch) -> torch.Tensor:
+        """Per-rollout flow-loss weight times its pair count (B,): 1 if correct, soft_flow otherwise."""
+        if not self.uses_flow:
+            return torch.zeros(1)
+        w = torch.where(batch.correct, 1.0, self.cfg.flow.soft_flow)
+        return w * pair_counts(batch.rollout.response_mask, self.cfg.flow.modes, self.cfg.flow.shift, len(self.cfg.flow.fractions))
+
+    def flow_micro_step(self, batch: Batch, rows: torch.Tensor, ro: Rollout, ent: torch.Tensor, acc) -> None:
+        """Online flow update (rejection sampling, RLFR §6) on this micro-batch's detached latents."""
+        t0, cfg = time.time(), self.cfg.flow
+        mask = ro.response_mask
+        if cfg.entropy_quantile is not None:
+            mask = mask & above_quantile(ent, mask, cfg.entropy_quantile)
+        pairs = build_pairs(self.tap.latents(), self.tap.layer_values.to(mask.device), mask, cfg.modes, cfg.shift)
+        per_pair = flow_matching_loss_per_pair(self.flow, pairs, cfg.batch_mul)
+        correct = batch.correct[rows]
+        w = torch.where(correct, 1.0, cfg.soft_flow)[pairs.batch_index]
+        total = self.flow_weight_total.clamp(min=1e-12)
+        self.acc.backward((per_pair * w).sum() / total)
+        seq = per_sequence_mean(per_pair.detach(), pairs.batch_index, len(rows))
+        has = torch.bincount(pairs.batch_index, minlength=len(rows)) > 0
+        for name, sel in (("flow/loss_correct", correct & has), ("flow/loss_wrong", ~correct & has)):
+            if sel.any():
+                acc.add(name, seq[sel].mean().item(), weight=int(sel.sum()))
+        self.flow_seconds += time.time() - t0
+
+    def score_batch(self, batch: Batch, acc) -> dict[str, torch.Tensor]:
+        """No-grad pass for multi-epoch PPO: old log-probs and fixed advantages, plus the flow update."""
+        bsz, mbs = batch.rollout.input_ids.shape[0], self.cfg.policy.micro_batch_size
+        old, advs = [], []
+        for c0 in range(0, bsz, mbs):
+            rows = torch.arange(c0, min(c0 + mbs, bsz))
+            ro = batch.rollout.select(rows)
+            with torch.no_grad():
+                logp, ent = forward_logprobs(self.policy, ro, slice(None), True)
+            adv, stats = self.advantages(batch, rows, ro, ent)
+            acc.add_dict(stats)
+            if self.uses_flow and self.cfg.flow.update:
+                self.flow_micro_step(batch, rows, ro, ent, acc)
+            old.append(logp)
+            advs.append(adv)
+        return {"old_logp": torch.cat(old), "adv": torch.cat(advs)}
+
+    def _opt_step(self, model, opt, sched, check: bool = True) -> float:
+        norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.policy.max_grad_norm if check else 1e9)
+        norm = float(norm)
+        if check and not torch.isfinite(torch.tensor(norm)):
+            raise FloatingPointError(f"policy gradient norm is {norm} at step {self.step_count}")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+
+def pair_counts(mask: torch.Tensor, modes, shift: int, num_layers: int) -> torch.Tensor:
+    """Flow pairs per rollout: mask (B, T) -> (B,) float (same rule as ``rlfr.flow.build_pairs``)."""
+    counts = torch.zeros(mask.shape[0], device=mask.device)
+    for mode in modes:
+        if mode == "identity":
+            counts += mask.sum(-1)
+        else:
+            counts += (mask[:, :-shift] & mask[:, shift:]).sum(-1)
+    return counts * num_layers
+
+
+def above_quantile(ent: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """Tokens whose entropy is >= the per-sequence q-quantile of response-token entropies: -> (B, T) bool."""
+    x = torch.where(mask, ent, torch.nan)
+    thr = torch.nanquantile(x, q, dim=-1, keepdim=True)
+    return mask & (ent >= thr.nan_to_num(float("inf")))
+
+
+class Accum:
+    """Weighted running means of scalar statistics over micro-batches."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, key: str, value: float, weight: float = 1.0) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value * weight
+        self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def add_dict(self, d: dict[str, float]) -> None:
+        for k, v in d.items():
+            self.add(k, v)
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+def _to(ro: Rollout, device) -> Rollout:
+    return Rollout(ro.input_ids.to(device), ro.attention_mask.to(device), ro.response_mask.to(device),
+                   ro.group.to(device), ro.completions, ro.truncated.to(device))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

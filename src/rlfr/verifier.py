@@ -1,0 +1,307 @@
+"""Verifiable reward: is the final answer of a completion equal to the ground truth?
+
+Contract
+--------
+- ``extract_answer(text) -> str | None``: the final answer of a completion. Priority: the last
+  ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces; also the brace-less ``\\boxed 5`` form), then the last
+  ``<answer>...</answer>``, then the last ``#### x`` line, then the last ``Answer: x``. A single linear
+  scan per form (no backtracking regex), so a 1 MB string or 5,000 nested braces are cheap. An unbalanced
+  last ``\\boxed{`` gives ``None`` (we do not guess where the model meant the box to end).
+- ``verify(completion, answer, timeout=5.0) -> float``: 1.0 or 0.0. ``answer`` may be a list of accepted
+  forms (any one counts). Fast in-process paths first (normalised string match, exact numeric compare
+  so "142.0" == "142", "1/2" == "\\frac12", "50\\%" == "50"); then math-verify for LaTeX/symbolic
+  equivalence, run in a worker *process* of a pebble pool with a hard per-task timeout (pebble kills a hung
+  worker). A timeout or crash scores 0.0 and is logged. Safe to call from any thread.
+- ``Verifier``: context manager holding the pool; ``verify_batch(completions, answers) -> list[float]``.
+  Module-level ``verify`` / ``verify_batch`` use a lazily created shared ``Verifier``.
+- ``format_reward(completion) -> float``: 1.0 when an answer form is present.
+
+Safety: text is never evaluated as code. math-verify is used with ``LatexExtractionConfig`` only,
+because its ``ExprExtractionConfig`` goes through ``sympy.parse_expr``, which calls ``eval``. math-verify's
+own SIGALRM timeouts are disabled (``parsing_timeout=None``, ``timeout_seconds=None``) because SIGALRM only
+works in a main thread; the process pool gives the hard timeout instead.
+
+Departure from the paper / authors' code: the paper's reward is binary 0/1, which is the default here.
+The authors' code gives 0.5 to a boxed-but-wrong answer; ``Verifier(format_score=0.5)`` reproduces it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from fractions import Fraction
+
+from pebble import ProcessExpired, ProcessPool
+
+logger = logging.getLogger(__name__)
+
+Answer = str | Sequence[str]
+_BOX_CMDS = ("\\boxed", "\\fbox")
+# Numeric fast paths only look at short strings: a 1 MB "number" is never worth converting here.
+_MAX_FAST_CHARS = 200
+
+
+# ----------------------------------------------------------------------------------------- extraction
+def _braced(text: str, open_pos: int) -> str | None:
+    """Content of the brace group opening at ``text[open_pos] == '{'``; None if unbalanced. O(n)."""
+    depth = 0
+    for i in range(open_pos, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_pos + 1 : i]
+    return None
+
+
+def _last_boxed(text: str) -> tuple[bool, str | None]:
+    """(found, content) for the last \\boxed / \\fbox command."""
+    pos, cmd = max((text.rfind(c), c) for c in _BOX_CMDS)
+    if pos < 0:
+        return False, None
+    j = pos + len(cmd)
+    if j < len(text) and text[j] == "{":
+        return True, _braced(text, j)
+    if j < len(text) and text[j] == " ":  # "\boxed 5": the token after the space
+        rest = text[j:].lstrip(" ")
+        m = re.match(r"[^\s$]+", rest)
+        return True, (m.group(0) if m else None)
+    return True, None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in ``text`` (see module docstring for the priority), stripped; None if absent."""
+    found, boxed = _last_boxed(text)
+    if found:
+        return boxed.strip() if boxed is not None and boxed.strip() else None
+    start = text.rfind("<answer>")
+    if start >= 0:
+        end = text.find("</answer>", start)
+        if end >= 0:
+            inner = text[start + len("<answer>") : end].strip()
+            return inner or None
+    pos = text.rfind("####")
+    if pos >= 0:
+        line = text[pos + 4 :].split("\n", 1)[0].strip()
+        if line:
+            return line
+    pos = text.lower().rfind("answer:")
+    if pos >= 0:
+        line = text[pos + len("answer:") :].split("\n", 1)[0].strip().rstrip(".").strip("$ ")
+        if line:
+            return line
+    return None
+
+
+def format_reward(completion: str) -> float:
+    """1.0 if the completion contains a final-answer form that ``extract_answer`` finds, else 0.0."""
+    return 1.0 if extract_answer(completion) is not None else 0.0
+
+
+# ------------------------------------------------------------------------------------------ fast paths
+_STRIP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\displaystyle", "$", " ", "\n", "\t")
+_DEC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+# \frac{12}{3} or \frac12 (without braces LaTeX takes one token each: \frac123 is (1/2)*3, not 12/3)
+_FRAC = re.compile(r"([-+]?)\\frac(?:\{([-+]?\d+)\}|(\d))(?:\{([-+]?\d+)\}|(\d))")
+_SLASH = re.compile(r"([-+]?\d+)/(\d+)")
+
+
+def _normalize(s: str) -> str:
+    s = s.strip().rstrip(".")
+    for tok in _STRIP:
+        s = s.replace(tok, "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    if s.startswith("\\text{") and s.endswith("}") and s.count("{") == 1:
+        s = s[len("\\text{") : -1]
+    return s.lower()
+
+
+def _number(s: str) -> tuple[Fraction, bool] | None:
+    """(value, is_plain_decimal_literal) for a normalised numeric string; None otherwise."""
+    if len(s) > _MAX_FAST_CHARS:
+        return None
+    s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\%", "").rstrip("%")
+    if _DEC.fullmatch(s):
+        return Fraction(s), True
+    if _THOUSANDS.fullmatch(s):
+        return Fraction(s.replace(",", "")), True
+    m = _FRAC.fullmatch(s)
+    if m:
+        sign, num, den = m[1], m[2] or m[3], m[4] or m[5]
+    elif m := _SLASH.fullmatch(s):
+        sign, num, den = "", m[1], m[2]
+    if m:
+        if int(den) == 0:
+            return None
+        value = Fraction(int(num), int(den))
+        return (-value if sign == "-" else value), False
+    return None
+
+
+def fast_check(pred: str, golds: Sequence[str]) -> bool | None:
+    """True/False when decidable in-process without sympy, None when math-verify must decide.
+
+    A definite False is returned only when both sides are integer-valued decimal literals (the bulk of
+    training checks); anything else that does not match here goes on to math-verify.
+    """
+    p = _normalize(pred)
+    pn = _number(p)
+    all_integer_mismatch = pn is not None and pn[1] and pn[0].denominator == 1
+    for gold in golds:
+        g = _normalize(gold)
+        if p == g:
+            return True
+        gn = _number(g)
+        if pn is not None and gn is not None and pn[0] == gn[0]:
+            return True
+        if gn is None or not gn[1] or gn[0].denominator != 1:
+            all_integer_mismatch = False
+    return False if all_integer_mismatch else None
+
+
+# ------------------------------------------------------------------------------------- worker process
+def math_verify_check(pred: str, golds: list[str]) -> bool:
+    """Runs in a worker process: math-verify equivalence of ``pred`` against any of ``golds``."""
+    from math_verify import LatexExtractionConfig, parse
+    from math_verify import verify as mv_verify
+
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    target = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)
+    if not target:
+        return False
+    for gold in golds:
+        parsed_gold = parse("\\boxed{" + gold + "}", extraction_config=config, parsing_timeout=None)
+        if parsed_gold and mv_verify(parsed_gold, target, timeout_seconds=None):
+            return True
+    return False
+
+
+def _warm_up() -> None:
+    # math-verify warns on every call that its own timeout is disabled; the pool's timeout replaces it.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # One tiny check builds the LaTeX grammar (~0.2 s), so a worker's first real check is not charged it.
+    math_verify_check("x+1", ["1+x"])
+
+
+def _golds(answer: Answer) -> list[str]:
+    if isinstance(answer, str):
+        return [answer]
+    golds = list(answer)
+    if not golds or not all(isinstance(g, str) for g in golds):
+        raise TypeError(f"answer must be a str or a non-empty list of str, got {answer!r}")
+    return golds
+
+
+class Verifier:
+    """Pool of verifier worker processes. Use as a context manager or call ``close()``.
+
+    Args:
+        num_workers: worker processes for math-verify checks.
+        timeout: seconds one math-verify check may run (from when it starts) before its worker is killed.
+        format_score: score for an extractable but wrong answer (0.0 = the paper's binary reward).
+        check_fn: picklable ``(pred, golds) -> bool`` run in the workers; default math-verify. A hook
+            for tests and for users with a different equivalence checker.
+        mp_context: "forkserver" (default) or "spawn"; plain fork is unsafe once torch threads exist.
+        fast_path: False sends every extractable answer to ``check_fn`` (used to test math-verify itself).
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout: float = 5.0,
+        format_score: float = 0.0,
+        check_fn: Callable[[str, list[str]], bool] = math_verify_check,
+        mp_context: str = "forkserver",
+        fast_path: bool = True,
+    ) -> None:
+        if mp_context not in ("forkserver", "spawn"):
+            raise ValueError(f"mp_context must be 'forkserver' or 'spawn', got {mp_context!r}")
+        if num_workers < 1 or timeout <= 0:
+            raise ValueError(f"need num_workers >= 1 and timeout > 0, got {num_workers}, {timeout}")
+        ctx = multiprocessing.get_context(mp_context)
+        if mp_context == "forkserver":
+            # Workers fork from a server that already imported sympy: a worker killed on timeout is
+            # replaced in milliseconds instead of re-importing sympy (~1 s).
+            ctx.set_forkserver_preload(["math_verify"])
+        self.timeout = timeout
+        self.format_score = format_score
+        self.check_fn = check_fn
+        self.fast_path = fast_path
+        self._pool = ProcessPool(max_workers=num_workers, initializer=_warm_up, context=ctx)
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        self._pool.stop()
+        self._pool.join()
+
+    def verify_batch(
+        self, completions: Sequence[str], answers: Sequence[Answer], timeout: float | None = None
+    ) -> list[float]:
+        """Scores in [0, 1] for each (completion, answer) pair; failures and timeouts score 0.0."""
+        if len(completions) != len(answers):
+            raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+        timeout = self.timeout if timeout is None else timeout
+        correct: list[bool] = [False] * len(completions)
+        preds: list[str | None] = [extract_answer(c) for c in completions]
+        futures = {}
+        for i, (pred, answer) in enumerate(zip(preds, answers)):
+            golds = _golds(answer)
+            if pred is None:
+                continue
+            decided = fast_check(pred, golds) if self.fast_path else None
+            if decided is None:
+                futures[i] = self._pool.schedule(self.check_fn, (pred, golds), timeout=timeout)
+            else:
+                correct[i] = decided
+        for i, fut in futures.items():
+            try:
+                correct[i] = bool(fut.result())
+            except FutureTimeout:
+                logger.warning("verifier: check %d timed out after %.1fs; scored 0", i, timeout)
+            except ProcessExpired as e:  # the worker died (e.g. C stack overflow in sympy)
+                logger.warning("verifier: worker died on check %d (%s); scored 0", i, e)
+            except Exception as e:  # noqa: BLE001 - any math-verify failure is a wrong answer, not a crash
+                logger.debug("verifier: check %d raised %r; scored 0", i, e)
+        return [
+            1.0 if ok else (self.format_score if pred is not None else 0.0)
+            for ok, pred in zip(correct, preds)
+        ]
+
+
+_default: Verifier | None = None
+_default_lock = threading.Lock()
+
+
+def default_verifier() -> Verifier:
+    """The shared module-level Verifier (created on first use, closed at exit)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Verifier(num_workers=max(1, min(4, (os.cpu_count() or 2))))
+            atexit.register(_default.close)
+        return _default
+
+
+def verify(completion: str, answer: Answer, timeout: float = 5.0) -> float:
+    """1.0 if the final answer of ``completion`` matches ``answer`` (or any of a list), else 0.0."""
+    return default_verifier().verify_batch([completion], [answer], timeout=timeout)[0]
+
+
+def verify_batch(completions: Sequence[str], answers: Sequence[Answer], timeout: float = 5.0) -> list[float]:
+    """Batch version of ``verify`` on the shared pool."""
+    return default_verifier().verify_batch(completions, answers, timeout=timeout)

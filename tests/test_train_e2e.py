@@ -1,0 +1,112 @@
+"""End-to-end RL runs on a tiny offline model: exact resume, checkpoint contents, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlfr.config import ConfigError, load_config
+from rlfr.engine import run_train
+from rlfr.schema import TrainConfig
+from tiny_run import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _cfg(model_dir, out, *extra):
+    return load_config(
+        TrainConfig,
+        overrides=[
+            f"model.name_or_path={model_dir}", "data.train_size=16", "data.eval_size=4",
+            "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=6",
+            "policy.micro_batch_size=2", "policy.lr=1e-3", "flow.soft_flow=1.0", "eval_max_new_tokens=4",
+            "reward.workers=1", "save_every=2", f"out_dir={out}", *extra,
+        ],
+    )
+
+
+def _final_weights(out, step):
+    ck = out / "checkpoints" / f"step_{step:06d}"
+    policy = load_file(str(ck / "policy" / "model.safetensors"))
+    flow = load_file(str(ck / "flow" / "flow.safetensors"))
+    return policy, flow
+
+
+@pytest.mark.parametrize("method", ["rlfr"])
+def test_killed_and_resumed_run_matches_uninterrupted(tiny_dir, tmp_path, method):
+    full = tmp_path / "full"
+    run_train(_cfg(tiny_dir, full, "steps=4", f"method={method}"), progress=False)
+    part = tmp_path / "part"
+    stopped = run_train(_cfg(tiny_dir, part, "steps=4", f"method={method}"), progress=False, stop_after=2)
+    assert stopped["stopped_at"] == 2
+    assert not (part / "checkpoints" / "step_000004").exists()
+    torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
+    run_train(_cfg(tiny_dir, part, "steps=4", f"method={method}"), progress=False, resume=True)
+    (pa, fa), (pb, fb) = _final_weights(full, 4), _final_weights(part, 4)
+    assert pa.keys() == pb.keys() and fa.keys() == fb.keys()
+    init = load_file(str(tiny_dir / "model.safetensors"))
+    assert any(not torch.equal(pa[k], init[k]) for k in pa), "training changed nothing"
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+    full_rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    part_rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("reward") for r in full_rows] == [r.get("reward") for r in part_rows]
+
+
+def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run_train(_cfg(tiny_dir, out, "steps=2"), progress=False)
+    ck = out / "checkpoints" / "step_000002"
+    for name in ("policy/model.safetensors", "policy/config.json", "flow/flow.safetensors", "flow/latents.json",
+                 "optim.pt", "rng_rank0.pt", "state.json"):
+        assert (ck / name).is_file(), name
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    opt = torch.load(ck / "optim.pt", weights_only=True)
+    assert {"policy", "policy_sched", "flow", "flow_sched"} <= set(opt)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert len(steps) == 2
+    for r in steps:
+        for key in ("accuracy", "response_len", "flow/loss_wrong", "flow_reward/mean", "policy/kl", "policy/entropy", "time/rollout"):
+            assert key in r, key
+    assert res["final_accuracy"] is not None
+    assert (out / "curves.png").is_file()
+    # the online flow update moved the flow away from its zero-output initialisation
+    flow = load_file(str(ck / "flow" / "flow.safetensors"))
+    assert flow["final_layer.linear.weight"].abs().sum() > 0
+
+
+def test_resume_from_another_model_fails_clearly(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(_cfg(tiny_dir, out, "steps=1", "method=rlvr"), progress=False)
+    other = make_tiny_model_dir(tmp_path / "other", num_layers=6)
+    from rlfr.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="different model"):
+        run_train(_cfg(other, out, "steps=2", "method=rlvr"), progress=False, resume=True)
+
+
+def test_config_typos_are_rejected_with_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown key.*'policy\.lrr'.*valid keys: .*lr"):
+        load_config(TrainConfig, overrides=["policy.lrr=1e-5"])
+    with pytest.raises(ConfigError, match="method.*not one of"):
+        load_config(TrainConfig, overrides=["method=ppo"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(TrainConfig, overrides=["policy.lr=fast"])
+
+
+def test_missing_model_fails_before_work(tmp_path):
+    from rlfr.models import ModelLoadError
+
+    cfg = _cfg(tmp_path / "nope", tmp_path / "run", "steps=1")
+    with pytest.raises(ModelLoadError, match="nope"):
+        run_train(cfg, progress=False)

@@ -1,0 +1,177 @@
+"""Verifier: extraction, equivalence tables, hostile inputs, timeouts, threads."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from rlfr.verifier import Verifier, extract_answer, fast_check, format_reward, verify
+
+TIMEOUT = 1.0  # per-check timeout for the shared pool; hostile inputs are bounded by this
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with Verifier(num_workers=2, timeout=TIMEOUT) as v:
+        yield v
+
+
+def boxed(ans: str) -> str:
+    return f"Let me work it out. The final answer is $\\boxed{{{ans}}}$."
+
+
+# (model answer inside \boxed{}, ground truth); every pair must score 1.0
+EQUIVALENT = [
+    ("142", "142.0"), ("142.0", "142"), ("-7", "-7"), ("1,000", "1000"), ("0.5", "\\frac{1}{2}"),
+    ("\\frac12", "1/2"), ("\\dfrac{3}{4}", "\\frac{3}{4}"), ("\\tfrac{3}{4}", "0.75"), ("3/4", "\\dfrac{3}{4}"),
+    ("-\\frac{2}{3}", "\\frac{-2}{3}"), ("\\frac{6}{8}", "\\frac{3}{4}"), ("50\\%", "50"), ("50", "50\\%"),
+    ("12.50", "12.5"), (".5", "0.5"), ("+3", "3"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
+    ("\\frac{1}{\\sqrt{3}}", "\\frac{\\sqrt{3}}{3}"), ("3\\sqrt{3}", "\\sqrt{27}"), ("30^\\circ", "30"),
+    ("30^{\\circ}", "30"), ("45", "45^\\circ"), ("10\\text{ cm}", "10"), ("5 \\text{ meters}", "5"),
+    ("\\$18.90", "18.90"), ("(1,2]", "(1, 2]"), ("[0, \\infty)", "[0,\\infty)"), ("(-\\infty, 3)", "(-\\infty,3)"),
+    ("(1, 2)", "(1,2)"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"), ("(2, -1, 3)", "(2,-1,3)"),
+    ("\\{1,2\\}", "\\{2,1\\}"), ("\\{3, 5, 7\\}", "\\{7,5,3\\}"), ("x+1", "1+x"), ("2x", "x \\cdot 2"),
+    ("x^2-1", "(x-1)(x+1)"), ("\\pi", "\\pi"), ("2\\pi", "\\pi \\cdot 2"), ("\\frac{\\pi}{4}", "\\frac{1}{4}\\pi"),
+    ("e^{2}", "e^2"), ("\\text{Evelyn}", "Evelyn"), ("Evelyn", "\\text{Evelyn}"), ("\\text{(C)}", "(C)"),
+    ("yes", "Yes"), ("1, 2", "2, 1"), ("3, 5", "\\{3, 5\\}"), ("x=5", "5"), ("y = 2x + 3", "y=2x+3"),
+    ("\\infty", "\\infty"), ("-\\infty", "-\\infty"), ("10^{3}", "1000"), ("2^{10}", "1024"), ("0.333333", "\\frac{1}{3}"),
+    ("1.5\\times10^{3}", "1500"), ("4!", "24"), ("\\binom{5}{2}", "10"), ("|-3|", "3"), ("\\log_2 8", "3"),
+    ("9.60", "9.6"), ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\frac{7}{2}", "3.5"), ("75\\%", "75"), ("-0.25", "-\\frac{1}{4}"),
+]  # fmt: skip
+# (model answer, ground truth as a list of accepted forms)
+EQUIVALENT_LISTS = [("9.6", ["9.6", "9.60", "10"]), ("10", ["9.6", "10"]), ("\\frac{1}{2}", ["0.5", "1/2"])]
+# pairs that must score 0.0
+NOT_EQUIVALENT = [
+    ("141", "142"), ("142.1", "142"), ("-7", "7"), ("\\frac{1}{2}", "\\frac{1}{3}"), ("0.5", "0.05"),
+    ("2\\sqrt{2}", "\\sqrt{2}"), ("(1,2)", "[1,2]"), ("(1,2]", "(1,2)"), ("\\{1,2\\}", "\\{1,3\\}"),
+    ("x+1", "x-1"), ("x^2", "2x"), ("\\pi", "3"), ("Evelyn", "Bob"), ("\\text{(C)}", "(D)"), ("(2,-1,3)", "(2,1,3)"),
+    ("10^{3}", "100"), ("1000", "10000"), ("1,2,3", "1,2"), ("\\infty", "-\\infty"), ("\\frac{7}{2}", "7/3"),
+    ("0", "1"), ("e", "\\pi"), ("y=2x+3", "y=2x-3"), ("30", "60^\\circ"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("pred", "gold"), EQUIVALENT + EQUIVALENT_LISTS)
+def test_equivalent(verifier, pred, gold):
+    assert verifier.verify_batch([boxed(pred)], [gold]) == [1.0]
+
+
+@pytest.mark.parametrize(("pred", "gold"), NOT_EQUIVALENT)
+def test_not_equivalent(verifier, pred, gold):
+    assert verifier.verify_batch([boxed(pred)], [gold]) == [0.0]
+
+
+def test_table_sizes():
+    assert len(EQUIVALENT) + len(EQUIVALENT_LISTS) >= 60 and len(NOT_EQUIVALENT) >= 20
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so \\boxed{5}.", "5"),
+        ("\\boxed{1} then \\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
+        ("\\boxed{\\boxed{7}}", "7"),
+        ("the answer is \\boxed 5 and done", "5"),
+        ("\\fbox{12}", "12"),
+        ("<think>hmm</think> <answer> 42 </answer>", "42"),
+        ("steps\n#### 1,234\n", "1,234"),
+        ("Final Answer: $17$.", "17"),
+        ("no answer here", None),
+        ("\\boxed{1+{2", None),
+        ("\\boxed{}", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_is_linear():
+    start = time.perf_counter()
+    assert extract_answer("x" * 1_000_000) is None
+    assert extract_answer("\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}") == "{" * 5000 + "1" + "}" * 5000
+    assert extract_answer("\\boxed{" * 5000 + "1") is None
+    assert time.perf_counter() - start < 2.0
+
+
+def test_fast_path_decides_plain_numbers():
+    assert fast_check("142", ["142.0"]) is True
+    assert fast_check("141", ["142"]) is False
+    assert fast_check("x+1", ["1+x"]) is None  # goes to math-verify
+    assert fast_check("\\frac12", ["0.5"]) is True and fast_check("\\dfrac{-3}{6}", ["-1/2"]) is True
+    assert fast_check("\\frac123", ["4"]) is None  # (1/2)*3 in LaTeX: not a plain fraction
+
+
+def test_format_reward_and_score():
+    assert format_reward("\\boxed{3}") == 1.0 and format_reward("three") == 0.0
+    with Verifier(num_workers=1, format_score=0.5) as v:
+        assert v.verify_batch(["\\boxed{3}", "\\boxed{4}", "four"], ["3", "3", "4"]) == [1.0, 0.5, 0.0]
+
+
+HOSTILE = [
+    "\\boxed{__import__('os').system('touch /tmp/rlfr_pwned')}",
+    "Answer: __import__('os').system('touch /tmp/rlfr_pwned')",
+    "\\boxed{1+{2",
+    "\\boxed{10^{10^{10^{10}}}}",
+    "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",
+    "\\boxed{" + "\\frac{" * 3000 + "1" + "}{2}" * 3000 + "}",
+    "x" * 1_000_000,
+    "\\boxed{" + "1" * 1_000_000 + "}",
+]
+
+
+def _check_hostile(v: Verifier, out: dict) -> None:
+    start = time.perf_counter()
+    out["scores"] = v.verify_batch(HOSTILE, ["5"] * len(HOSTILE))
+    out["seconds"] = time.perf_counter() - start
+
+
+def test_hostile_inputs_main_and_worker_thread(verifier):
+    if os.path.exists("/tmp/rlfr_pwned"):
+        os.remove("/tmp/rlfr_pwned")
+    main: dict = {}
+    _check_hostile(verifier, main)
+    thread: dict = {}
+    t = threading.Thread(target=_check_hostile, args=(verifier, thread))
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    for out in (main, thread):
+        assert out["scores"] == [0.0] * len(HOSTILE)
+        # up to 5 checks time out, two workers in parallel, plus worker restarts: generous bound
+        assert out["seconds"] < 3 * TIMEOUT + 3.0
+    assert not os.path.exists("/tmp/rlfr_pwned")
+    assert verifier.verify_batch([boxed("x+1")], ["1+x"]) == [1.0]  # the pool is still usable
+
+
+def test_genuine_timeout_then_pool_still_usable(verifier):
+    start = time.perf_counter()
+    # sympy tries to evaluate the power tower: a real timeout, the worker is killed
+    assert verifier.verify_batch([boxed("10^{10^{10^{10}}}")], ["5"]) == [0.0]
+    assert TIMEOUT * 0.9 < time.perf_counter() - start < TIMEOUT + 3.0
+    assert verifier.verify_batch([boxed("\\frac{\\pi}{4}")], ["\\frac14\\pi"]) == [1.0]
+
+
+def test_module_level_verify_from_thread():
+    results = []
+    t = threading.Thread(target=lambda: results.append(verify(boxed("2\\sqrt{2}"), "\\sqrt{8}")))
+    t.start()
+    t.join(timeout=60)
+    assert results == [1.0]
+    assert verify("no answer", "1") == 0.0
+
+
+def test_pool_starts_fast():
+    start = time.perf_counter()
+    with Verifier(num_workers=2) as v:
+        assert v.verify_batch([boxed("x+1")], ["1+x"]) == [1.0]
+    assert time.perf_counter() - start < 10.0
+
+
+def test_bad_arguments(verifier):
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        verifier.verify_batch(["a", "b"], ["1"])
+    with pytest.raises(TypeError, match="non-empty list of str"):
+        verifier.verify_batch(["\\boxed{1}"], [[]])
+    with pytest.raises(ValueError, match="mp_context"):
+        Verifier(mp_context="fork")
