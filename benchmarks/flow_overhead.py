@@ -1,6 +1,6 @@
 """Overhead of the flow on a policy update step: latent tap + flow scores + one flow-matching update.
 
-Reproduce (CPU, default threads; about 3 minutes on 2 cores)::
+Reproduce (CPU, default threads; about 2 minutes on 2 idle cores)::
 
     .venv/bin/python benchmarks/flow_overhead.py
     .venv/bin/python benchmarks/flow_overhead.py --models smollm2-135m --batch 8 --seq 256 --repeats 3
@@ -52,7 +52,7 @@ MODELS = {
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="model shapes")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (second half = response)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")

@@ -23,10 +23,20 @@ def _cfg(model_dir, out, *extra):
     return load_config(
         TrainConfig,
         overrides=[
-            f"model.name_or_path={model_dir}", "data.train_size=16", "data.eval_size=4",
-            "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=6",
-            "policy.micro_batch_size=2", "policy.lr=1e-3", "flow.soft_flow=1.0", "eval_max_new_tokens=4",
-            "reward.workers=1", "save_every=2", f"out_dir={out}", *extra,
+            f"model.name_or_path={model_dir}",
+            "data.train_size=16",
+            "data.eval_size=4",
+            "rollout.prompts_per_step=2",
+            "rollout.num_generations=2",
+            "rollout.max_new_tokens=6",
+            "policy.micro_batch_size=2",
+            "policy.lr=1e-3",
+            "flow.soft_flow=1.0",
+            "eval_max_new_tokens=4",
+            "reward.workers=1",
+            "save_every=2",
+            f"out_dir={out}",
+            *extra,
         ],
     )
 
@@ -65,8 +75,15 @@ def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
     out = tmp_path / "run"
     res = run_train(_cfg(tiny_dir, out, "steps=2"), progress=False)
     ck = out / "checkpoints" / "step_000002"
-    for name in ("policy/model.safetensors", "policy/config.json", "flow/flow.safetensors", "flow/latents.json",
-                 "optim.pt", "rng_rank0.pt", "state.json"):
+    for name in (
+        "policy/model.safetensors",
+        "policy/config.json",
+        "flow/flow.safetensors",
+        "flow/latents.json",
+        "optim.pt",
+        "rng_rank0.pt",
+        "state.json",
+    ):
         assert (ck / name).is_file(), name
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert not list((out / "checkpoints").glob("*.tmp"))
@@ -76,7 +93,15 @@ def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
     steps = [r for r in rows if "reward" in r]
     assert len(steps) == 2
     for r in steps:
-        for key in ("accuracy", "response_len", "flow/loss_wrong", "flow_reward/mean", "policy/kl", "policy/entropy", "time/rollout"):
+        for key in (
+            "accuracy",
+            "response_len",
+            "flow/loss_wrong",
+            "flow_reward/mean",
+            "policy/kl",
+            "policy/entropy",
+            "time/rollout",
+        ):
             assert key in r, key
     assert res["final_accuracy"] is not None
     assert (out / "curves.png").is_file()

@@ -31,7 +31,10 @@ def make_tokenizer():
 
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>",
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
         additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = CHAT_TEMPLATE
@@ -44,9 +47,17 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", num_layers: int =
     path = Path(path)
     tok = make_tokenizer()
     kw = dict(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=num_layers, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[arch](**kw)
     torch.manual_seed(seed)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -21,10 +20,19 @@ from tqdm.auto import tqdm
 from rlfr import checkpoint as ckpt_io
 from rlfr.config import to_dict
 from rlfr.evaluation import evaluate
+from rlfr.latent_norm import LatentNorm
 from rlfr.latents import LatentTap
 from rlfr.metrics import MetricsLogger, format_step, plot_metrics
 from rlfr.models import load_model, load_tokenizer
-from rlfr.pipeline import build_flow, flow_meta, make_accelerator, render_prompts, resolve_data, save_flow, seed_everything
+from rlfr.pipeline import (
+    build_flow,
+    flow_meta,
+    make_accelerator,
+    render_prompts,
+    resolve_data,
+    save_flow,
+    seed_everything,
+)
 from rlfr.rewards import build_reward
 from rlfr.schema import TrainConfig
 from rlfr.trainer import RLTrainer
@@ -54,7 +62,11 @@ class _RewardWithCorrectness:
     def __init__(self, cfg: TrainConfig, verifier: Verifier):
         self.verifier = verifier
         self.plain = tuple(cfg.reward.functions) == ("math",) and tuple(cfg.reward.weights) == (1.0,)
-        self.combined = None if self.plain else build_reward(list(zip(cfg.reward.functions, cfg.reward.weights)), verifier)
+        self.combined = (
+            None
+            if self.plain
+            else build_reward(list(zip(cfg.reward.functions, cfg.reward.weights)), verifier)
+        )
 
     def __call__(self, completions, answers):
         correct = [s >= 1.0 for s in self.verifier.verify_batch(completions, answers)]
@@ -67,7 +79,9 @@ class StepData:
 
     def __init__(self, n: int, per_step: int, seed: int, rank: int, world: int):
         if per_step % world:
-            raise ValueError(f"rollout.prompts_per_step={per_step} must be divisible by the {world} processes")
+            raise ValueError(
+                f"rollout.prompts_per_step={per_step} must be divisible by the {world} processes"
+            )
         self.n, self.per_step, self.seed, self.rank, self.world = n, per_step, seed, rank, world
 
     def indices(self, step: int) -> list[int]:
@@ -91,28 +105,46 @@ def build_rl(cfg: TrainConfig, accelerator) -> tuple[RLTrainer, dict]:
         ref = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
         ref.requires_grad_(False)
         ref.to(accelerator.device)
-    tap = flow = flow_opt = flow_sched = None
+    tap = flow = flow_opt = flow_sched = norm = None
     if cfg.method == "rlfr":
         tap = LatentTap(policy, cfg.flow.fractions)
-        flow = build_flow(cfg.flow, policy)
+        flow, norm = build_flow(cfg.flow, policy)
         if not cfg.flow.update:
             flow.requires_grad_(False)
     train, evals = resolve_data(cfg.data, cfg.seed)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy.lr, weight_decay=cfg.policy.weight_decay)
     opt_steps = cfg.steps * cfg.policy.ppo_epochs * cfg.policy.minibatches
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_steps, cfg.policy.warmup_ratio, cfg.policy.schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(opt_steps, cfg.policy.warmup_ratio, cfg.policy.schedule)
+    )
     policy, opt = accelerator.prepare(policy, opt)
     if flow is not None:
-        flow_opt = torch.optim.AdamW(flow.parameters(), lr=cfg.flow.lr, betas=cfg.flow.betas, weight_decay=cfg.flow.weight_decay)
+        flow_opt = torch.optim.AdamW(
+            flow.parameters(), lr=cfg.flow.lr, betas=cfg.flow.betas, weight_decay=cfg.flow.weight_decay
+        )
         flow_sched = torch.optim.lr_scheduler.LambdaLR(
             flow_opt, lr_lambda(cfg.steps, cfg.flow.warmup_ratio, "cosine", cfg.flow.min_lr_ratio)
         )
         flow, flow_opt = accelerator.prepare(flow, flow_opt)
     seed_everything(cfg.seed + 7919 * accelerator.process_index)  # rollouts differ across ranks
     verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
-    trainer = RLTrainer(cfg, accelerator, policy, ref, tok, tap, flow, opt, sched, flow_opt, flow_sched,
-                        _RewardWithCorrectness(cfg, verifier), verifier)
+    trainer = RLTrainer(
+        cfg,
+        accelerator,
+        policy,
+        ref,
+        tok,
+        tap,
+        flow,
+        opt,
+        sched,
+        flow_opt,
+        flow_sched,
+        _RewardWithCorrectness(cfg, verifier),
+        verifier,
+    )
+    trainer.norm = norm
     return trainer, {"train": train, "eval": evals, "prompts": prompts}
 
 
@@ -137,7 +169,9 @@ def restore(tr: RLTrainer, path: Path) -> int:
     tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and "lm_head" not in k]
     if missing or unexpected:
-        raise ckpt_io.CheckpointError(f"{path}/policy does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ckpt_io.CheckpointError(
+            f"{path}/policy does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     opt = ckpt_io.load_optim_state(path)
     tr.policy_opt.load_state_dict(opt["policy"])
     tr.policy_sched.load_state_dict(opt["policy_sched"])
@@ -146,6 +180,8 @@ def restore(tr: RLTrainer, path: Path) -> int:
 
         src = FlowField.load(path / "flow")
         tr.acc.unwrap_model(tr.flow).load_state_dict(src.state_dict())
+        if tr.cfg.flow.latent_norm == "standardize":
+            tr.norm = LatentNorm.load(path / "flow")
         tr.flow_opt.load_state_dict(opt["flow"])
         tr.flow_sched.load_state_dict(opt["flow_sched"])
     ckpt_io.load_rng(path, tr.acc.process_index)
@@ -154,7 +190,11 @@ def restore(tr: RLTrainer, path: Path) -> int:
 
 
 def run_train(
-    cfg: TrainConfig, resume: bool = False, progress: bool = True, stage: str = "train", stop_after: int | None = None
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    stage: str = "train",
+    stop_after: int | None = None,
 ) -> dict:
     """The RL stage. ``stop_after`` ends this process after that many steps (after checkpointing), as a
     preempted job would; ``resume`` continues from the latest checkpoint of ``cfg.out_dir``."""
@@ -173,13 +213,26 @@ def run_train(
         if acc.is_main_process:
             print(f"resumed from {path} at step {start}")
     metrics = MetricsLogger(out, enabled=acc.is_main_process)
-    stream = StepData(len(data["train"]), cfg.rollout.prompts_per_step, cfg.seed, acc.process_index, acc.num_processes)
+    stream = StepData(
+        len(data["train"]), cfg.rollout.prompts_per_step, cfg.seed, acc.process_index, acc.num_processes
+    )
     history = []
-    bar = tqdm(range(start, cfg.steps), desc=f"rl[{cfg.method}]", disable=not (progress and acc.is_main_process), initial=start, total=cfg.steps)
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc=f"rl[{cfg.method}]",
+        disable=not (progress and acc.is_main_process),
+        initial=start,
+        total=cfg.steps,
+    )
     try:
         for step in bar:
             idx = stream.indices(step)
-            stats = {k: float(v) for k, v in tr.step([data["train"][i] for i in idx], [data["prompts"][i] for i in idx]).items()}
+            stats = {
+                k: float(v)
+                for k, v in tr.step(
+                    [data["train"][i] for i in idx], [data["prompts"][i] for i in idx]
+                ).items()
+            }
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and data["eval"]:
                 stats["eval/accuracy"] = run_eval(tr, cfg, data["eval"]).accuracy
             metrics.log(step + 1, stats, stage=stage)
@@ -190,7 +243,12 @@ def run_train(
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or stopping:
                 save(tr, cfg, step + 1)
             if stopping and step + 1 < cfg.steps:
-                return {"final_accuracy": None, "history": history, "out_dir": str(out), "stopped_at": step + 1}
+                return {
+                    "final_accuracy": None,
+                    "history": history,
+                    "out_dir": str(out),
+                    "stopped_at": step + 1,
+                }
         final = run_eval(tr, cfg, data["eval"]).accuracy if data["eval"] else None
         if final is not None:
             metrics.log(cfg.steps, {"eval/accuracy": final}, stage=stage)
@@ -203,9 +261,18 @@ def run_train(
         from rlfr.metrics import read_metrics
 
         rows = [r for r in read_metrics(metrics.path) if r.get("stage") == stage]
-        plot_metrics(rows, out / "curves.png", ["reward", "accuracy", "eval/accuracy", "flow/loss_correct", "flow/loss_wrong", "response_len"], title=f"rlfr train ({cfg.method})")
-    return {"final_accuracy": final, "history": history, "out_dir": str(out),
-            "model_dir": str(out / "checkpoints" / f"step_{cfg.steps:06d}" / "policy")}
+        plot_metrics(
+            rows,
+            out / "curves.png",
+            ["reward", "accuracy", "eval/accuracy", "flow/loss_correct", "flow/loss_wrong", "response_len"],
+            title=f"rlfr train ({cfg.method})",
+        )
+    return {
+        "final_accuracy": final,
+        "history": history,
+        "out_dir": str(out),
+        "model_dir": str(out / "checkpoints" / f"step_{cfg.steps:06d}" / "policy"),
+    }
 
 
 def save(tr: RLTrainer, cfg: TrainConfig, step: int) -> Path:
@@ -213,17 +280,31 @@ def save(tr: RLTrainer, cfg: TrainConfig, step: int) -> Path:
     writer = None
     if tr.flow is not None:
         field = tr.acc.unwrap_model(tr.flow)
-        writer = lambda d: save_flow(d / "flow", field, flow_meta(cfg.flow, policy))  # noqa: E731
+        writer = lambda d: save_flow(d / "flow", field, flow_meta(cfg.flow, policy), tr.norm)  # noqa: E731
     return ckpt_io.save_checkpoint(
-        cfg.out_dir, step, tr.acc, policy, tr.tok, write_extra=writer,
-        optim_state=optim_state(tr), extra={"config": to_dict(cfg)}, keep=cfg.keep_checkpoints,
+        cfg.out_dir,
+        step,
+        tr.acc,
+        policy,
+        tr.tok,
+        write_extra=writer,
+        optim_state=optim_state(tr),
+        extra={"config": to_dict(cfg)},
+        keep=cfg.keep_checkpoints,
     )
 
 
 def run_eval(tr: RLTrainer, cfg: TrainConfig, examples):
     with tr.tap.paused() if tr.tap else _Null():
-        return evaluate(tr.acc.unwrap_model(tr.policy), tr.tok, examples, cfg.data.template, cfg.eval_max_new_tokens,
-                        tr.verifier, accelerator=tr.acc)
+        return evaluate(
+            tr.acc.unwrap_model(tr.policy),
+            tr.tok,
+            examples,
+            cfg.data.template,
+            cfg.eval_max_new_tokens,
+            tr.verifier,
+            accelerator=tr.acc,
+        )
 
 
 class _Null:

@@ -3,6 +3,11 @@
 ``evaluate(model, tokenizer, examples, template, max_new_tokens, verifier)`` -> ``EvalResult`` with the
 accuracy and one record per example (prompt, completion, extracted answer, correct). Under several
 processes each rank evaluates a shard and the records are gathered, so every rank gets the same result.
+
+Sampled evaluation (``rlfr eval --samples K``): a backend returns ``Completions`` (K texts per prompt):
+``hf_completions`` (``rlfr.rollout.generate``, the trainer's sampler) or ``vllm_completions`` (vLLM's
+``LLM.generate``, GPU only, behind ``vllm_available()``); ``score_completions`` checks them with the
+verifier and reports avg@K and the unbiased pass@k (``rlfr.report.pass_at_k``) for k = 1, 2, 4, ... <= K.
 """
 
 from __future__ import annotations
@@ -46,10 +51,18 @@ def evaluate(
         lens = ro.response_lengths.tolist()
         for i, p, c, s, n in zip(shard, prompts, ro.completions, scores, lens):
             ex = examples[i]
-            records.append({
-                "index": i, "id": ex.id, "prompt": p, "completion": c, "answer": ex.answer,
-                "extracted": extract_answer(c), "correct": bool(s >= 1.0), "response_tokens": int(n),
-            })
+            records.append(
+                {
+                    "index": i,
+                    "id": ex.id,
+                    "prompt": p,
+                    "completion": c,
+                    "answer": ex.answer,
+                    "extracted": extract_answer(c),
+                    "correct": bool(s >= 1.0),
+                    "response_tokens": int(n),
+                }
+            )
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -58,3 +71,147 @@ def evaluate(
     acc = sum(r["correct"] for r in records) / len(records)
     mean_len = sum(r["response_tokens"] for r in records) / len(records)
     return EvalResult(accuracy=acc, n=len(records), records=records, mean_response_tokens=mean_len)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampled evaluation (avg@k, pass@k) for ``rlfr eval``: generation backends return texts, scoring is shared.
+
+
+@dataclass
+class Completions:
+    """k completions per prompt: texts[i][j] is sample j of prompt i; tokens[i][j] its response length."""
+
+    texts: list[list[str]]
+    tokens: list[list[int]]
+
+
+@dataclass
+class SampledEvalResult:
+    n: int  # problems
+    samples: int  # completions per problem (k_max)
+    avg: float  # avg@k: mean fraction of correct samples (= pass@1 for greedy, one sample)
+    pass_at: dict[int, float]  # k -> unbiased pass@k (Chen et al. 2021), k = 1, 2, 4, ... <= samples
+    records: list[dict] = field(default_factory=list)  # one per (problem, sample)
+    mean_response_tokens: float = 0.0
+
+
+def hf_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 64,
+) -> Completions:
+    """Hugging Face ``generate`` (through ``rlfr.rollout.generate``: same prompts and stopping as training)."""
+    ro = generate(
+        model,
+        tokenizer,
+        prompts,
+        samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        greedy=greedy,
+        batch_size=batch_size,
+    )
+    lens = ro.response_lengths.tolist()
+    texts = [ro.completions[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+    tokens = [[int(x) for x in lens[i * samples : (i + 1) * samples]] for i in range(len(prompts))]
+    return Completions(texts, tokens)
+
+
+def vllm_available() -> str | None:
+    """None when the vLLM backend can run here, else the reason it cannot."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install 'rlfr[vllm]')"
+    if not torch.cuda.is_available():
+        return "vllm needs a CUDA GPU and none is visible"
+    return None
+
+
+def vllm_completions(
+    model_path: str,
+    tokenizer,
+    prompts: Sequence[str],
+    samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+) -> Completions:
+    """vLLM generation (``LLM.generate`` with ``SamplingParams(n=samples)``). Prompts are passed as token
+    ids encoded without special tokens, exactly as the HF backend encodes them (no double BOS)."""
+    reason = vllm_available()
+    if reason is not None:
+        raise RuntimeError(f"--backend vllm is unavailable: {reason}; use --backend hf")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, seed=seed, dtype=dtype)
+    params = SamplingParams(
+        n=samples,
+        temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        max_tokens=max_new_tokens,
+        seed=seed,
+    )
+    ids = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    outs = llm.generate(ids, params)
+    return Completions(
+        texts=[[c.text for c in o.outputs] for o in outs],
+        tokens=[[len(c.token_ids) for c in o.outputs] for o in outs],
+    )
+
+
+def score_completions(
+    examples: Sequence[Example], prompts: Sequence[str], comps: Completions, verifier: Verifier
+) -> SampledEvalResult:
+    """Check every completion and aggregate avg@k and pass@k over problems."""
+    from rlfr.report import pass_at_k, powers_of_two
+
+    if not examples or len(examples) != len(prompts) or len(comps.texts) != len(examples):
+        raise ValueError(
+            f"{len(examples)} examples, {len(prompts)} prompts, {len(comps.texts)} completion lists"
+        )
+    k = len(comps.texts[0])
+    if k < 1 or any(len(t) != k for t in comps.texts):
+        raise ValueError("every problem needs the same number (>= 1) of completions")
+    flat = [c for texts in comps.texts for c in texts]
+    scores = verifier.verify_batch(flat, [ex.answer for ex in examples for _ in range(k)])
+    records, counts = [], []
+    for i, ex in enumerate(examples):
+        ok = [scores[i * k + j] >= 1.0 for j in range(k)]
+        counts.append(sum(ok))
+        for j in range(k):
+            c = comps.texts[i][j]
+            records.append(
+                {
+                    "index": i,
+                    "sample": j,
+                    "id": ex.id,
+                    "prompt": prompts[i],
+                    "completion": c,
+                    "answer": ex.answer,
+                    "extracted": extract_answer(c),
+                    "correct": ok[j],
+                    "response_tokens": comps.tokens[i][j],
+                }
+            )
+    n = len(examples)
+    return SampledEvalResult(
+        n=n,
+        samples=k,
+        avg=sum(counts) / (n * k),
+        pass_at={kk: sum(pass_at_k(k, c, kk) for c in counts) / n for kk in powers_of_two(k)},
+        records=records,
+        mean_response_tokens=sum(r["response_tokens"] for r in records) / len(records),
+    )

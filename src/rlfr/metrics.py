@@ -103,7 +103,10 @@ def plot_metrics(
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, lw=1.2)
         if smooth > 1 and len(ys) >= smooth:
-            sm = [sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1]) for i in range(len(ys))]
+            sm = [
+                sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1])
+                for i in range(len(ys))
+            ]
             ax.plot(xs, sm, lw=2)
         ax.set_title(key)
         ax.set_xlabel("step")

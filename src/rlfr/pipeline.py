@@ -23,6 +23,7 @@ import torch
 
 from rlfr.data import Example, load_benchmark, load_examples
 from rlfr.flow import FlowField
+from rlfr.latent_norm import LatentNorm
 from rlfr.schema import DataConfig, FlowConfig
 from rlfr.templates import render_prompt
 
@@ -61,11 +62,15 @@ def _load_set(spec: str, data: DataConfig, need_solution: bool) -> list[Example]
     if not rows:
         raise ValueError(f"data {spec!r} has no rows")
     if need_solution and any(not r.solution for r in rows):
-        raise ValueError(f"data {spec!r}: field {data.solution_field!r} (worked solutions) is empty in some rows")
+        raise ValueError(
+            f"data {spec!r}: field {data.solution_field!r} (worked solutions) is empty in some rows"
+        )
     return rows
 
 
-def resolve_data(data: DataConfig, seed: int, need_solution: bool = False) -> tuple[list[Example], list[Example]]:
+def resolve_data(
+    data: DataConfig, seed: int, need_solution: bool = False
+) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples; eval is [] when ``data.eval`` is ''."""
     train: list[Example]
     evals: list[Example] = []
@@ -83,7 +88,9 @@ def resolve_data(data: DataConfig, seed: int, need_solution: bool = False) -> tu
     return train, evals
 
 
-def render_prompts(examples: Sequence[Example], template: str, tokenizer, max_prompt_tokens: int) -> list[str]:
+def render_prompts(
+    examples: Sequence[Example], template: str, tokenizer, max_prompt_tokens: int
+) -> list[str]:
     prompts = [render_prompt(template, ex.problem, tokenizer) for ex in examples]
     for ex, p in zip(examples, prompts):
         n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
@@ -105,25 +112,31 @@ def flow_meta(flow_cfg: FlowConfig, model) -> dict[str, Any]:
         "fractions": list(flow_cfg.fractions),
         "modes": list(flow_cfg.modes),
         "shift": flow_cfg.shift,
+        "latent_norm": flow_cfg.latent_norm,
         "hidden_size": int(cfg.hidden_size),
         "num_hidden_layers": int(cfg.num_hidden_layers),
     }
 
 
-def save_flow(directory: str | Path, field: FlowField, meta: dict[str, Any]) -> Path:
+def save_flow(
+    directory: str | Path, field: FlowField, meta: dict[str, Any], norm: LatentNorm | None = None
+) -> Path:
     directory = Path(directory)
     field.save(directory)
+    if norm is not None:
+        norm.save(directory)
     tmp = directory / "latents.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(directory / "latents.json")
     return directory
 
 
-def build_flow(flow_cfg: FlowConfig, model) -> FlowField:
-    """A new flow field for ``model``, or the one at ``flow_cfg.init`` checked against this run's settings."""
+def build_flow(flow_cfg: FlowConfig, model) -> tuple[FlowField, LatentNorm | None]:
+    """(field, latent statistics) for ``model``: new (statistics None until fitted), or loaded from
+    ``flow_cfg.init`` and checked against this run's settings."""
     d = hidden_size(model)
     if flow_cfg.init is None:
-        return FlowField(dim=d, width=flow_cfg.width, depth=flow_cfg.depth)
+        return FlowField(dim=d, width=flow_cfg.width, depth=flow_cfg.depth), None
     path = Path(flow_cfg.init)
     field = FlowField.load(path)  # raises on missing / malformed files; never continues with a zero flow
     if field.config["dim"] != d:
@@ -138,4 +151,13 @@ def build_flow(flow_cfg: FlowConfig, model) -> FlowField:
                 f"flow {path} was trained on other latents than this run uses: "
                 + "; ".join(f"{k}: flow {a!r} vs run {b!r}" for k, (a, b) in diff.items())
             )
-    return field
+    norm = None
+    if flow_cfg.latent_norm == "standardize":
+        folder = path if path.is_dir() else path.parent
+        if not (folder / "latent_norm.safetensors").is_file():
+            raise ValueError(
+                f"flow {path} has no latent statistics (latent_norm.safetensors); it was trained on raw "
+                "latents, so set flow.latent_norm=none"
+            )
+        norm = LatentNorm.load(folder)
+    return field, norm

@@ -69,7 +69,12 @@ class FlowConfig:
     shift: int = field_(1, "context shift s between target and condition tokens")
     width: int | None = field_(None, "flow network width (default: the policy's hidden size)")
     depth: int = field_(4, "residual blocks (4 for 1.5B/3B, 6 for 7B/8B in the paper)")
-    init: str | None = field_(None, "flow to start from: an rlfr flow directory or an official flow_model.bin")
+    init: str | None = field_(
+        None, "flow to start from: an rlfr flow directory or an official flow_model.bin"
+    )
+    latent_norm: Literal["standardize", "none"] = field_(
+        "standardize", "standardise latents per layer and dimension before the flow (none = raw, as the paper)"
+    )
     reward: RewardShapingConfig = field_(RewardShapingConfig(), "flow reward shaping (RLFR §4)")
     update: bool = field_(True, "train the flow online on rollouts that pass the check")
     lr: float = field_(1e-4, "online flow learning rate")
@@ -119,7 +124,9 @@ class PolicyConfig:
     micro_batch_size: int = field_(8, "sequences per forward/backward (gradient accumulation)")
     clip_low: float = field_(0.2, "PPO clip range below 1")
     clip_high: float = field_(0.2, "PPO clip range above 1 (DAPO clip-higher uses 0.28)")
-    aggregation: Literal["seq_mean_token_mean", "token_mean"] = field_("seq_mean_token_mean", "loss reduction")
+    aggregation: Literal["seq_mean_token_mean", "token_mean"] = field_(
+        "seq_mean_token_mean", "loss reduction"
+    )
     normalize_std: bool = field_(True, "divide group advantages by the group std")
     kl_coef: float = field_(0.0, "KL penalty to the initial policy (0 for RLFR; 0.001 for the RLVR baseline)")
     kl_estimator: Literal["k1", "k3"] = field_("k3", "KL estimator")
@@ -145,7 +152,9 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: Literal["rlfr", "rlvr", "entropy"] = field_("rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al.")
+    method: Literal["rlfr", "rlvr", "entropy"] = field_(
+        "rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al."
+    )
     model: ModelConfig = field_(ModelConfig(), "policy model")
     data: DataConfig = field_(DataConfig(), "training / held-out data")
     rollout: RolloutConfig = field_(RolloutConfig(), "sampling")

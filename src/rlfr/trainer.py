@@ -19,6 +19,7 @@ detached latents (no gradient reaches the policy); rewards are binary by default
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,8 +27,8 @@ import torch
 
 from rlfr.advantages import entropy_advantage, group_advantages, token_advantages
 from rlfr.flow import build_pairs, flow_matching_loss_per_pair, per_sequence_mean, token_scores
-from rlfr.losses import entropy_from_logits, logprobs_from_logits, policy_loss
-from rlfr.rollout import Rollout, generate, position_ids
+from rlfr.losses import policy_loss
+from rlfr.rollout import Rollout, generate, policy_forward
 from rlfr.shaping import shape_flow_rewards
 
 
@@ -43,25 +44,37 @@ class Batch:
 
 def forward_logprobs(model, rollout: Rollout, rows: slice, need_entropy: bool):
     """Policy forward on rows: -> (logp (b, T), entropy (b, T) detached or None)."""
-    ids = rollout.input_ids[rows]
-    att = rollout.attention_mask[rows]
-    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False).logits
-    logp = logprobs_from_logits(logits, ids)
-    ent = entropy_from_logits(logits.detach()) if need_entropy else None
-    return logp, ent
+    return policy_forward(
+        model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.response_mask[rows], need_entropy
+    )
 
 
 class RLTrainer:
     """Holds the components (built by ``rlfr.engine.build_rl``); ``step(examples)`` runs one RL step."""
 
-    def __init__(self, cfg, accelerator, policy, ref_policy, tokenizer, tap, flow, policy_opt, policy_sched,
-                 flow_opt, flow_sched, reward_fn, verifier):
+    def __init__(
+        self,
+        cfg,
+        accelerator,
+        policy,
+        ref_policy,
+        tokenizer,
+        tap,
+        flow,
+        policy_opt,
+        policy_sched,
+        flow_opt,
+        flow_sched,
+        reward_fn,
+        verifier,
+    ):
         self.cfg, self.acc = cfg, accelerator
         self.policy, self.ref, self.tok, self.tap = policy, ref_policy, tokenizer, tap
         self.flow, self.policy_opt, self.policy_sched = flow, policy_opt, policy_sched
         self.flow_opt, self.flow_sched = flow_opt, flow_sched
         self.reward_fn, self.verifier = reward_fn, verifier
         self.step_count = 0
+        self.norm = None  # LatentNorm; fitted on the first micro-batch when the flow has none yet
 
     @property
     def uses_flow(self) -> bool:
@@ -74,8 +87,14 @@ class RLTrainer:
         # 1. rollout (latent capture paused: generate() runs the model once per new token)
         with self.tap.paused() if self.tap else _null():
             rollout = generate(
-                self.acc.unwrap_model(self.policy), self.tok, prompts, n, cfg.rollout.max_new_tokens,
-                cfg.rollout.temperature, cfg.rollout.top_p, batch_size=cfg.rollout.batch_size,
+                self.acc.unwrap_model(self.policy),
+                self.tok,
+                prompts,
+                n,
+                cfg.rollout.max_new_tokens,
+                cfg.rollout.temperature,
+                cfg.rollout.top_p,
+                batch_size=cfg.rollout.batch_size,
             )
         t_roll = time.time()
         # 2. verify
@@ -94,16 +113,18 @@ class RLTrainer:
         t_end = time.time()
         self.step_count += 1
         lens = rollout.response_lengths.float()
-        stats.update({
-            "reward": reward_t.mean().item(),
-            "accuracy": correct_t.float().mean().item(),
-            "response_len": lens.mean().item(),
-            "truncated": rollout.truncated.float().mean().item(),
-            "time/rollout": t_roll - t0,
-            "time/verify": t_verify - t_roll,
-            "time/step": t_end - t0,
-            "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t0, 1e-9),
-        })
+        stats.update(
+            {
+                "reward": reward_t.mean().item(),
+                "accuracy": correct_t.float().mean().item(),
+                "response_len": lens.mean().item(),
+                "truncated": rollout.truncated.float().mean().item(),
+                "time/rollout": t_roll - t0,
+                "time/verify": t_verify - t_roll,
+                "time/step": t_end - t0,
+                "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t0, 1e-9),
+            }
+        )
         return self.acc.reduce({k: torch.tensor(v, device=dev) for k, v in stats.items()}, reduction="mean")
 
     # -- update -------------------------------------------------------------------------------
@@ -129,10 +150,17 @@ class RLTrainer:
                     rows = mini[c0 : c0 + mbs]
                     self.micro_step(batch, rows, fixed, n_seq, n_tok, acc, hold_actor)
                 if not hold_actor:
-                    acc.add("policy/grad_norm", self._opt_step(self.policy, self.policy_opt, self.policy_sched))
+                    acc.add(
+                        "policy/grad_norm", self._opt_step(self.policy, self.policy_opt, self.policy_sched)
+                    )
         t_flow = time.time()
         if self.uses_flow and cfg.flow.update:
-            acc.add("flow/grad_norm", self._opt_step(self.flow, self.flow_opt, self.flow_sched, check=False))
+            # no rollout passed the check anywhere (and soft_flow = 0): nothing to learn, and an AdamW step on
+            # zero gradients would still move the flow through momentum and weight decay
+            if float(self.acc.reduce(self.flow_weight_total.to(self.acc.device), "sum")) > 0:
+                acc.add("flow/grad_norm", self._opt_step(self.flow, self.flow_opt, self.flow_sched, "flow"))
+            else:
+                self.flow_opt.zero_grad(set_to_none=True)
         out = acc.means()
         out["time/update"] = t_flow - t_upd
         out["time/flow"] = self.flow_seconds
@@ -160,9 +188,18 @@ class RLTrainer:
         if hold_actor:
             return
         out = policy_loss(
-            logp, old_logp, adv, mask, cfg.policy.clip_low, cfg.policy.clip_high, cfg.policy.aggregation,
-            ref_logp=ref_logp, kl_coef=cfg.policy.kl_coef, kl_estimator=cfg.policy.kl_estimator,
-            num_sequences=n_seq, num_tokens=n_tok,
+            logp,
+            old_logp,
+            adv,
+            mask,
+            cfg.policy.clip_low,
+            cfg.policy.clip_high,
+            cfg.policy.aggregation,
+            ref_logp=ref_logp,
+            kl_coef=cfg.policy.kl_coef,
+            kl_estimator=cfg.policy.kl_estimator,
+            num_sequences=n_seq,
+            num_tokens=n_tok,
         )
         self.acc.backward(out.loss)
         acc.add("policy/loss", out.loss.item(), weight=len(rows))
@@ -176,11 +213,18 @@ class RLTrainer:
         token_rewards, stats = None, {}
         if self.uses_flow:
             scores = token_scores(
-                self.acc.unwrap_model(self.flow), self.tap.latents(), self.tap.layer_values.to(mask.device),
-                mask, cfg.flow.modes, cfg.flow.shift, cfg.flow.reward.timesteps,
+                self.acc.unwrap_model(self.flow),
+                self.latents(mask),
+                self.tap.layer_values.to(mask.device),
+                mask,
+                cfg.flow.modes,
+                cfg.flow.shift,
+                cfg.flow.reward.timesteps,
             )
             r = cfg.flow.reward
-            token_rewards = shape_flow_rewards(scores.scores, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma)
+            token_rewards = shape_flow_rewards(
+                scores.scores, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma
+            )
             nz = token_rewards != 0
             stats = {
                 "flow_reward/mean": token_rewards.sum().item() / max(int(mask.sum()), 1),
@@ -192,12 +236,29 @@ class RLTrainer:
             adv = entropy_advantage(adv, ent, mask, cfg.policy.entropy_alpha, cfg.policy.entropy_kappa)
         return adv, stats
 
+    def latents(self, mask: torch.Tensor) -> torch.Tensor:
+        """The tapped latents of the latest forward, standardised per layer when configured: (L, b, T, d)."""
+        lat = self.tap.latents()
+        if self.cfg.flow.latent_norm == "none":
+            return lat
+        if self.norm is None:  # a flow trained from scratch during RL: statistics of the first rollouts
+            from rlfr.latent_norm import LatentNorm
+
+            fitted = LatentNorm.fit(lat, mask)  # averaged over processes so that every rank uses the same
+            self.norm = LatentNorm(self.acc.reduce(fitted.mean, "mean"), self.acc.reduce(fitted.std, "mean"))
+        return self.norm(lat)
+
     def flow_weights(self, batch: Batch) -> torch.Tensor:
         """Per-rollout flow-loss weight times its pair count (B,): 1 if correct, soft_flow otherwise."""
         if not self.uses_flow:
             return torch.zeros(1)
         w = torch.where(batch.correct, 1.0, self.cfg.flow.soft_flow)
-        return w * pair_counts(batch.rollout.response_mask, self.cfg.flow.modes, self.cfg.flow.shift, len(self.cfg.flow.fractions))
+        return w * pair_counts(
+            batch.rollout.response_mask,
+            self.cfg.flow.modes,
+            self.cfg.flow.shift,
+            len(self.cfg.flow.fractions),
+        )
 
     def flow_micro_step(self, batch: Batch, rows: torch.Tensor, ro: Rollout, ent: torch.Tensor, acc) -> None:
         """Online flow update (rejection sampling, RLFR §6) on this micro-batch's detached latents."""
@@ -205,7 +266,9 @@ class RLTrainer:
         mask = ro.response_mask
         if cfg.entropy_quantile is not None:
             mask = mask & above_quantile(ent, mask, cfg.entropy_quantile)
-        pairs = build_pairs(self.tap.latents(), self.tap.layer_values.to(mask.device), mask, cfg.modes, cfg.shift)
+        pairs = build_pairs(
+            self.latents(ro.response_mask), self.tap.layer_values.to(mask.device), mask, cfg.modes, cfg.shift
+        )
         per_pair = flow_matching_loss_per_pair(self.flow, pairs, cfg.batch_mul)
         correct = batch.correct[rows]
         w = torch.where(correct, 1.0, cfg.soft_flow)[pairs.batch_index]
@@ -235,11 +298,10 @@ class RLTrainer:
             advs.append(adv)
         return {"old_logp": torch.cat(old), "adv": torch.cat(advs)}
 
-    def _opt_step(self, model, opt, sched, check: bool = True) -> float:
-        norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.policy.max_grad_norm if check else 1e9)
-        norm = float(norm)
-        if check and not torch.isfinite(torch.tensor(norm)):
-            raise FloatingPointError(f"policy gradient norm is {norm} at step {self.step_count}")
+    def _opt_step(self, model, opt, sched, name: str = "policy") -> float:
+        norm = float(self.acc.clip_grad_norm_(model.parameters(), self.cfg.policy.max_grad_norm))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"{name} gradient norm is {norm} at step {self.step_count + 1}")
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -284,8 +346,14 @@ class Accum:
 
 
 def _to(ro: Rollout, device) -> Rollout:
-    return Rollout(ro.input_ids.to(device), ro.attention_mask.to(device), ro.response_mask.to(device),
-                   ro.group.to(device), ro.completions, ro.truncated.to(device))
+    return Rollout(
+        ro.input_ids.to(device),
+        ro.attention_mask.to(device),
+        ro.response_mask.to(device),
+        ro.group.to(device),
+        ro.completions,
+        ro.truncated.to(device),
+    )
 
 
 class _null:

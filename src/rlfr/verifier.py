@@ -21,6 +21,10 @@ because its ``ExprExtractionConfig`` goes through ``sympy.parse_expr``, which ca
 own SIGALRM timeouts are disabled (``parsing_timeout=None``, ``timeout_seconds=None``) because SIGALRM only
 works in a main thread; the process pool gives the hard timeout instead.
 
+Workers start with forkserver (safe with torch threads): a script that creates a Verifier needs the
+``if __name__ == "__main__":`` guard. ``Verifier`` sets the (process-global) forkserver preload to
+``math_verify`` so that replacing a killed worker does not re-import sympy.
+
 Departure from the paper / authors' code: the paper's reward is binary 0/1, which is the default here.
 The authors' code gives 0.5 to a boxed-but-wrong answer; ``Verifier(format_score=0.5)`` reproduces it.
 """

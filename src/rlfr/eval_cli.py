@@ -1,0 +1,196 @@
+"""``rlfr eval``: greedy pass@1 (default) or sampled avg@k / pass@k of a model on benchmarks or data files.
+
+    rlfr eval --model runs/demo/rl/policy --data embedded math500 my.jsonl --out runs/eval
+    rlfr eval --model smollm2-135m-instruct --data embedded --samples 8 --temperature 1.0
+
+Writes ``OUT/results.json`` (one entry per dataset: n, pass@1 or avg@k and pass@k for k = 1, 2, 4, ...
+<= K, mean response length) and ``OUT/samples_<dataset>.jsonl`` (one row per sample: prompt, completion,
+extracted answer, correct), and prints a table. ``--data embedded`` is the embedded task's held-out
+split exactly as ``rlfr train`` builds it (``--eval-size``/``--seed`` as ``data.eval_size``/``seed``).
+pass@k is the unbiased estimator of Chen et al. 2021 (``rlfr.report.pass_at_k``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from rlfr.data import BENCHMARKS, Example, load_benchmark, load_examples
+from rlfr.evaluation import hf_completions, score_completions, vllm_available, vllm_completions
+from rlfr.schema import DataConfig
+from rlfr.templates import TEMPLATES, render_prompt
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF hub name, local model dir, or 'smollm2-135m-instruct'")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help=f"'embedded' (held-out split), a benchmark ({', '.join(BENCHMARKS)}) or a data file",
+    )
+    p.add_argument("--out", default="runs/eval", help="output directory")
+    p.add_argument("--template", default="chat", choices=TEMPLATES, help="prompt template")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation limit per response")
+    p.add_argument("--samples", type=int, default=1, help="K samples per problem: avg@K and pass@k (k <= K)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: greedy for --samples 1, else 1.0)",
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems of each set")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=DataConfig.eval_size,
+        help="embedded held-out problems (as data.eval_size in training)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed (embedded split and sampling)")
+    p.add_argument("--problem-field", default="problem", help="data files: field holding the problem")
+    p.add_argument("--answer-field", default="answer", help="data files: field holding the answer")
+    p.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call (hf)")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype"
+    )
+    p.add_argument("--workers", type=int, default=2, help="verifier worker processes")
+    p.add_argument("--cpu", action="store_true", help="force CPU")
+
+
+def load_eval_set(
+    spec: str, eval_size: int, seed: int, problem_field: str = "problem", answer_field: str = "answer"
+) -> list[Example]:
+    """'embedded' -> the held-out split ``rlfr train`` uses with this eval_size and seed; else a benchmark
+    name or a data file."""
+    if spec == "embedded":
+        from rlfr.tasks import embedded_task
+
+        # the eval split is generated first and does not depend on train_size (rlfr.tasks.embedded_task)
+        return list(embedded_task(train_size=1, eval_size=eval_size, seed=seed).eval)
+    if spec in BENCHMARKS:
+        return list(load_benchmark(spec))
+    if not Path(spec).exists():
+        raise FileNotFoundError(
+            f"--data {spec!r} is neither 'embedded', a benchmark ({', '.join(BENCHMARKS)}), nor a file"
+        )
+    rows = list(load_examples(spec, problem_field=problem_field, answer_field=answer_field))
+    if not rows:
+        raise ValueError(f"--data {spec!r} has no rows")
+    return rows
+
+
+def dataset_slug(spec: str) -> str:
+    name = spec if spec == "embedded" or spec in BENCHMARKS else Path(spec).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rlfr.models import load_model, load_tokenizer, resolve_model_path
+    from rlfr.pipeline import seed_everything
+    from rlfr.verifier import Verifier
+
+    if args.samples < 1 or args.max_new_tokens < 1:
+        raise ValueError("--samples and --max-new-tokens must be >= 1")
+    greedy = args.samples == 1 and args.temperature is None
+    temperature = 1.0 if args.temperature is None else args.temperature
+    if not greedy and temperature <= 0:
+        raise ValueError("--temperature must be > 0 when sampling")
+    if args.backend == "vllm" and (reason := vllm_available()) is not None:
+        raise ValueError(f"--backend vllm is unavailable: {reason}; use --backend hf")
+    sets = {}
+    for spec in args.data:  # load every set first: a bad path fails before the model loads
+        rows = load_eval_set(spec, args.eval_size, args.seed, args.problem_field, args.answer_field)
+        sets[dataset_slug(spec)] = (spec, rows[: args.limit] if args.limit > 0 else rows)
+    seed_everything(args.seed)
+    tok = load_tokenizer(args.model)
+    model = None
+    if args.backend == "hf":
+        device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+        model = load_model(args.model, args.dtype).to(device).eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "model": args.model,
+        "backend": args.backend,
+        "template": args.template,
+        "greedy": greedy,
+        "samples": args.samples,
+        "temperature": None if greedy else temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "datasets": {},
+    }
+    with Verifier(num_workers=args.workers) as verifier:
+        for slug, (spec, examples) in sets.items():
+            t0 = time.time()
+            prompts = [render_prompt(args.template, ex.problem, tok) for ex in examples]
+            gen = dict(
+                samples=args.samples,
+                max_new_tokens=args.max_new_tokens,
+                temperature=temperature,
+                top_p=args.top_p,
+                greedy=greedy,
+            )
+            if args.backend == "vllm":
+                comps = vllm_completions(resolve_model_path(args.model), tok, prompts, seed=args.seed, **gen)
+            else:
+                comps = hf_completions(model, tok, prompts, batch_size=args.batch_size, **gen)
+            res = score_completions(examples, prompts, comps, verifier)
+            path = out / f"samples_{slug}.jsonl"
+            with path.open("w") as f:
+                for r in res.records:
+                    f.write(json.dumps(r) + "\n")
+            entry = {
+                "data": spec,
+                "n": res.n,
+                "samples": res.samples,
+                "mean_response_tokens": res.mean_response_tokens,
+                "seconds": round(time.time() - t0, 2),
+                "samples_file": path.name,
+            }
+            if greedy:
+                entry["pass@1"] = res.avg
+            else:
+                entry[f"avg@{res.samples}"] = res.avg
+                entry["pass@k"] = {str(k): v for k, v in res.pass_at.items()}
+            results["datasets"][slug] = entry
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mode = "greedy" if results["greedy"] else f"T={results['temperature']}"
+    title = f"{results['model']} ({mode})"
+    table = Table(title=title)
+    table.add_column("data")
+    table.add_column("n", justify="right")
+    cols: list[str] = []
+    for e in results["datasets"].values():
+        keys = (
+            ["pass@1"]
+            if "pass@1" in e
+            else [k for k in e if k.startswith("avg@")] + [f"pass@{k}" for k in e["pass@k"]]
+        )
+        cols += [k for k in keys if k not in cols]
+    for c in cols:
+        table.add_column(c, justify="right")
+    table.add_column("resp. tokens", justify="right")
+    for slug, e in results["datasets"].items():
+        vals = {"pass@1": e.get("pass@1")} | {k: v for k, v in e.items() if k.startswith("avg@")}
+        vals |= {f"pass@{k}": v for k, v in e.get("pass@k", {}).items()}
+        cells = [f"{100 * vals[c]:.1f}" if vals.get(c) is not None else "" for c in cols]
+        table.add_row(slug, str(e["n"]), *cells, f"{e['mean_response_tokens']:.0f}")
+    Console().print(table)

@@ -1,0 +1,326 @@
+"""``rlfr inspect``: which tokens does the flow reward or penalise? An HTML page and ``stats.json``.
+
+    rlfr inspect --checkpoint runs/demo/rl            # a run dir (latest checkpoint) or a checkpoint dir
+    rlfr inspect --model runs/sft/model --flow runs/flow/flow --data embedded --n-prompts 8
+
+Samples ``--num-generations`` responses for each of ``--n-prompts`` problems, runs the policy once over
+every rollout with a ``LatentTap`` at the flow's own block fractions (``latents.json``: fractions, modes,
+shift, and ``latent_norm``: latents standardised with the flow's ``latent_norm.safetensors`` when set),
+scores each response token with ``rlfr.flow.token_scores`` and writes ``OUT/inspect.html``
+(self-contained: inline CSS, no script, no external resource; all model and data text is escaped) and
+``OUT/stats.json``.
+
+Token rewards. ``--reward dense`` (default) colours every scored token by -beta * (2x - 1), x = the
+per-sequence min-max normalised deviation: the bilateral reward before the eta threshold and top-k, so
+every token's position relative to the flow is visible. ``--reward shaped`` uses exactly the run's
+shaping (``rlfr.shaping.shape_flow_rewards``: sparse, and never positive unless bilateral). Shaping
+parameters and rewarding timesteps come from the checkpoint's config (defaults with ``--model/--flow``).
+
+Sequence score: mean deviation over a rollout's scored tokens. The AUROC is the probability that a
+correct rollout has a lower mean deviation than a wrong one (ties 1/2); n/a with only one class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from pathlib import Path
+
+from rlfr.report import auroc, token_reward_stats
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="RL checkpoint dir (policy/ + flow/) or a run dir")
+    p.add_argument("--model", default=None, help="policy (with --flow, instead of --checkpoint)")
+    p.add_argument("--flow", default=None, help="flow directory with latents.json (with --model)")
+    p.add_argument(
+        "--data", default="embedded", help="'embedded' (held-out split), a benchmark or a data file"
+    )
+    p.add_argument("--n-prompts", type=int, default=8, help="problems to sample")
+    p.add_argument("--num-generations", type=int, default=4, help="responses per problem")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit")
+    p.add_argument("--template", default=None, help="prompt template (default: the run's, else chat)")
+    p.add_argument(
+        "--reward", default="dense", choices=("dense", "shaped"), help="token reward shown (see docs)"
+    )
+    p.add_argument(
+        "--min-count", type=int, default=3, help="tokens seen fewer times are left out of the rankings"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed (sampling, flow noise, embedded split)")
+    p.add_argument("--out", default="runs/inspect", help="output directory")
+    p.add_argument("--cpu", action="store_true", help="force CPU")
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[str, Path, dict]:
+    """-> (policy path, flow dir, the run's TrainConfig dict or {})."""
+    if args.checkpoint:
+        if args.model or args.flow:
+            raise ValueError("give either --checkpoint or --model with --flow, not both")
+        ck = Path(args.checkpoint)
+        if (ck / "checkpoints" / "latest").is_file():  # a run directory
+            ck = ck / "checkpoints" / (ck / "checkpoints" / "latest").read_text().strip()
+        for sub in ("policy", "flow"):
+            if not (ck / sub).is_dir():
+                raise FileNotFoundError(f"{ck} has no {sub}/ (need an RL checkpoint of method rlfr)")
+        state = ck / "state.json"
+        config = json.loads(state.read_text()).get("config", {}) if state.is_file() else {}
+        return str(ck / "policy"), ck / "flow", config
+    if not (args.model and args.flow):
+        raise ValueError("give --checkpoint, or both --model and --flow")
+    return args.model, Path(args.flow), {}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rlfr.eval_cli import load_eval_set
+    from rlfr.flow import FlowField, token_scores
+    from rlfr.latents import LatentTap
+    from rlfr.models import load_model, load_tokenizer
+    from rlfr.pipeline import hidden_size, seed_everything
+    from rlfr.rollout import generate, position_ids
+    from rlfr.schema import DataConfig, RewardShapingConfig
+    from rlfr.shaping import minmax_normalize, shape_flow_rewards
+    from rlfr.templates import render_prompt
+    from rlfr.verifier import Verifier
+
+    policy_path, flow_dir, config = resolve_inputs(args)
+    meta_file = flow_dir / "latents.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} is missing: cannot tell which latents the flow models")
+    meta = json.loads(meta_file.read_text())
+    shaping = {**RewardShapingConfig().__dict__, **config.get("flow", {}).get("reward", {})}
+    data_cfg = config.get("data", {})
+    template = args.template or data_cfg.get("template", "chat")
+    examples = load_eval_set(args.data, data_cfg.get("eval_size", DataConfig.eval_size), args.seed)[
+        : args.n_prompts
+    ]
+    seed_everything(args.seed)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    tok = load_tokenizer(policy_path)
+    model = load_model(policy_path).to(device).eval()
+    field = FlowField.load(flow_dir).to(device).eval()
+    if field.config["dim"] != hidden_size(model):
+        raise ValueError(
+            f"flow {flow_dir} models size-{field.config['dim']} latents, the policy's are {hidden_size(model)}"
+        )
+    norm = None  # the flow scores latents standardised with its own statistics when it was trained so
+    if meta.get("latent_norm", "none") != "none":
+        from rlfr.latent_norm import LatentNorm
+
+        norm = LatentNorm.load(flow_dir)  # raises when latent_norm.safetensors is missing
+    tap = LatentTap(model, meta["fractions"])
+    prompts = [render_prompt(template, ex.problem, tok) for ex in examples]
+    try:
+        with tap.paused():
+            ro = generate(model, tok, prompts, args.num_generations, args.max_new_tokens, args.temperature)
+        with Verifier(num_workers=1) as verifier:
+            correct = [
+                s >= 1.0
+                for s in verifier.verify_batch(ro.completions, [examples[int(g)].answer for g in ro.group])
+            ]
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        rows = []
+        for c0 in range(0, ro.input_ids.shape[0], 8):
+            sl = slice(c0, c0 + 8)
+            ids, att, mask = (
+                ro.input_ids[sl].to(device),
+                ro.attention_mask[sl].to(device),
+                ro.response_mask[sl].to(device),
+            )
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False)
+            lat = tap.latents() if norm is None else norm(tap.latents())
+            sc = token_scores(
+                field,
+                lat,
+                tap.layer_values.to(device),
+                mask,
+                meta["modes"],
+                meta["shift"],
+                shaping["timesteps"],
+                generator=gen,
+            )
+            x = minmax_normalize(sc.scores, sc.valid)
+            spread = (x * sc.valid).amax(dim=1, keepdim=True) > 0  # rows without spread carry no reward
+            dense = torch.where(sc.valid & spread, -shaping["beta"] * (2 * x - 1), 0.0)
+            shaped = shape_flow_rewards(
+                sc.scores,
+                sc.valid,
+                shaping["beta"],
+                shaping["eta"],
+                shaping["top_k"],
+                shaping["bilateral"],
+                shaping["gamma"],
+            )
+            for b in range(ids.shape[0]):
+                pos = mask[b].nonzero().flatten().tolist()
+                rows.append(
+                    [
+                        {
+                            "text": tok.decode([int(ids[b, k])]),
+                            "id": int(ids[b, k]),
+                            "valid": bool(sc.valid[b, k]),
+                            "score": float(sc.scores[b, k]),
+                            "x": float(x[b, k]),
+                            "dense": float(dense[b, k]),
+                            "shaped": float(shaped[b, k]),
+                        }
+                        for k in pos
+                    ]
+                )
+    finally:
+        tap.remove()
+    rollouts = []
+    for i, toks in enumerate(rows):
+        scored = [t["score"] for t in toks if t["valid"]]
+        g = int(ro.group[i])
+        rollouts.append(
+            {
+                "problem": examples[g].problem,
+                "answer": examples[g].answer,
+                "prompt": prompts[g],
+                "completion": ro.completions[i],
+                "correct": correct[i],
+                "mean_deviation": sum(scored) / len(scored) if scored else None,
+                "tokens": toks,
+            }
+        )
+    stats = compute_stats(rollouts, args.reward, args.min_count)
+    stats |= {
+        "policy": policy_path,
+        "flow": str(flow_dir),
+        "latents": meta,
+        "shaping": shaping,
+        "reward": args.reward,
+        "template": template,
+        "data": args.data,
+        "n_prompts": len(examples),
+        "num_generations": args.num_generations,
+        "temperature": args.temperature,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (out / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+    (out / "inspect.html").write_text(render_html(rollouts, stats))
+    auc = stats["auroc"]
+    print(
+        f"{len(rollouts)} rollouts, {stats['scored_tokens']} scored tokens, accuracy {stats['accuracy']:.3f}, "
+        f"AUROC {'n/a' if auc is None else f'{auc:.3f}'}; wrote {out / 'inspect.html'} and {out / 'stats.json'}"
+    )
+    return 0
+
+
+def compute_stats(rollouts: list[dict], reward: str, min_count: int) -> dict:
+    toks = [t for r in rollouts for t in r["tokens"] if t["valid"]]
+    scored = [r for r in rollouts if r["mean_deviation"] is not None]
+    # lower deviation should mean correct: score = -mean deviation, positive class = correct
+    auc = auroc([-r["mean_deviation"] for r in scored], [r["correct"] for r in scored]) if scored else None
+    return {
+        "rollouts": len(rollouts),
+        "accuracy": sum(r["correct"] for r in rollouts) / max(len(rollouts), 1),
+        "scored_tokens": len(toks),
+        "auroc": auc,
+        "auroc_note": "P(mean deviation of a correct rollout < that of a wrong one); null = one class only",
+        "tokens": token_reward_stats(
+            [t["text"] for t in toks], [t[reward] for t in toks], min_count=min_count
+        ),
+    }
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
+pre,.resp{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:13px}
+.tok{background:var(--r);border-radius:2px}
+#by-dev:checked ~ main .tok{background:var(--d)}
+.roll{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin:1em 0}
+.ok{color:#1a7f37}.bad{color:#cf222e}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}
+"""
+
+
+def _color(v: float, scale: float, diverging: bool = True) -> str:
+    a = min(1.0, abs(v) / scale) * 0.75 if scale > 0 else 0.0
+    if not diverging:  # deviation: white -> orange
+        return f"rgba(230,120,0,{a:.3f})"
+    return f"rgba(0,160,60,{a:.3f})" if v > 0 else f"rgba(220,30,30,{a:.3f})"
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        return (
+            f"{v:.4g}"
+            if isinstance(v, float)
+            else ("n/a" if v is None else _e(repr(v) if isinstance(v, str) else v))
+        )
+
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(rollouts: list[dict], stats: dict) -> str:
+    """A self-contained page: inline CSS only, every piece of text escaped."""
+    reward = stats["reward"]
+    vals = [t[reward] for r in rollouts for t in r["tokens"] if t["valid"]]
+    devs = [t["score"] for r in rollouts for t in r["tokens"] if t["valid"]]
+    rscale, dscale = max((abs(v) for v in vals), default=0.0), max(devs, default=0.0)
+    ts = stats["tokens"]
+    auc = "n/a (one class)" if stats["auroc"] is None else f"{stats['auroc']:.3f}"
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>rlfr inspect</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Flow rewards per token</h1>",
+        f"<p>policy <code>{_e(stats['policy'])}</code>, flow <code>{_e(stats['flow'])}</code>; "
+        f"latents {_e(json.dumps(stats['latents']))}; reward shown: <b>{_e(reward)}</b> "
+        f"(beta {_e(stats['shaping']['beta'])}). Red = penalised, green = rewarded; hover a token for its reward, "
+        "normalised deviation x and raw deviation score.</p>",
+        f"<p>{stats['rollouts']} rollouts, accuracy {stats['accuracy']:.3f}, {stats['scored_tokens']} scored tokens. "
+        f"AUROC of the sequence flow score (lower mean deviation = correct): <b>{_e(auc)}</b></p>",
+        "<input type='radio' name='m' id='by-rew' checked><label for='by-rew'>colour by reward</label> "
+        "<input type='radio' name='m' id='by-dev'><label for='by-dev'>colour by raw deviation</label>",
+        "<main>",
+    ]
+    for i, r in enumerate(rollouts):
+        spans = []
+        for t in r["tokens"]:
+            if not t["valid"]:
+                spans.append(f"<span title='not scored'>{_e(t['text'])}</span>")
+                continue
+            tip = (
+                f"reward {t[reward]:+.5f} | x {t['x']:.3f} | deviation {t['score']:.4f} | token {t['text']!r}"
+            )
+            style = f"--r:{_color(t[reward], rscale)};--d:{_color(t['score'], dscale, diverging=False)}"
+            spans.append(f"<span class='tok' style='{style}' title='{_e(tip)}'>{_e(t['text'])}</span>")
+        dev = "n/a" if r["mean_deviation"] is None else f"{r['mean_deviation']:.4f}"
+        verdict = "<span class='ok'>correct</span>" if r["correct"] else "<span class='bad'>wrong</span>"
+        parts.append(
+            f"<div class='roll'><b>#{i}</b> {verdict} &middot; answer <code>{_e(r['answer'])}</code> &middot; "
+            f"mean deviation {dev}<details><summary>prompt</summary><pre>{_e(r['prompt'])}</pre></details>"
+            f"<div class='resp'>{''.join(spans)}</div></div>"
+        )
+    cols = ["token", "count", "mean", "std", "min", "max"]
+    parts += [
+        "<h2>Statistics</h2>",
+        f"<h3>Most rewarded tokens (mean {_e(reward)} reward, seen &ge; {ts['min_count']} times)</h3>",
+        _table(ts["rewarded"], cols),
+        "<h3>Most penalised tokens</h3>",
+        _table(ts["penalised"], cols),
+        "<h3>Reward by token class</h3>",
+        _table(
+            [{"class": c, **v} for c, v in ts["by_class"].items()],
+            ["class", "count", "mean", "penalised", "rewarded"],
+        ),
+        "<h3>Same token, different contexts (most frequent tokens)</h3>",
+        _table(ts["spread"], cols),
+        "</main></body></html>",
+    ]
+    return "\n".join(parts)

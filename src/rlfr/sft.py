@@ -1,0 +1,135 @@
+"""Cold-start supervised fine-tuning on worked solutions (``rlfr sft``).
+
+A 135M instruct model never writes ``\\boxed{}`` on its own, so RL from it sees an all-zero reward and
+learns nothing; a short SFT stage on expert solutions gives RL a policy that sometimes succeeds. The
+loss is the token-mean negative log-likelihood of the response (solution + EOS) given the prompt,
+rendered with the same template that RL and evaluation use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlfr.config import describe, load_config, to_dict
+from rlfr.data import Example
+from rlfr.engine import lr_lambda
+from rlfr.metrics import MetricsLogger
+from rlfr.models import load_model, load_tokenizer
+from rlfr.pipeline import make_accelerator, render_prompts, resolve_data, seed_everything
+from rlfr.rollout import Rollout, pack, policy_forward
+from rlfr.schema import SFTConfig
+
+
+def encode_solutions(
+    tokenizer, examples: list[Example], prompts: list[str]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids = solution + EOS) per example."""
+    eos = tokenizer.eos_token_id
+    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
+    return p_ids, r_ids
+
+
+def nll(model, batch: Rollout) -> torch.Tensor:
+    """Token-mean NLL of the response tokens of a packed batch -> scalar."""
+    mask = batch.response_mask
+    logp, _ = policy_forward(model, batch.input_ids, batch.attention_mask, mask, need_entropy=False)
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) -> dict:
+    """Fine-tune, save ``out_dir/model`` (HF format), return losses and held-out accuracy."""
+    acc = make_accelerator(cfg.cpu)
+    seed_everything(cfg.seed)
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train, evals = resolve_data(cfg.data, cfg.seed, need_solution=True)
+    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
+    p_ids, r_ids = encode_solutions(tok, train, prompts)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.steps, cfg.warmup_ratio, "cosine", 0.0))
+    model, opt = acc.prepare(model, opt)
+    model.train()
+    out = Path(cfg.out_dir)
+    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    per_rank = cfg.batch_size // acc.num_processes
+    if per_rank < 1 or cfg.batch_size % acc.num_processes:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be a multiple of the {acc.num_processes} processes"
+        )
+    g = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    losses = []
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="sft", disable=not (progress and acc.is_main_process))
+    for step in bar:
+        while len(order) < cfg.batch_size:
+            order += torch.randperm(len(train), generator=g).tolist()
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        idx = idx[acc.process_index :: acc.num_processes]
+        total = 0.0
+        for c0 in range(0, len(idx), cfg.micro_batch_size):
+            rows = idx[c0 : c0 + cfg.micro_batch_size]
+            batch = pack(tok, [p_ids[i] for i in rows], [r_ids[i] for i in rows], list(range(len(rows))))
+            batch = Rollout(*(x.to(acc.device) if torch.is_tensor(x) else x for x in vars(batch).values()))
+            loss = nll(model, batch) * len(rows) / len(idx)
+            acc.backward(loss)
+            total += loss.item()
+        norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not math.isfinite(float(norm)):
+            raise FloatingPointError(f"sft: gradient norm is {float(norm)} at step {step + 1}")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        logger.log(step + 1, {"sft/loss": total, "sft/lr": sched.get_last_lr()[0]}, stage="sft")
+        bar.set_postfix(loss=f"{total:.3f}")
+    logger.close()
+    model_dir = out / "model"
+    unwrapped = acc.unwrap_model(model)
+    if acc.is_main_process:
+        unwrapped.save_pretrained(model_dir, safe_serialization=True)
+        tok.save_pretrained(model_dir)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    acc.wait_for_everyone()
+    result = {
+        "model_dir": str(model_dir),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "seconds": time.time() - t0,
+    }
+    if evaluate_after and evals:
+        from rlfr.evaluation import evaluate
+        from rlfr.verifier import Verifier
+
+        with Verifier(num_workers=2) as v:
+            res = evaluate(
+                unwrapped, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, accelerator=acc
+            )
+        result["accuracy"] = res.accuracy
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--show-config", action="store_true", help="list every key with its default and help")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=2e-5 data.train=my.jsonl")
+
+
+def run(args) -> int:
+    if args.show_config:
+        for key, default, help_text in describe(SFTConfig):
+            print(f"{key:32s} {default:24s} {help_text}")
+        return 0
+    res = run_sft(load_config(SFTConfig, args.config, args.overrides))
+    print(json.dumps(res, indent=2))
+    return 0

@@ -1,0 +1,255 @@
+"""``rlfr inspect`` (HTML + statistics of flow rewards) and ``rlfr compare`` (methods x seeds report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from rlfr import compare
+from rlfr.cli import main
+from rlfr.inspect import compute_stats, render_html
+from rlfr.report import TOKEN_CLASSES
+from tiny_run import make_tiny_model_dir
+
+TINY = [
+    "data.train_size=8",
+    "data.eval_size=4",
+    "rollout.prompts_per_step=2",
+    "rollout.num_generations=2",
+    "rollout.max_new_tokens=6",
+    "policy.micro_batch_size=4",
+    "eval_max_new_tokens=4",
+    "reward.workers=1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir, tmp_path_factory):
+    """A one-step RLFR run on the tiny model: <out>/checkpoints/step_000001 with policy/ and flow/."""
+    from rlfr.config import load_config
+    from rlfr.engine import run_train
+    from rlfr.schema import TrainConfig
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(
+        TrainConfig, overrides=[f"model.name_or_path={tiny_dir}", *TINY, "steps=1", f"out_dir={out}"]
+    )
+    run_train(cfg, progress=False)
+    return out
+
+
+def test_inspect_writes_escaped_self_contained_html(tiny_run, tmp_path):
+    data = tmp_path / "evil.jsonl"
+    data.write_text(json.dumps({"problem": "<script>alert('x')</script> & 1+1?", "answer": "2"}) + "\n")
+    out = tmp_path / "insp"
+    ck = tiny_run / "checkpoints" / "step_000001"
+    rc = main(
+        [
+            "inspect",
+            "--checkpoint",
+            str(ck),
+            "--data",
+            str(data),
+            "--n-prompts",
+            "1",
+            "--num-generations",
+            "3",
+            "--max-new-tokens",
+            "10",
+            "--out",
+            str(out),
+            "--cpu",
+        ]
+    )
+    assert rc == 0
+    page = (out / "inspect.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; 1+1?" in page
+    assert "http" not in page and "src=" not in page and "href=" not in page and "@import" not in page
+    assert page.count("class='roll'") == 3 and "class='tok'" in page
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rollouts"] == 3 and stats["scored_tokens"] > 0
+    assert stats["latents"]["fractions"] == [0.25, 0.5, 0.75] and stats["reward"] == "dense"
+    assert stats["auroc"] is None or 0 <= stats["auroc"] <= 1
+    assert set(stats["tokens"]["by_class"]) == set(TOKEN_CLASSES)
+    assert sum(v["count"] for v in stats["tokens"]["by_class"].values()) == stats["scored_tokens"]
+    rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    for r in rollouts:
+        scored = [t for t in r["tokens"] if t["valid"]]
+        # dense reward -beta (2x - 1) lies in [-beta, beta]; the shaped one is never positive (one-sided)
+        assert all(abs(t["dense"]) <= 0.01 + 1e-6 and t["shaped"] <= 0 for t in scored)
+        joined = "".join(t["text"] for t in r["tokens"])
+        for special in ("<|im_end|>", "<|im_start|>", "<pad>"):  # decoded completions skip special tokens
+            joined = joined.replace(special, "")
+        assert joined == r["completion"]
+
+
+def test_inspect_from_run_dir_with_shaped_reward(tiny_run, tmp_path):
+    out = tmp_path / "insp"
+    rc = main(
+        [
+            "inspect",
+            "--checkpoint",
+            str(tiny_run),
+            "--data",
+            "embedded",
+            "--n-prompts",
+            "2",
+            "--num-generations",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--reward",
+            "shaped",
+            "--out",
+            str(out),
+            "--cpu",
+        ]
+    )
+    assert rc == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rollouts"] == 4 and stats["reward"] == "shaped"
+    assert not stats["tokens"]["rewarded"]  # one-sided shaping never rewards
+
+
+def test_inspect_argument_errors(tiny_run, tmp_path):
+    assert main(["inspect", "--out", str(tmp_path)]) == 2
+    assert main(["inspect", "--checkpoint", str(tiny_run), "--model", "x", "--out", str(tmp_path)]) == 2
+    assert main(["inspect", "--checkpoint", str(tmp_path), "--out", str(tmp_path)]) == 2  # no policy/ flow/
+
+
+def _tok(text, reward, score=1.0, valid=True):
+    return {
+        "text": text,
+        "id": 0,
+        "valid": valid,
+        "score": score,
+        "x": 0.5,
+        "dense": reward,
+        "shaped": reward,
+    }
+
+
+def test_inspect_stats_and_html_escaping_without_a_model():
+    evil = "<img src=x onerror=alert(1)>"
+    rollouts = [
+        {
+            "problem": "p",
+            "answer": "<b>",
+            "prompt": "<p>",
+            "completion": evil,
+            "correct": True,
+            "mean_deviation": 1.0,
+            "tokens": [_tok(evil, -0.01), _tok("7", 0.01), _tok("\n", 0.0, valid=False)],
+        },
+        {
+            "problem": "p",
+            "answer": "2",
+            "prompt": "q",
+            "completion": "+",
+            "correct": False,
+            "mean_deviation": 2.0,
+            "tokens": [_tok("+", 0.005, score=2.0)],
+        },
+        {
+            "problem": "p",
+            "answer": "2",
+            "prompt": "q",
+            "completion": "a",
+            "correct": True,
+            "mean_deviation": 3.0,
+            "tokens": [_tok("a", -0.005, score=3.0)],
+        },
+    ]
+    stats = compute_stats(rollouts, "dense", min_count=1)
+    # -deviation: correct -1, -3 vs wrong -2 -> pairs (win, loss) -> AUROC 0.5
+    assert stats["auroc"] == 0.5 and stats["scored_tokens"] == 4 and stats["accuracy"] == pytest.approx(2 / 3)
+    stats |= {
+        "policy": "<pol>",
+        "flow": "f",
+        "latents": {"modes": ["<m>"]},
+        "shaping": {"beta": 0.01},
+        "reward": "dense",
+    }
+    page = render_html(rollouts, stats)
+    assert evil not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<code><b></code>" not in page and "<code>&lt;b&gt;</code>" in page
+    assert "&lt;pol&gt;" in page and "http" not in page
+    one_class = compute_stats(rollouts[:1], "dense", min_count=1)
+    assert one_class["auroc"] is None and "n/a" in render_html(
+        rollouts[:1],
+        one_class | {"policy": "p", "flow": "f", "latents": {}, "shaping": {"beta": 0.01}, "reward": "dense"},
+    )
+
+
+def test_compare_configs_report_and_curves(tmp_path):
+    args = argparse.Namespace(
+        start="m",
+        flow="flowdir",
+        methods=["rlvr", "rlfr"],
+        seeds=[0, 1],
+        steps=3,
+        config=None,
+        out=str(tmp_path),
+        overrides=["rollout.prompts_per_step=4"],
+    )
+    cfg = compare.run_config(args, "rlfr", 1)
+    assert (cfg.method, cfg.seed, cfg.steps, cfg.flow.init, cfg.rollout.prompts_per_step) == (
+        "rlfr",
+        1,
+        3,
+        "flowdir",
+        4,
+    )
+    assert cfg.out_dir == str(tmp_path / "rlfr" / "seed_1")
+    assert compare.run_config(args, "rlvr", 0).flow.init is None
+    assert compare.curve_mean([[1.0, 2.0], [3.0]]) == [2.0, 2.0]
+    results = {
+        "command": compare.command_line(args),
+        "start": "m",
+        "flow": "flowdir",
+        "seeds": [0, 1],
+        "budget": {"steps": 3},
+        "methods": {"base": {"seeds": {"0": 0.25, "1": 0.75}}, "rlvr": {"seeds": {"0": 0.5, "1": 0.5}}},
+    }
+    md = compare.render_report(results)
+    assert "| base | 50.0 ± 35.4 | 25.0 | 75.0 |" in md and "| rlvr | 50.0 ± 0.0 | 50.0 | 50.0 |" in md
+    assert "rlfr compare --start m --flow flowdir" in md and "- steps: 3" in md
+
+
+def test_compare_end_to_end_two_seeds(tiny_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        "--start",
+        str(tiny_dir),
+        "--seeds",
+        "0",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        *TINY,
+    ]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"base", "rlvr", "rlfr", "entropy"}
+    for name, e in res["methods"].items():
+        assert set(e["seeds"]) == {"0", "1"} and 0 <= e["mean"] <= 1
+        if name != "base":
+            assert len(e["reward"]) == 1
+    md = (out / "report.md").read_text()
+    assert "| rlfr |" in md and "±" in md and "rollout.prompts_per_step=2" in md
+    assert (out / "learning_curves.png").stat().st_size > 0 and (out / "accuracy.png").stat().st_size > 0
+    marker = out / "rlfr" / "seed_0" / "compare_result.json"
+    before = marker.stat().st_mtime_ns
+    assert main(argv) == 0  # finished runs are reused
+    assert marker.stat().st_mtime_ns == before

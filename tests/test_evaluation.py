@@ -1,0 +1,262 @@
+"""Evaluation statistics (pass@k, avg@k, mean ± std, AUROC, token classes) and ``rlfr eval`` end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from rlfr.cli import main
+from rlfr.data import Example
+from rlfr.evaluation import Completions, evaluate, score_completions
+from rlfr.report import (
+    TOKEN_CLASSES,
+    auroc,
+    avg_at_k,
+    format_mean_std,
+    mean_std,
+    pass_at_k,
+    powers_of_two,
+    token_class,
+    token_reward_stats,
+)
+from rlfr.verifier import Verifier
+from tiny_run import make_tiny_model_dir
+
+
+def brute_pass_at_k(n: int, c: int, k: int) -> float:
+    """Fraction of all k-subsets of n samples (the first c correct) that contain a correct sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize(
+    "n,c,k",
+    [(1, 0, 1), (1, 1, 1), (4, 1, 2), (5, 2, 3), (6, 0, 4), (8, 3, 4), (8, 5, 4), (10, 1, 1), (10, 9, 8)],
+)
+def test_pass_at_k_matches_brute_force(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    # 1 - C(n-c, k) / C(n, k) with exact integers as the reference
+    for n, c, k in [(200, 3, 100), (1000, 1, 512), (1000, 999, 1)]:
+        exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_avg_at_k_and_powers_of_two():
+    assert avg_at_k(3, 8) == 0.375
+    assert powers_of_two(1) == [1]
+    assert powers_of_two(8) == [1, 2, 4, 8]
+    assert powers_of_two(12) == [1, 2, 4, 8]
+    with pytest.raises(ValueError):
+        avg_at_k(5, 4)
+
+
+def test_mean_std_formatting():
+    # [0.5, 0.7] -> 50, 70 percent: mean 60, sample std sqrt((100 + 100) / 1) = 14.142
+    assert mean_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
+    assert format_mean_std([0.5, 0.7]) == "60.0 ± 14.1"
+    assert format_mean_std([0.25]) == "25.0 ± 0.0"
+    assert format_mean_std([]) == "n/a"
+    assert format_mean_std([1.0, 2.0, 3.0], scale=1, digits=2) == "2.00 ± 1.00"
+
+
+def brute_auroc(scores, positive):
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pair_count_with_ties():
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(2, 25)
+        scores = [rng.choice([0.0, 0.5, 1.0, 1.5, rng.random()]) for _ in range(n)]  # many ties
+        labels = [rng.random() < 0.5 for _ in range(n)]
+        if len(set(labels)) < 2:
+            assert auroc(scores, labels) is None
+            continue
+        assert auroc(scores, labels) == pytest.approx(brute_auroc(scores, labels))
+    assert auroc([1, 2, 3], [True, False, True]) == 0.5  # pairs (1 vs 2): 0, (3 vs 2): 1
+    assert auroc([1, 1], [True, False]) == 0.5
+    assert auroc([3, 1], [True, False]) == 1.0
+    assert auroc([1, 2], [True, True]) is None
+
+
+def test_token_classes():
+    cases = {
+        "7": "digits",
+        " 42": "digits",
+        "3.5": "digits",
+        "+": "operators",
+        " =": "operators",
+        "*": "operators",
+        "the": "words",
+        " So": "words",
+        "x2": "words",
+        "\\frac": "words",
+        " ": "whitespace/punct",
+        "\n": "whitespace/punct",
+        ".": "whitespace/punct",
+        "(": "whitespace/punct",
+        "": "whitespace/punct",
+    }
+    for text, cls in cases.items():
+        assert token_class(text) == cls, text
+    assert set(cases.values()) == set(TOKEN_CLASSES)
+
+
+def test_token_reward_stats_by_hand():
+    toks = ["a", "a", "a", "1", "1", "1", "+", " ", "b"]
+    rews = [-0.3, -0.1, -0.2, 0.1, 0.3, 0.2, 0.5, 0.0, 0.9]
+    st = token_reward_stats(toks, rews, min_count=3, spread_top=2)
+    assert [s["token"] for s in st["rewarded"]] == ["1"]  # 'b' and '+' are seen once: filtered out
+    assert st["rewarded"][0]["mean"] == pytest.approx(0.2)
+    assert [s["token"] for s in st["penalised"]] == ["a"]
+    assert st["penalised"][0]["min"] == -0.3 and st["penalised"][0]["max"] == -0.1
+    assert st["penalised"][0]["std"] == pytest.approx(math.sqrt(0.02 / 3))  # population std of .3,.1,.2
+    assert st["by_class"]["digits"]["count"] == 3 and st["by_class"]["digits"]["mean"] == pytest.approx(0.2)
+    assert st["by_class"]["words"]["count"] == 4 and st["by_class"]["words"]["penalised"] == 0.75
+    assert st["by_class"]["operators"]["rewarded"] == 1.0
+    assert st["by_class"]["whitespace/punct"]["mean"] == 0.0
+    assert [s["token"] for s in st["spread"]] == ["1", "a"]  # most frequent first, ties by text
+
+
+def test_score_completions_hand_worked():
+    examples = [Example("1+1", "2", id="p0"), Example("2+3", "5", id="p1")]
+    comps = Completions(
+        texts=[["\\boxed{2}", "x", "\\boxed{3}", "so \\boxed{2}"], ["no", "no", "no", "\\boxed{5}"]],
+        tokens=[[3, 1, 3, 5], [2, 2, 2, 3]],
+    )
+    with Verifier(num_workers=1) as v:
+        res = score_completions(examples, ["P0", "P1"], comps, v)
+    assert res.n == 2 and res.samples == 4 and len(res.records) == 8
+    assert res.avg == pytest.approx(3 / 8)
+    # c = 2 of 4: pass@2 = 1 - C(2,2)/C(4,2) = 5/6; c = 1: 1 - C(3,2)/C(4,2) = 1/2
+    assert res.pass_at[1] == pytest.approx((0.5 + 0.25) / 2)
+    assert res.pass_at[2] == pytest.approx((5 / 6 + 0.5) / 2)
+    assert res.pass_at[4] == 1.0
+    assert [r["correct"] for r in res.records] == [True, False, False, True, False, False, False, True]
+    assert res.records[2]["extracted"] == "3" and res.records[1]["extracted"] is None
+    assert res.mean_response_tokens == pytest.approx(21 / 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    rows = [
+        {"problem": "What is 1+1?", "answer": "2"},
+        {"problem": "What is 2+3?", "answer": "5"},
+        {"problem": "What is 4*2?", "answer": "8"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "ev"
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "5",
+            "--workers",
+            "1",
+            "--cpu",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    entry = res["datasets"]["tiny"]
+    assert res["greedy"] and entry["n"] == 3 and entry["samples"] == 1 and 0 <= entry["pass@1"] <= 1
+    rows = _rows(out / entry["samples_file"])
+    assert [r["index"] for r in rows] == [0, 1, 2] and [r["answer"] for r in rows] == ["2", "5", "8"]
+    assert "What is 2+3?" in rows[1]["prompt"]
+    for r in rows:
+        assert isinstance(r["correct"], bool) and (r["extracted"] is None or isinstance(r["extracted"], str))
+        assert 1 <= r["response_tokens"] <= 5
+    assert entry["pass@1"] == sum(r["correct"] for r in rows) / 3
+    # the CLI's greedy pass is the trainer's evaluate(): same completions
+    from rlfr.data import load_examples
+    from rlfr.models import load_model, load_tokenizer
+
+    with Verifier(num_workers=1) as v:
+        ref = evaluate(
+            load_model(str(tiny_dir)),
+            load_tokenizer(str(tiny_dir)),
+            list(load_examples(data_file)),
+            "chat",
+            5,
+            v,
+        )
+    assert [r["completion"] for r in ref.records] == [r["completion"] for r in rows]
+
+
+def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "ev"
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data_file),
+            "embedded",
+            "--eval-size",
+            "2",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--workers",
+            "1",
+            "--samples",
+            "4",
+            "--limit",
+            "2",
+            "--temperature",
+            "1.0",
+            "--cpu",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["datasets"]) == {"tiny", "embedded"} and not res["greedy"]
+    for entry in res["datasets"].values():
+        assert entry["n"] == 2 and set(entry["pass@k"]) == {"1", "2", "4"} and "avg@4" in entry
+        assert entry["pass@k"]["1"] == pytest.approx(entry["avg@4"])
+        rows = _rows(out / entry["samples_file"])
+        assert len(rows) == 8 and [r["sample"] for r in rows] == [0, 1, 2, 3] * 2
+
+
+def test_eval_cli_errors(tiny_dir, tmp_path):
+    assert main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    from rlfr.evaluation import vllm_available
+
+    if vllm_available() is not None:  # no vllm or no GPU: a clear error, not a silent fallback to hf
+        assert main(["eval", "--model", str(tiny_dir), "--data", "embedded", "--backend", "vllm"]) == 2
