@@ -68,7 +68,7 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_check_value(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         return tuple(_check_value(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
@@ -213,3 +213,17 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else "(required)"
         rows.append((key, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def add_config_arguments(parser, example: str) -> None:
+    """The arguments every config-driven command shares: --config, --show-config, key=value overrides."""
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--show-config", action="store_true", help="list every key with its default and help")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+
+
+def print_config_help(cls: type) -> None:
+    rows = describe(cls)
+    width = max(len(k) for k, _, _ in rows) + 2
+    for key, default, help_text in rows:
+        print(f"{key:{width}s} {default:26s} {help_text}")

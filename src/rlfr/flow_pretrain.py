@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import describe, load_config, to_dict
+from rlfr.config import add_config_arguments, load_config, print_config_help, to_dict
 from rlfr.engine import lr_lambda
 from rlfr.flow import build_pairs, flow_matching_loss
 from rlfr.latent_norm import LatentNorm
@@ -151,15 +151,12 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--show-config", action="store_true", help="list every key with its default and help")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.name_or_path=runs/sft/model")
+    add_config_arguments(p, "model.name_or_path=runs/sft/model epochs=1")
 
 
 def run(args) -> int:
     if args.show_config:
-        for key, default, help_text in describe(FlowPretrainConfig):
-            print(f"{key:32s} {default:24s} {help_text}")
+        print_config_help(FlowPretrainConfig)
         return 0
     res = run_flow_pretrain(load_config(FlowPretrainConfig, args.config, args.overrides))
     res.pop("train_losses")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import describe, load_config, to_dict
+from rlfr.config import add_config_arguments, load_config, print_config_help, to_dict
 from rlfr.data import Example
 from rlfr.engine import lr_lambda
 from rlfr.metrics import MetricsLogger
@@ -120,15 +120,12 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--show-config", action="store_true", help="list every key with its default and help")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=2e-5 data.train=my.jsonl")
+    add_config_arguments(p, "lr=2e-5 data.train=my.jsonl data.solution_field=solution")
 
 
 def run(args) -> int:
     if args.show_config:
-        for key, default, help_text in describe(SFTConfig):
-            print(f"{key:32s} {default:24s} {help_text}")
+        print_config_help(SFTConfig)
         return 0
     res = run_sft(load_config(SFTConfig, args.config, args.overrides))
     print(json.dumps(res, indent=2))

@@ -5,22 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from rlfr.config import describe, load_config
+from rlfr.config import add_config_arguments, load_config, print_config_help
 from rlfr.schema import TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (see configs/ for the paper's presets)")
+    add_config_arguments(p, "flow.reward.beta=0.02 steps=200 (presets: configs/*.yaml)")
     p.add_argument("--method", choices=["rlfr", "rlvr", "entropy"], help="shorthand for method=...")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
-    p.add_argument("--show-config", action="store_true", help="list every key with its default and help")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. flow.reward.beta=0.02 steps=200")
 
 
 def run(args) -> int:
     if args.show_config:
-        for key, default, help_text in describe(TrainConfig):
-            print(f"{key:36s} {default:26s} {help_text}")
+        print_config_help(TrainConfig)
         return 0
     overrides = list(args.overrides) + ([f"method={args.method}"] if args.method else [])
     cfg = load_config(TrainConfig, args.config, overrides)

