@@ -150,7 +150,11 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[float, float]:
     with torch.device(device):  # built in place: a 7B model initialised on the CPU would take minutes
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).train()
     if args.checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     prompt = args.seq - args.response
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq)).to(device)
     labels = ids.clone()

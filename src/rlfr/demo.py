@@ -37,8 +37,8 @@ _DATA = {"train": "embedded", "eval": "embedded", "train_size": 1024, "eval_size
 _FULL = {
     "sft": {
         "data": {**_DATA, "solution_field": "solution"},
-        "lr": 5e-5,
-        "steps": 24,
+        "lr": 7e-5,
+        "steps": 16,
         "batch_size": 16,
         "micro_batch_size": 16,
         "warmup_ratio": 0.1,
@@ -58,8 +58,8 @@ _FULL = {
         "steps": 12,
         "save_every": 0,
         "eval_max_new_tokens": 48,
-        "rollout": {"prompts_per_step": 8, "num_generations": 4, "max_new_tokens": 48, "batch_size": 32},
-        "policy": {"lr": 1e-5, "micro_batch_size": 16},
+        "rollout": {"prompts_per_step": 8, "num_generations": 4, "max_new_tokens": 40, "batch_size": 32},
+        "policy": {"lr": 1e-5, "micro_batch_size": 32},
         "flow": {"lr": 1e-4, "batch_mul": 4, "warmup_ratio": 0.0},
     },
 }
