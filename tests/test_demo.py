@@ -34,7 +34,9 @@ def test_quick_demo_writes_summary_and_plots(tmp_path):
     # the SFT stage teaches the boxed format: the raw model never scores, the SFT model does
     assert summary["accuracy_after_sft"] > summary["accuracy_before"]
     assert summary["flow_pretrain_loss_last"] < summary["flow_pretrain_loss_first"]
-    assert set(summary["seconds_per_stage"]) == {"eval_raw", "sft", "flow_pretrain", "rl"}
+    assert set(summary["seconds_per_stage"]) == {"eval_raw", "sft", "eval_sft", "flow_pretrain", "rl", "eval_rl"}
+    for key in ("sampled_accuracy_before", "sampled_accuracy_after_sft", "sampled_accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
     for png in ("accuracy.png", "rl_curves.png", "flow_losses.png"):
         assert (out / png).stat().st_size > 1000, png
     assert (out / "rl" / "checkpoints" / "step_000002" / "flow" / "flow.safetensors").is_file()

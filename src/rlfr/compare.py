@@ -5,8 +5,9 @@
 
 Every RL run gets the same ``TrainConfig`` (defaults, then ``--config``, then the ``key=value``
 overrides) with only ``method``, ``seed`` and ``out_dir`` changed (RLFR also gets ``flow.init=--flow``
-when given). "base" is the greedy held-out accuracy of the start model without RL, on the same held-out
-split (which depends on the seed, as in training). Outputs in ``--out``:
+when given). "base" is the greedy held-out accuracy of the start model without RL. Every run uses the
+same problems (the embedded split depends on ``data.task_seed``, not on the run seed), so base is
+evaluated once (greedy decoding is deterministic). Outputs in ``--out``:
 
 - ``results.json``: per method and seed the final held-out accuracy and the training-reward curve;
 - ``report.md``: held-out accuracy mean ± std (sample std over seeds) per method, per-seed values, the
@@ -101,7 +102,7 @@ def base_accuracy(cfg, out: Path) -> float:
     }
     if (hit := _cached(out, key)) is not None:
         return float(hit["accuracy"])
-    _, evals = resolve_data(cfg.data, cfg.seed)
+    _, evals = resolve_data(cfg.data)
     if not evals:
         raise ValueError("rlfr compare needs a held-out set (data.eval is '')")
     device = "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"
@@ -145,10 +146,9 @@ def run(args: argparse.Namespace) -> int:
     configs = {(m, s): run_config(args, m, s) for m in args.methods for s in args.seeds}  # fail fast on typos
     ref = configs[(args.methods[0], args.seeds[0])]
     methods: dict[str, dict] = {"base": {"seeds": {}, "reward": None}}
+    base = base_accuracy(ref, out / "base" / "accuracy.json")
     for s in args.seeds:
-        methods["base"]["seeds"][str(s)] = base_accuracy(
-            configs[(args.methods[0], s)], out / "base" / f"seed_{s}.json"
-        )
+        methods["base"]["seeds"][str(s)] = base
     for m in args.methods:
         runs = {s: run_one(configs[(m, s)], progress=not args.no_progress) for s in args.seeds}
         methods[m] = {

@@ -31,6 +31,7 @@ class DemoConfig:
     sft: SFTConfig = field_(SFTConfig(), "cold-start SFT stage")
     flow: FlowPretrainConfig = field_(FlowPretrainConfig(), "flow pretraining stage")
     train: TrainConfig = field_(TrainConfig(), "RL stage")
+    eval_samples: int = field_(4, "samples per held-out problem for the sampled (temperature 1) accuracy")
 
 
 _DATA = {"train": "embedded", "eval": "embedded", "train_size": 1024, "eval_size": 64}
@@ -45,7 +46,7 @@ _FULL = {
         "eval_max_new_tokens": 48,
     },
     "flow": {
-        "data": {**_DATA, "train_size": 256, "solution_field": "solution"},
+        "data": {**_DATA, "train_size": 192, "solution_field": "solution"},
         "lr": 1e-3,
         "epochs": 2.0,
         "batch_size": 16,
@@ -55,7 +56,7 @@ _FULL = {
     "train": {
         "method": "rlfr",
         "data": _DATA,
-        "steps": 12,
+        "steps": 16,
         "save_every": 0,
         "eval_max_new_tokens": 48,
         "rollout": {"prompts_per_step": 8, "num_generations": 4, "max_new_tokens": 40, "batch_size": 32},
@@ -74,8 +75,10 @@ _QUICK = {
     "train": {
         "data": {**_DATA, "eval_size": 16, "train_size": 64},
         "steps": 2,
+        "eval_max_new_tokens": 32,
         "rollout": {"prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 24},
     },
+    "eval_samples": 2,
 }
 
 
@@ -112,19 +115,28 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
         depth=flow.flow.depth,
     )
     train = dataclasses.replace(cfg.train, model=flow.model, flow=train_flow)
-    return DemoConfig(sft=cfg.sft, flow=flow, train=train)
+    return DemoConfig(sft=cfg.sft, flow=flow, train=train, eval_samples=cfg.eval_samples)
 
 
-def held_out_accuracy(model_name: str, cfg: TrainConfig) -> float:
-    from rlfr.evaluation import evaluate
+def held_out(model_name: str, cfg: TrainConfig, samples: int) -> dict[str, float]:
+    """Greedy pass@1 and sampled avg@``samples`` (temperature 1, the RL sampler) on the held-out split."""
+    import torch
+
+    from rlfr.evaluation import evaluate, hf_completions, score_completions
     from rlfr.models import load_model, load_tokenizer
     from rlfr.pipeline import resolve_data
+    from rlfr.templates import render_prompt
     from rlfr.verifier import Verifier
 
-    _, evals = resolve_data(cfg.data, cfg.seed)
+    _, evals = resolve_data(cfg.data)
     tok, model = load_tokenizer(model_name), load_model(model_name)
+    prompts = [render_prompt(cfg.data.template, ex.problem, tok) for ex in evals]
+    torch.manual_seed(cfg.seed)  # the same sampling noise for every stage's model
+    comps = hf_completions(model, tok, prompts, samples, cfg.eval_max_new_tokens, temperature=1.0)
     with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as v:
-        return evaluate(model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v).accuracy
+        greedy = evaluate(model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v).accuracy
+        sampled = score_completions(evals, prompts, comps, v).avg
+    return {"greedy": greedy, "sampled": sampled}
 
 
 def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
@@ -143,24 +155,35 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
         seconds[name] = round(time.time() - t, 1)
         return res
 
-    before = stage("eval_raw", lambda: held_out_accuracy(cfg.sft.model.name_or_path, cfg.train))
-    print(f"held-out accuracy of the raw model: {before:.3f}")
-    sft = stage("sft", lambda: run_sft(cfg.sft, progress=progress))
-    print(f"held-out accuracy after SFT: {sft['accuracy']:.3f}")
+    k = cfg.eval_samples
+
+    def report(name: str, acc: dict[str, float]) -> None:
+        print(f"held-out accuracy {name}: greedy {acc['greedy']:.3f}, sampled avg@{k} {acc['sampled']:.3f}")
+
+    before = stage("eval_raw", lambda: held_out(cfg.sft.model.name_or_path, cfg.train, k))
+    report("of the raw model", before)
+    sft = stage("sft", lambda: run_sft(cfg.sft, progress=progress, evaluate_after=False))
+    after_sft = stage("eval_sft", lambda: held_out(sft["model_dir"], cfg.train, k))
+    report("after SFT", after_sft)
     fp = stage("flow_pretrain", lambda: run_flow_pretrain(cfg.flow, progress=progress))
     print(
         f"flow loss: train {fp['train_loss_first']:.4f} -> {fp['train_loss_last']:.4f}, held-out {fp['heldout_loss_first']:.4f} -> {fp['heldout_loss_last']:.4f}"
     )
-    rl = stage("rl", lambda: run_train(cfg.train, progress=progress, stage="train"))
-    print(f"held-out accuracy after RLFR: {rl['final_accuracy']:.3f}")
+    rl = stage("rl", lambda: run_train(cfg.train, progress=progress, stage="train", final_eval=False))
+    after = stage("eval_rl", lambda: held_out(rl["model_dir"], cfg.train, k))
+    report(f"after {cfg.train.method.upper()}", after)
     summary = {
         "model": cfg.sft.model.name_or_path,
         "task": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
         "method": cfg.train.method,
         "eval_problems": cfg.train.data.eval_size,
-        "accuracy_before": before,
-        "accuracy_after_sft": sft["accuracy"],
-        "accuracy_after": rl["final_accuracy"],
+        "accuracy_before": before["greedy"],
+        "accuracy_after_sft": after_sft["greedy"],
+        "accuracy_after": after["greedy"],
+        "eval_samples": k,
+        "sampled_accuracy_before": before["sampled"],
+        "sampled_accuracy_after_sft": after_sft["sampled"],
+        "sampled_accuracy_after": after["sampled"],
         "steps": cfg.train.steps,
         "sft_steps": cfg.sft.steps,
         "sft_loss_first": sft["loss_first"],
@@ -195,14 +218,24 @@ def plots(out: Path, summary: dict, fp: dict, rl: dict) -> None:
         ["reward", "accuracy", "response_len", "flow_reward/mean"],
         title="RLFR training (rollouts)",
     )
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    names = ["raw", "after SFT", "after RLFR"]
-    vals = [summary["accuracy_before"], summary["accuracy_after_sft"], summary["accuracy_after"]]
-    ax.bar(names, vals, color=["#999", "#6a9fd8", "#2a8a4a"])
-    for i, v in enumerate(vals):
-        ax.text(i, v + 0.01, f"{v:.2f}", ha="center")
-    ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_ylim(0, max(1e-3, max(vals)) * 1.25)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    names = ["raw", "after SFT", f"after {summary['method'].upper()}"]
+    width = 0.38
+    for j, (prefix, label, color) in enumerate(
+        (
+            ("accuracy", "greedy pass@1", "#6a9fd8"),
+            ("sampled_accuracy", f"sampled avg@{summary['eval_samples']}", "#2a8a4a"),
+        )
+    ):
+        vals = [summary[f"{prefix}_before"], summary[f"{prefix}_after_sft"], summary[f"{prefix}_after"]]
+        xs = [i + (j - 0.5) * width for i in range(3)]
+        ax.bar(xs, vals, width, label=label, color=color)
+        for x, v in zip(xs, vals):
+            ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(3), names)
+    ax.set_ylabel(f"held-out accuracy ({summary['eval_problems']} problems)")
+    ax.set_ylim(0, 1.0)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)

@@ -111,7 +111,7 @@ def build_rl(cfg: TrainConfig, accelerator) -> tuple[RLTrainer, dict]:
         flow, norm = build_flow(cfg.flow, policy)
         if not cfg.flow.update:
             flow.requires_grad_(False)
-    train, evals = resolve_data(cfg.data, cfg.seed)
+    train, evals = resolve_data(cfg.data)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy.lr, weight_decay=cfg.policy.weight_decay)
     opt_steps = cfg.steps * cfg.policy.ppo_epochs * cfg.policy.minibatches
@@ -195,9 +195,11 @@ def run_train(
     progress: bool = True,
     stage: str = "train",
     stop_after: int | None = None,
+    final_eval: bool = True,
 ) -> dict:
     """The RL stage. ``stop_after`` ends this process after that many steps (after checkpointing), as a
-    preempted job would; ``resume`` continues from the latest checkpoint of ``cfg.out_dir``."""
+    preempted job would; ``resume`` continues from the latest checkpoint of ``cfg.out_dir``;
+    ``final_eval=False`` skips the closing held-out evaluation (for callers that evaluate themselves)."""
     acc = make_accelerator(cfg.cpu)
     out = Path(cfg.out_dir)
     if acc.is_main_process:
@@ -249,7 +251,7 @@ def run_train(
                     "out_dir": str(out),
                     "stopped_at": step + 1,
                 }
-        final = run_eval(tr, cfg, data["eval"]).accuracy if data["eval"] else None
+        final = run_eval(tr, cfg, data["eval"]).accuracy if data["eval"] and final_eval else None
         if final is not None:
             metrics.log(cfg.steps, {"eval/accuracy": final}, stage=stage)
     finally:

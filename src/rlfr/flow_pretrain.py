@@ -65,7 +65,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
     policy.to(acc.device)
     tap = LatentTap(policy, cfg.flow.fractions)
     flow, norm = build_flow(cfg.flow, policy)
-    train, _ = resolve_data(cfg.data, cfg.seed, need_solution=True)
+    train, _ = resolve_data(cfg.data, need_solution=True)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p_ids, r_ids = encode_solutions(tok, train, prompts)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

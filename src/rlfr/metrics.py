@@ -16,6 +16,7 @@ from pathlib import Path
 _CONSOLE_KEYS = (
     ("reward", "rew", "{:.3f}"),
     ("accuracy", "acc", "{:.3f}"),
+    ("eval/accuracy", "held-out acc", "{:.3f}"),
     ("response_len", "len", "{:.1f}"),
     ("flow/loss_correct", "flow+", "{:.4f}"),
     ("flow/loss_wrong", "flow-", "{:.4f}"),

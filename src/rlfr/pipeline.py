@@ -2,7 +2,7 @@
 
 - ``make_accelerator(cpu)``: one ``accelerate.Accelerator`` for single-process CPU/GPU runs and for
   ``accelerate launch`` (DDP / FSDP / DeepSpeed are configured by accelerate, not here).
-- ``resolve_data(cfg.data, seed)``: ``'embedded'`` -> the reasoning-gym task; a benchmark name
+- ``resolve_data(cfg.data)``: ``'embedded'`` -> the reasoning-gym task; a benchmark name
   (``math500``...) -> ``rlfr.data.load_benchmark``; anything else -> a data file via ``load_examples``.
 - ``save_flow`` / ``load_flow``: a flow directory also stores which latents it models
   (``latents.json``: block fractions, context modes, shift, the policy's hidden size and depth), and
@@ -68,16 +68,17 @@ def _load_set(spec: str, data: DataConfig, need_solution: bool) -> list[Example]
     return rows
 
 
-def resolve_data(
-    data: DataConfig, seed: int, need_solution: bool = False
-) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples; eval is [] when ``data.eval`` is ''."""
+def resolve_data(data: DataConfig, need_solution: bool = False) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples; eval is [] when ``data.eval`` is ''. The embedded task's split depends on
+    ``data.task_seed`` only, so runs with different seeds share the same problems."""
     train: list[Example]
     evals: list[Example] = []
     if data.train == "embedded" or data.eval == "embedded":
         from rlfr.tasks import embedded_task
 
-        task = embedded_task(train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=seed)
+        task = embedded_task(
+            train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed
+        )
     train = task.train if data.train == "embedded" else _load_set(data.train, data, need_solution)
     if data.eval == "embedded":
         evals = task.eval

@@ -38,6 +38,11 @@ class DataConfig:
     skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
     template: Template = field_("chat", "prompt template")
     train_size: int = field_(2000, "embedded task: number of training problems")
+    task_seed: int = field_(
+        0,
+        "embedded task: seed of the problem split (kept apart from the run seed so that runs with "
+        "different seeds share one train / held-out split)",
+    )
     eval_size: int = field_(64, "embedded task / any eval set: number of held-out problems used (0 = all)")
     max_prompt_tokens: int = field_(512, "prompts longer than this are rejected with an error")
 
@@ -73,7 +78,8 @@ class FlowConfig:
         None, "flow to start from: an rlfr flow directory or an official flow_model.bin"
     )
     latent_norm: Literal["standardize", "none"] = field_(
-        "standardize", "standardise latents per layer and dimension before the flow (none = raw, as the paper)"
+        "standardize",
+        "standardise latents per layer and dimension before the flow (none = raw, as the paper)",
     )
     reward: RewardShapingConfig = field_(RewardShapingConfig(), "flow reward shaping (RLFR §4)")
     update: bool = field_(True, "train the flow online on rollouts that pass the check")

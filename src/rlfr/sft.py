@@ -52,7 +52,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train, evals = resolve_data(cfg.data, cfg.seed, need_solution=True)
+    train, evals = resolve_data(cfg.data, need_solution=True)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p_ids, r_ids = encode_solutions(tok, train, prompts)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
