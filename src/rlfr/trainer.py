@@ -19,6 +19,7 @@ detached latents (no gradient reaches the policy); rewards are binary by default
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from rlfr.advantages import entropy_advantage, group_advantages, token_advantages
-from rlfr.flow import build_pairs, flow_matching_loss_per_pair, per_sequence_mean, token_scores
+from rlfr.flow import FlowPairs, build_pairs, flow_matching_loss_per_pair, per_sequence_mean, token_scores
 from rlfr.losses import policy_loss
 from rlfr.rollout import Rollout, generate, policy_forward
 from rlfr.shaping import shape_flow_rewards
@@ -267,12 +268,21 @@ class RLTrainer:
         pairs = build_pairs(
             self.latents(ro.response_mask), self.tap.layer_values.to(mask.device), mask, cfg.modes, cfg.shift
         )
-        per_pair = flow_matching_loss_per_pair(self.flow, pairs, cfg.batch_mul)
         correct = batch.correct[rows]
         w = torch.where(correct, 1.0, cfg.soft_flow)[pairs.batch_index]
-        total = self.flow_weight_total.clamp(min=1e-12)
-        self.acc.backward((per_pair * w).sum() / total)
-        seq = per_sequence_mean(per_pair.detach(), pairs.batch_index, len(rows))
+        # Only pairs with weight > 0 are trained (rollouts that fail the check, when soft_flow = 0, cost a
+        # forward at batch_mul 1 for the logged loss instead of batch_mul forward+backward passes).
+        train = w > 0
+        per_pair = torch.zeros(len(pairs), device=w.device)
+        trained = flow_matching_loss_per_pair(self.flow, subset(pairs, train), cfg.batch_mul)
+        self.acc.backward((trained * w[train]).sum() / self.flow_weight_total.clamp(min=1e-12))
+        per_pair[train] = trained.detach()
+        if (~train).any():
+            with torch.no_grad():
+                per_pair[~train] = flow_matching_loss_per_pair(
+                    self.acc.unwrap_model(self.flow), subset(pairs, ~train)
+                )
+        seq = per_sequence_mean(per_pair, pairs.batch_index, len(rows))
         has = torch.bincount(pairs.batch_index, minlength=len(rows)) > 0
         for name, sel in (("flow/loss_correct", correct & has), ("flow/loss_wrong", ~correct & has)):
             if sel.any():
@@ -304,6 +314,11 @@ class RLTrainer:
         sched.step()
         opt.zero_grad(set_to_none=True)
         return norm
+
+
+def subset(pairs: FlowPairs, keep: torch.Tensor) -> FlowPairs:
+    """The pairs where ``keep`` (N,) bool is True."""
+    return FlowPairs(**{f.name: getattr(pairs, f.name)[keep] for f in dataclasses.fields(pairs)})
 
 
 def pair_counts(mask: torch.Tensor, modes, shift: int, num_layers: int) -> torch.Tensor:
