@@ -120,3 +120,22 @@ def plot_metrics(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+class Accum:
+    """Weighted running means of scalar statistics over micro-batches."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, key: str, value: float, weight: float = 1.0) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value * weight
+        self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def add_dict(self, d: dict[str, float]) -> None:
+        for k, v in d.items():
+            self.add(k, v)
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}

@@ -19,7 +19,6 @@ detached latents (no gradient reaches the policy); rewards are binary by default
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -27,8 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from rlfr.advantages import entropy_advantage, group_advantages, token_advantages
-from rlfr.flow import FlowPairs, build_pairs, flow_matching_loss_per_pair, per_sequence_mean, token_scores
+from rlfr.flow import build_pairs, per_sequence_mean, token_scores
 from rlfr.losses import policy_loss
+from rlfr.metrics import Accum
+from rlfr.online_flow import above_quantile, online_flow_loss, pair_counts, rollout_weights
 from rlfr.rollout import Rollout, generate, policy_forward
 from rlfr.shaping import shape_flow_rewards
 
@@ -248,10 +249,13 @@ class RLTrainer:
         return self.norm(lat)
 
     def flow_weights(self, batch: Batch) -> torch.Tensor:
-        """Per-rollout flow-loss weight times its pair count (B,): 1 if correct, soft_flow otherwise."""
+        """Per-rollout flow-loss weight times its pair count (B,): 1 if correct, soft_flow otherwise.
+
+        Known before any forward, so it counts all response pairs: with ``entropy_quantile`` the trained
+        pairs are a subset and the loss is scaled down by the same factor for every micro-batch."""
         if not self.uses_flow:
             return torch.zeros(1)
-        w = torch.where(batch.correct, 1.0, self.cfg.flow.soft_flow)
+        w = rollout_weights(batch.correct, self.cfg.flow.soft_flow)
         return w * pair_counts(
             batch.rollout.response_mask,
             self.cfg.flow.modes,
@@ -269,20 +273,12 @@ class RLTrainer:
             self.latents(ro.response_mask), self.tap.layer_values.to(mask.device), mask, cfg.modes, cfg.shift
         )
         correct = batch.correct[rows]
-        w = torch.where(correct, 1.0, cfg.soft_flow)[pairs.batch_index]
-        # Only pairs with weight > 0 are trained (rollouts that fail the check, when soft_flow = 0, cost a
-        # forward at batch_mul 1 for the logged loss instead of batch_mul forward+backward passes).
-        train = w > 0
-        per_pair = torch.zeros(len(pairs), device=w.device)
-        trained = flow_matching_loss_per_pair(self.flow, subset(pairs, train), cfg.batch_mul)
-        self.acc.backward((trained * w[train]).sum() / self.flow_weight_total.clamp(min=1e-12))
-        per_pair[train] = trained.detach()
-        if (~train).any():
-            with torch.no_grad():
-                per_pair[~train] = flow_matching_loss_per_pair(
-                    self.acc.unwrap_model(self.flow), subset(pairs, ~train)
-                )
-        seq = per_sequence_mean(per_pair, pairs.batch_index, len(rows))
+        w = rollout_weights(correct, cfg.soft_flow)[pairs.batch_index]
+        out = online_flow_loss(
+            self.flow, pairs, w, self.flow_weight_total, cfg.batch_mul, self.acc.unwrap_model(self.flow)
+        )
+        self.acc.backward(out.loss)
+        seq = per_sequence_mean(out.per_pair, pairs.batch_index, len(rows))
         has = torch.bincount(pairs.batch_index, minlength=len(rows)) > 0
         for name, sel in (("flow/loss_correct", correct & has), ("flow/loss_wrong", ~correct & has)):
             if sel.any():
@@ -314,48 +310,6 @@ class RLTrainer:
         sched.step()
         opt.zero_grad(set_to_none=True)
         return norm
-
-
-def subset(pairs: FlowPairs, keep: torch.Tensor) -> FlowPairs:
-    """The pairs where ``keep`` (N,) bool is True."""
-    return FlowPairs(**{f.name: getattr(pairs, f.name)[keep] for f in dataclasses.fields(pairs)})
-
-
-def pair_counts(mask: torch.Tensor, modes, shift: int, num_layers: int) -> torch.Tensor:
-    """Flow pairs per rollout: mask (B, T) -> (B,) float (same rule as ``rlfr.flow.build_pairs``)."""
-    counts = torch.zeros(mask.shape[0], device=mask.device)
-    for mode in modes:
-        if mode == "identity":
-            counts += mask.sum(-1)
-        else:
-            counts += (mask[:, :-shift] & mask[:, shift:]).sum(-1)
-    return counts * num_layers
-
-
-def above_quantile(ent: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
-    """Tokens whose entropy is >= the per-sequence q-quantile of response-token entropies: -> (B, T) bool."""
-    x = torch.where(mask, ent, torch.nan)
-    thr = torch.nanquantile(x, q, dim=-1, keepdim=True)
-    return mask & (ent >= thr.nan_to_num(float("inf")))
-
-
-class Accum:
-    """Weighted running means of scalar statistics over micro-batches."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-
-    def add(self, key: str, value: float, weight: float = 1.0) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + value * weight
-        self.weights[key] = self.weights.get(key, 0.0) + weight
-
-    def add_dict(self, d: dict[str, float]) -> None:
-        for k, v in d.items():
-            self.add(k, v)
-
-    def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
 def _to(ro: Rollout, device) -> Rollout:
