@@ -127,30 +127,10 @@ def test_flow_trains_and_policy_gets_lm_gradient_only_bf16(cuda_deterministic, r
 
 
 def _cfg(model_dir, out, *extra):
-    """The config of ``test_train_e2e._cfg`` (cpu=false: accelerate picks the GPU)."""
-    from rlfr.config import load_config
-    from rlfr.schema import TrainConfig
+    """``tiny_run.tiny_train_config`` with cpu=false: accelerate picks the GPU."""
+    from tiny_run import tiny_train_config
 
-    return load_config(
-        TrainConfig,
-        overrides=[
-            f"model.name_or_path={model_dir}",
-            "data.train_size=16",
-            "data.eval_size=4",
-            "rollout.prompts_per_step=2",
-            "rollout.num_generations=2",
-            "rollout.max_new_tokens=6",
-            "policy.micro_batch_size=2",
-            "policy.lr=1e-3",
-            "flow.soft_flow=1.0",
-            "eval_max_new_tokens=4",
-            "reward.workers=1",
-            "save_every=2",
-            "cpu=false",
-            f"out_dir={out}",
-            *extra,
-        ],
-    )
+    return tiny_train_config(model_dir, out, "cpu=false", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from rlfr.config import ConfigError, load_config
 from rlfr.engine import run_train
 from rlfr.schema import TrainConfig
-from tiny_run import make_tiny_model_dir
+from tiny_run import make_tiny_model_dir, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -20,25 +20,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _cfg(model_dir, out, *extra):
-    return load_config(
-        TrainConfig,
-        overrides=[
-            f"model.name_or_path={model_dir}",
-            "data.train_size=16",
-            "data.eval_size=4",
-            "rollout.prompts_per_step=2",
-            "rollout.num_generations=2",
-            "rollout.max_new_tokens=6",
-            "policy.micro_batch_size=2",
-            "policy.lr=1e-3",
-            "flow.soft_flow=1.0",
-            "eval_max_new_tokens=4",
-            "reward.workers=1",
-            "save_every=2",
-            f"out_dir={out}",
-            *extra,
-        ],
-    )
+    return tiny_train_config(model_dir, out, *extra)
 
 
 def _final_weights(out, step):
@@ -143,7 +125,12 @@ def test_missing_model_fails_before_work(tmp_path):
         ["method=rlvr", "policy.kl_coef=0.001", "policy.kl_estimator=k1"],
         ["method=entropy"],
         ["method=rlfr", "policy.ppo_epochs=2", "policy.minibatches=2", "policy.micro_batch_size=1"],
-        ["method=rlfr", "flow.entropy_quantile=0.5", "flow.reward.bilateral=true", "flow.modes=[token_post,identity]"],
+        [
+            "method=rlfr",
+            "flow.entropy_quantile=0.5",
+            "flow.reward.bilateral=true",
+            "flow.modes=[token_post,identity]",
+        ],
         ["method=rlfr", "flow.latent_norm=none", "model.gradient_checkpointing=true"],
     ],
     ids=["rlvr-kl", "entropy", "ppo-epochs", "bilateral-quantile", "raw-latents-ckpt"],
@@ -151,7 +138,9 @@ def test_missing_model_fails_before_work(tmp_path):
 def test_method_variants_train(tiny_dir, tmp_path, extra):
     out = tmp_path / "run"
     # a dense custom reward (through the module:function interface) gives non-zero advantages
-    res = run_train(_cfg(tiny_dir, out, "steps=1", "reward.functions=[tiny_run:digit_reward]", *extra), progress=False)
+    res = run_train(
+        _cfg(tiny_dir, out, "steps=1", "reward.functions=[tiny_run:digit_reward]", *extra), progress=False
+    )
     row = res["history"][0]
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
     init = load_file(str(tiny_dir / "model.safetensors"))

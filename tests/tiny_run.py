@@ -71,3 +71,28 @@ def digit_reward(completions: list[str], answers: list) -> list[float]:
     """A dense toy reward (fraction of digits in the completion), so a random-init policy sees non-zero
     advantages; plugged in as ``reward.functions=[tiny_run:digit_reward]``."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+# Overrides for a seconds-long RL run on the tiny model (2 prompts x 2 samples, 6 new tokens); the flow trains
+# on every rollout (soft_flow 1) because a random-init model never answers correctly.
+TINY_TRAIN_OVERRIDES = (
+    "data.train_size=16",
+    "data.eval_size=4",
+    "rollout.prompts_per_step=2",
+    "rollout.num_generations=2",
+    "rollout.max_new_tokens=6",
+    "policy.micro_batch_size=2",
+    "policy.lr=1e-3",
+    "flow.soft_flow=1.0",
+    "eval_max_new_tokens=4",
+    "reward.workers=1",
+)
+
+
+def tiny_train_config(model_dir, out, *extra: str):
+    """A ``TrainConfig`` for ``TINY_TRAIN_OVERRIDES`` on ``model_dir``, writing to ``out``; ``extra`` wins."""
+    from rlfr.config import load_config
+    from rlfr.schema import TrainConfig
+
+    overrides = [f"model.name_or_path={model_dir}", *TINY_TRAIN_OVERRIDES, "save_every=2", f"out_dir={out}"]
+    return load_config(TrainConfig, overrides=[*overrides, *extra])
