@@ -14,7 +14,11 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_overrides_parse_yaml_values():
     assert parse_overrides(["a.b=1", "c=[x, y]", "d=1e-6", "e=true", "f="]) == {
-        "a": {"b": 1}, "c": ["x", "y"], "d": "1e-6", "e": True, "f": ""
+        "a": {"b": 1},
+        "c": ["x", "y"],
+        "d": "1e-6",
+        "e": True,
+        "f": "",
     }
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["novalue"])
@@ -33,7 +37,9 @@ def test_yaml_plus_overrides_and_round_trip(tmp_path):
 def test_errors_name_the_file_and_key(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("rollout:\n  num_generation: 8\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*'rollout\.num_generation'.*valid keys:.*num_generations"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml.*'rollout\.num_generation'.*valid keys:.*num_generations"
+    ):
         load_config(TrainConfig, f)
     with pytest.raises(ConfigError, match=r"flow\.modes\[1\].*not one of"):
         load_config(TrainConfig, overrides=["flow.modes=[token_post,token_middle]"])

@@ -21,12 +21,25 @@ def test_quick_demo_writes_summary_and_plots(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "rlfr.cli", "demo", "--quick", "--no-progress", "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("model", "task", "method", "accuracy_before", "accuracy_after_sft", "accuracy_after", "steps",
-                "flow_pretrain_loss_first", "flow_pretrain_loss_last", "wall_seconds", "seconds_per_stage"):
+    for key in (
+        "model",
+        "task",
+        "method",
+        "accuracy_before",
+        "accuracy_after_sft",
+        "accuracy_after",
+        "steps",
+        "flow_pretrain_loss_first",
+        "flow_pretrain_loss_last",
+        "wall_seconds",
+        "seconds_per_stage",
+    ):
         assert key in summary, key
     assert summary["method"] == "rlfr" and summary["steps"] == 2
     for key in ("accuracy_before", "accuracy_after_sft", "accuracy_after"):
@@ -34,7 +47,14 @@ def test_quick_demo_writes_summary_and_plots(tmp_path):
     # the SFT stage teaches the boxed format: the raw model never scores, the SFT model does
     assert summary["accuracy_after_sft"] > summary["accuracy_before"]
     assert summary["flow_pretrain_loss_last"] < summary["flow_pretrain_loss_first"]
-    assert set(summary["seconds_per_stage"]) == {"eval_raw", "sft", "eval_sft", "flow_pretrain", "rl", "eval_rl"}
+    assert set(summary["seconds_per_stage"]) == {
+        "eval_raw",
+        "sft",
+        "eval_sft",
+        "flow_pretrain",
+        "rl",
+        "eval_rl",
+    }
     for key in ("sampled_accuracy_before", "sampled_accuracy_after_sft", "sampled_accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0
     for png in ("accuracy.png", "rl_curves.png", "flow_losses.png"):

@@ -23,15 +23,39 @@ def test_two_process_rl_run_keeps_ranks_identical(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path / "model")
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
         str(HERE / "dist_worker.py"),
-        f"model.name_or_path={model_dir}", "data.train_size=16", "data.eval_size=4", "steps=2",
-        "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=6",
-        "policy.micro_batch_size=2", "policy.lr=1e-3", "flow.soft_flow=1.0", "eval_max_new_tokens=4",
-        "reward.workers=1", "cpu=true", f"out_dir={out}",
+        f"model.name_or_path={model_dir}",
+        "data.train_size=16",
+        "data.eval_size=4",
+        "steps=2",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=6",
+        "policy.micro_batch_size=2",
+        "policy.lr=1e-3",
+        "flow.soft_flow=1.0",
+        "eval_max_new_tokens=4",
+        "reward.workers=1",
+        "cpu=true",
+        f"out_dir={out}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     d0 = json.loads((out / "digest_rank0.json").read_text())

@@ -23,7 +23,7 @@ from rlfr.evaluation import evaluate
 from rlfr.latent_norm import LatentNorm
 from rlfr.latents import LatentTap
 from rlfr.metrics import MetricsLogger, format_step, plot_metrics
-from rlfr.models import load_model, load_tokenizer
+from rlfr.models import enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.pipeline import (
     build_flow,
     flow_meta,
@@ -98,7 +98,7 @@ def build_rl(cfg: TrainConfig, accelerator) -> tuple[RLTrainer, dict]:
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(policy)
     policy.train()
     ref = None
     if cfg.policy.kl_coef > 0:

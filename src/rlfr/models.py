@@ -111,3 +111,12 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False  # training forwards; generate() turns the cache on itself
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing under the name this transformers version uses."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

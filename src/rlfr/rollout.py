@@ -141,7 +141,11 @@ def pack(
 
 
 def policy_forward(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, need_entropy: bool
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    need_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the tokens of a packed batch: -> ((B, T), (B, T) or None).
 
@@ -164,7 +168,9 @@ def policy_forward(
     )
     logits = out.logits
     if logits.shape[1] != min(keep, seq):
-        raise RuntimeError(f"{type(model).__name__} ignored logits_to_keep={keep}: got {logits.shape[1]} positions")
+        raise RuntimeError(
+            f"{type(model).__name__} ignored logits_to_keep={keep}: got {logits.shape[1]} positions"
+        )
     start = seq - logits.shape[1]
     pad = input_ids.new_zeros((bsz, start), dtype=torch.float32)
     logp = torch.cat([pad, logprobs_from_logits(logits, input_ids[:, start:])], 1)

@@ -21,7 +21,7 @@ from rlfr.config import add_config_arguments, load_config, print_config_help, to
 from rlfr.data import Example
 from rlfr.engine import lr_lambda
 from rlfr.metrics import MetricsLogger
-from rlfr.models import load_model, load_tokenizer
+from rlfr.models import enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.pipeline import make_accelerator, render_prompts, resolve_data, seed_everything
 from rlfr.rollout import Rollout, pack, policy_forward
 from rlfr.schema import SFTConfig
@@ -51,7 +51,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     train, evals = resolve_data(cfg.data, need_solution=True)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p_ids, r_ids = encode_solutions(tok, train, prompts)
