@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from tiny_run import make_tiny_model_dir
+from tiny_run import TINY_TRAIN_OVERRIDES, make_tiny_model_dir
 
 HERE = Path(__file__).parent
 
@@ -37,17 +37,8 @@ def test_two_process_rl_run_keeps_ranks_identical(tmp_path):
         "no",
         str(HERE / "dist_worker.py"),
         f"model.name_or_path={model_dir}",
-        "data.train_size=16",
-        "data.eval_size=4",
+        *TINY_TRAIN_OVERRIDES,
         "steps=2",
-        "rollout.prompts_per_step=2",
-        "rollout.num_generations=2",
-        "rollout.max_new_tokens=6",
-        "policy.micro_batch_size=2",
-        "policy.lr=1e-3",
-        "flow.soft_flow=1.0",
-        "eval_max_new_tokens=4",
-        "reward.workers=1",
         "cpu=true",
         f"out_dir={out}",
     ]
