@@ -177,8 +177,10 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[float, float]:
         tap = LatentTap(model)
         policy_step()
         latents = tap.latents()
-        token_scores(field, latents, tap.layer_values, mask, ("token_post",), 1, (0.8,), generator=generator)
-        pairs = build_pairs(latents, tap.layer_values, mask, ("token_post",), 1)
+        ctx = torch.ones_like(mask)  # no padding in the benchmark batch
+        token_scores(field, latents, tap.layer_values, mask, ("token_post",), 1, (0.8,), generator=generator,
+                     context_mask=ctx)  # fmt: skip
+        pairs = build_pairs(latents, tap.layer_values, mask, ("token_post",), 1, context_mask=ctx)
         flow_opt.zero_grad(set_to_none=True)
         flow_matching_loss(field, pairs, batch_mul=args.batch_mul, generator=generator).backward()
         flow_opt.step()

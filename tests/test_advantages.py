@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlfr.advantages import entropy_advantage, group_advantages, reward_to_go, token_advantages
+from rlfr.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
 
 T = True
 F = False
@@ -83,3 +83,16 @@ def test_entropy_advantage_hand_worked():
     assert not out.requires_grad  # entropy is detached: the bonus shapes the advantage, it is not a loss
     with pytest.raises(ValueError):
         entropy_advantage(adv, ent, mask, kappa=0.0)
+
+
+def test_kl_rewards_enter_the_reward_to_go_hand_worked():
+    # log p - log p_ref = [_, .5, -1, 2] on a response at positions 1-3; coef .1 -> r = [_, -.05, .1, -.2]
+    logp = torch.tensor([[0.0, -0.5, -2.0, 0.0]])
+    ref = torch.tensor([[0.0, -1.0, -1.0, -2.0]])
+    mask = torch.tensor([[F, T, T, T]])
+    r = kl_rewards(logp, ref, mask, coef=0.1)
+    torch.testing.assert_close(r, torch.tensor([[0.0, -0.05, 0.1, -0.2]]))
+    # A_o = 1: A_k = 1 + sum_{s >= k} r_s = [_, .85, .9, .8] (the authors' RLVR baseline with k1 in the reward)
+    torch.testing.assert_close(
+        token_advantages(torch.tensor([1.0]), r, mask), torch.tensor([[0.0, 0.85, 0.9, 0.8]])
+    )

@@ -64,3 +64,35 @@ def test_presets_load(path):
     cls = FlowPretrainConfig if path.name.startswith("flow-pretrain") else TrainConfig
     cfg = load_config(cls, path)
     assert cfg.flow.modes == ("token_post",)  # one context mode for both stages (RLFR_METHOD §8.7)
+    if (
+        "standardized" not in path.name and getattr(cfg, "method", "rlfr") == "rlfr"
+    ):  # the paper's raw latents
+        assert cfg.flow.latent_norm == "none"
+    if cls is TrainConfig:  # the authors' optimisation (configs/README.md)
+        p = cfg.policy
+        assert (p.minibatches, p.betas, p.ratio_max, p.schedule, p.min_lr_ratio) == (
+            8,
+            (0.9, 0.95),
+            3.0,
+            "cosine",
+            0.1,
+        )
+        assert p.warmup_ratio == 0.03 and p.lr == 1e-6
+        if cfg.method == "rlvr":
+            assert (p.kl_coef, p.kl_mode) == (0.001, "reward")
+
+
+def test_each_command_accepts_only_its_keys():
+    # flow pretraining has its own optimiser keys at the top level; the RL-only flow keys are refused there
+    for key in ("flow.lr=1e-3", "flow.reward.beta=0.02", "flow.soft_flow=1", "flow.update=false"):
+        with pytest.raises(ConfigError, match=r"unknown key.*valid keys: .*batch_mul"):
+            load_config(FlowPretrainConfig, overrides=[key])
+    cfg = load_config(
+        FlowPretrainConfig, overrides=["betas=[0.9,0.95]", "flow.eps=1e-5", "max_grad_norm=0.5"]
+    )
+    assert cfg.betas == (0.9, 0.95) and cfg.flow.eps == 1e-5 and cfg.max_grad_norm == 0.5
+    with pytest.raises(ConfigError, match="shift must be >= 1"):
+        load_config(FlowPretrainConfig, overrides=["flow.shift=0"])
+    # the RL flow section holds the shared keys plus the RL ones
+    rl = load_config(TrainConfig, overrides=["flow.eps=1e-5", "flow.lr=3e-4"])
+    assert rl.flow.eps == 1e-5 and rl.flow.lr == 3e-4

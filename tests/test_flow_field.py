@@ -40,7 +40,7 @@ def test_zero_at_init_and_shapes():
     out = field(*_inputs(5, 12))
     assert out.shape == (5, 12) and out.dtype == torch.float32
     assert torch.equal(out, torch.zeros(5, 12))
-    assert field.config == {"dim": 12, "width": 16, "depth": 3, "freq_dim": 256}
+    assert field.config == {"dim": 12, "width": 16, "depth": 3, "freq_dim": 256, "eps": 1e-6}
     assert FlowField(dim=7).width == 7  # width defaults to d, as in the paper
 
 
@@ -68,7 +68,7 @@ def test_bf16_inputs_give_float32_output():
 def test_official_state_dict_round_trip_infers_sizes():
     field = _randomized(FlowField(dim=6, width=10, depth=3, freq_dim=32))
     rebuilt = FlowField.from_official_state_dict(field.state_dict())
-    assert rebuilt.config == {"dim": 6, "width": 10, "depth": 3, "freq_dim": 32}
+    assert rebuilt.config == {"dim": 6, "width": 10, "depth": 3, "freq_dim": 32, "eps": 1e-6}
     inputs = _inputs(7, 6)
     torch.testing.assert_close(rebuilt(*inputs), field(*inputs), rtol=0, atol=0)
     assert FlowField.from_official_state_dict(FlowField(dim=4, depth=0).state_dict()).depth == 0
@@ -88,9 +88,33 @@ def test_official_state_dict_errors_list_the_keys():
         FlowField.from_official_state_dict(bad)
     with pytest.raises(ValueError, match="cannot infer"):
         FlowField.from_official_state_dict({k: v for k, v in sd.items() if k != "input_proj.weight"})
-    prefixed = {f"model.{k}": v for k, v in sd.items()}  # a wrapper's prefix is not guessed away
-    with pytest.raises(ValueError):
-        FlowField.from_official_state_dict(prefixed)
+    mixed = {("model." if i % 2 else "") + k: v for i, (k, v) in enumerate(sd.items())}
+    with pytest.raises(ValueError):  # a prefix on some keys only is not guessed away
+        FlowField.from_official_state_dict(mixed)
+
+
+@pytest.mark.parametrize("prefix", ["model.", "flow.model."])
+def test_the_authors_wrapper_prefixes_load(prefix):
+    # their FlowReward saves its `model` attribute (keys model.*); their conversion script writes model.*
+    # from flow.model.* training checkpoints
+    field = _randomized(FlowField(dim=6, width=10, depth=2))
+    sd = {prefix + k: v for k, v in field.state_dict().items()}
+    inputs = _inputs(3, 6)
+    torch.testing.assert_close(
+        FlowField.from_official_state_dict(sd)(*inputs), field(*inputs), rtol=0, atol=0
+    )
+
+
+def test_eps_is_kept_and_changes_the_output(tmp_path):
+    a = _randomized(FlowField(dim=6, width=10, depth=2, eps=1e-5))
+    b = FlowField.from_official_state_dict(a.state_dict(), eps=1.0)  # a large eps to see its effect
+    inputs = _inputs(3, 6)
+    assert a.res_blocks[0].in_ln.eps == 1e-5 and b.final_layer.norm_final.eps == 1.0
+    assert not torch.allclose(a(*inputs), b(*inputs))
+    a.save(tmp_path / "f")
+    assert FlowField.load(tmp_path / "f").eps == 1e-5
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        FlowField(dim=4, eps=0.0)
 
 
 def test_save_load_safetensors_round_trip(tmp_path):
@@ -100,7 +124,9 @@ def test_save_load_safetensors_round_trip(tmp_path):
     loaded = FlowField.load(tmp_path / "ckpt")
     inputs = _inputs(3, 6)
     torch.testing.assert_close(loaded(*inputs), field(*inputs), rtol=0, atol=0)
-    loaded = FlowField.load(tmp_path / "ckpt" / "flow.safetensors")  # a bare file in the official layout
+    with pytest.raises(ValueError, match="convert-flow"):  # a bare file carries no eps: refuse to guess it
+        FlowField.load(tmp_path / "ckpt" / "flow.safetensors")
+    loaded = FlowField.load(tmp_path / "ckpt" / "flow.safetensors", eps=1e-6)  # official layout, eps given
     torch.testing.assert_close(loaded(*inputs), field(*inputs), rtol=0, atol=0)
     # A config that disagrees with the weights is an error, not a silent choice of one of them.
     (tmp_path / "ckpt" / "flow_config.json").write_text(json.dumps({**field.config, "width": 11}))
@@ -114,9 +140,9 @@ def test_load_official_bin_with_weights_only(tmp_path):
     torch.save(field.state_dict(), tmp_path / "official" / "flow_model.bin")
     inputs = _inputs(3, 6)
     for path in (tmp_path / "official", tmp_path / "official" / "flow_model.bin"):
-        torch.testing.assert_close(FlowField.load(path)(*inputs), field(*inputs), rtol=0, atol=0)
+        torch.testing.assert_close(FlowField.load(path, eps=1e-6)(*inputs), field(*inputs), rtol=0, atol=0)
     torch.save({"weights": field.state_dict(), "step": object()}, tmp_path / "pickle.pt")
     with pytest.raises(ValueError, match="weights_only"):  # arbitrary pickles are refused, never executed
-        FlowField.load(tmp_path / "pickle.pt")
+        FlowField.load(tmp_path / "pickle.pt", eps=1e-6)
     with pytest.raises(FileNotFoundError):
         FlowField.load(tmp_path / "nowhere")

@@ -46,8 +46,11 @@ def _step(model, tap, field, batch, use_lm: bool, use_flow: bool) -> torch.Tenso
     out = model(**batch, labels=batch["input_ids"])
     latents = tap.latents()
     assert not latents.requires_grad
-    pairs = build_pairs(latents, tap.layer_values, _response_mask(batch), modes=("token_post",), shift=1)
-    assert len(pairs) == 3 * 2 * (SEQ // 2 - 1)  # layers x batch x (response pairs with a partner)
+    pairs = build_pairs(latents, tap.layer_values, _response_mask(batch), modes=("token_post",), shift=1,
+                        context_mask=batch["attention_mask"].bool())  # fmt: skip
+    assert len(pairs) == 3 * 2 * (
+        SEQ // 2
+    )  # layers x batch x response tokens (the first one's condition: prompt)
     flow_loss = flow_matching_loss(field, pairs, batch_mul=2, generator=torch.Generator().manual_seed(3))
     loss = (out.loss if use_lm else 0.0) + (flow_loss if use_flow else 0.0)
     loss.backward()

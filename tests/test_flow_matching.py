@@ -19,40 +19,45 @@ ALL_MODES = ("token_post", "token_pre", "identity")
 
 
 def _random_batch(seed: int, num_layers=3, bsz=4, seq_len=9, d=5):
+    """Random latents with a response mask (targets) and a context mask (real tokens) that contains it:
+    left padding, a prompt, then a response with holes (rows of the entropy filter have them)."""
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(num_layers, bsz, seq_len, d, generator=gen)
-    mask = torch.rand(bsz, seq_len, generator=gen) < 0.7
-    mask[:, 0] = False  # position 0 is the prompt
-    mask[-1] = False  # a fully padded row
+    context = torch.ones(bsz, seq_len, dtype=torch.bool)
+    context[:, 0] = False  # left padding
+    context[1, :3] = False
+    context[2, -2:] = False  # right padding after a short response
+    mask = (torch.rand(bsz, seq_len, generator=gen) < 0.7) & context
+    mask[:, :3] = False  # positions 1-2 are the prompt
+    mask[-1] = False  # a row without response
     layer_values = torch.arange(1, num_layers + 1, dtype=torch.float32) / (num_layers + 1)
-    return latents, layer_values, mask
+    return latents, layer_values, mask, context
 
 
-def _reference_pairs(latents, layer_values, mask, modes, shift):
-    """Slow, obvious: loop over modes, layers, rows and positions."""
+def _cond_pos(mode, k, shift):
+    return {"token_post": k - shift, "token_pre": k + shift, "identity": k}[mode]
+
+
+def _reference_pairs(latents, layer_values, mask, context, modes, shift):
+    """Slow, obvious: loop over modes, layers, rows and target positions k (a pair's score belongs to k)."""
     out = []
     num_layers, bsz, seq_len, _ = latents.shape
     for m, mode in enumerate(modes):
         for li in range(num_layers):
             for b in range(bsz):
                 for k in range(seq_len):
-                    partner = k if mode == "identity" else k + shift
-                    if partner >= seq_len or not (mask[b, k] and mask[b, partner]):
+                    c = _cond_pos(mode, k, shift)
+                    if not (mask[b, k] and 0 <= c < seq_len and context[b, c]):
                         continue
-                    tgt, cnd = {"token_post": (partner, k), "token_pre": (k, partner), "identity": (k, k)}[
-                        mode
-                    ]
-                    out.append(
-                        (m, li, b, k, latents[li, b, tgt], latents[li, b, cnd], float(layer_values[li]))
-                    )
+                    out.append((m, li, b, k, latents[li, b, k], latents[li, b, c], float(layer_values[li])))
     return out
 
 
 @pytest.mark.parametrize("shift", [1, 2])
 def test_build_pairs_matches_loop(shift):
-    latents, layer_values, mask = _random_batch(0)
-    pairs = build_pairs(latents, layer_values, mask, ALL_MODES, shift=shift)
-    ref = _reference_pairs(latents, layer_values, mask, ALL_MODES, shift)
+    latents, layer_values, mask, context = _random_batch(0)
+    pairs = build_pairs(latents, layer_values, mask, ALL_MODES, shift=shift, context_mask=context)
+    ref = _reference_pairs(latents, layer_values, mask, context, ALL_MODES, shift)
     got = sorted(
         zip(pairs.mode_index.tolist(), pairs.layer_index.tolist(), pairs.batch_index.tolist(),
             pairs.position.tolist(), range(len(pairs)))
@@ -66,15 +71,17 @@ def test_build_pairs_matches_loop(shift):
 
 
 def test_build_pairs_detaches_and_casts():
-    latents, layer_values, mask = _random_batch(1)
+    latents, layer_values, mask, context = _random_batch(1)
     latents = latents.bfloat16().requires_grad_()
-    pairs = build_pairs(latents, layer_values, mask)
+    pairs = build_pairs(latents, layer_values, mask, context_mask=context)
     assert pairs.target.dtype == torch.float32 and pairs.cond.dtype == torch.float32
     assert not pairs.target.requires_grad and not pairs.cond.requires_grad
     with pytest.raises(ValueError, match="unknown context mode"):
-        build_pairs(latents, layer_values, mask, modes=("token_next",))
+        build_pairs(latents, layer_values, mask, modes=("token_next",), context_mask=context)
     with pytest.raises(ValueError, match="mask"):
-        build_pairs(latents, layer_values, mask.long())
+        build_pairs(latents, layer_values, mask.long(), context_mask=context)
+    with pytest.raises(ValueError, match="context_mask"):
+        build_pairs(latents, layer_values, mask, context_mask=context[:, 1:])
 
 
 def test_sample_timesteps_logit_normal_and_seeded():
@@ -86,16 +93,16 @@ def test_sample_timesteps_logit_normal_and_seeded():
 
 
 def test_flow_loss_weights_and_zero_weight_has_graph():
-    latents, layer_values, mask = _random_batch(2)
+    latents, layer_values, mask, context = _random_batch(2)
     field = FlowField(dim=5, width=8, depth=1)
-    pairs = build_pairs(latents, layer_values, mask)
+    pairs = build_pairs(latents, layer_values, mask, context_mask=context)
     per = flow_matching_loss_per_pair(field, pairs, batch_mul=3, generator=torch.Generator().manual_seed(0))
     assert per.shape == (len(pairs),)
     weights = torch.rand(len(pairs), generator=torch.Generator().manual_seed(1))
     loss = flow_matching_loss(field, pairs, 3, weights, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss, (per * weights).sum() / weights.sum())
     zero = flow_matching_loss(field, pairs, weights=torch.zeros(len(pairs)))
-    empty = build_pairs(latents, layer_values, torch.zeros_like(mask))
+    empty = build_pairs(latents, layer_values, torch.zeros_like(mask), context_mask=context)
     for loss in (zero, flow_matching_loss(field, empty)):
         assert loss.item() == 0.0
         field.zero_grad()
@@ -231,20 +238,19 @@ class NoiseFreeField(nn.Module):
         return (cond - x_t) / (1 - t[:, None]) + layer[:, None]
 
 
-def _reference_scores(latents, layer_values, mask, modes, shift, timesteps):
+def _reference_scores(latents, layer_values, mask, context, modes, shift, timesteps):
     num_layers, bsz, seq_len, _ = latents.shape
     scores, valid = torch.zeros(bsz, seq_len), torch.zeros(bsz, seq_len, dtype=torch.bool)
     for b in range(bsz):
         for k in range(seq_len):
             values = []
             for mode in modes:
-                partner = k if mode == "identity" else k + shift
-                if partner >= seq_len or not (mask[b, k] and mask[b, partner]):
+                c = _cond_pos(mode, k, shift)
+                if not (mask[b, k] and 0 <= c < seq_len and context[b, c]):
                     continue
-                tgt, cnd = {"token_post": (partner, k), "token_pre": (k, partner), "identity": (k, k)}[mode]
                 for li in range(num_layers):
-                    x1, c, lv = latents[li, b, tgt], latents[li, b, cnd], float(layer_values[li])
-                    per_t = [((c - x1) / (1 - t) + lv).pow(2).mean() * t / (1 - t) for t in timesteps]
+                    x1, cv, lv = latents[li, b, k], latents[li, b, c], float(layer_values[li])
+                    per_t = [((cv - x1) / (1 - t) + lv).pow(2).mean() * t / (1 - t) for t in timesteps]
                     values.append(sum(per_t) / len(per_t))
             if values:
                 scores[b, k], valid[b, k] = sum(values) / len(values), True
@@ -252,26 +258,26 @@ def _reference_scores(latents, layer_values, mask, modes, shift, timesteps):
 
 
 @pytest.mark.parametrize("modes", [("token_post",), ("token_pre",), ALL_MODES])
-def test_token_scores_match_loop(modes):
-    latents, layer_values, mask = _random_batch(4)
-    ref_scores, ref_valid = _reference_scores(latents, layer_values, mask, modes, 1, (0.5, 0.8))
+@pytest.mark.parametrize("shift", [1, 2])
+def test_token_scores_match_loop(modes, shift):
+    latents, layer_values, mask, context = _random_batch(4)
+    latents = latents.bfloat16().float()
+    ref_scores, ref_valid = _reference_scores(latents, layer_values, mask, context, modes, shift, (0.5, 0.8))
     for chunk_size in (3, 8192):
-        out = token_scores(NoiseFreeField(), latents.bfloat16().float(), layer_values, mask, modes,
-                           timesteps=(0.5, 0.8), chunk_size=chunk_size)  # fmt: skip
+        out = token_scores(NoiseFreeField(), latents, layer_values, mask, modes, shift, timesteps=(0.5, 0.8),
+                           chunk_size=chunk_size, context_mask=context)  # fmt: skip
         assert torch.equal(out.valid, ref_valid)
-        torch.testing.assert_close(out.scores, _reference_scores(latents.bfloat16().float(), layer_values,
-                                                                 mask, modes, 1, (0.5, 0.8))[0])  # fmt: skip
+        torch.testing.assert_close(out.scores, ref_scores)
         assert (out.scores[~out.valid] == 0).all() and out.scores.dtype == torch.float32
-    if modes == ("token_post",):  # the last response token of a run has no partner
-        assert not (out.valid & ~mask).any() and (out.valid.sum() < mask.sum())
+    assert not (out.valid & ~mask).any()  # only response tokens are ever scored
 
 
 def test_token_scores_seeded():
-    latents, layer_values, mask = _random_batch(5)
+    latents, layer_values, mask, context = _random_batch(5)
     field = FlowField(dim=5, width=8, depth=1)
     with torch.no_grad():
         for p in field.parameters():
             p.add_(0.1)
-    runs = [token_scores(field, latents, layer_values, mask, generator=torch.Generator().manual_seed(s))
-            for s in (0, 0, 1)]  # fmt: skip
+    runs = [token_scores(field, latents, layer_values, mask, generator=torch.Generator().manual_seed(s),
+                         context_mask=context) for s in (0, 0, 1)]  # fmt: skip
     assert torch.equal(runs[0].scores, runs[1].scores) and not torch.equal(runs[0].scores, runs[2].scores)

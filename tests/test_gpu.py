@@ -84,7 +84,8 @@ def _flow_step(device, reentrant: bool, use_lm: bool, use_flow: bool):
     assert (
         latents.dtype == torch.bfloat16 and latents.device.type == device.type and not latents.requires_grad
     )
-    pairs = build_pairs(latents, tap.layer_values, _response_mask(batch), modes=("token_post",), shift=1)
+    pairs = build_pairs(latents, tap.layer_values, _response_mask(batch), modes=("token_post",), shift=1,
+                        context_mask=batch["attention_mask"].bool())  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(3)
     flow_loss = flow_matching_loss(field, pairs, batch_mul=2, generator=gen)
     loss = (out.loss if use_lm else 0.0) + (flow_loss if use_flow else 0.0)
@@ -252,7 +253,8 @@ def _forward_and_scores(device, dtype):
     assert latents.dtype == dtype
     field = _field(device)
     gen = torch.Generator(device=device).manual_seed(4)
-    scores = token_scores(field, latents, tap.layer_values, mask, ("token_post",), 1, (0.8,), generator=gen)
+    scores = token_scores(field, latents, tap.layer_values, mask, ("token_post",), 1, (0.8,), generator=gen,
+                          context_mask=batch["attention_mask"].bool())  # fmt: skip
     return logp, ent, scores, mask
 
 

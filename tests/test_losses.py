@@ -66,6 +66,27 @@ def test_policy_loss_hand_worked_clipping():
     assert loss(1.0, 1.0).approx_kl.item() == pytest.approx(math.e - 2)
 
 
+def test_ratio_cap_hand_worked():
+    """The authors' loss.py caps the ratio at 3 before both surrogates."""
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    # ratio = e^2 = 7.39 capped to 3, A = -1: min(-3, -1.2) = -3 -> loss 3 with NO gradient (the cap is flat);
+    # uncapped it would be e^2 with gradient e^2 pushing the log-prob down.
+    logp = torch.tensor([[2.0]], requires_grad=True)
+    out = policy_loss(logp, torch.zeros(1, 1), -torch.ones(1, 1), mask, ratio_max=3.0)
+    assert out.loss.item() == pytest.approx(3.0)
+    out.loss.backward()
+    assert logp.grad.item() == 0.0
+    uncapped = policy_loss(logp, torch.zeros(1, 1), -torch.ones(1, 1), mask)
+    assert uncapped.loss.item() == pytest.approx(math.exp(2))
+    # below the cap nothing changes: ratio e, A = -1 -> e either way
+    small = torch.tensor([[1.0]])
+    assert policy_loss(
+        small, torch.zeros(1, 1), -torch.ones(1, 1), mask, ratio_max=3.0
+    ).loss.item() == pytest.approx(math.e)
+    with pytest.raises(ValueError, match="ratio_max"):
+        policy_loss(small, torch.zeros(1, 1), torch.ones(1, 1), mask, ratio_max=1.1)
+
+
 def test_policy_loss_aggregation_and_empty_rows():
     # ratio 1 everywhere so each token's loss is -A.
     adv = torch.tensor([[0.0, 1, 1, 1], [0, 4, 0, 0], [0, 0, 0, 0]])

@@ -4,54 +4,56 @@ from __future__ import annotations
 
 import torch
 
-from rlfr.flow import FlowField, build_pairs
-from rlfr.online_flow import above_quantile, online_flow_loss, pair_counts, rollout_weights
+from rlfr.flow import FlowField, build_pairs, pair_counts
+from rlfr.online_flow import above_quantile, online_flow_loss, rollout_weights
 
 
 def _setup(seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 3, 7, 8, generator=g)  # L=2 layers, B=3 rollouts, T=7, d=8
     mask = torch.zeros(3, 7, dtype=torch.bool)
-    mask[0, 2:6] = True  # 4 response tokens -> 3 token_post pairs per layer
-    mask[1, 3:5] = True  # 2 tokens -> 1 pair
-    mask[2, 6] = True  # 1 token -> no pair (no partner)
-    return latents, torch.tensor([0.25, 0.5]), mask
+    mask[0, 2:6] = True  # 4 response tokens -> 4 token_post pairs per layer (the first one's condition
+    mask[1, 3:5] = True  # 2 tokens -> 2 pairs                               is the last prompt token)
+    mask[2, 6] = True  # 1 token -> 1 pair
+    context = torch.ones(3, 7, dtype=torch.bool)
+    context[:, 0] = False  # left padding
+    return latents, torch.tensor([0.25, 0.5]), mask, context
 
 
 def test_pair_counts_match_build_pairs():
-    latents, lv, mask = _setup()
+    latents, lv, mask, ctx = _setup()
     for modes in (("token_post",), ("token_pre", "identity")):
-        pairs = build_pairs(latents, lv, mask, modes, shift=1)
+        pairs = build_pairs(latents, lv, mask, modes, shift=1, context_mask=ctx)
         counts = torch.bincount(pairs.batch_index, minlength=3).float()
-        assert torch.equal(pair_counts(mask, modes, 1, num_layers=2), counts)
-    # by hand, token_post: (3, 1, 0) pairs per layer, 2 layers
-    assert pair_counts(mask, ("token_post",), 1, 2).tolist() == [6.0, 2.0, 0.0]
+        assert torch.equal(pair_counts(mask, ctx, modes, 1, num_layers=2), counts)
+    # by hand, token_post: (4, 2, 1) pairs per layer, 2 layers
+    assert pair_counts(mask, ctx, ("token_post",), 1, 2).tolist() == [8.0, 4.0, 2.0]
 
 
 def test_zero_weight_pairs_are_logged_but_not_trained():
     torch.manual_seed(0)
-    latents, lv, mask = _setup()
+    latents, lv, mask, ctx = _setup()
     field = FlowField(dim=8, width=16, depth=2)
     for p in field.parameters():  # leave the zero-init so every parameter can receive gradient
         torch.nn.init.normal_(p, std=0.1)
-    pairs = build_pairs(latents, lv, mask)
+    pairs = build_pairs(latents, lv, mask, context_mask=ctx)
     correct = torch.tensor([True, False, False])
     w = rollout_weights(correct, soft_flow=0.0)  # (1, 0, 0)
     assert w.tolist() == [1.0, 0.0, 0.0]
-    total = (w * pair_counts(mask, ("token_post",), 1, 2)).sum()  # 6 trained pairs
+    total = (w * pair_counts(mask, ctx, ("token_post",), 1, 2)).sum()  # 8 trained pairs
     out = online_flow_loss(field, pairs, w[pairs.batch_index], total, batch_mul=2)
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.parameters())
     assert (
         out.per_pair.shape == (len(pairs),) and (out.per_pair > 0).all()
     )  # wrong rollout's pairs logged too
-    # the loss is the mean over the 6 trained pairs of their (detached) per-pair losses
+    # the loss is the mean over the 8 trained pairs of their (detached) per-pair losses
     trained = pairs.batch_index == 0
-    assert torch.allclose(out.loss.detach(), out.per_pair[trained].sum() / 6)
+    assert torch.allclose(out.loss.detach(), out.per_pair[trained].sum() / 8)
     # changing the untrained pairs' targets changes nothing in the gradient (same noise draws)
     latents2 = latents.clone()
     latents2[:, 1] += 5.0
-    pairs2 = build_pairs(latents2, lv, mask)
+    pairs2 = build_pairs(latents2, lv, mask, context_mask=ctx)
     field.zero_grad()
     torch.manual_seed(0)
     out = online_flow_loss(field, pairs, w[pairs.batch_index], total, batch_mul=2)
@@ -66,9 +68,9 @@ def test_zero_weight_pairs_are_logged_but_not_trained():
 
 
 def test_no_trained_pair_gives_zero_loss_with_graph():
-    latents, lv, mask = _setup()
+    latents, lv, mask, ctx = _setup()
     field = FlowField(dim=8, width=16, depth=2)
-    pairs = build_pairs(latents, lv, mask)
+    pairs = build_pairs(latents, lv, mask, context_mask=ctx)
     out = online_flow_loss(field, pairs, torch.zeros(len(pairs)), torch.tensor(0.0), batch_mul=2)
     out.loss.backward()  # no error, no NaN: every rank under DDP can still call backward
     assert out.loss.item() == 0.0 and torch.isfinite(out.per_pair).all()

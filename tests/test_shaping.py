@@ -35,9 +35,10 @@ def test_shape_one_sided_hand_worked():
     scores, valid = torch.tensor([[1.0, 2, 3, 5]]), torch.ones(1, 4, dtype=torch.bool)
     # minmax [0, .25, .5, 1]; eta .6 keeps only 1.0 -> r = -0.01 * 1 at position 3.
     torch.testing.assert_close(shape_flow_rewards(scores, valid), torch.tensor([[0, 0, 0, -0.01]]))
-    # eta .2 keeps [.25, .5, 1]; gamma 2 -> [.0625, .25, 1]; beta .1 -> [-.00625, -.025, -.1].
+    # gamma 2 BEFORE the threshold (the authors' order): [0, .0625, .25, 1]; eta .2 keeps [.25, 1]
+    # (.0625 falls below it, although .25 before the power would have passed); beta .1 -> [-.025, -.1].
     out = shape_flow_rewards(scores, valid, beta=0.1, eta=0.2, gamma=2.0)
-    torch.testing.assert_close(out, torch.tensor([[0, -0.00625, -0.025, -0.1]]))
+    torch.testing.assert_close(out, torch.tensor([[0, 0, -0.025, -0.1]]))
     # top_k 1 keeps only the largest.
     out = shape_flow_rewards(scores, valid, beta=0.1, eta=0.2, top_k=1)
     torch.testing.assert_close(out, torch.tensor([[0, 0, 0, -0.1]]))
@@ -89,6 +90,7 @@ def _reference_shape(scores, valid, beta, eta, top_k, bilateral, gamma, eps=1e-6
         if not vals or max(vals) - min(vals) < eps:
             continue
         row = [(2 * x[b, k].item() - 1 if bilateral else x[b, k].item()) for k in range(scores.shape[1])]
+        row = [(1.0 if v > 0 else -1.0) * abs(v) ** gamma for v in row]  # the power, sign kept, first
         pos = [k for k in range(len(row)) if valid[b, k] and row[k] > eta]
         neg = [k for k in range(len(row)) if valid[b, k] and bilateral and row[k] < -eta]
         if top_k:
@@ -96,8 +98,7 @@ def _reference_shape(scores, valid, beta, eta, top_k, bilateral, gamma, eps=1e-6
             pos = sorted(pos, key=lambda k: (-row[k], k))[:k_side]  # largest first, ties -> lower position
             neg = sorted(neg, key=lambda k: (row[k], k))[:k_side]  # most negative first
         for k in pos + neg:
-            sign = 1.0 if row[k] > 0 else -1.0
-            out[b, k] = -beta * sign * abs(row[k]) ** gamma
+            out[b, k] = -beta * row[k]
     return out
 
 

@@ -55,7 +55,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_dir, tmp_path, method
 
 def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    res = run_train(_cfg(tiny_dir, out, "steps=2"), progress=False)
+    res = run_train(_cfg(tiny_dir, out, "steps=2", "policy.track_kl=true"), progress=False)
     ck = out / "checkpoints" / "step_000002"
     for name in (
         "policy/model.safetensors",
@@ -132,8 +132,28 @@ def test_missing_model_fails_before_work(tmp_path):
             "flow.modes=[token_post,identity]",
         ],
         ["method=rlfr", "flow.latent_norm=none", "model.gradient_checkpointing=true"],
+        ["method=rlvr", "policy.kl_coef=0.001", "policy.kl_mode=reward"],
+        [
+            "method=rlfr",
+            "policy.minibatches=2",
+            "policy.micro_batch_size=1",
+            "policy.betas=[0.9,0.95]",
+            "policy.schedule=cosine",
+            "policy.min_lr_ratio=0.1",
+            "policy.warmup_ratio=0.03",
+            "policy.ratio_max=3.0",
+            "flow.reward.gamma=0.5",
+        ],
     ],
-    ids=["rlvr-kl", "entropy", "ppo-epochs", "bilateral-quantile", "raw-latents-ckpt"],
+    ids=[
+        "rlvr-kl",
+        "entropy",
+        "ppo-epochs",
+        "bilateral-quantile",
+        "raw-latents-ckpt",
+        "rlvr-kl-reward",
+        "authors-optim",
+    ],
 )
 def test_method_variants_train(tiny_dir, tmp_path, extra):
     out = tmp_path / "run"
@@ -148,6 +168,10 @@ def test_method_variants_train(tiny_dir, tmp_path, extra):
     assert any(not torch.equal(init[k], final[k]) for k in init), "the policy did not move"
     if "policy.kl_coef=0.001" in extra:
         assert "policy/kl" in row
+    if "policy.ratio_max=3.0" in extra:  # two optimizer steps on the cosine schedule with 3 % warm-up
+        opt = torch.load(out / "checkpoints" / "step_000001" / "optim.pt", weights_only=True)
+        assert opt["policy_sched"]["last_epoch"] == 2
+        assert opt["policy"]["param_groups"][0]["betas"] == (0.9, 0.95)
     if "method=rlfr" in extra:
         assert "flow/loss_wrong" in row and "flow_reward/mean" in row
 
@@ -160,3 +184,84 @@ def test_actor_warmup_holds_the_policy(tiny_dir, tmp_path):
     assert all(torch.equal(init[k], final[k]) for k in init)
     flow = load_file(str(out / "checkpoints" / "step_000001" / "flow" / "flow.safetensors"))
     assert flow["final_layer.linear.weight"].abs().sum() > 0  # the flow adapted meanwhile
+
+
+def test_accuracy_filter_that_drops_every_group_leaves_the_policy(tiny_dir, tmp_path):
+    # a random model never answers correctly: every group has accuracy 0 < 0.01, so nothing is trained
+    out = tmp_path / "run"
+    res = run_train(
+        _cfg(tiny_dir, out, "steps=1", "policy.accuracy_filter=true", "policy.accuracy_lower_bound=0.01"),
+        progress=False,
+    )
+    row = res["history"][0]
+    assert row["update/skipped"] == 1.0 and row["filter/kept_frac"] == 0.0
+    init = load_file(str(tiny_dir / "model.safetensors"))
+    final = load_file(str(out / "checkpoints" / "step_000001" / "policy" / "model.safetensors"))
+    assert all(torch.equal(init[k], final[k]) for k in init)
+
+
+def test_accuracy_filter_rows_by_hand():
+    from types import SimpleNamespace
+
+    from rlfr.trainer import RLTrainer
+
+    cfg = load_config(TrainConfig, overrides=["policy.accuracy_filter=true", "policy.accuracy_lower_bound=0.2",
+                                              "policy.accuracy_upper_bound=0.8", "policy.freezing_filter_steps=1"])  # fmt: skip
+    tr = SimpleNamespace(cfg=cfg, step_count=0)
+    correct = torch.tensor([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # groups of 4: 1.0, .25, 0
+    assert RLTrainer.accuracy_filter(tr, correct, 4) is None  # step 1 <= freezing_filter_steps
+    tr.step_count = 1
+    keep = RLTrainer.accuracy_filter(tr, correct, 4)
+    assert keep.tolist() == [False] * 4 + [True] * 4 + [False] * 4
+
+
+def test_a_converted_official_flow_trains(tiny_dir, tmp_path):
+    """rlfr convert-flow output is a flow directory that rlfr train takes (raw latents, as the authors)."""
+    from rlfr.convert_flow import convert
+    from rlfr.flow import FlowField
+
+    official = FlowField(dim=32, depth=2)
+    torch.save({"model." + k: v for k, v in official.state_dict().items()}, tmp_path / "flow_model.bin")
+    flow_dir = convert(tmp_path / "flow_model.bin", str(tiny_dir), tmp_path / "converted")
+    out = tmp_path / "run"
+    run_train(_cfg(tiny_dir, out, "steps=1", f"flow.init={flow_dir}", "flow.latent_norm=none", "flow.depth=2"),
+              progress=False)  # fmt: skip
+    assert (out / "checkpoints" / "step_000001" / "flow" / "latents.json").is_file()
+    with pytest.raises(ValueError, match="flow.depth=2"):  # the config must describe the flow it loads
+        run_train(_cfg(tiny_dir, tmp_path / "r2", "steps=1", f"flow.init={flow_dir}", "flow.latent_norm=none"),
+                  progress=False)  # fmt: skip
+
+
+def test_flows_of_the_old_pairing_or_other_latents_are_refused(tiny_dir, tmp_path):
+    from rlfr.flow.store import FlowMismatchError
+
+    out = tmp_path / "run"
+    run_train(_cfg(tiny_dir, out, "steps=2", "save_every=1"), progress=False)
+    flow_dir = out / "checkpoints" / "step_000002" / "flow"
+    # a fresh run and a resumed run both refuse a flow trained on other latents
+    with pytest.raises(FlowMismatchError, match=r"fractions: flow \[0.25, 0.5, 0.75\] vs run \[0.5\]"):
+        run_train(_cfg(tiny_dir, tmp_path / "fresh", "steps=1", f"flow.init={flow_dir}", "flow.fractions=[0.5]"),
+                  progress=False)  # fmt: skip
+    with pytest.raises(FlowMismatchError, match="modes"):
+        run_train(_cfg(tiny_dir, out, "steps=3", "flow.modes=[token_pre]"), progress=False, resume=True)
+    # a flow written before the credit fix (no pairing key) names the fix and how to get a new flow
+    meta = json.loads((flow_dir / "latents.json").read_text())
+    del meta["pairing"]
+    (flow_dir / "latents.json").write_text(json.dumps(meta))
+    with pytest.raises(FlowMismatchError, match="Re-run `rlfr flow-pretrain`"):
+        run_train(_cfg(tiny_dir, tmp_path / "old", "steps=1", f"flow.init={flow_dir}"), progress=False)
+    with pytest.raises(FlowMismatchError, match="pairing"):
+        run_train(_cfg(tiny_dir, out, "steps=3"), progress=False, resume=True)
+
+
+def test_config_values_are_checked_at_load():
+    for bad, match in (
+        ("flow.shift=0", "shift must be >= 1"),
+        ("policy.max_grad_norm=-1", "max_grad_norm must be > 0"),
+        ("flow.lr=-1", "lr must be > 0"),
+        ("policy.ratio_max=1.1", "ratio_max"),
+        ("policy.accuracy_lower_bound=0.9", "accuracy_lower_bound"),
+    ):
+        extra = ["policy.accuracy_upper_bound=0.5"] if "lower_bound" in bad else []
+        with pytest.raises(ConfigError, match=match):
+            load_config(TrainConfig, overrides=[bad, *extra])

@@ -8,6 +8,9 @@ Contract:
   A_k = A_o + reward_to_go (plain RLVR/GRPO when token_rewards is None), no further normalisation.
 - ``entropy_advantage(adv, entropy, mask, alpha, kappa) -> (B, T)``: the entropy baseline of Cheng et al.
   2025, A_k + min(alpha * H_k.detach(), |A_k| / kappa).
+- ``kl_rewards(logp, ref_logp, mask, coef) -> (B, T)``: -coef * (log p - log p_ref) per token (k1), the
+  KL penalty the authors' RLVR baseline puts into the token rewards (OpenRLHF ``compute_reward``), so it
+  enters the advantage through the reward-to-go like the flow rewards.
 
 All outputs are 0 outside ``mask``.
 
@@ -83,3 +86,11 @@ def entropy_advantage(
         raise ValueError(f"need alpha >= 0 and kappa > 0, got alpha={alpha}, kappa={kappa}")
     bonus = torch.minimum(alpha * entropy.detach().float(), adv.detach().float().abs() / kappa)
     return torch.where(mask, adv.float() + bonus, 0.0)
+
+
+def kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """Per-token KL penalty as a reward: (B, T) x 2, mask (B, T) bool -> -coef * (logp - ref_logp), 0 outside."""
+    _check_mask(logp, mask, "logp")
+    if ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp must be {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    return torch.where(mask, -coef * (logp.detach().float() - ref_logp.detach().float()), 0.0)

@@ -17,6 +17,10 @@ _COMMANDS = {
     "demo": ("rlfr.demo", "the whole pipeline on the embedded model and task (the main job)"),
     "sft": ("rlfr.sft", "cold-start supervised fine-tuning on worked solutions"),
     "flow-pretrain": ("rlfr.flow_pretrain", "train the flow field on expert latents (policy frozen)"),
+    "convert-flow": (
+        "rlfr.convert_flow",
+        "turn the authors' released flow weights into an rlfr flow directory",
+    ),
     "train": ("rlfr.train_cli", "RL: --method rlfr | rlvr | entropy"),
     "eval": ("rlfr.eval_cli", "greedy pass@1 / sampled pass@k on benchmarks or the embedded split"),
     "compare": ("rlfr.compare", "base vs RLVR vs RLFR vs entropy shaping over several seeds"),

@@ -105,14 +105,9 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
     flow = dataclasses.replace(
         cfg.flow, model=dataclasses.replace(cfg.flow.model, name_or_path=str(Path(cfg.sft.out_dir) / "model"))
     )
+    shared = ("fractions", "modes", "shift", "width", "depth", "eps", "latent_norm")
     train_flow = dataclasses.replace(
-        cfg.train.flow,
-        init=str(Path(flow.out_dir) / "flow"),
-        fractions=flow.flow.fractions,
-        modes=flow.flow.modes,
-        shift=flow.flow.shift,
-        width=flow.flow.width,
-        depth=flow.flow.depth,
+        cfg.train.flow, init=str(Path(flow.out_dir) / "flow"), **{k: getattr(flow.flow, k) for k in shared}
     )
     train = dataclasses.replace(cfg.train, model=flow.model, flow=train_flow)
     return DemoConfig(sft=cfg.sft, flow=flow, train=train, eval_samples=cfg.eval_samples)

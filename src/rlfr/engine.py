@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -20,40 +19,18 @@ from tqdm.auto import tqdm
 from rlfr import checkpoint as ckpt_io
 from rlfr.config import to_dict
 from rlfr.evaluation import evaluate
-from rlfr.latent_norm import LatentNorm
+from rlfr.flow.store import FlowBundle, load_flow, meta_for, save_flow
 from rlfr.latents import LatentTap
 from rlfr.metrics import MetricsLogger, format_step, plot_metrics
 from rlfr.models import enable_gradient_checkpointing, load_model, load_tokenizer
-from rlfr.pipeline import (
-    build_flow,
-    flow_meta,
-    make_accelerator,
-    render_prompts,
-    resolve_data,
-    save_flow,
-    seed_everything,
-)
+from rlfr.optim import build_optimizer
+from rlfr.pipeline import build_flow, make_accelerator, render_prompts, resolve_data, seed_everything
 from rlfr.rewards import build_reward
 from rlfr.schema import TrainConfig
 from rlfr.trainer import RLTrainer
 from rlfr.verifier import Verifier
 
 log = logging.getLogger(__name__)
-
-
-def lr_lambda(total: int, warmup_ratio: float, schedule: str, min_ratio: float = 0.0):
-    """Multiplier of the base lr at scheduler step s: linear warm-up, then constant or cosine to min_ratio."""
-    warm = int(round(warmup_ratio * total))
-
-    def f(s: int) -> float:
-        if s < warm:
-            return (s + 1) / (warm + 1)
-        if schedule == "constant":
-            return 1.0
-        p = min(1.0, (s - warm) / max(1, total - warm))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
 
 
 class _RewardWithCorrectness:
@@ -101,30 +78,36 @@ def build_rl(cfg: TrainConfig, accelerator) -> tuple[RLTrainer, dict]:
         enable_gradient_checkpointing(policy)
     policy.train()
     ref = None
-    if cfg.policy.kl_coef > 0:
+    if cfg.policy.kl_coef > 0 or cfg.policy.track_kl:
         ref = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
         ref.requires_grad_(False)
         ref.to(accelerator.device)
     tap = flow = flow_opt = flow_sched = norm = None
     if cfg.method == "rlfr":
         tap = LatentTap(policy, cfg.flow.fractions)
-        flow, norm = build_flow(cfg.flow, policy)
+        bundle = build_flow(cfg.flow, policy)
+        flow, norm = bundle.field, bundle.norm
         if not cfg.flow.update:
             flow.requires_grad_(False)
     train, evals = resolve_data(cfg.data)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy.lr, weight_decay=cfg.policy.weight_decay)
-    opt_steps = cfg.steps * cfg.policy.ppo_epochs * cfg.policy.minibatches
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(opt_steps, cfg.policy.warmup_ratio, cfg.policy.schedule)
-    )
+    p = cfg.policy
+    opt, sched = build_optimizer(
+        policy.parameters(), p.lr, p.betas, p.weight_decay, cfg.steps * p.ppo_epochs * p.minibatches,
+        p.warmup_ratio, p.schedule, p.min_lr_ratio,
+    )  # fmt: skip
     policy, opt = accelerator.prepare(policy, opt)
     if flow is not None:
-        flow_opt = torch.optim.AdamW(
-            flow.parameters(), lr=cfg.flow.lr, betas=cfg.flow.betas, weight_decay=cfg.flow.weight_decay
-        )
-        flow_sched = torch.optim.lr_scheduler.LambdaLR(
-            flow_opt, lr_lambda(cfg.steps, cfg.flow.warmup_ratio, "cosine", cfg.flow.min_lr_ratio)
+        f = cfg.flow
+        flow_opt, flow_sched = build_optimizer(
+            flow.parameters(),
+            f.lr,
+            f.betas,
+            f.weight_decay,
+            cfg.steps,
+            f.warmup_ratio,
+            "cosine",
+            f.min_lr_ratio,
         )
         flow, flow_opt = accelerator.prepare(flow, flow_opt)
     seed_everything(cfg.seed + 7919 * accelerator.process_index)  # rollouts differ across ranks
@@ -176,12 +159,11 @@ def restore(tr: RLTrainer, path: Path) -> int:
     tr.policy_opt.load_state_dict(opt["policy"])
     tr.policy_sched.load_state_dict(opt["policy_sched"])
     if tr.flow is not None:
-        from rlfr.flow import FlowField
-
-        src = FlowField.load(path / "flow")
-        tr.acc.unwrap_model(tr.flow).load_state_dict(src.state_dict())
-        if tr.cfg.flow.latent_norm == "standardize":
-            tr.norm = LatentNorm.load(path / "flow")
+        f = tr.cfg.flow
+        # the same checks as a fresh run's flow.init: a checkpoint's flow must model this run's latents
+        bundle = load_flow(path / "flow", meta_for(unwrapped, f.fractions, f.modes, f.shift, f.latent_norm))
+        tr.acc.unwrap_model(tr.flow).load_state_dict(bundle.field.state_dict())
+        tr.norm = bundle.norm
         tr.flow_opt.load_state_dict(opt["flow"])
         tr.flow_sched.load_state_dict(opt["flow_sched"])
     ckpt_io.load_rng(path, tr.acc.process_index)
@@ -281,8 +263,13 @@ def save(tr: RLTrainer, cfg: TrainConfig, step: int) -> Path:
     policy = tr.acc.unwrap_model(tr.policy)
     writer = None
     if tr.flow is not None:
-        field = tr.acc.unwrap_model(tr.flow)
-        writer = lambda d: save_flow(d / "flow", field, flow_meta(cfg.flow, policy), tr.norm)  # noqa: E731
+        f = cfg.flow
+        bundle = FlowBundle(
+            tr.acc.unwrap_model(tr.flow),
+            meta_for(policy, f.fractions, f.modes, f.shift, f.latent_norm),
+            tr.norm,
+        )
+        writer = lambda d: save_flow(d / "flow", bundle)  # noqa: E731
     return ckpt_io.save_checkpoint(
         cfg.out_dir,
         step,

@@ -1,8 +1,9 @@
 """Offline flow pretraining (``rlfr flow-pretrain``, RLFR_METHOD §6 stage 1).
 
-The policy is frozen (eval mode, no gradient); its latents on expert worked solutions (response tokens
-only, same template as RL) train the flow field with the flow-matching loss: AdamW, linear warm-up then
-cosine decay, weight decay 0.01. A held-out fraction of the sequences is never trained on and its loss
+The policy is frozen (eval mode, no gradient); its latents on expert worked solutions (same template as
+RL) train the flow field with the flow-matching loss on the same pairs RL builds (targets are solution
+tokens, EOS included; a condition may be the last prompt token): AdamW, linear warm-up then cosine decay,
+weight decay 0.01, the same optimizer step as RL (clipping, finite-gradient check). A held-out fraction of the sequences is never trained on and its loss
 is reported with fixed (t, eps) draws, so first and last held-out losses are comparable. The flow is
 saved with the latents it models (``latents.json``) so that RL can check it uses the same block
 fractions, context modes and shift (the authors' configs silently mixed ``token_pre`` and
@@ -21,28 +22,22 @@ import torch
 from tqdm.auto import tqdm
 
 from rlfr.config import add_config_arguments, load_config, print_config_help, to_dict
-from rlfr.engine import lr_lambda
 from rlfr.flow import build_pairs, flow_matching_loss
+from rlfr.flow.store import FlowBundle, save_flow
 from rlfr.latent_norm import LatentNorm
 from rlfr.latents import LatentTap
 from rlfr.metrics import MetricsLogger
 from rlfr.models import load_model, load_tokenizer
-from rlfr.pipeline import (
-    build_flow,
-    flow_meta,
-    make_accelerator,
-    render_prompts,
-    resolve_data,
-    save_flow,
-    seed_everything,
-)
+from rlfr.optim import build_optimizer, optimizer_step
+from rlfr.pipeline import build_flow, make_accelerator, render_prompts, resolve_data, seed_everything
 from rlfr.rollout import pack, position_ids
 from rlfr.schema import FlowPretrainConfig
 from rlfr.sft import encode_solutions
 
 
 def _latents(policy, tap, tok, p_ids, r_ids, rows, device, norm=None):
-    """Latents (L, b, T, d) of sequences ``rows`` (standardised when ``norm`` is given), and their response mask."""
+    """Latents (L, b, T, d) of sequences ``rows`` (standardised when ``norm`` is given), their response mask
+    (the flow's targets) and attention mask (allowed conditions: the prompt too), both (b, T) bool."""
     batch = pack(tok, [p_ids[i] for i in rows], [r_ids[i] for i in rows], list(range(len(rows))))
     att = batch.attention_mask.to(device)
     with torch.no_grad():
@@ -53,7 +48,7 @@ def _latents(policy, tap, tok, p_ids, r_ids, rows, device, norm=None):
             use_cache=False,
         )
     lat = tap.latents()
-    return (norm(lat) if norm is not None else lat), batch.response_mask.to(device)
+    return (norm(lat) if norm is not None else lat), batch.response_mask.to(device), att.bool()
 
 
 def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
@@ -64,7 +59,8 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
     policy.requires_grad_(False)
     policy.to(acc.device)
     tap = LatentTap(policy, cfg.flow.fractions)
-    flow, norm = build_flow(cfg.flow, policy)
+    bundle = build_flow(cfg.flow, policy)
+    flow, norm = bundle.field, bundle.norm
     train, _ = resolve_data(cfg.data, need_solution=True)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p_ids, r_ids = encode_solutions(tok, train, prompts)
@@ -77,10 +73,18 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
     total = max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     if cfg.flow.latent_norm == "standardize" and norm is None:
         # statistics of the training sequences only (never the held-out ones), from up to 64 of them
-        lat, mask = _latents(policy, tap, tok, p_ids, r_ids, fit[:64], acc.device)
+        lat, mask, _ = _latents(policy, tap, tok, p_ids, r_ids, fit[:64], acc.device)
         norm = LatentNorm.fit(lat, mask)
-    opt = torch.optim.AdamW(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, "cosine", 0.0))
+    opt, sched = build_optimizer(
+        flow.parameters(),
+        cfg.lr,
+        cfg.betas,
+        cfg.weight_decay,
+        total,
+        cfg.warmup_ratio,
+        "cosine",
+        cfg.min_lr_ratio,
+    )
     flow, opt = acc.prepare(flow, opt)
     lt = tap.layer_values.to(acc.device)
     out = Path(cfg.out_dir)
@@ -92,10 +96,10 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
         g = torch.Generator(device=acc.device).manual_seed(cfg.seed + 1)  # same draws every time
         losses, weights = [], []
         for c0 in range(0, len(held), cfg.batch_size):
-            lat, mask = _latents(
+            lat, mask, ctx = _latents(
                 policy, tap, tok, p_ids, r_ids, held[c0 : c0 + cfg.batch_size], acc.device, norm
             )
-            pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift)
+            pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
             with torch.no_grad():
                 losses.append(
                     flow_matching_loss(acc.unwrap_model(flow), pairs, cfg.flow.batch_mul, generator=g).item()
@@ -113,16 +117,19 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
             order += [fit[i] for i in torch.randperm(len(fit), generator=g).tolist()]
         rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
         rows = rows[acc.process_index :: acc.num_processes]
-        lat, mask = _latents(policy, tap, tok, p_ids, r_ids, rows, acc.device, norm)
-        pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift)
+        lat, mask, ctx = _latents(policy, tap, tok, p_ids, r_ids, rows, acc.device, norm)
+        pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
         loss = flow_matching_loss(flow, pairs, cfg.flow.batch_mul)
         acc.backward(loss)
-        acc.clip_grad_norm_(flow.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(
+            acc, flow, opt, sched, cfg.max_grad_norm, f"flow-pretrain at step {step + 1}"
+        )
         history["train"].append(loss.item())
-        row = {"flow_pretrain/loss": loss.item(), "flow_pretrain/lr": sched.get_last_lr()[0]}
+        row = {
+            "flow_pretrain/loss": loss.item(),
+            "flow_pretrain/lr": sched.get_last_lr()[0],
+            "flow_pretrain/grad_norm": grad_norm,
+        }
         if step + 1 == total or (step + 1) % max(1, steps_per_epoch) == 0:
             h = heldout_loss()
             history["heldout"].append((step + 1, h))
@@ -133,7 +140,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
     tap.remove()
     flow_dir = out / "flow"
     if acc.is_main_process:
-        save_flow(flow_dir, acc.unwrap_model(flow), flow_meta(cfg.flow, policy), norm)
+        save_flow(flow_dir, FlowBundle(acc.unwrap_model(flow), bundle.meta, norm))
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     acc.wait_for_everyone()
     tr = history["train"]

@@ -76,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rlfr.eval_cli import load_eval_set
-    from rlfr.flow import FlowField, token_scores
+    from rlfr.flow import token_scores
+    from rlfr.flow.store import load_flow
     from rlfr.latents import LatentTap
     from rlfr.models import load_model, load_tokenizer
-    from rlfr.pipeline import hidden_size, seed_everything
+    from rlfr.pipeline import seed_everything
     from rlfr.rollout import generate, position_ids
     from rlfr.schema import DataConfig, RewardShapingConfig
     from rlfr.shaping import minmax_normalize, shape_flow_rewards
@@ -87,10 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from rlfr.verifier import Verifier
 
     policy_path, flow_dir, config = resolve_inputs(args)
-    meta_file = flow_dir / "latents.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file} is missing: cannot tell which latents the flow models")
-    meta = json.loads(meta_file.read_text())
+    bundle = load_flow(flow_dir)  # checks the pairing convention and the statistics file
+    meta = bundle.meta.to_json()
     shaping = {**RewardShapingConfig().__dict__, **config.get("flow", {}).get("reward", {})}
     data_cfg = config.get("data", {})
     template = args.template or data_cfg.get("template", "chat")
@@ -101,16 +100,12 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     tok = load_tokenizer(policy_path)
     model = load_model(policy_path).to(device).eval()
-    field = FlowField.load(flow_dir).to(device).eval()
-    if field.config["dim"] != hidden_size(model):
-        raise ValueError(
-            f"flow {flow_dir} models size-{field.config['dim']} latents, the policy's are {hidden_size(model)}"
-        )
-    norm = None  # the flow scores latents standardised with its own statistics when it was trained so
-    if meta.get("latent_norm", "none") != "none":
-        from rlfr.latent_norm import LatentNorm
+    from rlfr.flow.store import check_meta, meta_for
 
-        norm = LatentNorm.load(flow_dir)  # raises when latent_norm.safetensors is missing
+    m = bundle.meta
+    check_meta(m, meta_for(model, m.fractions, m.modes, m.shift, m.latent_norm), flow_dir)  # size and depth
+    field = bundle.field.to(device).eval()
+    norm = bundle.norm  # the flow scores latents standardised with its own statistics when trained so
     tap = LatentTap(model, meta["fractions"])
     prompts = [render_prompt(template, ex.problem, tok) for ex in examples]
     try:
@@ -142,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 meta["shift"],
                 shaping["timesteps"],
                 generator=gen,
+                context_mask=att.bool(),
             )
             x = minmax_normalize(sc.scores, sc.valid)
             spread = (x * sc.valid).amax(dim=1, keepdim=True) > 0  # rows without spread carry no reward

@@ -13,7 +13,10 @@ Contract:
   -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) (+ kl_coef * KL), masked, aggregated as the mean
   over sequences of each sequence's token mean (``seq_mean_token_mean``, the paper's) or the mean over all
   tokens (``token_mean``). ``num_sequences`` / ``num_tokens`` are the normalisers of the whole batch, so
-  summing micro-batch losses under gradient accumulation equals the full-batch loss.
+  summing micro-batch losses under gradient accumulation equals the full-batch loss. ``ratio_max`` caps
+  the importance ratio before both surrogates (the authors' ``loss.py`` uses 3.0): a token whose ratio
+  exceeds it contributes ``ratio_max * A`` without gradient, so a stale, very unlikely sample with a
+  negative advantage cannot dominate the update (the dual-clip idea of Ye et al. 2020).
 
 Departure from the authors' code (RLFR_METHOD §8.5): the low and high clips are separate, explicit
 arguments (theirs passed ``use_dapo`` into the clip-high slot).
@@ -111,6 +114,7 @@ def policy_loss(
     kl_estimator: Literal["k1", "k3"] = "k3",
     num_sequences: int | None = None,
     num_tokens: int | None = None,
+    ratio_max: float | None = None,
 ) -> PolicyLossOutput:
     """PPO-clipped policy loss; all per-token inputs (B, T), mask (B, T) bool.
 
@@ -125,8 +129,12 @@ def policy_loss(
         raise ValueError("logp must be (B, T) and mask a bool (B, T) tensor")
     if not 0 <= clip_low < 1 or clip_high < 0:
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if ratio_max is not None and not ratio_max > 1 + clip_high:
+        raise ValueError(f"ratio_max must exceed 1 + clip_high = {1 + clip_high}, got {ratio_max}")
     log_ratio = torch.where(mask, logp.float() - old_logp.float().detach(), 0.0)
     ratio = torch.exp(log_ratio)
+    if ratio_max is not None:
+        ratio = ratio.clamp(max=ratio_max)
     adv = advantages.float().detach()
     surr1 = ratio * adv
     surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv

@@ -3,7 +3,7 @@
 The flow keeps learning the latents of the policy's own rollouts that pass the answer check (weight 1),
 and of the others with weight ``soft_flow`` (default 0). Pure functions of tensors:
 
-- ``rollout_weights(correct (B,), soft_flow) -> (B,)`` and ``pair_counts(mask, modes, shift, L) -> (B,)``:
+- ``rollout_weights(correct (B,), soft_flow) -> (B,)`` and ``rlfr.flow.pair_counts(...) -> (B,)``:
   with them the trainer knows the whole batch's total weight before the first micro-batch, so summing the
   micro-batch losses gives the full-batch weighted mean (gradient accumulation).
 - ``online_flow_loss(field, pairs, weights, total, batch_mul, log_field) -> OnlineFlowLoss``: the loss to
@@ -16,7 +16,6 @@ and of the others with weight ``soft_flow`` (default 0). Pure functions of tenso
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +38,6 @@ def subset(pairs: FlowPairs, keep: torch.Tensor) -> FlowPairs:
 def rollout_weights(correct: torch.Tensor, soft_flow: float) -> torch.Tensor:
     """Flow-loss weight per rollout: correct (B,) bool -> (B,) float, 1 if correct else soft_flow."""
     return torch.where(correct, 1.0, float(soft_flow))
-
-
-def pair_counts(mask: torch.Tensor, modes: Sequence[str], shift: int, num_layers: int) -> torch.Tensor:
-    """Flow pairs per rollout: mask (B, T) bool -> (B,) float (the rule of ``rlfr.flow.build_pairs``)."""
-    counts = torch.zeros(mask.shape[0], device=mask.device)
-    for mode in modes:
-        counts += mask.sum(-1) if mode == "identity" else (mask[:, :-shift] & mask[:, shift:]).sum(-1)
-    return counts * num_layers
 
 
 def above_quantile(entropy: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:

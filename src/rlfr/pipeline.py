@@ -4,27 +4,23 @@
   ``accelerate launch`` (DDP / FSDP / DeepSpeed are configured by accelerate, not here).
 - ``resolve_data(cfg.data)``: ``'embedded'`` -> the reasoning-gym task; a benchmark name
   (``math500``...) -> ``rlfr.data.load_benchmark``; anything else -> a data file via ``load_examples``.
-- ``save_flow`` / ``load_flow``: a flow directory also stores which latents it models
-  (``latents.json``: block fractions, context modes, shift, the policy's hidden size and depth), and
-  loading it for a run with other settings is an error. The authors pretrained with ``token_pre`` and
-  ran RL with ``token_post`` (RLFR_METHOD §8.7); here such a mismatch cannot pass silently.
+- ``build_flow(flow_cfg, model)``: a new flow for the policy, or one loaded through ``rlfr.flow.store``
+  (which checks that it models the latents this run uses).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from rlfr.data import Example, load_benchmark, load_examples
 from rlfr.flow import FlowField
-from rlfr.latent_norm import LatentNorm
-from rlfr.schema import DataConfig, FlowConfig
+from rlfr.flow.store import FlowBundle, load_flow, meta_for, rms_norm_eps
+from rlfr.schema import DataConfig, FlowLatentsConfig
 from rlfr.templates import render_prompt
 
 
@@ -102,63 +98,21 @@ def render_prompts(
     return prompts
 
 
-def hidden_size(model) -> int:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    return int(cfg.hidden_size)
-
-
-def flow_meta(flow_cfg: FlowConfig, model) -> dict[str, Any]:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    return {
-        "fractions": list(flow_cfg.fractions),
-        "modes": list(flow_cfg.modes),
-        "shift": flow_cfg.shift,
-        "latent_norm": flow_cfg.latent_norm,
-        "hidden_size": int(cfg.hidden_size),
-        "num_hidden_layers": int(cfg.num_hidden_layers),
-    }
-
-
-def save_flow(
-    directory: str | Path, field: FlowField, meta: dict[str, Any], norm: LatentNorm | None = None
-) -> Path:
-    directory = Path(directory)
-    field.save(directory)
-    if norm is not None:
-        norm.save(directory)
-    tmp = directory / "latents.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(directory / "latents.json")
-    return directory
-
-
-def build_flow(flow_cfg: FlowConfig, model) -> tuple[FlowField, LatentNorm | None]:
-    """(field, latent statistics) for ``model``: new (statistics None until fitted), or loaded from
-    ``flow_cfg.init`` and checked against this run's settings."""
-    d = hidden_size(model)
+def build_flow(flow_cfg: FlowLatentsConfig, model) -> FlowBundle:
+    """The flow for ``model``: new (statistics None until fitted), or loaded from ``flow_cfg.init`` through
+    the flow store, which refuses a flow trained on other latents or under another pairing convention."""
+    expected = meta_for(model, flow_cfg.fractions, flow_cfg.modes, flow_cfg.shift, flow_cfg.latent_norm)
     if flow_cfg.init is None:
-        return FlowField(dim=d, width=flow_cfg.width, depth=flow_cfg.depth), None
-    path = Path(flow_cfg.init)
-    field = FlowField.load(path)  # raises on missing / malformed files; never continues with a zero flow
-    if field.config["dim"] != d:
-        raise ValueError(f"flow {path} models latents of size {field.config['dim']}, the policy's are {d}")
-    meta_file = (path if path.is_dir() else path.parent) / "latents.json"
-    if meta_file.is_file():
-        saved = json.loads(meta_file.read_text())
-        current = flow_meta(flow_cfg, model)
-        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-        if diff:
+        eps = flow_cfg.eps if flow_cfg.eps is not None else rms_norm_eps(model)
+        field = FlowField(dim=expected.hidden_size, width=flow_cfg.width, depth=flow_cfg.depth, eps=eps)
+        return FlowBundle(field=field, meta=expected, norm=None)
+    bundle = load_flow(flow_cfg.init, expected)
+    f = bundle.field
+    for key, want, have in (("width", flow_cfg.width, f.width), ("depth", flow_cfg.depth, f.depth),
+                            ("eps", flow_cfg.eps, f.eps)):  # fmt: skip
+        if want is not None and want != have:
             raise ValueError(
-                f"flow {path} was trained on other latents than this run uses: "
-                + "; ".join(f"{k}: flow {a!r} vs run {b!r}" for k, (a, b) in diff.items())
+                f"flow {flow_cfg.init} has {key}={have} but the config says flow.{key}={want}; "
+                f"set flow.{key}={have} to use this flow"
             )
-    norm = None
-    if flow_cfg.latent_norm == "standardize":
-        folder = path if path.is_dir() else path.parent
-        if not (folder / "latent_norm.safetensors").is_file():
-            raise ValueError(
-                f"flow {path} has no latent statistics (latent_norm.safetensors); it was trained on raw "
-                "latents, so set flow.latent_norm=none"
-            )
-        norm = LatentNorm.load(folder)
-    return field, norm
+    return bundle

@@ -68,19 +68,46 @@ class RewardShapingConfig:
 
 
 @dataclass(frozen=True)
-class FlowConfig:
+class FlowLatentsConfig:
+    """Which latents the flow models and its architecture: the keys flow pretraining and RL share."""
+
     fractions: tuple[float, ...] = field_((0.25, 0.5, 0.75), "hooked block fractions of the policy depth")
     modes: tuple[Mode, ...] = field_(("token_post",), "context modes (mean over modes)")
-    shift: int = field_(1, "context shift s between target and condition tokens")
+    shift: int = field_(1, "context shift s between target and condition tokens (>= 1)")
     width: int | None = field_(None, "flow network width (default: the policy's hidden size)")
     depth: int = field_(4, "residual blocks (4 for 1.5B/3B, 6 for 7B/8B in the paper)")
+    eps: float | None = field_(
+        None, "RMSNorm epsilon of the flow (default: the policy's rms_norm_eps, as the authors do)"
+    )
     init: str | None = field_(
-        None, "flow to start from: an rlfr flow directory or an official flow_model.bin"
+        None,
+        "flow directory to start from (rlfr flow-pretrain / convert-flow output, or a checkpoint's flow/)",
     )
     latent_norm: Literal["standardize", "none"] = field_(
         "standardize",
         "standardise latents per layer and dimension before the flow (none = raw, as the paper)",
     )
+    batch_mul: int = field_(4, "repeats of each token with fresh (t, eps) in the flow loss")
+
+    def validate(self) -> None:
+        if not self.fractions or any(not 0 <= p <= 1 for p in self.fractions):
+            raise ConfigError(f"fractions must be in [0, 1], got {self.fractions}")
+        if not self.modes:
+            raise ConfigError("modes must name at least one context mode")
+        if self.shift < 1:
+            raise ConfigError(
+                f"shift must be >= 1 (the distance between condition and target), got {self.shift}"
+            )
+        if self.depth < 1 or self.batch_mul < 1 or (self.width is not None and self.width < 1):
+            raise ConfigError("need depth >= 1, batch_mul >= 1 and width >= 1")
+        if self.eps is not None and not self.eps > 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class FlowConfig(FlowLatentsConfig):
+    """The flow in RL: its latents and architecture, the reward it gives, and its online updates."""
+
     reward: RewardShapingConfig = field_(RewardShapingConfig(), "flow reward shaping (RLFR §4)")
     update: bool = field_(True, "train the flow online on rollouts that pass the check")
     lr: float = field_(1e-4, "online flow learning rate")
@@ -88,18 +115,26 @@ class FlowConfig:
     weight_decay: float = field_(0.0, "online flow weight decay")
     warmup_ratio: float = field_(0.03, "online flow warm-up fraction of all steps")
     min_lr_ratio: float = field_(0.1, "cosine schedule floor, as a fraction of lr")
-    batch_mul: int = field_(4, "repeats of each token with fresh (t, eps) in the flow loss")
     soft_flow: float = field_(0.0, "flow-loss weight of rollouts that fail the check")
     entropy_quantile: float | None = field_(None, "train the flow only on tokens above this entropy quantile")
     actor_warmup_steps: int = field_(0, "hold the policy for this many steps while the flow adapts")
 
     def validate(self) -> None:
-        if not self.fractions or any(not 0 <= p <= 1 for p in self.fractions):
-            raise ConfigError(f"fractions must be in [0, 1], got {self.fractions}")
-        if not self.modes or self.shift < 0 or self.depth < 1 or self.batch_mul < 1:
-            raise ConfigError("need at least one mode, shift >= 0, depth >= 1, batch_mul >= 1")
+        super().validate()
         if self.entropy_quantile is not None and not 0 <= self.entropy_quantile < 1:
             raise ConfigError("entropy_quantile must be in [0, 1)")
+        check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
+        if self.soft_flow < 0 or self.actor_warmup_steps < 0:
+            raise ConfigError("soft_flow and actor_warmup_steps must be >= 0")
+
+
+def check_optimizer(lr: float, betas, weight_decay: float, warmup_ratio: float, min_lr_ratio: float) -> None:
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    if not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"betas must be in [0, 1), got {betas}")
+    if weight_decay < 0 or not 0 <= warmup_ratio < 1 or not 0 <= min_lr_ratio <= 1:
+        raise ConfigError("need weight_decay >= 0, warmup_ratio in [0, 1) and min_lr_ratio in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -121,27 +156,63 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     lr: float = field_(1e-6, "actor learning rate")
+    betas: tuple[float, float] = field_((0.9, 0.999), "actor AdamW betas (the authors: 0.9, 0.95)")
     weight_decay: float = field_(0.0, "actor weight decay")
-    warmup_ratio: float = field_(0.0, "warm-up fraction of all steps")
+    warmup_ratio: float = field_(0.0, "warm-up fraction of all optimizer steps")
     schedule: Literal["constant", "cosine"] = field_("constant", "lr schedule after warm-up")
-    max_grad_norm: float = field_(1.0, "gradient clipping norm")
+    min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr (the authors: 0.1)")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)")
     ppo_epochs: int = field_(1, "passes over each rollout batch")
-    minibatches: int = field_(1, "optimizer steps per epoch")
+    minibatches: int = field_(
+        1, "optimizer steps per epoch (the authors: 8 = 1,024 rollouts / train_batch_size 128)"
+    )
     micro_batch_size: int = field_(8, "sequences per forward/backward (gradient accumulation)")
     clip_low: float = field_(0.2, "PPO clip range below 1")
     clip_high: float = field_(0.2, "PPO clip range above 1 (DAPO clip-higher uses 0.28)")
+    ratio_max: float | None = field_(
+        None, "cap on the importance ratio before clipping (the authors' loss.py: 3.0); none = no cap"
+    )
     aggregation: Literal["seq_mean_token_mean", "token_mean"] = field_(
         "seq_mean_token_mean", "loss reduction"
     )
     normalize_std: bool = field_(True, "divide group advantages by the group std")
     kl_coef: float = field_(0.0, "KL penalty to the initial policy (0 for RLFR; 0.001 for the RLVR baseline)")
-    kl_estimator: Literal["k1", "k3"] = field_("k3", "KL estimator")
+    kl_estimator: Literal["k1", "k3"] = field_("k3", "KL estimator (kl_mode=loss, and the logged policy/kl)")
+    track_kl: bool = field_(
+        False, "log policy/kl (KL to the start model) even when kl_coef = 0; loads a reference copy"
+    )
+    kl_mode: Literal["loss", "reward"] = field_(
+        "loss",
+        "loss: kl_coef * KL term in the policy loss; reward: -kl_coef * k1 per token added to the token "
+        "rewards before the reward-to-go (the authors' RLVR baseline)",
+    )
+    accuracy_filter: bool = field_(
+        False, "drop groups whose accuracy lies outside [accuracy_lower_bound, accuracy_upper_bound]"
+    )
+    accuracy_lower_bound: float = field_(0.0, "accuracy filter: lowest kept group accuracy (inclusive)")
+    accuracy_upper_bound: float = field_(1.0, "accuracy filter: highest kept group accuracy (inclusive)")
+    freezing_filter_steps: int = field_(-1, "accuracy filter: applied only after this many RL steps")
     entropy_alpha: float = field_(0.4, "entropy advantage (method=entropy): alpha")
     entropy_kappa: float = field_(2.0, "entropy advantage (method=entropy): kappa")
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.ppo_epochs < 1 or self.minibatches < 1 or self.micro_batch_size < 1:
-            raise ConfigError("lr > 0, ppo_epochs, minibatches and micro_batch_size >= 1 are required")
+        check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
+        if self.ppo_epochs < 1 or self.minibatches < 1 or self.micro_batch_size < 1:
+            raise ConfigError("ppo_epochs, minibatches and micro_batch_size must be >= 1")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(
+                f"max_grad_norm must be > 0 (a negative clip flips the gradient), got {self.max_grad_norm}"
+            )
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ConfigError("need 0 <= clip_low < 1 and clip_high >= 0")
+        if self.ratio_max is not None and not self.ratio_max > 1 + self.clip_high:
+            raise ConfigError(
+                f"ratio_max must exceed 1 + clip_high = {1 + self.clip_high}, got {self.ratio_max}"
+            )
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not 0 <= self.accuracy_lower_bound <= self.accuracy_upper_bound <= 1:
+            raise ConfigError("need 0 <= accuracy_lower_bound <= accuracy_upper_bound <= 1")
 
 
 @dataclass(frozen=True)
@@ -204,10 +275,13 @@ class SFTConfig:
 class FlowPretrainConfig:
     model: ModelConfig = field_(ModelConfig(), "frozen policy whose latents are modelled")
     data: DataConfig = field_(DataConfig(solution_field="solution"), "expert worked solutions")
-    flow: FlowConfig = field_(FlowConfig(modes=("token_post",)), "flow architecture and latents")
+    flow: FlowLatentsConfig = field_(FlowLatentsConfig(), "flow architecture and the latents it models")
     lr: float = field_(1e-4, "learning rate")
+    betas: tuple[float, float] = field_((0.9, 0.999), "AdamW betas")
     weight_decay: float = field_(0.01, "weight decay")
     warmup_ratio: float = field_(0.1, "warm-up fraction")
+    min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)")
     epochs: float = field_(2.0, "passes over the expert data")
     batch_size: int = field_(16, "sequences per step")
     heldout_fraction: float = field_(0.1, "fraction of sequences kept out to report held-out flow loss")
@@ -216,5 +290,8 @@ class FlowPretrainConfig:
     cpu: bool = field_(False, "force CPU")
 
     def validate(self) -> None:
+        check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
         if self.epochs <= 0 or self.batch_size < 1 or not 0 <= self.heldout_fraction < 1:
             raise ConfigError("epochs > 0, batch_size >= 1 and heldout_fraction in [0, 1) are required")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from tqdm.auto import tqdm
 
 from rlfr.config import add_config_arguments, load_config, print_config_help, to_dict
 from rlfr.data import Example
-from rlfr.engine import lr_lambda
 from rlfr.metrics import MetricsLogger
 from rlfr.models import enable_gradient_checkpointing, load_model, load_tokenizer
+from rlfr.optim import build_optimizer, optimizer_step
 from rlfr.pipeline import make_accelerator, render_prompts, resolve_data, seed_everything
 from rlfr.rollout import Rollout, pack, policy_forward
 from rlfr.schema import SFTConfig
@@ -55,8 +54,9 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     train, evals = resolve_data(cfg.data, need_solution=True)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p_ids, r_ids = encode_solutions(tok, train, prompts)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.steps, cfg.warmup_ratio, "cosine", 0.0))
+    opt, sched = build_optimizer(
+        model.parameters(), cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0
+    )
     model, opt = acc.prepare(model, opt)
     model.train()
     out = Path(cfg.out_dir)
@@ -84,12 +84,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
             loss = nll(model, batch) * len(rows) / len(idx)
             acc.backward(loss)
             total += loss.item()
-        norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        if not math.isfinite(float(norm)):
-            raise FloatingPointError(f"sft: gradient norm is {float(norm)} at step {step + 1}")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(acc, model, opt, sched, cfg.max_grad_norm, f"sft at step {step + 1}")
         losses.append(total)
         logger.log(step + 1, {"sft/loss": total, "sft/lr": sched.get_last_lr()[0]}, stage="sft")
         bar.set_postfix(loss=f"{total:.3f}")

@@ -3,9 +3,12 @@
 Contract (all per sequence, over the ``valid`` tokens only; invalid positions always give 0):
 - ``minmax_normalize(scores (B, T), valid (B, T) bool) -> (B, T)`` in [0, 1].
 - ``shape_flow_rewards(scores, valid, beta, eta, top_k, bilateral, gamma) -> (B, T)``:
-  x = minmax(scores) -> (bilateral: 2x - 1) -> keep x > eta (bilateral: |x| > eta) -> keep the top_k per
-  sequence (bilateral: top_k // 2 largest positive and top_k // 2 most negative) -> sign(x) |x|^gamma ->
-  r = -beta * x. Deviation is penalised; in bilateral mode tokens well inside the flow are rewarded.
+  x = minmax(scores) -> (bilateral: 2x - 1) -> sign(x) |x|^gamma -> keep x > eta (bilateral: |x| > eta)
+  -> keep the top_k per sequence (bilateral: top_k // 2 largest positive and top_k // 2 most negative)
+  -> r = -beta * x. Deviation is penalised; in bilateral mode tokens well inside the flow are rewarded.
+  The power comes before the threshold, as in the authors' ``normalize_flow_score`` (so eta compares
+  with x^gamma); it keeps the sign, where theirs raised negative bilateral values to a fractional power
+  (NaN).
 
 Ties in top-k are broken by the lower position first (stable sort), so the result is deterministic.
 
@@ -78,6 +81,8 @@ def shape_flow_rewards(
     usable = valid & ok
     if bilateral:
         x = torch.where(usable, 2 * x - 1, 0.0)
+    x = torch.sign(x) * x.abs().pow(gamma)
+    if bilateral:
         pos, neg = usable & (x > eta), usable & (x < -eta)
     else:
         pos, neg = usable & (x > eta), torch.zeros_like(usable)
@@ -86,5 +91,4 @@ def shape_flow_rewards(
         pos = _topk_keep(x, pos, k)
         neg = _topk_keep(-x, neg, k)
     keep = pos | neg
-    x = torch.sign(x) * x.abs().pow(gamma)
     return torch.where(keep, -beta * x, 0.0)

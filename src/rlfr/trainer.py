@@ -19,17 +19,17 @@ detached latents (no gradient reaches the policy); rewards are binary by default
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from rlfr.advantages import entropy_advantage, group_advantages, token_advantages
-from rlfr.flow import build_pairs, per_sequence_mean, token_scores
-from rlfr.losses import policy_loss
+from rlfr.advantages import entropy_advantage, group_advantages, kl_rewards, token_advantages
+from rlfr.flow import build_pairs, pair_counts, per_sequence_mean, token_scores
+from rlfr.losses import kl_penalty, policy_loss
 from rlfr.metrics import Accum
-from rlfr.online_flow import above_quantile, online_flow_loss, pair_counts, rollout_weights
+from rlfr.online_flow import above_quantile, online_flow_loss, rollout_weights
+from rlfr.optim import optimizer_step
 from rlfr.rollout import Rollout, generate, policy_forward
 from rlfr.shaping import shape_flow_rewards
 
@@ -105,11 +105,17 @@ class RLTrainer:
         reward_t = torch.tensor(reward, dtype=torch.float32, device=dev)
         correct_t = torch.tensor(correct, dtype=torch.bool, device=dev)
         t_verify = time.time()
+        if self.uses_flow and cfg.flow.latent_norm == "standardize" and self.norm is None:
+            self.fit_norm(rollout)
         # 3. outcome advantages (group-normalised over the n samples of each prompt)
         adv_o = group_advantages(reward_t, n, normalize_std=cfg.policy.normalize_std)
-        batch = Batch(rollout, reward_t, correct_t, adv_o)
+        kept = self.accuracy_filter(correct_t, n)
+        trained = rollout if kept is None else _with_mask(rollout, rollout.response_mask & kept[:, None])
+        batch = Batch(trained, reward_t, correct_t, adv_o)
         # 4-7. policy and flow updates
         stats = self.update(batch)
+        if kept is not None:
+            stats["filter/kept_frac"] = kept.float().mean().item()
         t_end = time.time()
         self.step_count += 1
         lens = rollout.response_lengths.float()
@@ -127,6 +133,19 @@ class RLTrainer:
         )
         return self.acc.reduce({k: torch.tensor(v, device=dev) for k, v in stats.items()}, reduction="mean")
 
+    def accuracy_filter(self, correct: torch.Tensor, n: int) -> torch.Tensor | None:
+        """(B,) bool rows of groups whose accuracy is inside the bounds, or None when the filter is off.
+
+        The authors' ``enable_accuracy_filter``: a group of all-equal rewards carries no outcome signal.
+        Filtered rows stay in the batch with an empty response mask (they are neither trained on nor train
+        the flow), so every process runs the same micro-batches."""
+        p = self.cfg.policy
+        if not p.accuracy_filter or self.step_count + 1 <= p.freezing_filter_steps:
+            return None
+        acc = correct.float().view(-1, n).mean(1)
+        keep = (acc >= p.accuracy_lower_bound - 1e-9) & (acc <= p.accuracy_upper_bound + 1e-9)
+        return keep.repeat_interleave(n)
+
     # -- update -------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, float]:
         cfg = self.cfg
@@ -135,6 +154,9 @@ class RLTrainer:
         single_pass = cfg.policy.ppo_epochs == 1 and cfg.policy.minibatches == 1
         hold_actor = self.step_count < cfg.flow.actor_warmup_steps
         acc = Accum()
+        tokens = self.acc.reduce(batch.rollout.response_mask.sum().to(self.acc.device).float(), "sum")
+        if float(tokens) == 0:  # the accuracy filter dropped every group: nothing to learn, and an AdamW
+            return {"update/skipped": 1.0}  # step on zero gradients would still move the weights
         self.flow_seconds = 0.0
         self.flow_weight_total = self.flow_weights(batch).sum()
         fixed = None if single_pass else self.score_batch(batch, acc)
@@ -173,42 +195,47 @@ class RLTrainer:
         mask = ro.response_mask
         with torch.set_grad_enabled(not hold_actor):  # entropies are always logged, so always computed
             logp, ent = forward_logprobs(self.policy, ro, True)
+        ref_logp = None
+        if self.ref is not None:
+            with self.tap.paused() if self.tap else _null(), torch.no_grad():  # not the policy's latents
+                ref_logp, _ = forward_logprobs(self.ref, ro, False)
         if fixed is None:  # single pass: rewards and old log-probs come from this very forward
-            adv, flow_stats = self.advantages(batch, rows, ro, ent)
             old_logp = logp.detach()
+            adv, flow_stats = self.advantages(batch, rows, ro, ent, old_logp, ref_logp)
             acc.add_dict(flow_stats)
         else:
             adv, old_logp = fixed["adv"][rows], fixed["old_logp"][rows]
         if self.uses_flow and cfg.flow.update and fixed is None:
             self.flow_micro_step(batch, rows, ro, ent, acc)
-        ref_logp = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp, _ = forward_logprobs(self.ref, ro, False)
         if hold_actor:
             return
+        p = cfg.policy
         out = policy_loss(
-            logp,
-            old_logp,
-            adv,
-            mask,
-            cfg.policy.clip_low,
-            cfg.policy.clip_high,
-            cfg.policy.aggregation,
-            ref_logp=ref_logp,
-            kl_coef=cfg.policy.kl_coef,
-            kl_estimator=cfg.policy.kl_estimator,
-            num_sequences=n_seq,
-            num_tokens=n_tok,
-        )
+            logp, old_logp, adv, mask, p.clip_low, p.clip_high, p.aggregation,
+            ref_logp=ref_logp if p.kl_mode == "loss" else None,
+            kl_coef=p.kl_coef if p.kl_mode == "loss" else 0.0,
+            kl_estimator=p.kl_estimator, num_sequences=n_seq, num_tokens=n_tok, ratio_max=p.ratio_max,
+        )  # fmt: skip
         self.acc.backward(out.loss)
         acc.add("policy/loss", out.loss.item(), weight=len(rows))
         acc.add("policy/clip_frac", out.clip_frac.item(), weight=len(rows))
-        acc.add("policy/kl", out.kl.item(), weight=len(rows))
+        if ref_logp is not None:
+            kl = kl_penalty(logp.detach(), ref_logp, p.kl_estimator)
+            acc.add("policy/kl", (kl * mask).sum().item() / max(int(mask.sum()), 1), weight=len(rows))
         acc.add("policy/entropy", (ent * mask).sum().item() / max(int(mask.sum()), 1), weight=len(rows))
 
-    def advantages(self, batch: Batch, rows: torch.Tensor, ro: Rollout, ent: torch.Tensor):
-        """Token advantages of rows -> ((b, T), flow statistics)."""
+    def advantages(
+        self,
+        batch: Batch,
+        rows: torch.Tensor,
+        ro: Rollout,
+        ent: torch.Tensor,
+        logp: torch.Tensor,
+        ref_logp: torch.Tensor | None,
+    ):
+        """Token advantages of rows -> ((b, T), flow statistics): A_k = A_o + sum_{s >= k} r_s with r the
+        shaped flow rewards (rlfr) plus, with ``kl_mode=reward``, -kl_coef * k1 per token (the authors'
+        RLVR baseline puts its KL there)."""
         cfg, mask = self.cfg, ro.response_mask
         token_rewards, stats = None, {}
         if self.uses_flow:
@@ -220,6 +247,7 @@ class RLTrainer:
                 cfg.flow.modes,
                 cfg.flow.shift,
                 cfg.flow.reward.timesteps,
+                context_mask=ro.attention_mask.bool(),
             )
             r = cfg.flow.reward
             token_rewards = shape_flow_rewards(
@@ -231,6 +259,9 @@ class RLTrainer:
                 "flow_reward/nonzero_frac": nz.sum().item() / max(int(mask.sum()), 1),
                 "flow_score/mean": scores.scores[scores.valid].mean().item() if scores.valid.any() else 0.0,
             }
+        if cfg.policy.kl_mode == "reward" and ref_logp is not None:
+            kl_r = kl_rewards(logp, ref_logp, mask, cfg.policy.kl_coef)
+            token_rewards = kl_r if token_rewards is None else token_rewards + kl_r
         adv = token_advantages(batch.outcome_adv[rows], token_rewards, mask)
         if cfg.method == "entropy":
             adv = entropy_advantage(adv, ent, mask, cfg.policy.entropy_alpha, cfg.policy.entropy_kappa)
@@ -241,12 +272,20 @@ class RLTrainer:
         lat = self.tap.latents()
         if self.cfg.flow.latent_norm == "none":
             return lat
-        if self.norm is None:  # a flow trained from scratch during RL: statistics of the first rollouts
-            from rlfr.latent_norm import LatentNorm
-
-            fitted = LatentNorm.fit(lat, mask)  # averaged over processes so that every rank uses the same
-            self.norm = LatentNorm(self.acc.reduce(fitted.mean, "mean"), self.acc.reduce(fitted.std, "mean"))
+        if self.norm is None:
+            raise RuntimeError("latent_norm=standardize but no statistics: fit_norm() runs at the first step")
         return self.norm(lat)
+
+    def fit_norm(self, rollout: Rollout) -> None:
+        """Latent statistics of a flow trained from scratch during RL: the first micro-batch of the first
+        rollouts (before any filtering), averaged over processes so that every rank uses the same."""
+        from rlfr.latent_norm import LatentNorm
+
+        ro = rollout.select(torch.arange(min(len(rollout.completions), self.cfg.policy.micro_batch_size)))
+        with torch.no_grad():
+            forward_logprobs(self.policy, ro, False)
+        fitted = LatentNorm.fit(self.tap.latents(), ro.response_mask)
+        self.norm = LatentNorm(self.acc.reduce(fitted.mean, "mean"), self.acc.reduce(fitted.std, "mean"))
 
     def flow_weights(self, batch: Batch) -> torch.Tensor:
         """Per-rollout flow-loss weight times its pair count (B,): 1 if correct, soft_flow otherwise.
@@ -258,6 +297,7 @@ class RLTrainer:
         w = rollout_weights(batch.correct, self.cfg.flow.soft_flow)
         return w * pair_counts(
             batch.rollout.response_mask,
+            batch.rollout.attention_mask.bool(),
             self.cfg.flow.modes,
             self.cfg.flow.shift,
             len(self.cfg.flow.fractions),
@@ -270,7 +310,12 @@ class RLTrainer:
         if cfg.entropy_quantile is not None:
             mask = mask & above_quantile(ent, mask, cfg.entropy_quantile)
         pairs = build_pairs(
-            self.latents(ro.response_mask), self.tap.layer_values.to(mask.device), mask, cfg.modes, cfg.shift
+            self.latents(ro.response_mask),
+            self.tap.layer_values.to(mask.device),
+            mask,
+            cfg.modes,
+            cfg.shift,
+            context_mask=ro.attention_mask.bool(),
         )
         correct = batch.correct[rows]
         w = rollout_weights(correct, cfg.soft_flow)[pairs.batch_index]
@@ -294,7 +339,11 @@ class RLTrainer:
             ro = batch.rollout.select(rows)
             with torch.no_grad():
                 logp, ent = forward_logprobs(self.policy, ro, True)
-            adv, stats = self.advantages(batch, rows, ro, ent)
+                ref_logp = None
+                if self.ref is not None:
+                    with self.tap.paused() if self.tap else _null():
+                        ref_logp, _ = forward_logprobs(self.ref, ro, False)
+            adv, stats = self.advantages(batch, rows, ro, ent, logp, ref_logp)
             acc.add_dict(stats)
             if self.uses_flow and self.cfg.flow.update:
                 self.flow_micro_step(batch, rows, ro, ent, acc)
@@ -303,13 +352,18 @@ class RLTrainer:
         return {"old_logp": torch.cat(old), "adv": torch.cat(advs)}
 
     def _opt_step(self, model, opt, sched, name: str = "policy") -> float:
-        norm = float(self.acc.clip_grad_norm_(model.parameters(), self.cfg.policy.max_grad_norm))
-        if not math.isfinite(norm):
-            raise FloatingPointError(f"{name} gradient norm is {norm} at step {self.step_count + 1}")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return norm
+        return optimizer_step(
+            self.acc,
+            model,
+            opt,
+            sched,
+            self.cfg.policy.max_grad_norm,
+            f"{name} at step {self.step_count + 1}",
+        )
+
+
+def _with_mask(ro: Rollout, response_mask: torch.Tensor) -> Rollout:
+    return Rollout(ro.input_ids, ro.attention_mask, response_mask, ro.group, ro.completions, ro.truncated)
 
 
 def _to(ro: Rollout, device) -> Rollout:

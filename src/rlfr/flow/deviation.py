@@ -4,10 +4,11 @@ Contract:
 - ``velocity_deviation(field, target (N, d), cond (N, d), layer (N,), timesteps) -> (N,) float32``:
   for each rewarding timestep t, D_t = mean_d (v(x_t, t, c, layer) - (x1 - eps))^2 * t / (1 - t),
   then the mean over timesteps. Higher = the latent deviates more from the reference flow.
-- ``token_scores(field, latents (L, B, T, d), layer_values (L,), mask (B, T), ...) -> TokenScores``:
-  scores (B, T) float32 = mean over layers and modes of the deviation of the pairs built at each position
-  (see ``rlfr.flow.matching.build_pairs``); ``valid`` (B, T) bool marks positions with at least one pair.
-  Scores are 0 where not valid; callers must use ``valid`` (unscored positions join no statistics).
+- ``token_scores(field, latents (L, B, T, d), layer_values (L,), mask (B, T), modes, shift, timesteps,
+  *, context_mask (B, T)) -> TokenScores``: scores (B, T) float32 = mean over layers and modes of the
+  deviation of the pairs whose **target** is each position (``rlfr.flow.matching``: the token whose latent
+  leaves the flow gets the score); ``valid`` (B, T) bool marks positions with at least one pair. Scores
+  are 0 where not valid; callers must use ``valid`` (unscored positions join no statistics).
 
 Both run under ``torch.no_grad()``: scores are rewards, not a training signal for the field.
 
@@ -86,13 +87,16 @@ def token_scores(
     timesteps: Sequence[float] = (0.8,),
     generator: torch.Generator | None = None,
     chunk_size: int = 8192,
+    *,
+    context_mask: torch.Tensor,
 ) -> TokenScores:
     """Per-token flow scores, averaged over layers and modes (RLFR_METHOD §4).
 
     latents: (L, B, T, d) (any float dtype; gathered and cast to float32 chunk by chunk, so memory is
-    bounded by ``chunk_size`` pairs rather than L * modes * B * T); layer_values: (L,); mask: (B, T) bool.
+    bounded by ``chunk_size`` pairs rather than L * modes * B * T); layer_values: (L,); mask: (B, T) bool
+    (scored targets: response tokens); context_mask: (B, T) bool (allowed conditions: real tokens).
     """
-    check_latents(latents, layer_values, mask)
+    check_latents(latents, layer_values, mask, context_mask)
     check_modes(modes)
     _check_timesteps(timesteps)
     if chunk_size < 1:
@@ -103,8 +107,8 @@ def token_scores(
     counts = torch.zeros(bsz * seq_len, dtype=torch.float32, device=device)
     h = latents.detach()
     for mode in modes:
-        b, kt, kc, pos = pair_indices(mask, mode, shift)
-        flat = b * seq_len + pos
+        b, kt, kc = pair_indices(mask, context_mask, mode, shift)
+        flat = b * seq_len + kt
         for li in range(num_layers):
             for start in range(0, b.numel(), chunk_size):
                 sl = slice(start, start + chunk_size)

@@ -1,6 +1,6 @@
 """The velocity network v_phi(x_t, t, c, layer) of RLFR (RLFR_METHOD §2).
 
-Contract: ``FlowField(dim, width=None, depth=4, freq_dim=256)``;
+Contract: ``FlowField(dim, width=None, depth=4, freq_dim=256, eps=1e-6)``;
 ``forward(x_t: (N, d), t: (N,), cond: (N, d), layer: (N,)) -> (N, d) float32``.
 
 Architecture (the authors' ``SimpleMLPAdaLNTimePos``, itself MAR's ``SimpleMLPAdaLN`` with RMSNorm and a
@@ -13,6 +13,12 @@ layer embedding), with their state-dict key names so that released ``flow_model.
     out = final_layer(x, y)                              RMSNorm -> modulate -> Linear(w, d)
 
 Modulation layers and the output layer are zero-initialised, so the field is exactly 0 at init.
+``eps`` is the RMSNorm epsilon; the authors set it to the policy's ``rms_norm_eps`` (1e-6 for Qwen2.5,
+1e-5 for Llama), and so does rlfr when it builds a flow for a policy. It is stored in ``flow_config.json``.
+
+Released checkpoints: the authors' ``FlowReward`` wrapper saves its ``model`` attribute, so their files
+hold the keys above under ``model.`` (their conversion script turns ``flow.model.X`` into ``model.X``);
+``from_official_state_dict`` strips either prefix. Their files carry no epsilon: pass the policy's.
 
 Dtype: inputs are cast to the parameters' dtype (float32 unless the caller converts the module) and the
 output is returned as float32; keep the field in float32, the latents are bf16 in RL and the flow is small.
@@ -71,7 +77,7 @@ class SinusoidalEmbedder(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, width: int, eps: float = 1e-6):
+    def __init__(self, width: int, eps: float):
         super().__init__()
         self.in_ln = nn.RMSNorm(width, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
@@ -83,7 +89,7 @@ class ResBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width: int, out_dim: int, eps: float = 1e-6):
+    def __init__(self, width: int, out_dim: int, eps: float):
         super().__init__()
         self.norm_final = nn.RMSNorm(width, eps=eps)
         self.linear = nn.Linear(width, out_dim)
@@ -97,18 +103,22 @@ class FinalLayer(nn.Module):
 class FlowField(nn.Module):
     """Conditional velocity field v_phi(x_t, t, c, layer) (RLFR_METHOD §2)."""
 
-    def __init__(self, dim: int, width: int | None = None, depth: int = 4, freq_dim: int = 256):
+    def __init__(
+        self, dim: int, width: int | None = None, depth: int = 4, freq_dim: int = 256, eps: float = 1e-6
+    ):
         super().__init__()
         width = dim if width is None else width
         if dim < 1 or width < 1 or depth < 0:
             raise ValueError(f"invalid FlowField sizes: dim={dim}, width={width}, depth={depth}")
-        self.dim, self.width, self.depth, self.freq_dim = dim, width, depth, freq_dim
+        if not eps > 0:
+            raise ValueError(f"FlowField eps must be > 0, got {eps}")
+        self.dim, self.width, self.depth, self.freq_dim, self.eps = dim, width, depth, freq_dim, float(eps)
         self.input_proj = nn.Linear(dim, width)
         self.time_embed = SinusoidalEmbedder(width, freq_dim)
         self.cond_embed = nn.Linear(dim, width)
         self.layer_embed = SinusoidalEmbedder(width, freq_dim)
-        self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
-        self.final_layer = FinalLayer(width, dim)
+        self.res_blocks = nn.ModuleList(ResBlock(width, self.eps) for _ in range(depth))
+        self.final_layer = FinalLayer(width, dim, self.eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -125,8 +135,10 @@ class FlowField(nn.Module):
             nn.init.zeros_(linear.bias)
 
     @property
-    def config(self) -> dict[str, int]:
-        return {"dim": self.dim, "width": self.width, "depth": self.depth, "freq_dim": self.freq_dim}
+    def config(self) -> dict[str, int | float]:
+        return {
+            "dim": self.dim, "width": self.width, "depth": self.depth, "freq_dim": self.freq_dim, "eps": self.eps,
+        }  # fmt: skip
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -152,11 +164,14 @@ class FlowField(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> FlowField:
+    def from_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor], eps: float = 1e-6) -> FlowField:
         """Build a field from a state dict in the authors' key layout, inferring dim/width/depth/freq_dim.
 
-        Raises ValueError listing every missing, unexpected and mis-shaped key.
+        Keys may carry the prefix ``model.`` (the authors' saved ``FlowReward``) or ``flow.model.`` (their
+        training checkpoints); ``eps`` is the RMSNorm epsilon (the policy's ``rms_norm_eps``), which the
+        weights cannot tell. Raises ValueError listing every missing, unexpected and mis-shaped key.
         """
+        state_dict = strip_prefix(state_dict)
         bad_values = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
         if bad_values:
             raise ValueError(f"flow state dict has non-tensor values for keys {sorted(bad_values)}")
@@ -172,7 +187,7 @@ class FlowField(nn.Module):
         block_ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"res_blocks\.(\d+)\.", k))}
         depth = max(block_ids) + 1 if block_ids else 0
         try:
-            field = cls(dim=int(dim), width=int(width), depth=depth, freq_dim=int(freq_dim))
+            field = cls(dim=int(dim), width=int(width), depth=depth, freq_dim=int(freq_dim), eps=eps)
         except ValueError as err:
             raise ValueError(f"flow state dict implies an invalid field: {err}") from err
         expected = field.state_dict()
@@ -206,9 +221,10 @@ class FlowField(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> FlowField:
-        """Load from a directory written by ``save`` (or holding the authors' ``flow_model.bin``), or from a
-        ``.safetensors`` / ``.bin`` / ``.pt`` file in the official key layout."""
+    def load(cls, path: str | os.PathLike, eps: float | None = None) -> FlowField:
+        """Load from a directory written by ``save`` (``eps`` comes from its ``flow_config.json``), or from
+        the authors' files: a directory holding ``flow_model.bin``, or a ``.safetensors`` / ``.bin`` / ``.pt``
+        file in their key layout, for which ``eps`` (the policy's ``rms_norm_eps``) must be given."""
         path = Path(path)
         config_path = None
         if path.is_dir():
@@ -234,14 +250,37 @@ class FlowField(nn.Module):
                 raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
         else:
             raise ValueError(f"unknown flow checkpoint format {path.suffix!r} ({path})")
-        try:
-            field = cls.from_official_state_dict(state_dict)
-        except ValueError as err:
-            raise ValueError(f"cannot load flow checkpoint {path}: {err}") from err
+        config = None
         if config_path is not None:
             if not config_path.is_file():
                 raise FileNotFoundError(f"{config_path} is missing next to {path}")
             config = json.loads(config_path.read_text())
-            if config != field.config:
-                raise ValueError(f"{config_path} says {config} but the weights imply {field.config}")
+            if "eps" not in config:
+                raise ValueError(
+                    f"{config_path} has no 'eps' (written by rlfr < 0.2, whose flows are not compatible: "
+                    "re-run `rlfr flow-pretrain`, or convert the authors' weights with `rlfr convert-flow`)"
+                )
+            eps = config["eps"]
+        elif eps is None:
+            raise ValueError(
+                f"{path} is a flow in the authors' format without an RMSNorm epsilon: convert it with "
+                "`rlfr convert-flow SRC --model POLICY --out DIR`, which takes eps from the policy's config"
+            )
+        try:
+            field = cls.from_official_state_dict(state_dict, eps=eps)
+        except ValueError as err:
+            raise ValueError(f"cannot load flow checkpoint {path}: {err}") from err
+        if config is not None and config != field.config:
+            raise ValueError(f"{config_path} says {config} but the weights imply {field.config}")
         return field
+
+
+_PREFIXES = ("flow.model.", "model.", "flow.")
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the authors' wrapper prefix (``flow.model.`` or ``model.``) when every key carries it."""
+    for prefix in _PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)

@@ -1,11 +1,16 @@
 """Flow-matching pairs and loss (RLFR_METHOD §1, §3).
 
 Contract:
-- ``build_pairs(latents (L, B, T, d), layer_values (L,), mask (B, T) bool, modes, shift) -> FlowPairs``:
-  one pair per (mode, layer, position k) where ``mask[k]`` and ``mask[k + s]`` are both True
-  (identity: ``mask[k]``). ``token_post``: target h_{k+s}, cond h_k; ``token_pre``: target h_k,
-  cond h_{k+s}; ``identity``: both h_k. The pair "built at k" has ``position = k``; a flow score at
-  position k is the score of that pair.
+- ``build_pairs(latents (L, B, T, d), layer_values (L,), mask (B, T) bool, modes, shift, *,
+  context_mask (B, T) bool) -> FlowPairs``: one pair per (mode, layer, target position k) with
+  ``mask[k]`` (a response token, EOS included) and a condition position that ``context_mask`` allows
+  (a real token: prompt or response, never padding). ``token_post``: target h_k, cond h_{k-s};
+  ``token_pre``: target h_k, cond h_{k+s}; ``identity``: target = cond = h_k. Every pair has
+  ``position = k``, the position of its **target**: the token whose latent leaves the flow is the one
+  scored, rewarded and (in RL) penalised, as in the authors' code (their scores are padded at the front
+  in ``token_post`` and at the back in ``token_pre``, so each lands on its target). A condition may lie
+  in the prompt: with ``token_post`` the first response token is scored against the last prompt token.
+  ``PAIRING = "target"`` names this convention in every flow directory's ``latents.json``.
 - ``flow_matching_loss_per_pair(field, pairs, batch_mul) -> (N,)`` and ``flow_matching_loss(...) -> ()``:
   x_t = t x1 + (1 - t) eps, u = x1 - eps, loss = mean_d (v - u)^2 with t ~ logit-normal, each pair
   repeated ``batch_mul`` times with fresh (t, eps), then a weighted mean over pairs.
@@ -25,12 +30,15 @@ from torch import nn
 
 Mode = Literal["token_post", "token_pre", "identity"]
 MODES: tuple[str, ...] = ("token_post", "token_pre", "identity")
+# The pairing convention (see the module docstring): a pair's score belongs to its target position.
+# rlfr < 0.2 credited it to the condition position; flows written then are refused (rlfr.flow.store).
+PAIRING = "target"
 
 
 @dataclass
 class FlowPairs:
     """N flow-matching pairs. target, cond: (N, d) float32; layer: (N,) float32 (block_index / num_blocks);
-    batch_index, position, mode_index, layer_index: (N,) long (position = k of the pair built at k)."""
+    batch_index, position, mode_index, layer_index: (N,) long (position = the target token's position)."""
 
     target: torch.Tensor
     cond: torch.Tensor
@@ -44,33 +52,43 @@ class FlowPairs:
         return self.target.shape[0]
 
 
-def check_latents(latents: torch.Tensor, layer_values: torch.Tensor, mask: torch.Tensor) -> None:
+def check_latents(
+    latents: torch.Tensor, layer_values: torch.Tensor, mask: torch.Tensor, context_mask: torch.Tensor
+) -> None:
     if latents.dim() != 4:
         raise ValueError(f"latents must be (L, B, T, d), got shape {tuple(latents.shape)}")
     if layer_values.shape != latents.shape[:1]:
         raise ValueError(
             f"layer_values must be (L,) = ({latents.shape[0]},), got {tuple(layer_values.shape)}"
         )
-    if mask.shape != latents.shape[1:3] or mask.dtype != torch.bool:
-        raise ValueError(
-            f"mask must be bool (B, T) = {tuple(latents.shape[1:3])}, got {mask.dtype} {tuple(mask.shape)}"
-        )
+    for name, m in (("mask", mask), ("context_mask", context_mask)):
+        if m.shape != latents.shape[1:3] or m.dtype != torch.bool:
+            raise ValueError(
+                f"{name} must be bool (B, T) = {tuple(latents.shape[1:3])}, got {m.dtype} {tuple(m.shape)}"
+            )
 
 
-def pair_indices(mask: torch.Tensor, mode: str, shift: int) -> tuple[torch.Tensor, ...]:
-    """Index the pairs of one mode: mask (B, T) bool -> (batch, target_pos, cond_pos, position), each (n,)."""
+def pair_indices(
+    mask: torch.Tensor, context_mask: torch.Tensor, mode: str, shift: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index the pairs of one mode: mask, context_mask (B, T) bool -> (batch, target_pos, cond_pos), each (n,).
+
+    The score of pair i belongs to ``target_pos[i]`` (module docstring)."""
     if mode not in MODES:
         raise ValueError(f"unknown context mode {mode!r}; valid: {list(MODES)}")
     if shift < 1:
         raise ValueError(f"shift must be >= 1, got {shift}")
     if mode == "identity":
         b, k = mask.nonzero(as_tuple=True)
-        return b, k, k, k
-    both = mask[:, :-shift] & mask[:, shift:]  # (B, T - s): True where k and k + s are response tokens
-    b, k = both.nonzero(as_tuple=True)
-    if mode == "token_post":
-        return b, k + shift, k, k
-    return b, k, k + shift, k
+        return b, k, k
+    allowed = torch.zeros_like(mask)
+    if mode == "token_post":  # condition k - s before the target k
+        allowed[:, shift:] = mask[:, shift:] & context_mask[:, :-shift]
+        b, k = allowed.nonzero(as_tuple=True)
+        return b, k, k - shift
+    allowed[:, :-shift] = mask[:, :-shift] & context_mask[:, shift:]  # token_pre: condition k + s after it
+    b, k = allowed.nonzero(as_tuple=True)
+    return b, k, k + shift
 
 
 def check_modes(modes: Sequence[str]) -> None:
@@ -87,15 +105,19 @@ def build_pairs(
     mask: torch.Tensor,
     modes: Sequence[Mode] = ("token_post",),
     shift: int = 1,
+    *,
+    context_mask: torch.Tensor,
 ) -> FlowPairs:
-    """latents (L, B, T, d), layer_values (L,), mask (B, T) bool -> FlowPairs, ordered by (mode, layer, k)."""
-    check_latents(latents, layer_values, mask)
+    """latents (L, B, T, d), layer_values (L,), mask (B, T) bool (targets: response tokens),
+    context_mask (B, T) bool (allowed conditions: real tokens, e.g. ``attention_mask.bool()``)
+    -> FlowPairs, ordered by (mode, layer, batch, target position)."""
+    check_latents(latents, layer_values, mask, context_mask)
     check_modes(modes)
     h = latents.detach().float()
     num_layers, d = h.shape[0], h.shape[-1]
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("target", "cond", "layer", "b", "pos", "m", "l")}
     for m, mode in enumerate(modes):
-        b, kt, kc, pos = pair_indices(mask, mode, shift)
+        b, kt, kc = pair_indices(mask, context_mask, mode, shift)
         n = b.numel()
         parts["target"].append(h[:, b, kt].reshape(-1, d))  # (L * n, d), layer-major
         parts["cond"].append(h[:, b, kc].reshape(-1, d))
@@ -103,13 +125,24 @@ def build_pairs(
         parts["l"].append(lidx)
         parts["layer"].append(layer_values.to(h.device, torch.float32)[lidx])
         parts["b"].append(b.repeat(num_layers))
-        parts["pos"].append(pos.repeat(num_layers))
+        parts["pos"].append(kt.repeat(num_layers))
         parts["m"].append(torch.full((num_layers * n,), m, dtype=torch.long, device=h.device))
     cat = {k: torch.cat(v) for k, v in parts.items()}
     return FlowPairs(
         target=cat["target"], cond=cat["cond"], layer=cat["layer"], batch_index=cat["b"],
         position=cat["pos"], mode_index=cat["m"], layer_index=cat["l"],
     )  # fmt: skip
+
+
+def pair_counts(
+    mask: torch.Tensor, context_mask: torch.Tensor, modes: Sequence[str], shift: int, num_layers: int
+) -> torch.Tensor:
+    """Flow pairs per sequence under the rule of ``build_pairs``: (B, T) bool x 2 -> (B,) float32."""
+    counts = torch.zeros(mask.shape[0], device=mask.device)
+    for mode in modes:
+        b, _, _ = pair_indices(mask, context_mask, mode, shift)
+        counts += torch.bincount(b, minlength=mask.shape[0]).to(counts.dtype)
+    return counts * num_layers
 
 
 def sample_timesteps(
