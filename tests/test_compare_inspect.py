@@ -253,3 +253,47 @@ def test_compare_end_to_end_two_seeds(tiny_dir, tmp_path):
     before = marker.stat().st_mtime_ns
     assert main(argv) == 0  # finished runs are reused
     assert marker.stat().st_mtime_ns == before
+
+
+def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
+    """Eval sets with sizes, sampled avg@K, an ablation arm, paired statistics, and an interrupted run that
+    resumes from its checkpoint."""
+    import shutil
+
+    out = tmp_path / "study"
+    argv = ["compare", "--start", str(tiny_dir), "--methods", "rlvr", "rlfr", "--seeds", "0", "--steps", "2",
+            "--eval-sets", "embedded", "embedded-transfer:3", "--eval-samples", "2",
+            "--ablation", "frozen", "rlfr", "flow.update=false", "--out", str(out), "--no-progress",
+            *TINY, "save_every=1", "policy.track_kl=true"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["arms"]) == {"base", "rlvr", "rlfr", "frozen"}
+    assert res["eval_sets"] == {"embedded": {"data": "embedded", "n": 4},
+                                "embedded-transfer-3": {"data": "embedded-transfer", "n": 3}}  # fmt: skip
+    e = res["arms"]["rlfr"]["eval"]["embedded-transfer-3"]
+    assert set(e) >= {"greedy", "sampled", "greedy_mean", "sampled_mean"} and 0 <= e["sampled_mean"] <= 1
+    assert set(res["paired"]["embedded"]) == {"rlfr - rlvr", "frozen - rlvr", "rlvr - base", "rlfr - base",
+                                              "frozen - base"}  # fmt: skip
+    p = res["paired"]["embedded"]["rlfr - rlvr"]
+    assert p["greedy"]["lo"] <= p["greedy"]["diff"] <= p["greedy"]["hi"] and "0" in p["mcnemar_greedy"]
+    curves = res["arms"]["rlfr"]["curves"]
+    assert (
+        len(curves["reward"]) == 2 and len(curves["policy/kl"]) == 2 and len(curves["flow_reward/mean"]) == 2
+    )
+    assert res["arms"]["rlvr"]["curves"]["flow_reward/mean"] == [None, None]
+    ev = json.loads((out / "rlfr" / "seed_0" / "eval_embedded.json").read_text())
+    assert len(ev["greedy"]) == 4 and all(0 <= c <= 2 for c in ev["sampled"])
+    md = (out / "report.md").read_text()
+    assert "## embedded-transfer-3 (3 problems)" in md and "| rlfr - rlvr |" in md and "avg@2" in md
+    # interrupt the rlfr run after its first step: drop the result marker and the last checkpoint
+    run = out / "rlfr" / "seed_0"
+    (run / "compare_result.json").unlink()
+    for f in run.glob("eval_*.json"):
+        f.unlink()
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    (run / "checkpoints" / "latest").write_text("step_000001\n")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert len(again["arms"]["rlfr"]["curves"]["reward"]) == 2

@@ -95,3 +95,22 @@ def test_gsm_symbolic_option():
 def test_bad_generator():
     with pytest.raises(ValueError, match="unsupported generator 'nope'"):
         embedded_task(4, 2, generators=("nope",))
+
+
+def test_dev_split_and_transfer_task():
+    from rlfr.tasks import embedded_set, embedded_task
+
+    plain = embedded_task(train_size=200, eval_size=40, seed=0)
+    with_dev = embedded_task(train_size=200, eval_size=40, seed=0, dev_size=30)
+    assert with_dev.eval == plain.eval and plain.dev == []  # eval does not depend on dev_size
+    ev, dev, train = ({e.problem for e in x} for x in (with_dev.eval, with_dev.dev, with_dev.train))
+    assert len(dev) == 30 and not (dev & ev) and not (train & (dev | ev))
+    assert embedded_set("embedded-dev", 40, 0, dev_size=30) == with_dev.dev
+    with pytest.raises(ValueError, match="dev_size"):
+        embedded_set("embedded-dev", 40, 0)
+    transfer = embedded_set("embedded-transfer", 20, 0)
+    assert len(transfer) == 20 and not ({e.problem for e in transfer} & train)
+    for ex in transfer:  # longer problems: 3 or 4 terms, so at least 2 worked steps before the box
+        assert ex.solution.count(" = ") >= 2 and ex.solution.endswith(f"\\boxed{{{ex.answer}}}")
+    with pytest.raises(ValueError, match="unknown embedded set"):
+        embedded_set("embedded-hard", 5, 0)

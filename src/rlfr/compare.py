@@ -1,22 +1,27 @@
-"""``rlfr compare``: base vs RLVR vs RLFR vs entropy shaping, same start, same budget, several seeds.
+"""``rlfr compare``: base vs RLVR vs RLFR vs entropy shaping (and ablations), same start, same budget, seeds.
 
-    rlfr compare --start runs/demo/sft/model --flow runs/demo/flow/flow --seeds 0 1 2 --steps 40 \\
-        rollout.prompts_per_step=16 rollout.num_generations=8
+    rlfr compare --start runs/demo/sft/model --flow runs/demo/flow_pretrain/flow --seeds 0 1 2 --steps 48 \\
+        --eval-sets embedded embedded-transfer:200 --eval-samples 4 \\
+        --ablation beta0.05 rlfr flow.reward.beta=0.05 --ablation frozen rlfr flow.update=false \\
+        rollout.prompts_per_step=8 save_every=8
 
-Every RL run gets the same ``TrainConfig`` (defaults, then ``--config``, then the ``key=value``
-overrides) with only ``method``, ``seed`` and ``out_dir`` changed (RLFR also gets ``flow.init=--flow``
-when given). "base" is the greedy held-out accuracy of the start model without RL. Every run uses the
-same problems (the embedded split depends on ``data.task_seed``, not on the run seed), so base is
-evaluated once (greedy decoding is deterministic). Outputs in ``--out``:
+Every RL run gets the same ``TrainConfig`` (defaults, then ``--config``, then the ``key=value`` overrides)
+with only ``method``, ``seed`` and ``out_dir`` changed (RLFR also gets ``flow.init=--flow``); an ablation
+adds its own overrides and runs on ``--ablation-seeds``. "base" is the start model without RL. Every run
+sees the same problems (the embedded split depends on ``data.task_seed``, not on the run seed).
 
-- ``results.json``: per method and seed the final held-out accuracy and the training-reward curve;
-- ``report.md``: held-out accuracy mean ± std (sample std over seeds) per method, per-seed values, the
-  budget and the command line;
-- ``learning_curves.png`` (mean training reward per step over seeds) and ``accuracy.png`` (bars with
-  error bars = std over seeds).
+Evaluation, per run and eval set (``--eval-sets``: ``embedded``, ``embedded-dev``, ``embedded-transfer``, a
+benchmark or a file, each optionally ``:N`` problems; default ``data.eval_size``): greedy pass@1 and, with
+``--eval-samples K``, the mean accuracy of K samples at temperature 1 (avg@K), with the correctness of every
+problem kept, so that methods are compared problem by problem: a paired bootstrap 95 % interval of the
+difference of seed-averaged per-problem accuracy (``rlfr.report.paired_bootstrap``), and McNemar's exact
+test per seed on greedy correctness (``rlfr.report.mcnemar``).
 
-A finished run (``<out>/<method>/seed_<s>/compare_result.json`` with the same config) is reused, so an
-interrupted comparison continues where it stopped.
+Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics, budget, command),
+``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds) and
+``accuracy.png``. Interruptions lose little: a finished run (``compare_result.json`` with the same config)
+and a finished evaluation (``eval_<set>.json``) are reused, and an interrupted run resumes from its latest
+checkpoint (``save_every`` sets how often one is written).
 """
 
 from __future__ import annotations
@@ -24,11 +29,25 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import time
 from pathlib import Path
 
-from rlfr.report import format_mean_std, mean_std
+from rlfr.report import format_mean_std, mcnemar, mean_std, paired_bootstrap
 
 METHODS = ("rlvr", "rlfr", "entropy")
+CURVE_KEYS = (
+    "reward",
+    "flow_reward/mean",
+    "flow_reward/nonzero_frac",
+    "flow_score/auroc",
+    "flow/loss_correct",
+    "flow/loss_wrong",
+    "adv/outcome_abs",
+    "adv/flow_abs",
+    "response_len",
+    "policy/kl",
+    "policy/entropy",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +60,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the config's)")
     p.add_argument("--config", default=None, help="YAML TrainConfig applied to every run")
     p.add_argument("--out", default="runs/compare", help="output directory")
+    p.add_argument(
+        "--eval-sets",
+        nargs="+",
+        default=["embedded"],
+        help="held-out sets, each NAME or NAME:N (embedded, embedded-dev, embedded-transfer, a benchmark, a file)",
+    )
+    p.add_argument(
+        "--eval-samples", type=int, default=0, help="K samples per problem for avg@K (0 = greedy only)"
+    )
+    p.add_argument(
+        "--ablation",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME METHOD [key=value",
+        help="an extra arm: a name, its method and its overrides (repeatable)",
+    )
+    p.add_argument("--ablation-seeds", nargs="+", type=int, default=[0], help="seeds of the ablation arms")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig overrides for every run")
 
@@ -54,26 +91,50 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--steps", str(args.steps)]
     if args.config:
         parts += ["--config", args.config]
+    if getattr(args, "eval_sets", ["embedded"]) != ["embedded"]:
+        parts += ["--eval-sets", *args.eval_sets]
+    if getattr(args, "eval_samples", 0):
+        parts += ["--eval-samples", str(args.eval_samples)]
+    for ab in getattr(args, "ablation", []):
+        parts += ["--ablation", *ab]
+    if getattr(args, "ablation", []):
+        parts += ["--ablation-seeds", *map(str, args.ablation_seeds)]
     parts += ["--out", args.out, *args.overrides]
     return shlex.join(parts)
 
 
-def run_config(args: argparse.Namespace, method: str, seed: int):
+def arms(args: argparse.Namespace) -> dict[str, tuple[str, list[str], list[int]]]:
+    """name -> (method, extra overrides, seeds): the methods, then the ablations."""
+    out = {m: (m, [], list(args.seeds)) for m in args.methods}
+    for spec in getattr(args, "ablation", []):
+        if len(spec) < 2 or spec[1] not in METHODS:
+            raise ValueError(
+                f"--ablation {' '.join(spec)}: expected NAME METHOD [key=value ...], METHOD in {METHODS}"
+            )
+        name, method, *extra = spec
+        if name in out or name == "base":
+            raise ValueError(f"--ablation name {name!r} is already used")
+        out[name] = (method, extra, list(args.ablation_seeds))
+    return out
+
+
+def run_config(args: argparse.Namespace, method: str, seed: int, name: str | None = None, extra=()):
     from rlfr.config import load_config
     from rlfr.schema import TrainConfig
 
-    extra = [
+    overrides = [
         f"model.name_or_path={args.start}",
         *args.overrides,
+        *extra,
         f"method={method}",
         f"seed={seed}",
-        f"out_dir={Path(args.out) / method / f'seed_{seed}'}",
+        f"out_dir={Path(args.out) / (name or method) / f'seed_{seed}'}",
     ]
     if args.steps is not None:
-        extra.append(f"steps={args.steps}")
-    if method == "rlfr" and args.flow:
-        extra.append(f"flow.init={args.flow}")
-    return load_config(TrainConfig, path=args.config, overrides=extra)
+        overrides.append(f"steps={args.steps}")
+    if method == "rlfr" and args.flow and not any(o.startswith("flow.init=") for o in extra):
+        overrides.append(f"flow.init={args.flow}")
+    return load_config(TrainConfig, path=args.config, overrides=overrides)
 
 
 def _cached(path: Path, config: dict) -> dict | None:
@@ -84,80 +145,228 @@ def _cached(path: Path, config: dict) -> dict | None:
     return None
 
 
-def base_accuracy(cfg, out: Path) -> float:
-    """Greedy held-out accuracy of the start model (cfg.model) on cfg's held-out split, cached in ``out``."""
+def parse_eval_set(spec: str, default_size: int) -> tuple[str, str, int]:
+    """'NAME' or 'NAME:N' -> (slug, name, size)."""
+    name, _, size = spec.partition(":")
+    n = int(size) if size else default_size
+    if n < 0:
+        raise ValueError(f"--eval-sets {spec}: the size must be >= 0")
+    slug = (Path(name).stem if Path(name).suffix else name) + (f"-{n}" if size else "")
+    return slug, name, n
+
+
+def load_eval_examples(name: str, size: int, cfg):
+    from rlfr.eval_cli import load_eval_set
+
+    rows = load_eval_set(
+        name,
+        size,
+        cfg.data.task_seed,
+        cfg.data.problem_field,
+        cfg.data.answer_field,
+        dev_size=cfg.data.dev_size,
+    )
+    return rows[:size] if size else rows
+
+
+def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, verifier) -> dict:
+    """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached."""
     import torch
 
     from rlfr.config import to_dict
-    from rlfr.evaluation import evaluate
+    from rlfr.evaluation import evaluate, hf_completions, score_completions
     from rlfr.models import load_model, load_tokenizer
-    from rlfr.pipeline import resolve_data
-    from rlfr.verifier import Verifier
+    from rlfr.templates import render_prompt
 
     key = {
-        "model": to_dict(cfg.model),
-        "data": to_dict(cfg.data),
+        "model": model_dir,
+        "problems": [ex.id or ex.problem for ex in examples],
+        "template": cfg.data.template,
+        "max_new_tokens": cfg.eval_max_new_tokens,
+        "samples": samples,
         "seed": cfg.seed,
-        "eval_max_new_tokens": cfg.eval_max_new_tokens,
+        "model_cfg": to_dict(cfg.model),
     }
-    if (hit := _cached(out, key)) is not None:
-        return float(hit["accuracy"])
-    _, evals = resolve_data(cfg.data)
-    if not evals:
-        raise ValueError("rlfr compare needs a held-out set (data.eval is '')")
+    if (hit := _cached(path, key)) is not None:
+        return hit
+    t0 = time.time()
     device = "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device).eval()
-    with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as verifier:
-        res = evaluate(model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, verifier)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": key, "accuracy": res.accuracy, "n": res.n}, indent=2))
-    return res.accuracy
+    tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code).to(device).eval()
+    result = {"config": key}
+    res = evaluate(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier)
+    result["greedy"] = [int(r["correct"]) for r in res.records]
+    if samples:
+        prompts = [render_prompt(cfg.data.template, ex.problem, tok) for ex in examples]
+        torch.manual_seed(cfg.seed)  # the same sampling noise for every model
+        comps = hf_completions(model, tok, prompts, samples, cfg.eval_max_new_tokens, temperature=1.0)
+        sampled = score_completions(examples, prompts, comps, verifier)
+        counts = [0] * len(examples)
+        for r in sampled.records:
+            counts[r["index"]] += int(r["correct"])
+        result["sampled"] = counts
+    result["seconds"] = round(time.time() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
+def _curves(out_dir: Path) -> dict[str, list[float | None]]:
+    """Per-step training statistics from metrics.jsonl (the last row of a step wins after a resume)."""
+    from rlfr.metrics import read_metrics
+
+    by_step: dict[int, dict] = {}
+    for r in read_metrics(out_dir / "metrics.jsonl"):
+        if r.get("stage") == "train" and "reward" in r:
+            by_step[int(r["step"])] = r
+    steps = sorted(by_step)
+    return {k: [by_step[s].get(k) for s in steps] for k in CURVE_KEYS}
 
 
 def run_one(cfg, progress: bool) -> dict:
+    """Train (or resume, or reuse) one run; -> {"config", "model_dir", "curves", "seconds"}."""
+    from rlfr.checkpoint import latest_checkpoint
     from rlfr.config import to_dict
     from rlfr.engine import run_train
 
-    path = Path(cfg.out_dir) / "compare_result.json"
+    out = Path(cfg.out_dir)
+    path = out / "compare_result.json"
     config = to_dict(cfg)
     if (hit := _cached(path, config)) is not None:
         return hit
-    res = run_train(cfg, progress=progress)
-    if res["final_accuracy"] is None:
-        raise ValueError(f"run {cfg.out_dir} has no held-out accuracy (data.eval is '')")
-    rewards = [r["reward"] for r in res["history"] if "reward" in r]
-    result = {"config": config, "final_accuracy": res["final_accuracy"], "reward": rewards}
+    t0 = time.time()
+    resume = latest_checkpoint(out) is not None
+    if resume and json.loads((out / "config.json").read_text()) != config:
+        raise ValueError(f"{out} holds checkpoints of another configuration; remove it or use another --out")
+    res = run_train(cfg, progress=progress, resume=resume, final_eval=False)
+    result = {
+        "config": config,
+        "model_dir": res["model_dir"],
+        "curves": _curves(out),
+        "seconds": round(time.time() - t0, 1),
+    }
     path.write_text(json.dumps(result, indent=2))
     return result
 
 
 def curve_mean(curves: list[list[float]]) -> list[float]:
-    """Mean over seeds per step (over the runs that reached that step)."""
+    """Mean over seeds per step (over the runs that reached that step and logged a value)."""
     steps = max((len(c) for c in curves), default=0)
-    return [
-        sum(c[i] for c in curves if i < len(c)) / sum(1 for c in curves if i < len(c)) for i in range(steps)
-    ]
+    out = []
+    for i in range(steps):
+        vals = [c[i] for c in curves if i < len(c) and c[i] is not None]
+        out.append(sum(vals) / len(vals) if vals else None)
+    return out
+
+
+def compare_arms(a: dict[str, dict], b: dict[str, dict], samples: int) -> dict:
+    """a, b: seed -> eval record of one eval set. -> paired statistics (greedy, and sampled with samples > 0)."""
+    out = {}
+    kinds = [("greedy", 1)] + ([("sampled", samples)] if samples else [])
+    for kind, k in kinds:
+        va = [[x / k for x in r[kind]] for r in a.values()]
+        vb = [[x / k for x in r[kind]] for r in b.values()]
+        n = len(va[0])
+        ma = [sum(v[i] for v in va) / len(va) for i in range(n)]
+        mb = [sum(v[i] for v in vb) / len(vb) for i in range(n)]
+        d = paired_bootstrap(ma, mb, iters=10000, seed=0)
+        out[kind] = {"diff": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n}
+    tests = {}
+    for s in sorted(set(a) & set(b)):
+        m = mcnemar([bool(x) for x in a[s]["greedy"]], [bool(x) for x in b[s]["greedy"]])
+        tests[s] = {"n10": m.n10, "n01": m.n01, "p": m.p_value}
+    out["mcnemar_greedy"] = tests
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlfr.verifier import Verifier
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configs = {(m, s): run_config(args, m, s) for m in args.methods for s in args.seeds}  # fail fast on typos
-    ref = configs[(args.methods[0], args.seeds[0])]
-    methods: dict[str, dict] = {"base": {"seeds": {}, "reward": None}}
-    base = base_accuracy(ref, out / "base" / "accuracy.json")
-    for s in args.seeds:
-        methods["base"]["seeds"][str(s)] = base
-    for m in args.methods:
-        runs = {s: run_one(configs[(m, s)], progress=not args.no_progress) for s in args.seeds}
-        methods[m] = {
-            "seeds": {str(s): r["final_accuracy"] for s, r in runs.items()},
-            "reward": curve_mean([r["reward"] for r in runs.values()]),
-            "reward_per_seed": {str(s): r["reward"] for s, r in runs.items()},
+    arm_specs = arms(args)
+    configs = {
+        (name, s): run_config(args, method, s, name, extra)
+        for name, (method, extra, seeds) in arm_specs.items()
+        for s in seeds
+    }  # every config is built first: a typo fails before hours of training
+    ref = next(iter(configs.values()))
+    sets = {}
+    for spec in args.eval_sets:
+        slug, name, size = parse_eval_set(spec, ref.data.eval_size)
+        sets[slug] = (name, load_eval_examples(name, size, ref))
+    progress = not args.no_progress
+    evals: dict[str, dict[str, dict[str, dict]]] = {"base": {}}
+    runs: dict[str, dict[str, dict]] = {name: {} for name in arm_specs}
+    with Verifier(num_workers=ref.reward.workers, timeout=ref.reward.timeout) as verifier:
+        for slug, (_, examples) in sets.items():
+            path = out / "base" / f"eval_{slug}.json"
+            base = evaluate_model(args.start, ref, examples, args.eval_samples, path, verifier)
+            evals["base"][slug] = {str(s): base for s in args.seeds}
+        for name in arm_specs:
+            evals[name] = {slug: {} for slug in sets}
+        # seed by seed over the methods first, so that an interrupted study already holds paired runs
+        order = [(m, s) for s in args.seeds for m in args.methods]
+        order += [(n, s) for n, (_, _, seeds) in arm_specs.items() if n not in args.methods for s in seeds]
+        for name, s in order:
+            cfg = configs[(name, s)]
+            r = run_one(cfg, progress)
+            runs[name][str(s)] = r
+            for slug, (_, examples) in sets.items():
+                path = Path(cfg.out_dir) / f"eval_{slug}.json"
+                evals[name][slug][str(s)] = evaluate_model(
+                    r["model_dir"], cfg, examples, args.eval_samples, path, verifier
+                )
+    results = summarize(args, arm_specs, sets, runs, evals, ref)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_curves(results["arms"], out / "learning_curves.png")
+    plot_accuracy(results["methods"], out / "accuracy.png")
+    (out / "report.md").write_text(render_report(results))
+    print((out / "report.md").read_text())
+    return 0
+
+
+def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
+    k = args.eval_samples
+    first = next(iter(sets))
+    arms_out: dict[str, dict] = {}
+    for name in ["base", *arm_specs]:
+        entry: dict = {"eval": {}}
+        if name != "base":
+            method, extra, seeds = arm_specs[name]
+            entry |= {"method": method, "overrides": extra, "seeds": [str(s) for s in seeds]}
+            entry["curves"] = {
+                key: curve_mean([runs[name][str(s)]["curves"].get(key, []) for s in seeds])
+                for key in CURVE_KEYS
+            }
+            entry["minutes_per_run"] = round(
+                sum(runs[name][str(s)]["seconds"] for s in seeds) / len(seeds) / 60, 1
+            )
+        for slug in sets:
+            per_seed = evals[name][slug]
+            e = {"greedy": {s: sum(r["greedy"]) / len(r["greedy"]) for s, r in per_seed.items()}}
+            if k:
+                e["sampled"] = {s: sum(r["sampled"]) / (k * len(r["sampled"])) for s, r in per_seed.items()}
+            for kind in list(e):
+                e[f"{kind}_mean"], e[f"{kind}_std"] = mean_std(list(e[kind].values()))
+            entry["eval"][slug] = e
+        arms_out[name] = entry
+    paired_out: dict[str, dict] = {}
+    pairs = [(a, "rlvr") for a in arm_specs if a != "rlvr" and "rlvr" in arm_specs]
+    pairs += [(a, "base") for a in arm_specs]
+    for slug in sets:
+        paired_out[slug] = {f"{a} - {b}": compare_arms(evals[a][slug], evals[b][slug], k) for a, b in pairs}
+    # the first eval set's greedy accuracy per seed, in the layout of earlier versions
+    methods = {
+        name: {
+            "seeds": arms_out[name]["eval"][first]["greedy"],
+            "mean": arms_out[name]["eval"][first]["greedy_mean"],
+            "std": arms_out[name]["eval"][first]["greedy_std"],
+            "reward": arms_out[name].get("curves", {}).get("reward"),
         }
-    for entry in methods.values():
-        entry["mean"], entry["std"] = mean_std(list(entry["seeds"].values()))
+        for name in arms_out
+        if name == "base" or name in args.methods
+    }
     budget = {
         "steps": ref.steps,
         "prompts_per_step": ref.rollout.prompts_per_step,
@@ -165,24 +374,25 @@ def run(args: argparse.Namespace) -> int:
         "max_new_tokens": ref.rollout.max_new_tokens,
         "policy_lr": ref.policy.lr,
         "train_size": ref.data.train_size,
-        "eval_size": ref.data.eval_size,
         "eval_max_new_tokens": ref.eval_max_new_tokens,
+        "eval_samples": k,
         "template": ref.data.template,
     }
-    results = {
+    return {
         "command": command_line(args),
         "start": args.start,
         "flow": args.flow,
         "seeds": args.seeds,
         "budget": budget,
+        "eval_sets": {slug: {"data": name, "n": len(ex)} for slug, (name, ex) in sets.items()},
         "methods": methods,
+        "arms": arms_out,
+        "paired": paired_out,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_curves(methods, out / "learning_curves.png")
-    plot_accuracy(methods, out / "accuracy.png")
-    (out / "report.md").write_text(render_report(results))
-    print((out / "report.md").read_text())
-    return 0
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
 
 
 def render_report(results: dict) -> str:
@@ -193,21 +403,62 @@ def render_report(results: dict) -> str:
         f"Start model: `{results['start']}`"
         + (f"; RLFR flow: `{results['flow']}`" if results["flow"] else ""),
         "",
-        "Held-out greedy accuracy (%), mean ± std over seeds (sample std):",
-        "",
-        "| method | accuracy | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-        "|---|---|" + "---|" * len(seeds),
     ]
-    for name, e in results["methods"].items():
-        vals = [e["seeds"][s] for s in seeds]
-        lines.append(
-            f"| {name} | {format_mean_std(vals)} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |"
-        )
+    if "arms" not in results:  # the layout of earlier versions: greedy accuracy of one eval set
+        lines += [
+            "Held-out greedy accuracy (%), mean ± std over seeds (sample std):",
+            "",
+            "| method | accuracy | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|---|" + "---|" * len(seeds),
+        ]
+        for name, e in results["methods"].items():
+            vals = [e["seeds"][s] for s in seeds]
+            lines.append(
+                f"| {name} | {format_mean_std(vals)} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |"
+            )
+    else:
+        k = results["budget"].get("eval_samples", 0)
+        for slug, info in results["eval_sets"].items():
+            lines += [f"## {slug} ({info['n']} problems)", ""]
+            head = (
+                "| arm | greedy pass@1 (%) |"
+                + (f" sampled avg@{k} (%) |" if k else "")
+                + " per seed (greedy) |"
+            )
+            lines += [head, "|---|---|" + ("---|" if k else "") + "---|"]
+            for name, a in results["arms"].items():
+                e = a["eval"][slug]
+                row = f"| {name} | {format_mean_std(list(e['greedy'].values()))} |"
+                if k:
+                    row += f" {format_mean_std(list(e['sampled'].values()))} |"
+                row += " " + ", ".join(_pct(v) for v in e["greedy"].values()) + " |"
+                lines.append(row)
+            lines += [
+                "",
+                "Paired, problem by problem (difference of seed-averaged accuracy, percentage points, "
+                "bootstrap 95 % interval; McNemar's exact test per seed on greedy correctness):",
+                "",
+            ]
+            lines += ["| comparison | greedy | " + (f"avg@{k} | " if k else "") + "McNemar p (n10/n01) per seed |",
+                      "|---|---|" + ("---|" if k else "") + "---|"]  # fmt: skip
+            for pair, st in results["paired"][slug].items():
+                g = st["greedy"]
+                row = f"| {pair} | {100 * g['diff']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}] |"
+                if k:
+                    sm = st["sampled"]
+                    row += f" {100 * sm['diff']:+.1f} [{100 * sm['lo']:+.1f}, {100 * sm['hi']:+.1f}] |"
+                tests = ", ".join(
+                    f"{t['p']:.3f} ({t['n10']}/{t['n01']})" for t in st["mcnemar_greedy"].values()
+                )
+                lines.append(row + f" {tests} |")
+            lines.append("")
+        lines += ["Minutes per run (training, mean over seeds): "
+                  + ", ".join(f"{n} {a['minutes_per_run']}" for n, a in results["arms"].items() if "minutes_per_run" in a), ""]  # fmt: skip
     lines += ["", "Budget (identical for every RL run):", ""]
     lines += [f"- {k}: {v}" for k, v in results["budget"].items()]
     lines += [
         "",
-        "![training reward](learning_curves.png)",
+        "![training curves](learning_curves.png)",
         "",
         "![held-out accuracy](accuracy.png)",
         "",
@@ -221,27 +472,36 @@ def render_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(methods: dict, path: Path) -> None:
+def plot_curves(arms_out: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, e in methods.items():
-        if e["reward"]:
-            ax.plot(
-                range(1, len(e["reward"]) + 1),
-                e["reward"],
-                marker="o" if len(e["reward"]) < 30 else None,
-                label=name,
-            )
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("training reward (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    keys = [
+        k
+        for k in CURVE_KEYS
+        if any(any(v is not None for v in a.get("curves", {}).get(k, [])) for a in arms_out.values())
+    ]
+    if not keys:
+        keys = ["reward"]
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for name, a in arms_out.items():
+            ys = a.get("curves", {}).get(key, [])
+            pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=name, lw=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -258,7 +518,7 @@ def plot_accuracy(methods: dict, path: Path) -> None:
         [100 * methods[n]["mean"] for n in names],
         yerr=[100 * methods[n]["std"] for n in names],
         capsize=6,
-        color=["#999999", "#4C72B0", "#55A868", "#C44E52"][: len(names)],
+        color=["#999999", "#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974"][: len(names)],
     )
     for i, n in enumerate(names):
         ax.scatter(
@@ -268,7 +528,7 @@ def plot_accuracy(methods: dict, path: Path) -> None:
             s=10,
             zorder=3,
         )
-    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylabel("held-out greedy accuracy (%)")
     top = max(100 * (methods[n]["mean"] + methods[n]["std"]) for n in names)
     ax.set_ylim(0, max(5.0, 1.15 * top))
     ax.grid(alpha=0.3, axis="y")

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         nargs="+",
         required=True,
-        help=f"'embedded' (held-out split), a benchmark ({', '.join(BENCHMARKS)}) or a data file",
+        help="'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', a benchmark "
+        f"({', '.join(BENCHMARKS)}) or a data file",
     )
     p.add_argument("--out", default="runs/eval", help="output directory")
     p.add_argument("--template", default="chat", choices=TEMPLATES, help="prompt template")
@@ -51,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="embedded held-out problems (as data.eval_size in training)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed (embedded split and sampling)")
+    p.add_argument(
+        "--dev-size", type=int, default=0, help="embedded-dev: the dev split's size (data.dev_size)"
+    )
     p.add_argument("--problem-field", default="problem", help="data files: field holding the problem")
     p.add_argument("--answer-field", default="answer", help="data files: field holding the answer")
     p.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend")
@@ -63,15 +67,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_eval_set(
-    spec: str, eval_size: int, seed: int, problem_field: str = "problem", answer_field: str = "answer"
+    spec: str,
+    eval_size: int,
+    seed: int,
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    dev_size: int = 0,
 ) -> list[Example]:
     """'embedded' -> the held-out split ``rlfr train`` uses with this eval_size and seed; else a benchmark
     name or a data file."""
-    if spec == "embedded":
-        from rlfr.tasks import embedded_task
+    from rlfr.tasks import EMBEDDED_SETS, embedded_set
 
-        # the eval split is generated first and does not depend on train_size (rlfr.tasks.embedded_task)
-        return list(embedded_task(train_size=1, eval_size=eval_size, seed=seed).eval)
+    if spec in EMBEDDED_SETS:  # the eval split is generated first: it depends on eval_size and seed only
+        return list(embedded_set(spec, eval_size, seed, dev_size))
     if spec in BENCHMARKS:
         return list(load_benchmark(spec))
     if not Path(spec).exists():
@@ -85,7 +93,7 @@ def load_eval_set(
 
 
 def dataset_slug(spec: str) -> str:
-    name = spec if spec == "embedded" or spec in BENCHMARKS else Path(spec).stem
+    name = spec if spec.startswith("embedded") or spec in BENCHMARKS else Path(spec).stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
 
 
@@ -106,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--backend vllm is unavailable: {reason}; use --backend hf")
     sets = {}
     for spec in args.data:  # load every set first: a bad path fails before the model loads
-        rows = load_eval_set(spec, args.eval_size, args.seed, args.problem_field, args.answer_field)
+        rows = load_eval_set(
+            spec, args.eval_size, args.seed, args.problem_field, args.answer_field, dev_size=args.dev_size
+        )
         sets[dataset_slug(spec)] = (spec, rows[: args.limit] if args.limit > 0 else rows)
     seed_everything(args.seed)
     tok = load_tokenizer(args.model)

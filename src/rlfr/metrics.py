@@ -123,11 +123,18 @@ def plot_metrics(
 
 
 class Accum:
-    """Weighted running means of scalar statistics over micro-batches."""
+    """Weighted running means of scalar statistics over micro-batches, and paired samples (e.g. scores
+    with labels for an AUROC over the whole step)."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
+        self.samples: dict[str, tuple[list, list]] = {}
+
+    def add_samples(self, key: str, values: list, labels: list) -> None:
+        vs, ls = self.samples.setdefault(key, ([], []))
+        vs.extend(values)
+        ls.extend(labels)
 
     def add(self, key: str, value: float, weight: float = 1.0) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight
@@ -139,3 +146,22 @@ class Accum:
 
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+def reduce_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """Mean of each statistic over the processes that logged it. Processes may log different keys (a rank
+    whose rollouts were all wrong has no ``flow/loss_correct``), so the key sets are unioned first: a
+    collective over mismatched keys would hang or mix up values."""
+    if accelerator.num_processes == 1:
+        return {k: float(v) for k, v in stats.items()}
+    import torch
+    from accelerate.utils import gather_object
+
+    keys = sorted(set().union(*gather_object([sorted(stats)])))
+    vals = torch.tensor(
+        [float(stats.get(k, math.nan)) for k in keys], dtype=torch.float64, device=accelerator.device
+    )
+    present = ~torch.isnan(vals)
+    total = accelerator.reduce(torch.where(present, vals, 0.0), "sum")
+    count = accelerator.reduce(present.double(), "sum")
+    return {k: float(t / c) for k, t, c in zip(keys, total.tolist(), count.tolist()) if c > 0}

@@ -66,18 +66,20 @@ def _load_set(spec: str, data: DataConfig, need_solution: bool) -> list[Example]
 
 def resolve_data(data: DataConfig, need_solution: bool = False) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples; eval is [] when ``data.eval`` is ''. The embedded task's split depends on
-    ``data.task_seed`` only, so runs with different seeds share the same problems."""
-    train: list[Example]
-    evals: list[Example] = []
-    if data.train == "embedded" or data.eval == "embedded":
-        from rlfr.tasks import embedded_task
+    ``data.task_seed`` (and ``data.dev_size``) only, so runs with different seeds share the same problems."""
+    from rlfr.tasks import EMBEDDED_SETS, embedded_set, embedded_task
 
-        task = embedded_task(
-            train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed
-        )
-    train = task.train if data.train == "embedded" else _load_set(data.train, data, need_solution)
-    if data.eval == "embedded":
-        evals = task.eval
+    if data.train == "embedded":
+        train = embedded_task(
+            train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,
+            dev_size=data.dev_size,
+        ).train  # fmt: skip
+    else:
+        train = _load_set(data.train, data, need_solution)
+    evals: list[Example] = []
+    if data.eval in EMBEDDED_SETS:
+        size = max(data.eval_size, 1)
+        evals = embedded_set(data.eval, size, data.task_seed, data.dev_size)
     elif data.eval:
         evals = _load_set(data.eval, data, need_solution=False)
     if data.eval_size and len(evals) > data.eval_size:

@@ -9,12 +9,19 @@
 - ``auroc(scores, positive)``: probability that a random positive scores higher than a random negative,
   ties counting 1/2 (Mann-Whitney U / (n_pos n_neg)); None when one class is missing.
 - ``token_class(text)``: digits / operators / words / whitespace+punct, for the flow-reward statistics.
+- ``paired_bootstrap(a, b, iters, seed)``: mean of a - b over paired items (problems) with a percentile
+  bootstrap 95 % interval that resamples items (Efron & Tibshirani 1993, ch. 13); a and b are per-problem
+  scores (e.g. correctness averaged over seeds) of two methods on the same problems.
+- ``mcnemar(a, b)``: McNemar's exact test on paired 0/1 outcomes: the discordant counts n01 (a wrong, b
+  right) and n10, and the two-sided p-value of the binomial test of n10 against Bin(n01 + n10, 1/2).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 TOKEN_CLASSES = ("digits", "operators", "words", "whitespace/punct")
 OPERATORS = set("+-*/=^<>%×÷·−")
@@ -151,3 +158,54 @@ def token_reward_stats(
         "by_class": by_class,
         "spread": [summary(t) for t in order],
     }
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """mean(a - b) over n paired items and its bootstrap interval [lo, hi] (level ``level``)."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    level: float = 0.95
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], iters: int = 10000, seed: int = 0, level: float = 0.95
+) -> PairedDiff:
+    """Percentile bootstrap of the mean paired difference, resampling items with replacement."""
+    if len(a) != len(b) or not a:
+        raise ValueError(
+            f"paired_bootstrap needs two equally long non-empty sequences, got {len(a)}, {len(b)}"
+        )
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(d)
+    rng = random.Random(seed)
+    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(iters))
+    lo_i = int(math.floor((1 - level) / 2 * iters))
+    hi_i = min(iters - 1, int(math.ceil((1 + level) / 2 * iters)) - 1)
+    return PairedDiff(mean=sum(d) / n, lo=means[lo_i], hi=means[hi_i], n=n, level=level)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Discordant pairs: n10 = a right and b wrong, n01 = a wrong and b right; exact two-sided p-value."""
+
+    n10: int
+    n01: int
+    p_value: float
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
+    """McNemar's exact test on paired binary outcomes (e.g. two methods' correctness per problem)."""
+    if len(a) != len(b):
+        raise ValueError(f"mcnemar needs paired outcomes, got {len(a)} and {len(b)}")
+    n10 = sum(1 for x, y in zip(a, b) if x and not y)
+    n01 = sum(1 for x, y in zip(a, b) if y and not x)
+    n = n10 + n01
+    if n == 0:
+        return McNemar(n10, n01, 1.0)
+    k = min(n10, n01)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n  # P(X <= k), X ~ Bin(n, 1/2)
+    return McNemar(n10, n01, min(1.0, 2 * tail))

@@ -31,7 +31,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = field_("embedded", "'embedded' (reasoning-gym task), a benchmark name, or a data file")
-    eval: str = field_("embedded", "held-out set: 'embedded', a benchmark name, a file, or '' for none")
+    eval: str = field_(
+        "embedded",
+        "held-out set: 'embedded' (held-out split), 'embedded-dev' (tuning split), 'embedded-transfer' "
+        "(longer problems), a benchmark name, a file, or '' for none",
+    )
     problem_field: str = field_("problem", "field holding the problem text")
     answer_field: str = field_("answer", "field holding the ground-truth answer (string or list)")
     solution_field: str | None = field_(None, "field holding a worked solution (SFT / flow pretraining)")
@@ -44,11 +48,14 @@ class DataConfig:
         "different seeds share one train / held-out split)",
     )
     eval_size: int = field_(64, "embedded task / any eval set: number of held-out problems used (0 = all)")
+    dev_size: int = field_(
+        0, "embedded task: problems held out for tuning (data.eval=embedded-dev); training never sees them"
+    )
     max_prompt_tokens: int = field_(512, "prompts longer than this are rejected with an error")
 
     def validate(self) -> None:
-        if self.train_size <= 0 or self.eval_size < 0 or self.max_prompt_tokens <= 0:
-            raise ConfigError("train_size and max_prompt_tokens must be > 0, eval_size >= 0")
+        if self.train_size <= 0 or self.eval_size < 0 or self.max_prompt_tokens <= 0 or self.dev_size < 0:
+            raise ConfigError("train_size and max_prompt_tokens must be > 0, eval_size and dev_size >= 0")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,20 @@
 """The embedded procedural task: short arithmetic problems from reasoning-gym, with worked solutions.
 
-Contract: ``embedded_task(train_size, eval_size, seed, generators, configs) -> TaskSplits(train, eval)``.
+Contract: ``embedded_task(train_size, eval_size, seed, generators, configs, dev_size) -> TaskSplits(train,
+eval, dev)`` and ``transfer_task(size, seed) -> list[Example]``; ``embedded_set(name, ...)`` gives one of
+``EMBEDDED_SETS`` by name (``embedded``: the held-out split, ``embedded-dev``: the tuning split,
+``embedded-transfer``: the transfer task).
 
 - Problems come from reasoning-gym generators (default ``basic_arithmetic`` and ``chain_sum`` with 2-3
   terms of 1-2 digits; ``gsm_symbolic`` is also supported). Sizes are split evenly over the generators
   (remainder to the first) and the result is shuffled with ``seed``.
-- Splits come from disjoint reasoning-gym seeds (train ``2*seed``, eval ``2*seed+1``) AND are
-  de-duplicated by problem text: no eval problem appears in train, no problem twice in a split.
+- Splits come from disjoint reasoning-gym seeds (train ``2*seed``, eval ``2*seed+1``, dev
+  ``2*seed+1 + 10**6``) AND are de-duplicated by problem text: no eval or dev problem appears in train, no
+  problem twice in a split. Eval is generated first, so it depends on ``eval_size`` and ``seed`` only; the
+  dev split (``dev_size > 0``, default 0) is for choosing settings without touching eval; with
+  ``dev_size = 0`` the splits are exactly those of earlier versions.
+- The transfer task (``transfer_task``): problems of the same family that no run trains on and that need
+  more steps: ``chain_sum`` with 4 terms and ``basic_arithmetic`` with 3 terms (+ and -), 1-2 digits each.
 - Every Example has a short worked ``solution`` ending in ``\\boxed{answer}``, for the supervised
   cold-start stage (a 135M model cannot produce boxed answers without it). For arithmetic the steps are
   computed here from the expression (safe ``ast`` walk, no ``eval``) and the last step is asserted to
@@ -43,9 +51,20 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
+EMBEDDED_SETS = ("embedded", "embedded-dev", "embedded-transfer")
+TRANSFER_CONFIGS: dict[str, dict[str, Any]] = {
+    "chain_sum": dict(min_terms=4, max_terms=4, min_digits=1, max_digits=2),
+    "basic_arithmetic": dict(
+        min_terms=3, max_terms=3, min_digits=1, max_digits=2, operators=("+", "-"),
+        allow_parentheses=False, allow_negation=False,
+    ),
+}  # fmt: skip
+
+
 class TaskSplits(NamedTuple):
     train: list[Example]
     eval: list[Example]
+    dev: list[Example] = []
 
 
 def _fmt(x: Fraction) -> str:
@@ -134,14 +153,18 @@ def embedded_task(
     seed: int = 0,
     generators: tuple[str, ...] = ("basic_arithmetic", "chain_sum"),
     configs: dict[str, dict[str, Any]] | None = None,
+    dev_size: int = 0,
 ) -> TaskSplits:
-    """Train/eval splits of the embedded task (see module docstring). ``configs`` overrides the default
+    """Train/eval(/dev) splits of the embedded task (see module docstring). ``configs`` overrides the default
     reasoning-gym config per generator, e.g. ``{"chain_sum": {"max_terms": 4}}``."""
     if not generators:
         raise ValueError("embedded_task needs at least one generator")
-    splits = {}
-    seen: set[str] = set()  # eval first, so that train excludes every eval problem
-    for split, size, split_seed in (("eval", eval_size, 2 * seed + 1), ("train", train_size, 2 * seed)):
+    splits = {"dev": []}
+    seen: set[str] = set()  # eval (and dev) first, so that train excludes every held-out problem
+    order = [("eval", eval_size, 2 * seed + 1)]
+    if dev_size > 0:
+        order.append(("dev", dev_size, 2 * seed + 1 + 10**6))
+    for split, size, split_seed in (*order, ("train", train_size, 2 * seed)):
         examples: list[Example] = []
         for k, gen in enumerate(generators):
             n = size // len(generators) + (size % len(generators) if k == 0 else 0)
@@ -149,4 +172,32 @@ def embedded_task(
             examples += _generate(gen, n, split_seed, seen, split, config)
         random.Random(split_seed).shuffle(examples)
         splits[split] = examples
-    return TaskSplits(train=splits["train"], eval=splits["eval"])
+    return TaskSplits(train=splits["train"], eval=splits["eval"], dev=splits["dev"])
+
+
+def transfer_task(size: int, seed: int = 0) -> list[Example]:
+    """The transfer task: longer problems of the same family (module docstring), from its own seeds."""
+    gens = tuple(TRANSFER_CONFIGS)
+    out: list[Example] = []
+    seen: set[str] = set()
+    for k, gen in enumerate(gens):
+        n = size // len(gens) + (size % len(gens) if k == 0 else 0)
+        out += _generate(gen, n, 2 * seed + 1 + 2 * 10**6, seen, "transfer", TRANSFER_CONFIGS[gen])
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def embedded_set(name: str, size: int, seed: int = 0, dev_size: int = 0) -> list[Example]:
+    """One of ``EMBEDDED_SETS``: the held-out split (``size`` problems), the dev split (``dev_size``
+    problems; ``size`` is the held-out size it is disjoint from) or ``size`` transfer problems."""
+    if name == "embedded":
+        return embedded_task(train_size=1, eval_size=size, seed=seed).eval
+    if name == "embedded-dev":
+        if dev_size < 1:
+            raise ValueError(
+                "the dev split needs data.dev_size > 0 (and training runs with the same dev_size)"
+            )
+        return embedded_task(train_size=1, eval_size=size, seed=seed, dev_size=dev_size).dev
+    if name == "embedded-transfer":
+        return transfer_task(size, seed)
+    raise ValueError(f"unknown embedded set {name!r}; valid: {', '.join(EMBEDDED_SETS)}")

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlfr.advantages import entropy_advantage, group_advantages, kl_rewards, token_advantages
+from rlfr.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
 from rlfr.flow import build_pairs, pair_counts, per_sequence_mean, token_scores
 from rlfr.losses import kl_penalty, policy_loss
-from rlfr.metrics import Accum
+from rlfr.metrics import Accum, reduce_stats
 from rlfr.online_flow import above_quantile, online_flow_loss, rollout_weights
 from rlfr.optim import optimizer_step
 from rlfr.rollout import Rollout, generate, policy_forward
@@ -131,7 +131,7 @@ class RLTrainer:
                 "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t0, 1e-9),
             }
         )
-        return self.acc.reduce({k: torch.tensor(v, device=dev) for k, v in stats.items()}, reduction="mean")
+        return reduce_stats(self.acc, stats)
 
     def accuracy_filter(self, correct: torch.Tensor, n: int) -> torch.Tensor | None:
         """(B,) bool rows of groups whose accuracy is inside the bounds, or None when the filter is off.
@@ -184,6 +184,13 @@ class RLTrainer:
             else:
                 self.flow_opt.zero_grad(set_to_none=True)
         out = acc.means()
+        if "flow_score/auroc" in acc.samples:  # do the flow's scores separate correct from wrong rollouts?
+            from rlfr.report import auroc
+
+            scores, correct = acc.samples["flow_score/auroc"]
+            auc = auroc([-x for x in scores], correct)  # lower deviation = correct
+            if auc is not None:
+                out["flow_score/auroc"] = auc
         out["time/update"] = t_flow - t_upd
         out["time/flow"] = self.flow_seconds
         out["policy/lr"] = self.policy_sched.get_last_lr()[0]
@@ -201,8 +208,7 @@ class RLTrainer:
                 ref_logp, _ = forward_logprobs(self.ref, ro, False)
         if fixed is None:  # single pass: rewards and old log-probs come from this very forward
             old_logp = logp.detach()
-            adv, flow_stats = self.advantages(batch, rows, ro, ent, old_logp, ref_logp)
-            acc.add_dict(flow_stats)
+            adv = self.advantages(batch, rows, ro, ent, old_logp, ref_logp, acc)
         else:
             adv, old_logp = fixed["adv"][rows], fixed["old_logp"][rows]
         if self.uses_flow and cfg.flow.update and fixed is None:
@@ -232,12 +238,13 @@ class RLTrainer:
         ent: torch.Tensor,
         logp: torch.Tensor,
         ref_logp: torch.Tensor | None,
-    ):
-        """Token advantages of rows -> ((b, T), flow statistics): A_k = A_o + sum_{s >= k} r_s with r the
-        shaped flow rewards (rlfr) plus, with ``kl_mode=reward``, -kl_coef * k1 per token (the authors'
-        RLVR baseline puts its KL there)."""
+        acc: Accum,
+    ) -> torch.Tensor:
+        """Token advantages of rows (b, T): A_k = A_o + sum_{s >= k} r_s with r the shaped flow rewards
+        (rlfr) plus, with ``kl_mode=reward``, -kl_coef * k1 per token (the authors' RLVR baseline puts its
+        KL there). Logs the flow statistics into ``acc``."""
         cfg, mask = self.cfg, ro.response_mask
-        token_rewards, stats = None, {}
+        token_rewards = None
         if self.uses_flow:
             scores = token_scores(
                 self.acc.unwrap_model(self.flow),
@@ -253,19 +260,28 @@ class RLTrainer:
             token_rewards = shape_flow_rewards(
                 scores.scores, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma
             )
-            nz = token_rewards != 0
-            stats = {
-                "flow_reward/mean": token_rewards.sum().item() / max(int(mask.sum()), 1),
-                "flow_reward/nonzero_frac": nz.sum().item() / max(int(mask.sum()), 1),
-                "flow_score/mean": scores.scores[scores.valid].mean().item() if scores.valid.any() else 0.0,
-            }
+            n_tok = max(int(mask.sum()), 1)
+            acc.add("flow_reward/mean", token_rewards.sum().item() / n_tok)
+            acc.add("flow_reward/nonzero_frac", (token_rewards != 0).sum().item() / n_tok)
+            if scores.valid.any():
+                acc.add("flow_score/mean", scores.scores[scores.valid].mean().item())
+            rtg = reward_to_go(token_rewards, mask)  # the flow term of the advantage, next to |A_o|
+            acc.add("adv/flow_abs", rtg.abs().sum().item() / n_tok, weight=n_tok)
+            has = scores.valid.any(1)  # the sequence score: mean deviation over its scored tokens
+            seq = (scores.scores * scores.valid).sum(1) / scores.valid.sum(1).clamp(min=1)
+            acc.add_samples("flow_score/auroc", seq[has].tolist(), batch.correct[rows][has].tolist())
+        live = mask.any(1)
+        if live.any():
+            acc.add(
+                "adv/outcome_abs", batch.outcome_adv[rows][live].abs().mean().item(), weight=int(live.sum())
+            )
         if cfg.policy.kl_mode == "reward" and ref_logp is not None:
             kl_r = kl_rewards(logp, ref_logp, mask, cfg.policy.kl_coef)
             token_rewards = kl_r if token_rewards is None else token_rewards + kl_r
         adv = token_advantages(batch.outcome_adv[rows], token_rewards, mask)
         if cfg.method == "entropy":
             adv = entropy_advantage(adv, ent, mask, cfg.policy.entropy_alpha, cfg.policy.entropy_kappa)
-        return adv, stats
+        return adv
 
     def latents(self, mask: torch.Tensor) -> torch.Tensor:
         """The tapped latents of the latest forward, standardised per layer when configured: (L, b, T, d)."""
@@ -343,8 +359,7 @@ class RLTrainer:
                 if self.ref is not None:
                     with self.tap.paused() if self.tap else _null():
                         ref_logp, _ = forward_logprobs(self.ref, ro, False)
-            adv, stats = self.advantages(batch, rows, ro, ent, logp, ref_logp)
-            acc.add_dict(stats)
+            adv = self.advantages(batch, rows, ro, ent, logp, ref_logp, acc)
             if self.uses_flow and self.cfg.flow.update:
                 self.flow_micro_step(batch, rows, ro, ent, acc)
             old.append(logp)

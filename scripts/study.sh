@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The RLFR vs RLVR study of docs/results/study/PROTOCOL.md, as one command. Every step is skipped when its
+# output exists and an interrupted RL run resumes from its last checkpoint, so rerunning continues the study.
+#   bash scripts/study.sh                  # writes runs/study/ (report: runs/study/main/report.md)
+#   STUDY_OUT=dir DEMO_DIR=dir bash scripts/study.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+RLFR=${RLFR:-.venv/bin/rlfr}
+PY=${PY:-.venv/bin/python}
+OUT=${STUDY_OUT:-runs/study}
+DEMO=${DEMO_DIR:-runs/demo}
+mkdir -p "$OUT"
+
+# 1. The start model and flow: the demo's SFT model and its pretrained flow.
+[ -f "$DEMO/summary.json" ] || $RLFR demo --out "$DEMO" --no-progress
+START=$DEMO/sft/model
+FLOW=$DEMO/flow_pretrain/flow
+
+COMMON=(data.train_size=1024 data.dev_size=200 data.eval_size=500 rollout.prompts_per_step=8
+  rollout.num_generations=4 rollout.max_new_tokens=40 rollout.batch_size=32 policy.micro_batch_size=32
+  flow.warmup_ratio=0 eval_max_new_tokens=48 save_every=8 policy.track_kl=true)
+
+# 2. The token_pre flow of the context-mode ablation: the demo's flow stage with token_pre.
+if [ ! -f "$OUT/flow_token_pre/flow/latents.json" ]; then
+  $PY -c "import json,sys; json.dump(json.load(open('$DEMO/demo_config.json'))['flow'], sys.stdout)" \
+    > "$OUT/flow_pretrain_demo.json"
+  $RLFR flow-pretrain --config "$OUT/flow_pretrain_demo.json" "flow.modes=[token_pre]" \
+    "out_dir=$OUT/flow_token_pre"
+fi
+
+# 3. The learning rate, chosen once for RLVR on the dev split (seed 0).
+LRS=(5e-6 1e-5 2e-5)
+for lr in "${LRS[@]}"; do
+  $RLFR compare --start "$START" --methods rlvr --seeds 0 --steps 48 --eval-sets embedded-dev \
+    --out "$OUT/lr_$lr" --no-progress "${COMMON[@]}" "policy.lr=$lr" > "$OUT/lr_$lr.log" 2>&1
+done
+LR=$($PY - "$OUT" "${LRS[@]}" <<'EOF'
+import json, sys
+out, lrs = sys.argv[1], sys.argv[2:]
+acc = {lr: json.load(open(f"{out}/lr_{lr}/results.json"))["arms"]["rlvr"]["eval"]["embedded-dev"]["greedy_mean"]
+       for lr in lrs}
+best = max(sorted(lrs, key=float), key=lambda lr: acc[lr])  # ties: the smaller lr (max keeps the first)
+json.dump({"dev_greedy_accuracy": acc, "chosen": best}, open(f"{out}/chosen_lr.json", "w"), indent=2)
+print(best)
+EOF
+)
+echo "learning rate chosen on the dev split: $LR (runs/study/chosen_lr.json)"
+
+# 4. The main comparison and the ablations.
+$RLFR compare --start "$START" --flow "$FLOW" --methods rlvr rlfr entropy --seeds 0 1 2 --steps 48 \
+  --eval-sets embedded embedded-transfer:200 --eval-samples 4 \
+  --ablation beta0.005 rlfr flow.reward.beta=0.005 \
+  --ablation beta0.05 rlfr flow.reward.beta=0.05 \
+  --ablation token_pre rlfr "flow.modes=[token_pre]" "flow.init=$OUT/flow_token_pre/flow" \
+  --ablation frozen rlfr flow.update=false \
+  --ablation-seeds 0 --out "$OUT/main" --no-progress "${COMMON[@]}" "policy.lr=$LR"
