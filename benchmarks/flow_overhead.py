@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from rlfr.flow import FlowField, build_pairs, flow_matching_loss, token_scores
-from rlfr.latents import LatentTap
+from rlfr.policy.latents import LatentTap
 
 MODELS = {
     "tiny": dict(

@@ -21,8 +21,8 @@ import torch
 
 def build(method: str, args):
     from rlfr.config import load_config
-    from rlfr.engine import build_rl
-    from rlfr.pipeline import make_accelerator
+    from rlfr.recipes.train import build_components
+    from rlfr.runtime.env import make_accelerator
     from rlfr.schema import TrainConfig
 
     cfg = load_config(
@@ -43,7 +43,7 @@ def build(method: str, args):
             "out_dir=/tmp/rlfr-bench",
         ],
     )
-    return build_rl(cfg, make_accelerator(cpu=args.cpu))
+    return build_components(cfg, make_accelerator(cpu=args.cpu))
 
 
 def main() -> None:
@@ -63,6 +63,8 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    from rlfr.rl.step import rl_step
+
     trainers = {m: build(m, args) for m in ("rlvr", "rlfr")}
     times: dict[str, dict[str, list[float]]] = {
         m: {"step": [], "update": [], "tps": [], "len": []} for m in trainers
@@ -70,11 +72,11 @@ def main() -> None:
     for rep in range(args.repeats + 1):
         order = ("rlvr", "rlfr") if rep % 2 == 0 else ("rlfr", "rlvr")
         for m in order:
-            tr, data = trainers[m]
+            c, data = trainers[m]
             idx = list(range(rep * args.prompts, (rep + 1) * args.prompts))
             torch.manual_seed(1000 + rep)
             t = time.perf_counter()
-            stats = tr.step([data["train"][i] for i in idx], [data["prompts"][i] for i in idx])
+            stats = rl_step(c, rep, [data.train[i] for i in idx], [data.prompts[i] for i in idx])
             wall = time.perf_counter() - t
             if rep == 0:
                 continue  # warm-up
@@ -82,8 +84,8 @@ def main() -> None:
             times[m]["update"].append(float(stats["time/update"]))
             times[m]["tps"].append(float(stats["rollout_tokens_per_s"]))
             times[m]["len"].append(float(stats["response_len"]))
-    for tr, _ in trainers.values():
-        tr.verifier.close()
+    for c, _ in trainers.values():
+        c.reward.verifier.close()
     med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in times.items()}
     print(
         f"\nmodel {args.model}, {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "

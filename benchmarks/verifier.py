@@ -6,7 +6,7 @@ Reproduce (from the repository root, with ../shared/data/benchmarks present):
 
 Items: MATH-500 ground truths written as ``\\boxed{...}`` in a sentence, half checked against their own
 answer (mostly decided by the in-process fast path) and half against another row's answer (mostly sent to
-math-verify). "loop" is what ``rlfr.verifier.verify`` does: one check at a time on a pool. For each
+math-verify). "loop" is what ``rlfr.reward.verifier.verify`` does: one check at a time on a pool. For each
 setting one pool is started and given one untimed pass over the items (it starts every worker and fills
 math-verify's parse caches, as in RL where each ground truth is checked G times per step); then
 ``--runs`` timed passes follow and the median rate (checks per second) is reported.
@@ -20,7 +20,7 @@ import statistics
 import time
 
 from rlfr.data import load_benchmark
-from rlfr.verifier import Verifier
+from rlfr.reward.verifier import Verifier
 
 
 def items(n: int) -> tuple[list[str], list]:

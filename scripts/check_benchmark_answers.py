@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from rlfr.data import BENCHMARKS, find_benchmark, load_examples
-from rlfr.verifier import Verifier
+from rlfr.reward.verifier import Verifier
 
 
 def check(

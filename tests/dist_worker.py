@@ -20,28 +20,28 @@ def digest(module: torch.nn.Module) -> str:
 
 
 def main() -> None:
-    from rlfr import engine
     from rlfr.config import load_config
+    from rlfr.recipes import train
     from rlfr.schema import TrainConfig
 
     cfg = load_config(TrainConfig, overrides=sys.argv[1:])
     captured = {}
-    original = engine.build_rl
+    original = train.build_components
 
     def build_and_keep(cfg, acc):
-        tr, data = original(cfg, acc)
-        captured["tr"] = tr
-        return tr, data
+        c, data = original(cfg, acc)
+        captured["c"] = c
+        return c, data
 
-    engine.build_rl = build_and_keep
-    engine.run_train(cfg, progress=False)
-    tr = captured["tr"]
-    acc = tr.acc
+    train.build_components = build_and_keep
+    train.run_train(cfg, progress=False)
+    c = captured["c"]
+    acc = c.acc
     out = {
         "rank": acc.process_index,
         "world": acc.num_processes,
-        "policy": digest(acc.unwrap_model(tr.policy)),
-        "flow": digest(acc.unwrap_model(tr.flow)),
+        "policy": digest(acc.unwrap_model(c.policy)),
+        "flow": digest(acc.unwrap_model(c.flow.field)),
     }
     Path(cfg.out_dir, f"digest_rank{acc.process_index}.json").write_text(json.dumps(out))
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlfr.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
+from rlfr.rl.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
 
 T = True
 F = False

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from rlfr import compare
 from rlfr.cli import main
-from rlfr.inspect import compute_stats, render_html
-from rlfr.report import TOKEN_CLASSES
+from rlfr.eval.stats import TOKEN_CLASSES
+from rlfr.recipes import compare
+from rlfr.recipes.inspect_flow import compute_stats, render_html
 from tiny_run import make_tiny_model_dir
 
 TINY = [
@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory):
 def tiny_run(tiny_dir, tmp_path_factory):
     """A one-step RLFR run on the tiny model: <out>/checkpoints/step_000001 with policy/ and flow/."""
     from rlfr.config import load_config
-    from rlfr.engine import run_train
+    from rlfr.recipes.train import run_train
     from rlfr.schema import TrainConfig
 
     out = tmp_path_factory.mktemp("run")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlfr.data import BENCHMARKS, DataError, Example, benchmark_search_dirs, load_benchmark, load_examples
+from rlfr.data import BENCHMARKS, DataError, Example, load_benchmark, load_examples
+from rlfr.data.benchmarks import benchmark_search_dirs
 
 ROWS = [
     {"id": "a", "problem": "1+1?", "answer": "2"},

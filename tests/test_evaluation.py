@@ -11,8 +11,8 @@ import pytest
 
 from rlfr.cli import main
 from rlfr.data import Example
-from rlfr.evaluation import Completions, evaluate, score_completions
-from rlfr.report import (
+from rlfr.eval.scoring import Completions, evaluate, score_completions
+from rlfr.eval.stats import (
     TOKEN_CLASSES,
     auroc,
     avg_at_k,
@@ -23,7 +23,7 @@ from rlfr.report import (
     token_class,
     token_reward_stats,
 )
-from rlfr.verifier import Verifier
+from rlfr.reward.verifier import Verifier
 from tiny_run import make_tiny_model_dir
 
 
@@ -203,7 +203,7 @@ def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
     assert entry["pass@1"] == sum(r["correct"] for r in rows) / 3
     # the CLI's greedy pass is the trainer's evaluate(): same completions
     from rlfr.data import load_examples
-    from rlfr.models import load_model, load_tokenizer
+    from rlfr.policy.loading import load_model, load_tokenizer
 
     with Verifier(num_workers=1) as v:
         ref = evaluate(
@@ -256,7 +256,7 @@ def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
 
 def test_eval_cli_errors(tiny_dir, tmp_path):
     assert main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
-    from rlfr.evaluation import vllm_available
+    from rlfr.eval.scoring import vllm_available
 
     if vllm_available() is not None:  # no vllm or no GPU: a clear error, not a silent fallback to hf
         assert main(["eval", "--model", str(tiny_dir), "--data", "embedded", "--backend", "vllm"]) == 2

@@ -13,7 +13,7 @@ import torch
 
 from helpers import TINY_ARCHS, enable_checkpointing, tiny_batch, tiny_model
 from rlfr.flow import FlowField, build_pairs, flow_matching_loss
-from rlfr.latents import LatentTap
+from rlfr.policy.latents import LatentTap
 
 SEQ = 12
 

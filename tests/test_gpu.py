@@ -71,7 +71,7 @@ def _field(device, dim: int = 32):
 
 def _flow_step(device, reentrant: bool, use_lm: bool, use_flow: bool):
     from rlfr.flow import build_pairs, flow_matching_loss
-    from rlfr.latents import LatentTap
+    from rlfr.policy.latents import LatentTap
 
     model = tiny_model("qwen2").to(device, torch.bfloat16)
     enable_checkpointing(model, reentrant)
@@ -139,7 +139,7 @@ def resume_runs(tmp_path_factory):
     """(full, part, model_dir): an uninterrupted 2-step rlfr run and one stopped after step 1 then resumed."""
     if not _has_cuda():
         pytest.skip("needs a CUDA device")
-    from rlfr.engine import run_train
+    from rlfr.recipes.train import run_train
     from tiny_run import make_tiny_model_dir
 
     before = (
@@ -153,7 +153,7 @@ def resume_runs(tmp_path_factory):
         full, part = root / "full", root / "part"
         res = run_train(_cfg(model_dir, full, "steps=2", "method=rlfr"), progress=False)
         stopped = run_train(_cfg(model_dir, part, "steps=2", "method=rlfr"), progress=False, stop_after=1)
-        assert stopped["stopped_at"] == 1
+        assert stopped.stopped_at == 1
         assert not (part / "checkpoints" / "step_000002").exists()
         torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
         torch.cuda.manual_seed_all(12345)
@@ -186,7 +186,7 @@ def test_run_train_on_cuda_trains(resume_runs):
     for r in steps:
         for key in ("flow/loss_wrong", "flow_reward/mean", "policy/kl", "policy/entropy"):
             assert key in r and r[key] == r[key], key  # present and not NaN
-    assert res["final_accuracy"] is not None
+    assert res.final_accuracy is not None
     policy, flow = _final_weights(full, 2)
     init = load_file(str(model_dir / "model.safetensors"))
     assert any(not torch.equal(policy[k], init[k]) for k in policy), "training changed nothing"
@@ -238,8 +238,8 @@ def test_resumed_run_is_bit_identical_on_cuda(resume_runs):
 
 def _forward_and_scores(device, dtype):
     from rlfr.flow import token_scores
-    from rlfr.latents import LatentTap
-    from rlfr.rollout import policy_forward
+    from rlfr.policy.forward import policy_forward
+    from rlfr.policy.latents import LatentTap
 
     model = tiny_model("qwen2").to(device, dtype)
     tap = LatentTap(model)

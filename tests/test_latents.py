@@ -1,4 +1,4 @@
-"""rlfr.latents: block lookup, block indices, and one detached capture per block per top-level forward."""
+"""rlfr.policy.latents: block lookup, block indices, and one detached capture per block per top-level forward."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from helpers import TINY_ARCHS, enable_checkpointing, tiny_batch, tiny_model
-from rlfr.latents import LatentTap, block_indices, decoder_blocks
+from rlfr.policy.latents import LatentTap, block_indices, decoder_blocks
 
 # ---------------------------------------------------------------- block_indices
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlfr.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, policy_loss
+from rlfr.rl.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, policy_loss
 
 T = True
 F = False

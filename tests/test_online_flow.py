@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlfr.flow import FlowField, build_pairs, pair_counts
-from rlfr.online_flow import above_quantile, online_flow_loss, rollout_weights
+from rlfr.flow.online import above_quantile, online_flow_loss, rollout_weights
 
 
 def _setup(seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from rlfr.optim import build_optimizer, lr_lambda, optimizer_step
+from rlfr.runtime.optim import build_optimizer, lr_lambda, optimizer_step
 
 
 def test_lr_lambda_hand_worked():

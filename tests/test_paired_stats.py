@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rlfr.report import mcnemar, paired_bootstrap
+from rlfr.eval.stats import mcnemar, paired_bootstrap
 
 
 def test_mcnemar_hand_worked():

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from rlfr.rewards import CombinedReward, build_reward, check_scores, load_reward_fn
-from rlfr.verifier import Verifier
+from rlfr.reward.functions import CombinedReward, build_reward, check_scores, load_reward_fn
+from rlfr.reward.verifier import Verifier
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_builtins(verifier):
 
 
 def test_import_spec():
-    fn = load_reward_fn("rlfr.rewards:format_rewards")
+    fn = load_reward_fn("rlfr.reward.functions:format_rewards")
     assert fn(COMPLETIONS, ANSWERS) == [1.0, 1.0, 0.0]
 
 
@@ -33,8 +33,8 @@ def test_import_spec():
     [
         ("nope", "unknown reward 'nope'"),
         ("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
-        ("rlfr.rewards:missing", "has no attribute 'missing'"),
-        ("rlfr.rewards:BUILTINS", "not callable"),
+        ("rlfr.reward.functions:missing", "has no attribute 'missing'"),
+        ("rlfr.reward.functions:BUILTINS", "not callable"),
     ],
 )
 def test_bad_specs(spec, match):

@@ -5,9 +5,9 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from rlfr.tasks import arithmetic_steps, embedded_task
-from rlfr.templates import SYSTEM_PROMPT, TEMPLATES, render_prompt
-from rlfr.verifier import Verifier
+from rlfr.data.tasks import arithmetic_steps, embedded_task
+from rlfr.data.templates import SYSTEM_PROMPT, TEMPLATES, render_prompt
+from rlfr.reward.verifier import Verifier
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -98,7 +98,7 @@ def test_bad_generator():
 
 
 def test_dev_split_and_transfer_task():
-    from rlfr.tasks import embedded_set, embedded_task
+    from rlfr.data.tasks import embedded_set, embedded_task
 
     plain = embedded_task(train_size=200, eval_size=40, seed=0)
     with_dev = embedded_task(train_size=200, eval_size=40, seed=0, dev_size=30)

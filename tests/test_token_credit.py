@@ -16,9 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlfr.advantages import token_advantages
 from rlfr.flow import FlowField, build_pairs, pair_counts, token_scores
-from rlfr.shaping import shape_flow_rewards
+from rlfr.rl.advantages import token_advantages
+from rlfr.rl.shaping import shape_flow_rewards
 
 J = 5  # the outlier's position in row 0
 CONTEXT = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)

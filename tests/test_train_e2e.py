@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlfr.config import ConfigError, load_config
-from rlfr.engine import run_train
+from rlfr.recipes.train import run_train
 from rlfr.schema import TrainConfig
 from tiny_run import make_tiny_model_dir, tiny_train_config
 
@@ -36,7 +36,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_dir, tmp_path, method
     run_train(_cfg(tiny_dir, full, "steps=4", f"method={method}"), progress=False)
     part = tmp_path / "part"
     stopped = run_train(_cfg(tiny_dir, part, "steps=4", f"method={method}"), progress=False, stop_after=2)
-    assert stopped["stopped_at"] == 2
+    assert stopped.stopped_at == 2
     assert not (part / "checkpoints" / "step_000004").exists()
     torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
     run_train(_cfg(tiny_dir, part, "steps=4", f"method={method}"), progress=False, resume=True)
@@ -85,7 +85,7 @@ def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
             "time/rollout",
         ):
             assert key in r, key
-    assert res["final_accuracy"] is not None
+    assert res.final_accuracy is not None
     assert (out / "curves.png").is_file()
     # the online flow update moved the flow away from its zero-output initialisation
     flow = load_file(str(ck / "flow" / "flow.safetensors"))
@@ -96,7 +96,7 @@ def test_resume_from_another_model_fails_clearly(tiny_dir, tmp_path):
     out = tmp_path / "run"
     run_train(_cfg(tiny_dir, out, "steps=1", "method=rlvr"), progress=False)
     other = make_tiny_model_dir(tmp_path / "other", num_layers=6)
-    from rlfr.checkpoint import CheckpointError
+    from rlfr.runtime.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="different model"):
         run_train(_cfg(other, out, "steps=2", "method=rlvr"), progress=False, resume=True)
@@ -112,7 +112,7 @@ def test_config_typos_are_rejected_with_valid_keys():
 
 
 def test_missing_model_fails_before_work(tmp_path):
-    from rlfr.models import ModelLoadError
+    from rlfr.policy.loading import ModelLoadError
 
     cfg = _cfg(tmp_path / "nope", tmp_path / "run", "steps=1")
     with pytest.raises(ModelLoadError, match="nope"):
@@ -161,7 +161,7 @@ def test_method_variants_train(tiny_dir, tmp_path, extra):
     res = run_train(
         _cfg(tiny_dir, out, "steps=1", "reward.functions=[tiny_run:digit_reward]", *extra), progress=False
     )
-    row = res["history"][0]
+    row = res.history[0]
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
     init = load_file(str(tiny_dir / "model.safetensors"))
     final = load_file(str(out / "checkpoints" / "step_000001" / "policy" / "model.safetensors"))
@@ -193,7 +193,7 @@ def test_accuracy_filter_that_drops_every_group_leaves_the_policy(tiny_dir, tmp_
         _cfg(tiny_dir, out, "steps=1", "policy.accuracy_filter=true", "policy.accuracy_lower_bound=0.01"),
         progress=False,
     )
-    row = res["history"][0]
+    row = res.history[0]
     assert row["update/skipped"] == 1.0 and row["filter/kept_frac"] == 0.0
     init = load_file(str(tiny_dir / "model.safetensors"))
     final = load_file(str(out / "checkpoints" / "step_000001" / "policy" / "model.safetensors"))
@@ -201,24 +201,23 @@ def test_accuracy_filter_that_drops_every_group_leaves_the_policy(tiny_dir, tmp_
 
 
 def test_accuracy_filter_rows_by_hand():
-    from types import SimpleNamespace
+    from rlfr.rl.step import accuracy_filter
 
-    from rlfr.trainer import RLTrainer
-
-    cfg = load_config(TrainConfig, overrides=["policy.accuracy_filter=true", "policy.accuracy_lower_bound=0.2",
-                                              "policy.accuracy_upper_bound=0.8", "policy.freezing_filter_steps=1"])  # fmt: skip
-    tr = SimpleNamespace(cfg=cfg, step_count=0)
+    cfg = load_config(
+        TrainConfig,
+        overrides=["policy.accuracy_filter=true", "policy.accuracy_lower_bound=0.2",
+                   "policy.accuracy_upper_bound=0.8", "policy.freezing_filter_steps=1"],
+    )  # fmt: skip
     correct = torch.tensor([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # groups of 4: 1.0, .25, 0
-    assert RLTrainer.accuracy_filter(tr, correct, 4) is None  # step 1 <= freezing_filter_steps
-    tr.step_count = 1
-    keep = RLTrainer.accuracy_filter(tr, correct, 4)
+    assert accuracy_filter(correct, 4, cfg, step=0) is None  # step 1 <= freezing_filter_steps
+    keep = accuracy_filter(correct, 4, cfg, step=1)
     assert keep.tolist() == [False] * 4 + [True] * 4 + [False] * 4
 
 
 def test_a_converted_official_flow_trains(tiny_dir, tmp_path):
     """rlfr convert-flow output is a flow directory that rlfr train takes (raw latents, as the authors)."""
-    from rlfr.convert_flow import convert
     from rlfr.flow import FlowField
+    from rlfr.recipes.convert_flow import convert
 
     official = FlowField(dim=32, depth=2)
     torch.save({"model." + k: v for k, v in official.state_dict().items()}, tmp_path / "flow_model.bin")

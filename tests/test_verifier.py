@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rlfr.verifier import Verifier, extract_answer, fast_check, format_reward, verify
+from rlfr.reward.verifier import Verifier, extract_answer, fast_check, format_reward, verify
 
 TIMEOUT = 1.0  # per-check timeout for the shared pool; hostile inputs are bounded by this
 

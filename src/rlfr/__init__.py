@@ -2,15 +2,17 @@
 
 The package tree is the pipeline:
 
-- ``latents``    forward hooks that tap decoder-block hidden states (the policy's latent space)
-- ``flow``       the velocity network, flow-matching loss and velocity-deviation scores
-- ``shaping``    per-token flow rewards from deviation scores
-- ``advantages`` group-normalised outcome advantages plus flow reward-to-go
-- ``losses``     PPO-clipped policy loss, KL estimators, log-probs and entropies
-- ``verifier``   the safe answer check (math-verify behind a hard timeout)
-- ``data`` / ``templates`` / ``tasks``  datasets, prompt templates, the embedded task
-- ``rollout`` / ``trainer`` / ``sft`` / ``flow_pretrain``  the training stages
-- ``evaluation`` / ``cli``  evaluation and the ``rlfr`` command
+- ``data``     problems and prompts: data files, benchmarks, the embedded task, one resolver, templates
+- ``policy``   the language model: loading, rollouts, the forward pass, and the ``LatentTap`` on its blocks
+- ``flow``     the flow field: velocity network, flow matching, deviation scores, latent standardisation,
+               online updates, and the flow directory on disk (``flow.store``)
+- ``reward``   verifiable rewards: the safe answer check and reward functions
+- ``rl``       the RL maths (shaping, advantages, losses) and the RL step that composes them
+- ``runtime``  accelerator and seeds, data streams, optimizers, checkpoints, metrics
+- ``eval``     held-out scoring, statistics, plots
+- ``recipes``  the commands, each read top to bottom: sft, flow_pretrain, train, evaluate, compare,
+               inspect_flow, convert_flow, demo
+- ``config`` / ``schema`` / ``cli``  typed configs and the ``rlfr`` command
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -14,17 +14,17 @@ import logging
 import sys
 
 _COMMANDS = {
-    "demo": ("rlfr.demo", "the whole pipeline on the embedded model and task (the main job)"),
-    "sft": ("rlfr.sft", "cold-start supervised fine-tuning on worked solutions"),
-    "flow-pretrain": ("rlfr.flow_pretrain", "train the flow field on expert latents (policy frozen)"),
+    "demo": ("rlfr.recipes.demo", "the whole pipeline on the embedded model and task (the main job)"),
+    "sft": ("rlfr.recipes.sft", "cold-start supervised fine-tuning on worked solutions"),
+    "flow-pretrain": ("rlfr.recipes.flow_pretrain", "train the flow field on expert latents (policy frozen)"),
     "convert-flow": (
-        "rlfr.convert_flow",
+        "rlfr.recipes.convert_flow",
         "turn the authors' released flow weights into an rlfr flow directory",
     ),
-    "train": ("rlfr.train_cli", "RL: --method rlfr | rlvr | entropy"),
-    "eval": ("rlfr.eval_cli", "greedy pass@1 / sampled pass@k on benchmarks or the embedded split"),
-    "compare": ("rlfr.compare", "base vs RLVR vs RLFR vs entropy shaping over several seeds"),
-    "inspect": ("rlfr.inspect", "an HTML page colouring response tokens by flow reward"),
+    "train": ("rlfr.recipes.train", "RL: --method rlfr | rlvr | entropy"),
+    "eval": ("rlfr.recipes.evaluate", "greedy pass@1 / sampled pass@k on benchmarks or the embedded split"),
+    "compare": ("rlfr.recipes.compare", "base vs RLVR vs RLFR vs entropy shaping over several seeds"),
+    "inspect": ("rlfr.recipes.inspect_flow", "an HTML page colouring response tokens by flow reward"),
 }
 
 
@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in modules:
         parser.error(f"'{args.command}' is not available in this installation")
     from rlfr.config import ConfigError
+    from rlfr.policy.loading import ModelLoadError
+    from rlfr.runtime.checkpoint import CheckpointError
 
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, ModelLoadError) as e:
         print(f"rlfr {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -169,11 +169,12 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, recursively for nested mappings (neither is modified)."""
     merged = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
+            merged[k] = merge_dicts(merged[k], v)
         else:
             merged[k] = v
     return merged
@@ -193,7 +194,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         data = loaded
-    data = _merge(data, parse_overrides(overrides))
+    data = merge_dicts(data, parse_overrides(overrides))
     try:
         return from_dict(cls, data)
     except ConfigError as e:
@@ -220,6 +221,15 @@ def add_config_arguments(parser, example: str) -> None:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--show-config", action="store_true", help="list every key with its default and help")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+
+
+def config_from_args(args, cls: type[T], extra_overrides: typing.Iterable[str] = ()) -> T | None:
+    """The config of a command from ``--config`` and overrides; with ``--show-config`` print every key and
+    return None."""
+    if args.show_config:
+        print_config_help(cls)
+        return None
+    return load_config(cls, args.config, [*args.overrides, *extra_overrides])
 
 
 def print_config_help(cls: type) -> None:

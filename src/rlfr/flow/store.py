@@ -10,6 +10,8 @@ A flow directory holds
 
 Contract:
 - ``save_flow(directory, FlowBundle)`` writes all of it (each file atomically);
+- ``build_flow(flow_cfg, model) -> FlowBundle``: a new flow for a policy (statistics None until fitted), or
+  the one ``flow_cfg.init`` names, loaded and checked against the run's latents and architecture keys;
 - ``load_flow(directory, expected=None) -> FlowBundle`` reads it, refuses a directory written under another
   pairing convention or without ``latents.json``, and, given the ``FlowMeta`` a run expects, refuses a flow
   trained on other latents (``FlowMismatchError`` naming every differing key). ``rlfr train`` (fresh and
@@ -31,8 +33,8 @@ from typing import Any
 
 from rlfr.flow.field import FlowField
 from rlfr.flow.matching import PAIRING
-from rlfr.latent_norm import FILE as NORM_FILE
-from rlfr.latent_norm import LatentNorm
+from rlfr.flow.norm import FILE as NORM_FILE
+from rlfr.flow.norm import LatentNorm
 
 META_NAME = "latents.json"
 
@@ -163,3 +165,22 @@ def load_flow(directory: str | os.PathLike, expected: FlowMeta | None = None) ->
             raise FlowMismatchError(f"{path} says latent_norm=standardize but {NORM_FILE} is missing")
         norm = LatentNorm.load(path)
     return FlowBundle(field=field, meta=meta, norm=norm)
+
+
+def build_flow(flow_cfg, model) -> FlowBundle:
+    """The flow for ``model`` under a ``FlowLatentsConfig`` (module docstring)."""
+    expected = meta_for(model, flow_cfg.fractions, flow_cfg.modes, flow_cfg.shift, flow_cfg.latent_norm)
+    if flow_cfg.init is None:
+        eps = flow_cfg.eps if flow_cfg.eps is not None else rms_norm_eps(model)
+        field = FlowField(dim=expected.hidden_size, width=flow_cfg.width, depth=flow_cfg.depth, eps=eps)
+        return FlowBundle(field=field, meta=expected, norm=None)
+    bundle = load_flow(flow_cfg.init, expected)
+    f = bundle.field
+    for key, want, have in (("width", flow_cfg.width, f.width), ("depth", flow_cfg.depth, f.depth),
+                            ("eps", flow_cfg.eps, f.eps)):  # fmt: skip
+        if want is not None and want != have:
+            raise ValueError(
+                f"flow {flow_cfg.init} has {key}={have} but the config says flow.{key}={want}; "
+                f"set flow.{key}={have} to use this flow"
+            )
+    return bundle

@@ -14,8 +14,8 @@ Evaluation, per run and eval set (``--eval-sets``: ``embedded``, ``embedded-dev`
 benchmark or a file, each optionally ``:N`` problems; default ``data.eval_size``): greedy pass@1 and, with
 ``--eval-samples K``, the mean accuracy of K samples at temperature 1 (avg@K), with the correctness of every
 problem kept, so that methods are compared problem by problem: a paired bootstrap 95 % interval of the
-difference of seed-averaged per-problem accuracy (``rlfr.report.paired_bootstrap``), and McNemar's exact
-test per seed on greedy correctness (``rlfr.report.mcnemar``).
+difference of seed-averaged per-problem accuracy (``rlfr.eval.stats.paired_bootstrap``), and McNemar's exact
+test per seed on greedy correctness (``rlfr.eval.stats.mcnemar``).
 
 Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics, budget, command),
 ``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds) and
@@ -32,7 +32,8 @@ import shlex
 import time
 from pathlib import Path
 
-from rlfr.report import format_mean_std, mcnemar, mean_std, paired_bootstrap
+from rlfr.eval.plots import plot_accuracy, plot_curves
+from rlfr.eval.stats import format_mean_std, mcnemar, mean_std, paired_bootstrap
 
 METHODS = ("rlvr", "rlfr", "entropy")
 CURVE_KEYS = (
@@ -156,27 +157,18 @@ def parse_eval_set(spec: str, default_size: int) -> tuple[str, str, int]:
 
 
 def load_eval_examples(name: str, size: int, cfg):
-    from rlfr.eval_cli import load_eval_set
+    from rlfr.data.sources import Fields, load_source
 
-    rows = load_eval_set(
-        name,
-        size,
-        cfg.data.task_seed,
-        cfg.data.problem_field,
-        cfg.data.answer_field,
-        dev_size=cfg.data.dev_size,
-    )
-    return rows[:size] if size else rows
+    fields = Fields(cfg.data.problem_field, cfg.data.answer_field)
+    return load_source(name, fields, size, cfg.data.task_seed, cfg.data.dev_size)
 
 
 def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, verifier) -> dict:
     """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached."""
-    import torch
-
     from rlfr.config import to_dict
-    from rlfr.evaluation import evaluate, hf_completions, score_completions
-    from rlfr.models import load_model, load_tokenizer
-    from rlfr.templates import render_prompt
+    from rlfr.eval.scoring import held_out_scores
+    from rlfr.policy.loading import load_model, load_tokenizer
+    from rlfr.runtime.env import inference_device
 
     key = {
         "model": model_dir,
@@ -190,22 +182,15 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
     if (hit := _cached(path, key)) is not None:
         return hit
     t0 = time.time()
-    device = "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code).to(device).eval()
-    result = {"config": key}
-    res = evaluate(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier)
-    result["greedy"] = [int(r["correct"]) for r in res.records]
-    if samples:
-        prompts = [render_prompt(cfg.data.template, ex.problem, tok) for ex in examples]
-        torch.manual_seed(cfg.seed)  # the same sampling noise for every model
-        comps = hf_completions(model, tok, prompts, samples, cfg.eval_max_new_tokens, temperature=1.0)
-        sampled = score_completions(examples, prompts, comps, verifier)
-        counts = [0] * len(examples)
-        for r in sampled.records:
-            counts[r["index"]] += int(r["correct"])
-        result["sampled"] = counts
-    result["seconds"] = round(time.time() - t0, 1)
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
+    model = model.to(inference_device(cfg.cpu)).eval()
+    res = held_out_scores(
+        model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples, cfg.seed
+    )
+    result = {"config": key, "greedy": res.greedy, "seconds": round(time.time() - t0, 1)}
+    if res.sampled is not None:
+        result["sampled"] = res.sampled
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
@@ -213,10 +198,10 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
 
 def _curves(out_dir: Path) -> dict[str, list[float | None]]:
     """Per-step training statistics from metrics.jsonl (the last row of a step wins after a resume)."""
-    from rlfr.metrics import read_metrics
+    from rlfr.runtime.metrics import read_metrics
 
     by_step: dict[int, dict] = {}
-    for r in read_metrics(out_dir / "metrics.jsonl"):
+    for r in read_metrics(out_dir):
         if r.get("stage") == "train" and "reward" in r:
             by_step[int(r["step"])] = r
     steps = sorted(by_step)
@@ -225,9 +210,9 @@ def _curves(out_dir: Path) -> dict[str, list[float | None]]:
 
 def run_one(cfg, progress: bool) -> dict:
     """Train (or resume, or reuse) one run; -> {"config", "model_dir", "curves", "seconds"}."""
-    from rlfr.checkpoint import latest_checkpoint
     from rlfr.config import to_dict
-    from rlfr.engine import run_train
+    from rlfr.recipes.train import run_train
+    from rlfr.runtime.checkpoint import latest_checkpoint
 
     out = Path(cfg.out_dir)
     path = out / "compare_result.json"
@@ -241,7 +226,7 @@ def run_one(cfg, progress: bool) -> dict:
     res = run_train(cfg, progress=progress, resume=resume, final_eval=False)
     result = {
         "config": config,
-        "model_dir": res["model_dir"],
+        "model_dir": res.model_dir,
         "curves": _curves(out),
         "seconds": round(time.time() - t0, 1),
     }
@@ -280,7 +265,7 @@ def compare_arms(a: dict[str, dict], b: dict[str, dict], samples: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlfr.verifier import Verifier
+    from rlfr.reward.verifier import Verifier
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
                 )
     results = summarize(args, arm_specs, sets, runs, evals, ref)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_curves(results["arms"], out / "learning_curves.png")
+    plot_curves(results["arms"], CURVE_KEYS, out / "learning_curves.png")
     plot_accuracy(results["methods"], out / "accuracy.png")
     (out / "report.md").write_text(render_report(results))
     print((out / "report.md").read_text())
@@ -470,68 +455,3 @@ def render_report(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def plot_curves(arms_out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [
-        k
-        for k in CURVE_KEYS
-        if any(any(v is not None for v in a.get("curves", {}).get(k, [])) for a in arms_out.values())
-    ]
-    if not keys:
-        keys = ["reward"]
-    cols = min(4, len(keys))
-    rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        for name, a in arms_out.items():
-            ys = a.get("curves", {}).get(key, [])
-            pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.2)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_accuracy(methods: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(methods)
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 1.5, 3.6))
-    ax.bar(
-        names,
-        [100 * methods[n]["mean"] for n in names],
-        yerr=[100 * methods[n]["std"] for n in names],
-        capsize=6,
-        color=["#999999", "#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974"][: len(names)],
-    )
-    for i, n in enumerate(names):
-        ax.scatter(
-            [i] * len(methods[n]["seeds"]),
-            [100 * v for v in methods[n]["seeds"].values()],
-            color="black",
-            s=10,
-            zorder=3,
-        )
-    ax.set_ylabel("held-out greedy accuracy (%)")
-    top = max(100 * (methods[n]["mean"] + methods[n]["std"]) for n in names)
-    ax.set_ylim(0, max(5.0, 1.15 * top))
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,8 +1,8 @@
 """Run logging: one JSON line per step (``metrics.jsonl``), TensorBoard scalars, a console line, plots.
 
 Only the main process writes. ``MetricsLogger.log(step, metrics)`` appends a line that includes the
-step and wall time; ``plot_metrics(jsonl, out_png, keys)`` draws the curves people look at
-(reward, accuracy, flow losses) with matplotlib's non-interactive backend.
+step and wall time; ``read_metrics`` reads the file back. ``Accum`` gathers one step's statistics over
+micro-batches and ``reduce_stats`` averages them over processes. (The plots are in ``rlfr.eval.plots``.)
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 _CONSOLE_KEYS = (
@@ -41,7 +40,7 @@ def format_step(step: int, metrics: dict[str, float]) -> str:
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path = metrics_path(out_dir)
         self._tb = None
         self._t0 = time.time()
         if enabled:
@@ -78,74 +77,54 @@ class MetricsLogger:
             self._tb.close()
 
 
+def metrics_path(out_dir: str | Path) -> Path:
+    """The metrics log of a run directory."""
+    return Path(out_dir) / "metrics.jsonl"
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics log; ``path`` is the file or its run directory."""
     p = Path(path)
+    if p.is_dir():
+        p = metrics_path(p)
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(
-    rows: Iterable[dict], out_png: str | Path, keys: Sequence[str], title: str = "", smooth: int = 1
-) -> Path | None:
-    """One panel per key (steps on x); returns the PNG path, or None when no key has data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(rows)
-    present = [k for k in keys if any(k in r for r in rows)]
-    if not present:
-        return None
-    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], present):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, lw=1.2)
-        if smooth > 1 and len(ys) >= smooth:
-            sm = [
-                sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1])
-                for i in range(len(ys))
-            ]
-            ax.plot(xs, sm, lw=2)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 class Accum:
-    """Weighted running means of scalar statistics over micro-batches, and paired samples (e.g. scores
-    with labels for an AUROC over the whole step)."""
+    """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), and paired
+    samples (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step)."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
         self.samples: dict[str, tuple[list, list]] = {}
-
-    def add_samples(self, key: str, values: list, labels: list) -> None:
-        vs, ls = self.samples.setdefault(key, ([], []))
-        vs.extend(values)
-        ls.extend(labels)
 
     def add(self, key: str, value: float, weight: float = 1.0) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight
         self.weights[key] = self.weights.get(key, 0.0) + weight
 
-    def add_dict(self, d: dict[str, float]) -> None:
-        for k, v in d.items():
-            self.add(k, v)
+    def total(self, key: str, value: float) -> None:
+        self.totals[key] = self.totals.get(key, 0.0) + value
+
+    def add_samples(self, key: str, scores: list, labels: list) -> None:
+        vs, ls = self.samples.setdefault(key, ([], []))
+        vs.extend(scores)
+        ls.extend(labels)
 
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        """Weighted means, totals, and the AUROC of each sample key that has both classes."""
+        from rlfr.eval.stats import auroc
+
+        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        out |= self.totals
+        for key, (scores, labels) in self.samples.items():
+            auc = auroc(scores, labels)
+            if auc is not None:
+                out[key] = auc
+        return out
 
 
 def reduce_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:

@@ -8,7 +8,7 @@ Contract: ``render_prompt(template, problem, tokenizer=None) -> str`` for ``temp
 - ``"llama_box"``: a Llama-3 instruct prompt (header tokens written out) whose user turn asks for a boxed
   answer. No ``<|begin_of_text|>``: the tokenizer adds BOS when it encodes.
 - ``"r1"``: the DeepSeek-R1-Zero prompt (DeepSeek-R1 paper, Table 1) asking for
-  ``<think> ... </think> <answer> ... </answer>``; ``rlfr.verifier.extract_answer`` reads the answer tag.
+  ``<think> ... </think> <answer> ... </answer>``; ``rlfr.reward.verifier.extract_answer`` reads the answer tag.
 """
 
 from __future__ import annotations

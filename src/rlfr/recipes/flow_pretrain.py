@@ -16,23 +16,26 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import add_config_arguments, load_config, print_config_help, to_dict
+from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.data.sources import render_prompts, resolve_data
 from rlfr.flow import build_pairs, flow_matching_loss
-from rlfr.flow.store import FlowBundle, save_flow
-from rlfr.latent_norm import LatentNorm
-from rlfr.latents import LatentTap
-from rlfr.metrics import MetricsLogger
-from rlfr.models import load_model, load_tokenizer
-from rlfr.optim import build_optimizer, optimizer_step
-from rlfr.pipeline import build_flow, make_accelerator, render_prompts, resolve_data, seed_everything
-from rlfr.rollout import pack, position_ids
+from rlfr.flow.norm import LatentNorm
+from rlfr.flow.store import FlowBundle, build_flow, save_flow
+from rlfr.policy.forward import position_ids
+from rlfr.policy.latents import LatentTap
+from rlfr.policy.loading import load_model, load_tokenizer
+from rlfr.policy.rollout import encode_solutions, pack
+from rlfr.runtime.env import make_accelerator, seed_everything
+from rlfr.runtime.metrics import MetricsLogger
+from rlfr.runtime.optim import build_optimizer, optimizer_step
+from rlfr.runtime.stream import EpochStream, shard
 from rlfr.schema import FlowPretrainConfig
-from rlfr.sft import encode_solutions
 
 
 def _latents(policy, tap, tok, p_ids, r_ids, rows, device, norm=None):
@@ -51,7 +54,19 @@ def _latents(policy, tap, tok, p_ids, r_ids, rows, device, norm=None):
     return (norm(lat) if norm is not None else lat), batch.response_mask.to(device), att.bool()
 
 
-def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
+@dataclass
+class FlowPretrainResult:
+    flow_dir: str
+    steps: int
+    seconds: float
+    train_loss_first: float  # mean of the first few steps (single steps are noisy)
+    train_loss_last: float
+    heldout_loss_first: float | None  # before training, with fixed (t, eps) draws; None without held-out
+    heldout_loss_last: float | None
+    train_losses: list[float]
+
+
+def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPretrainResult:
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -107,16 +122,13 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
             weights.append(len(pairs))
         return sum(v * w for v, w in zip(losses, weights)) / max(sum(weights), 1)
 
-    g = torch.Generator().manual_seed(cfg.seed)
+    stream = EpochStream(len(fit), cfg.seed, reseed_each_epoch=False)
     history = {"train": [], "heldout": [(0, heldout_loss())]}
     t0 = time.time()
-    order: list[int] = []
     bar = tqdm(range(total), desc="flow-pretrain", disable=not (progress and acc.is_main_process))
     for step in bar:
-        if len(order) < cfg.batch_size:
-            order += [fit[i] for i in torch.randperm(len(fit), generator=g).tolist()]
-        rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        rows = rows[acc.process_index :: acc.num_processes]
+        rows = [fit[i] for i in stream.take(step * cfg.batch_size, cfg.batch_size)]
+        rows = shard(rows, acc.process_index, acc.num_processes, "batch_size")
         lat, mask, ctx = _latents(policy, tap, tok, p_ids, r_ids, rows, acc.device, norm)
         pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
         loss = flow_matching_loss(flow, pairs, cfg.flow.batch_mul)
@@ -145,16 +157,11 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> dict:
     acc.wait_for_everyone()
     tr = history["train"]
     k = max(1, min(5, len(tr) // 5))  # smooth first/last over a few steps: single steps are noisy
-    return {
-        "flow_dir": str(flow_dir),
-        "steps": total,
-        "seconds": time.time() - t0,
-        "train_loss_first": sum(tr[:k]) / k,
-        "train_loss_last": sum(tr[-k:]) / k,
-        "heldout_loss_first": history["heldout"][0][1],
-        "heldout_loss_last": history["heldout"][-1][1],
-        "train_losses": tr,
-    }
+    return FlowPretrainResult(
+        flow_dir=str(flow_dir), steps=total, seconds=time.time() - t0, train_loss_first=sum(tr[:k]) / k,
+        train_loss_last=sum(tr[-k:]) / k, heldout_loss_first=history["heldout"][0][1],
+        heldout_loss_last=history["heldout"][-1][1], train_losses=tr,
+    )  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,10 +169,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.show_config:
-        print_config_help(FlowPretrainConfig)
-        return 0
-    res = run_flow_pretrain(load_config(FlowPretrainConfig, args.config, args.overrides))
-    res.pop("train_losses")
-    print(json.dumps(res, indent=2))
+    cfg = config_from_args(args, FlowPretrainConfig)
+    if cfg is not None:
+        res = run_flow_pretrain(cfg)
+        print(json.dumps({k: v for k, v in vars(res).items() if k != "train_losses"}, indent=2))
     return 0

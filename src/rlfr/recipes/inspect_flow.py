@@ -13,7 +13,7 @@ scores each response token with ``rlfr.flow.token_scores`` and writes ``OUT/insp
 Token rewards. ``--reward dense`` (default) colours every scored token by -beta * (2x - 1), x = the
 per-sequence min-max normalised deviation: the bilateral reward before the eta threshold and top-k, so
 every token's position relative to the flow is visible. ``--reward shaped`` uses exactly the run's
-shaping (``rlfr.shaping.shape_flow_rewards``: sparse, and never positive unless bilateral). Shaping
+shaping (``rlfr.rl.shaping.shape_flow_rewards``: sparse, and never positive unless bilateral). Shaping
 parameters and rewarding timesteps come from the checkpoint's config (defaults with ``--model/--flow``).
 
 Sequence score: mean deviation over a rollout's scored tokens. The AUROC is the probability that a
@@ -27,13 +27,18 @@ import html
 import json
 from pathlib import Path
 
-from rlfr.report import auroc, token_reward_stats
+from rlfr.eval.stats import auroc, token_reward_stats
+from rlfr.runtime import checkpoint as ckpt_io
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="RL checkpoint dir (policy/ + flow/) or a run dir")
     p.add_argument("--model", default=None, help="policy (with --flow, instead of --checkpoint)")
-    p.add_argument("--flow", default=None, help="flow directory with latents.json (with --model)")
+    p.add_argument(
+        "--flow",
+        default=None,
+        help="flow directory: flow-pretrain or convert-flow output, or a checkpoint's flow/ (with --model)",
+    )
     p.add_argument(
         "--data", default="embedded", help="'embedded' (held-out split), a benchmark or a data file"
     )
@@ -58,15 +63,11 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, Path, dict]:
     if args.checkpoint:
         if args.model or args.flow:
             raise ValueError("give either --checkpoint or --model with --flow, not both")
-        ck = Path(args.checkpoint)
-        if (ck / "checkpoints" / "latest").is_file():  # a run directory
-            ck = ck / "checkpoints" / (ck / "checkpoints" / "latest").read_text().strip()
+        ck = ckpt_io.resolve_checkpoint(args.checkpoint)  # a checkpoint or a run directory (its latest)
         for sub in ("policy", "flow"):
             if not (ck / sub).is_dir():
                 raise FileNotFoundError(f"{ck} has no {sub}/ (need an RL checkpoint of method rlfr)")
-        state = ck / "state.json"
-        config = json.loads(state.read_text()).get("config", {}) if state.is_file() else {}
-        return str(ck / "policy"), ck / "flow", config
+        return str(ck / "policy"), ckpt_io.flow_dir(ck), ckpt_io.load_state(ck).get("config", {})
     if not (args.model and args.flow):
         raise ValueError("give --checkpoint, or both --model and --flow")
     return args.model, Path(args.flow), {}
@@ -75,17 +76,19 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, Path, dict]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rlfr.eval_cli import load_eval_set
+    from rlfr.data.sources import load_source
+    from rlfr.data.tasks import EMBEDDED_SETS
+    from rlfr.data.templates import render_prompt
     from rlfr.flow import token_scores
-    from rlfr.flow.store import load_flow
-    from rlfr.latents import LatentTap
-    from rlfr.models import load_model, load_tokenizer
-    from rlfr.pipeline import seed_everything
-    from rlfr.rollout import generate, position_ids
+    from rlfr.flow.store import check_meta, load_flow, meta_for
+    from rlfr.policy.forward import position_ids
+    from rlfr.policy.latents import LatentTap
+    from rlfr.policy.loading import load_model, load_tokenizer
+    from rlfr.policy.rollout import generate
+    from rlfr.reward.verifier import Verifier
+    from rlfr.rl.shaping import minmax_normalize, shape_flow_rewards
+    from rlfr.runtime.env import inference_device, seed_everything
     from rlfr.schema import DataConfig, RewardShapingConfig
-    from rlfr.shaping import minmax_normalize, shape_flow_rewards
-    from rlfr.templates import render_prompt
-    from rlfr.verifier import Verifier
 
     policy_path, flow_dir, config = resolve_inputs(args)
     bundle = load_flow(flow_dir)  # checks the pairing convention and the statistics file
@@ -93,15 +96,12 @@ def run(args: argparse.Namespace) -> int:
     shaping = {**RewardShapingConfig().__dict__, **config.get("flow", {}).get("reward", {})}
     data_cfg = config.get("data", {})
     template = args.template or data_cfg.get("template", "chat")
-    examples = load_eval_set(args.data, data_cfg.get("eval_size", DataConfig.eval_size), args.seed)[
-        : args.n_prompts
-    ]
+    size = data_cfg.get("eval_size", DataConfig.eval_size) if args.data in EMBEDDED_SETS else 0
+    examples = load_source(args.data, size=size, task_seed=args.seed)[: args.n_prompts]
     seed_everything(args.seed)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    device = inference_device(args.cpu)
     tok = load_tokenizer(policy_path)
     model = load_model(policy_path).to(device).eval()
-    from rlfr.flow.store import check_meta, meta_for
-
     m = bundle.meta
     check_meta(m, meta_for(model, m.fractions, m.modes, m.shift, m.latent_norm), flow_dir)  # size and depth
     field = bundle.field.to(device).eval()

@@ -11,29 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import add_config_arguments, load_config, print_config_help, to_dict
-from rlfr.data import Example
-from rlfr.metrics import MetricsLogger
-from rlfr.models import enable_gradient_checkpointing, load_model, load_tokenizer
-from rlfr.optim import build_optimizer, optimizer_step
-from rlfr.pipeline import make_accelerator, render_prompts, resolve_data, seed_everything
-from rlfr.rollout import Rollout, pack, policy_forward
+from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.eval.scoring import evaluate
+from rlfr.policy.forward import policy_forward
+from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
+from rlfr.policy.rollout import Rollout, encode_solutions, pack
+from rlfr.reward.verifier import Verifier
+from rlfr.runtime.env import make_accelerator, seed_everything
+from rlfr.runtime.metrics import MetricsLogger
+from rlfr.runtime.optim import build_optimizer, optimizer_step
+from rlfr.runtime.stream import EpochStream, shard
 from rlfr.schema import SFTConfig
-
-
-def encode_solutions(
-    tokenizer, examples: list[Example], prompts: list[str]
-) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids = solution + EOS) per example."""
-    eos = tokenizer.eos_token_id
-    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
-    return p_ids, r_ids
 
 
 def nll(model, batch: Rollout) -> torch.Tensor:
@@ -43,7 +38,16 @@ def nll(model, batch: Rollout) -> torch.Tensor:
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 
-def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) -> dict:
+@dataclass
+class SFTResult:
+    model_dir: str
+    loss_first: float
+    loss_last: float
+    seconds: float
+    accuracy: float | None = None  # held-out greedy accuracy (None: not evaluated)
+
+
+def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) -> SFTResult:
     """Fine-tune, save ``out_dir/model`` (HF format), return losses and held-out accuracy."""
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
@@ -61,27 +65,22 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     model.train()
     out = Path(cfg.out_dir)
     logger = MetricsLogger(out, enabled=acc.is_main_process)
-    per_rank = cfg.batch_size // acc.num_processes
-    if per_rank < 1 or cfg.batch_size % acc.num_processes:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be a multiple of the {acc.num_processes} processes"
-        )
-    g = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
+    stream = EpochStream(len(train), cfg.seed, reseed_each_epoch=False)
     losses = []
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="sft", disable=not (progress and acc.is_main_process))
     for step in bar:
-        while len(order) < cfg.batch_size:
-            order += torch.randperm(len(train), generator=g).tolist()
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        idx = idx[acc.process_index :: acc.num_processes]
+        idx = shard(
+            stream.take(step * cfg.batch_size, cfg.batch_size),
+            acc.process_index,
+            acc.num_processes,
+            "batch_size",
+        )
         total = 0.0
         for c0 in range(0, len(idx), cfg.micro_batch_size):
             rows = idx[c0 : c0 + cfg.micro_batch_size]
             batch = pack(tok, [p_ids[i] for i in rows], [r_ids[i] for i in rows], list(range(len(rows))))
-            batch = Rollout(*(x.to(acc.device) if torch.is_tensor(x) else x for x in vars(batch).values()))
-            loss = nll(model, batch) * len(rows) / len(idx)
+            loss = nll(model, batch.to(acc.device)) * len(rows) / len(idx)
             acc.backward(loss)
             total += loss.item()
         optimizer_step(acc, model, opt, sched, cfg.max_grad_norm, f"sft at step {step + 1}")
@@ -96,21 +95,13 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
         tok.save_pretrained(model_dir)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     acc.wait_for_everyone()
-    result = {
-        "model_dir": str(model_dir),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "seconds": time.time() - t0,
-    }
+    result = SFTResult(str(model_dir), losses[0], losses[-1], time.time() - t0)
     if evaluate_after and evals:
-        from rlfr.evaluation import evaluate
-        from rlfr.verifier import Verifier
-
         with Verifier(num_workers=2) as v:
             res = evaluate(
                 unwrapped, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, accelerator=acc
             )
-        result["accuracy"] = res.accuracy
+        result.accuracy = res.accuracy
     return result
 
 
@@ -119,9 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.show_config:
-        print_config_help(SFTConfig)
-        return 0
-    res = run_sft(load_config(SFTConfig, args.config, args.overrides))
-    print(json.dumps(res, indent=2))
+    cfg = config_from_args(args, SFTConfig)
+    if cfg is not None:
+        print(json.dumps(vars(run_sft(cfg)), indent=2))
     return 0

@@ -7,7 +7,7 @@ Writes ``OUT/results.json`` (one entry per dataset: n, pass@1 or avg@k and pass@
 <= K, mean response length) and ``OUT/samples_<dataset>.jsonl`` (one row per sample: prompt, completion,
 extracted answer, correct), and prints a table. ``--data embedded`` is the embedded task's held-out
 split exactly as ``rlfr train`` builds it (``--eval-size``/``--seed`` as ``data.eval_size``/``seed``).
-pass@k is the unbiased estimator of Chen et al. 2021 (``rlfr.report.pass_at_k``).
+pass@k is the unbiased estimator of Chen et al. 2021 (``rlfr.eval.stats.pass_at_k``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import re
 import time
 from pathlib import Path
 
-from rlfr.data import BENCHMARKS, Example, load_benchmark, load_examples
-from rlfr.evaluation import hf_completions, score_completions, vllm_available, vllm_completions
+from rlfr.data.benchmarks import BENCHMARKS
+from rlfr.data.sources import Fields, load_source
+from rlfr.data.tasks import EMBEDDED_SETS
+from rlfr.data.templates import TEMPLATES, render_prompt
+from rlfr.eval.scoring import hf_completions, score_completions, vllm_available, vllm_completions
 from rlfr.schema import DataConfig
-from rlfr.templates import TEMPLATES, render_prompt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,43 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="force CPU")
 
 
-def load_eval_set(
-    spec: str,
-    eval_size: int,
-    seed: int,
-    problem_field: str = "problem",
-    answer_field: str = "answer",
-    dev_size: int = 0,
-) -> list[Example]:
-    """'embedded' -> the held-out split ``rlfr train`` uses with this eval_size and seed; else a benchmark
-    name or a data file."""
-    from rlfr.tasks import EMBEDDED_SETS, embedded_set
-
-    if spec in EMBEDDED_SETS:  # the eval split is generated first: it depends on eval_size and seed only
-        return list(embedded_set(spec, eval_size, seed, dev_size))
-    if spec in BENCHMARKS:
-        return list(load_benchmark(spec))
-    if not Path(spec).exists():
-        raise FileNotFoundError(
-            f"--data {spec!r} is neither 'embedded', a benchmark ({', '.join(BENCHMARKS)}), nor a file"
-        )
-    rows = list(load_examples(spec, problem_field=problem_field, answer_field=answer_field))
-    if not rows:
-        raise ValueError(f"--data {spec!r} has no rows")
-    return rows
-
-
 def dataset_slug(spec: str) -> str:
     name = spec if spec.startswith("embedded") or spec in BENCHMARKS else Path(spec).stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from rlfr.models import load_model, load_tokenizer, resolve_model_path
-    from rlfr.pipeline import seed_everything
-    from rlfr.verifier import Verifier
+    from rlfr.policy.loading import load_model, load_tokenizer, resolve_model_path
+    from rlfr.reward.verifier import Verifier
+    from rlfr.runtime.env import inference_device, seed_everything
 
     if args.samples < 1 or args.max_new_tokens < 1:
         raise ValueError("--samples and --max-new-tokens must be >= 1")
@@ -114,16 +88,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--backend vllm is unavailable: {reason}; use --backend hf")
     sets = {}
     for spec in args.data:  # load every set first: a bad path fails before the model loads
-        rows = load_eval_set(
-            spec, args.eval_size, args.seed, args.problem_field, args.answer_field, dev_size=args.dev_size
-        )
+        size = args.eval_size if spec in EMBEDDED_SETS else 0  # files and benchmarks: all rows (--limit)
+        fields = Fields(problem=args.problem_field, answer=args.answer_field)
+        rows = load_source(spec, fields, size, task_seed=args.seed, dev_size=args.dev_size)
         sets[dataset_slug(spec)] = (spec, rows[: args.limit] if args.limit > 0 else rows)
     seed_everything(args.seed)
     tok = load_tokenizer(args.model)
     model = None
     if args.backend == "hf":
-        device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-        model = load_model(args.model, args.dtype).to(device).eval()
+        model = load_model(args.model, args.dtype).to(inference_device(args.cpu)).eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {

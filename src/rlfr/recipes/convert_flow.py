@@ -105,7 +105,7 @@ def convert(
     from rlfr.flow.field import FlowField
     from rlfr.flow.matching import MODES
     from rlfr.flow.store import FlowBundle, meta_for, rms_norm_eps, save_flow
-    from rlfr.models import resolve_model_path
+    from rlfr.policy.loading import resolve_model_path
 
     bad = [m for m in modes if m not in MODES]
     if bad or shift < 1:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlfr.flow import FlowPairs, flow_matching_loss_per_pair
+from rlfr.flow.matching import FlowPairs, flow_matching_loss_per_pair
 
 
 @dataclass

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlfr.flow.store import FlowBundle, save_flow
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or belongs to another model/run."""
@@ -83,7 +85,7 @@ def save_checkpoint(
     accelerator,
     policy,
     tokenizer,
-    write_extra=None,
+    flow: FlowBundle | None = None,
     optim_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
@@ -98,8 +100,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         policy.save_pretrained(tmp / "policy", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "policy")
-        if write_extra is not None:  # e.g. the flow field, written inside the not-yet-renamed folder
-            write_extra(tmp)
+        if flow is not None:  # written inside the not-yet-renamed folder, through the flow store
+            save_flow(tmp / "flow", flow)
         torch.save(optim_state or {}, tmp / "optim.pt")
         state = {"step": step, "identity": model_identity(policy), **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -116,6 +118,19 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(
+            f"{path} is neither a checkpoint (no state.json) nor a run directory with checkpoints"
+        )
+    return latest
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -140,6 +155,28 @@ def check_identity(ckpt: Path, model) -> None:
         raise CheckpointError(
             f"checkpoint {ckpt} was written for a different model: saved {saved}, current {current}"
         )
+
+
+def load_policy_weights(ckpt: Path, model) -> None:
+    """Load ``ckpt/policy`` into ``model`` (the unwrapped policy); tied weights may be absent on disk."""
+    from safetensors.torch import load_file
+
+    check_identity(ckpt, model)
+    weights = {}
+    for f in sorted((ckpt / "policy").glob("*.safetensors")):
+        weights |= load_file(str(f))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt}/policy does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def flow_dir(ckpt: Path) -> Path:
+    """The checkpoint's flow directory (read it with ``rlfr.flow.store.load_flow``)."""
+    return ckpt / "flow"
 
 
 def load_optim_state(ckpt: Path) -> dict[str, Any]:

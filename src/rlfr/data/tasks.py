@@ -36,7 +36,7 @@ import random
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from rlfr.data import Example
+from rlfr.data.examples import Example
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,9 @@ Layout (``Rollout``): every sequence is ``[left padding][prompt][response][right
 ``input_ids``. Groups are contiguous: rows ``g*n .. g*n+n-1`` are the n samples of prompt g.
 A response ends at (and includes) the first EOS, or at ``max_new_tokens``.
 
+``encode_solutions(tokenizer, examples, prompts)`` gives the (prompt, response = solution + EOS) token lists
+of worked solutions, which ``pack`` lays out like rollouts (SFT and flow pretraining).
+
 Sampling is plain temperature / top-p sampling: the model's own generation config (top-k 50,
 repetition penalty, ...) is deliberately not used, so rollouts follow the policy's distribution.
 """
@@ -31,6 +34,12 @@ class Rollout:
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
+    def to(self, device) -> Rollout:
+        return Rollout(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+            self.group.to(device), self.completions, self.truncated.to(device),
+        )  # fmt: skip
+
     def select(self, rows: torch.Tensor | slice) -> Rollout:
         idx = rows if isinstance(rows, slice) else rows.tolist()
         comps = self.completions[idx] if isinstance(idx, slice) else [self.completions[i] for i in idx]
@@ -42,11 +51,6 @@ class Rollout:
             comps,
             self.truncated[rows],
         )
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, matching what ``generate`` used: (B, T) -> (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -140,41 +144,9 @@ def pack(
     return Rollout(ids, att, resp, torch.tensor(list(group), dtype=torch.long), completions, trunc)
 
 
-def policy_forward(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    need_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of the tokens of a packed batch: -> ((B, T), (B, T) or None).
-
-    Only the logits that score response tokens are computed (``logits_to_keep``): the LM head and the
-    softmax over the vocabulary dominate a small model's cost, and prompt positions need neither.
-    Positions before the first response token are 0 (never valid under ``response_mask``).
-    """
-    from rlfr.losses import entropy_from_logits, logprobs_from_logits
-
-    bsz, seq = input_ids.shape
-    cols = response_mask.any(0).nonzero()
-    first = int(cols[0]) if len(cols) else seq - 1
-    keep = seq - first + 1  # logits at positions first-1 .. T-1 score tokens first .. T-1
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-        logits_to_keep=keep,
-    )
-    logits = out.logits
-    if logits.shape[1] != min(keep, seq):
-        raise RuntimeError(
-            f"{type(model).__name__} ignored logits_to_keep={keep}: got {logits.shape[1]} positions"
-        )
-    start = seq - logits.shape[1]
-    pad = input_ids.new_zeros((bsz, start), dtype=torch.float32)
-    logp = torch.cat([pad, logprobs_from_logits(logits, input_ids[:, start:])], 1)
-    ent = None
-    if need_entropy:
-        ent = torch.cat([pad, entropy_from_logits(logits.detach())], 1)
-    return logp, ent
+def encode_solutions(tokenizer, examples, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids = solution + EOS) per example."""
+    eos = tokenizer.eos_token_id
+    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
+    return p_ids, r_ids

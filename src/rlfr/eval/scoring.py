@@ -5,9 +5,9 @@ accuracy and one record per example (prompt, completion, extracted answer, corre
 processes each rank evaluates a shard and the records are gathered, so every rank gets the same result.
 
 Sampled evaluation (``rlfr eval --samples K``): a backend returns ``Completions`` (K texts per prompt):
-``hf_completions`` (``rlfr.rollout.generate``, the trainer's sampler) or ``vllm_completions`` (vLLM's
+``hf_completions`` (``rlfr.policy.rollout.generate``, the trainer's sampler) or ``vllm_completions`` (vLLM's
 ``LLM.generate``, GPU only, behind ``vllm_available()``); ``score_completions`` checks them with the
-verifier and reports avg@K and the unbiased pass@k (``rlfr.report.pass_at_k``) for k = 1, 2, 4, ... <= K.
+verifier and reports avg@K and the unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rlfr.data import Example
-from rlfr.rollout import generate
-from rlfr.templates import render_prompt
-from rlfr.verifier import Verifier, extract_answer
+from rlfr.data.templates import render_prompt
+from rlfr.policy.rollout import generate
+from rlfr.reward.verifier import Verifier, extract_answer
 
 
 @dataclass
@@ -106,7 +106,7 @@ def hf_completions(
     greedy: bool = False,
     batch_size: int = 64,
 ) -> Completions:
-    """Hugging Face ``generate`` (through ``rlfr.rollout.generate``: same prompts and stopping as training)."""
+    """Hugging Face ``generate`` (through ``rlfr.policy.rollout.generate``: same prompts and stopping as training)."""
     ro = generate(
         model,
         tokenizer,
@@ -176,7 +176,7 @@ def score_completions(
     examples: Sequence[Example], prompts: Sequence[str], comps: Completions, verifier: Verifier
 ) -> SampledEvalResult:
     """Check every completion and aggregate avg@k and pass@k over problems."""
-    from rlfr.report import pass_at_k, powers_of_two
+    from rlfr.eval.stats import pass_at_k, powers_of_two
 
     if not examples or len(examples) != len(prompts) or len(comps.texts) != len(examples):
         raise ValueError(
@@ -215,3 +215,48 @@ def score_completions(
         records=records,
         mean_response_tokens=sum(r["response_tokens"] for r in records) / len(records),
     )
+
+
+@dataclass
+class HeldOut:
+    """Per-problem results: ``greedy[i]`` 1 if problem i is solved greedily; ``sampled[i]`` how many of
+    ``samples`` samples at temperature 1 solve it (None when ``samples`` is 0)."""
+
+    greedy: list[int]
+    sampled: list[int] | None
+    samples: int
+
+    @property
+    def greedy_accuracy(self) -> float:
+        return sum(self.greedy) / len(self.greedy)
+
+    @property
+    def sampled_accuracy(self) -> float | None:
+        return None if self.sampled is None else sum(self.sampled) / (self.samples * len(self.sampled))
+
+
+def held_out_scores(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    template: str,
+    max_new_tokens: int,
+    verifier: Verifier,
+    samples: int = 0,
+    seed: int = 0,
+) -> HeldOut:
+    """Greedy pass@1 and (``samples`` > 0) the correct count of ``samples`` samples at temperature 1 per
+    problem, the RL sampler's setting; the sampling noise is seeded, so every model sees the same."""
+    import torch
+
+    res = evaluate(model, tokenizer, examples, template, max_new_tokens, verifier)
+    greedy = [int(r["correct"]) for r in res.records]
+    sampled = None
+    if samples:
+        prompts = [render_prompt(template, ex.problem, tokenizer) for ex in examples]
+        torch.manual_seed(seed)
+        comps = hf_completions(model, tokenizer, prompts, samples, max_new_tokens, temperature=1.0)
+        sampled = [0] * len(examples)
+        for r in score_completions(examples, prompts, comps, verifier).records:
+            sampled[r["index"]] += int(r["correct"])
+    return HeldOut(greedy=greedy, sampled=sampled, samples=samples)

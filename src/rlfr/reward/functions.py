@@ -9,6 +9,9 @@ Contract
 - ``CombinedReward([(fn, weight), ...])``: ``score_i = sum_k weight_k * fn_k(...)_i``. Every component's
   output is checked for length and finiteness, and errors name the component.
 - ``build_reward(specs, verifier)``: ``CombinedReward`` from ``[(spec, weight), ...]``.
+- ``OutcomeReward(functions, weights, verifier)``: what RL uses: ``(completions, answers) -> (rewards,
+  correct)``, the reward of each completion and whether it passed the answer check (the latter decides
+  which rollouts train the flow).
 
 The paper's verifiable reward is ``"math"`` alone with weight 1 (binary 0/1); the flow reward is added
 by the trainer, not here.
@@ -20,7 +23,7 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 
-from rlfr.verifier import Answer, Verifier, default_verifier, format_reward
+from rlfr.reward.verifier import Answer, Verifier, default_verifier, format_reward
 
 RewardFn = Callable[[list[str], list[Answer]], list[float]]
 BUILTINS = ("math", "format")
@@ -116,3 +119,17 @@ class CombinedReward:
 def build_reward(specs: Sequence[tuple[str, float]], verifier: Verifier | None = None) -> CombinedReward:
     """``CombinedReward`` from ``[(spec, weight), ...]``; e.g. ``[("math", 1.0)]`` is the paper's reward."""
     return CombinedReward([(load_reward_fn(s, verifier), w) for s, w in specs], names=[s for s, _ in specs])
+
+
+class OutcomeReward:
+    """(completions, answers) -> (rewards, correct): the configured reward, and the verifier's 0/1 check."""
+
+    def __init__(self, functions: Sequence[str], weights: Sequence[float], verifier: Verifier) -> None:
+        self.verifier = verifier
+        self.plain = tuple(functions) == ("math",) and tuple(weights) == (1.0,)
+        self.combined = None if self.plain else build_reward(list(zip(functions, weights)), verifier)
+
+    def __call__(self, completions: list[str], answers: list[Answer]) -> tuple[list[float], list[bool]]:
+        correct = [s >= 1.0 for s in self.verifier.verify_batch(completions, answers)]
+        rewards = [float(c) for c in correct] if self.plain else self.combined(completions, answers)
+        return rewards, correct

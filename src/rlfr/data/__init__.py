@@ -1,0 +1,29 @@
+"""Problems and prompts: data files, the benchmark suite, the embedded procedural task, one resolver for all
+of them (``sources``), and the prompt templates."""
+
+from rlfr.data.benchmarks import BENCHMARKS, find_benchmark, load_benchmark
+from rlfr.data.examples import DataError, Example, Examples, LoadReport, load_examples
+from rlfr.data.sources import Fields, load_source, render_prompts, resolve_data
+from rlfr.data.tasks import EMBEDDED_SETS, embedded_set, embedded_task, transfer_task
+from rlfr.data.templates import TEMPLATES, render_prompt
+
+__all__ = [
+    "BENCHMARKS",
+    "EMBEDDED_SETS",
+    "TEMPLATES",
+    "DataError",
+    "Example",
+    "Examples",
+    "Fields",
+    "LoadReport",
+    "embedded_set",
+    "embedded_task",
+    "find_benchmark",
+    "load_benchmark",
+    "load_examples",
+    "load_source",
+    "render_prompt",
+    "render_prompts",
+    "resolve_data",
+    "transfer_task",
+]

@@ -1,0 +1,106 @@
+"""Where problems come from: one resolver for every command.
+
+A data *spec* is one of
+- ``embedded`` / ``embedded-dev`` / ``embedded-transfer``: the procedural task (``rlfr.data.tasks``):
+  its held-out split, its tuning split, its transfer set;
+- a benchmark name (``rlfr.data.benchmarks.BENCHMARKS``), read from the shared benchmark directory;
+- a data file or saved dataset directory (``rlfr.data.examples.load_examples``).
+
+Contract:
+- ``load_source(spec, fields, size, task_seed, dev_size, need_solution)`` -> the examples of a held-out or
+  training spec (``embedded`` as a *training* spec is the task's train split: use ``resolve_data``);
+- ``resolve_data(data_cfg, need_solution) -> (train, eval)``: the two sets of a stage's ``DataConfig``
+  (eval ``[]`` when ``data.eval`` is ``''``), truncated to ``data.eval_size``;
+- ``render_prompts(examples, template, tokenizer, max_prompt_tokens)``: the prompt strings, refusing any
+  longer than ``max_prompt_tokens`` (naming the example).
+The embedded splits depend on ``data.task_seed`` (and ``data.dev_size``) only, never on the run seed, so runs
+with different seeds share one set of problems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlfr.data.benchmarks import BENCHMARKS, load_benchmark
+from rlfr.data.examples import Example, load_examples
+from rlfr.data.tasks import EMBEDDED_SETS, embedded_set, embedded_task
+from rlfr.data.templates import render_prompt
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Column names of data files, and what to do with a bad row."""
+
+    problem: str = "problem"
+    answer: str = "answer"
+    solution: str | None = None
+    skip_bad_rows: bool = False
+
+
+def describe_specs() -> str:
+    return f"{', '.join(EMBEDDED_SETS)}, a benchmark ({', '.join(BENCHMARKS)}), or a data file"
+
+
+def load_source(
+    spec: str,
+    fields: Fields = Fields(),
+    size: int = 0,
+    task_seed: int = 0,
+    dev_size: int = 0,
+    need_solution: bool = False,
+) -> list[Example]:
+    """The examples of ``spec`` (module docstring); ``size`` > 0 keeps the first ``size`` (and is the size
+    of an embedded set)."""
+    if spec in EMBEDDED_SETS:
+        rows = list(embedded_set(spec, max(size, 1), task_seed, dev_size))
+    elif spec in BENCHMARKS:
+        rows = list(load_benchmark(spec))
+    elif Path(spec).exists():
+        rows = list(
+            load_examples(
+                spec,
+                problem_field=fields.problem,
+                answer_field=fields.answer,
+                solution_field=fields.solution if need_solution else None,
+                skip_bad_rows=fields.skip_bad_rows,
+            )
+        )
+    else:
+        raise FileNotFoundError(f"data {spec!r} does not exist; a data spec is {describe_specs()}")
+    if not rows:
+        raise ValueError(f"data {spec!r} has no rows")
+    if need_solution and any(not r.solution for r in rows):
+        raise ValueError(f"data {spec!r}: field {fields.solution!r} (worked solutions) is empty in some rows")
+    return rows[:size] if size else rows
+
+
+def resolve_data(data, need_solution: bool = False) -> tuple[list[Example], list[Example]]:
+    """(train, eval) of a ``DataConfig`` (module docstring)."""
+    fields = Fields(data.problem_field, data.answer_field, data.solution_field, data.skip_bad_rows)
+    if data.train == "embedded":
+        train = embedded_task(
+            train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,
+            dev_size=data.dev_size,
+        ).train  # fmt: skip
+    else:
+        train = load_source(data.train, fields, need_solution=need_solution)
+    evals: list[Example] = []
+    if data.eval:
+        evals = load_source(data.eval, fields, data.eval_size, data.task_seed, data.dev_size)
+    return train, evals
+
+
+def render_prompts(
+    examples: Sequence[Example], template: str, tokenizer, max_prompt_tokens: int
+) -> list[str]:
+    prompts = [render_prompt(template, ex.problem, tokenizer) for ex in examples]
+    for ex, p in zip(examples, prompts):
+        n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+        if n > max_prompt_tokens:
+            raise ValueError(
+                f"prompt of example {ex.id or ex.problem[:40]!r} has {n} tokens > data.max_prompt_tokens="
+                f"{max_prompt_tokens}"
+            )
+    return prompts

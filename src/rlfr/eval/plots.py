@@ -1,0 +1,154 @@
+"""Every plot rlfr draws (matplotlib, non-interactive backend): training curves, the demo's and the
+comparison's figures. Pure functions of already computed numbers; each writes one PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(
+    rows: Iterable[dict], out_png: str | Path, keys: Sequence[str], title: str = "", smooth: int = 1
+) -> Path | None:
+    """One panel per key (steps on x); returns the PNG path, or None when no key has data."""
+    plt = _plt()
+    rows = list(rows)
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, lw=1.2)
+        if smooth > 1 and len(ys) >= smooth:
+            sm = [
+                sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1])
+                for i in range(len(ys))
+            ]
+            ax.plot(xs, sm, lw=2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_curves(arms_out: dict, curve_keys: Sequence[str], path: Path) -> None:
+    """``rlfr compare``: one panel per training statistic, one line per arm (mean over seeds)."""
+    plt = _plt()
+    keys = [
+        k
+        for k in curve_keys
+        if any(any(v is not None for v in a.get("curves", {}).get(k, [])) for a in arms_out.values())
+    ]
+    if not keys:
+        keys = ["reward"]
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for name, a in arms_out.items():
+            ys = a.get("curves", {}).get(key, [])
+            pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=name, lw=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_accuracy(methods: dict, path: Path) -> None:
+    """``rlfr compare``: held-out accuracy per method, mean with the std over seeds, each seed a dot."""
+    plt = _plt()
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 1.5, 3.6))
+    ax.bar(
+        names,
+        [100 * methods[n]["mean"] for n in names],
+        yerr=[100 * methods[n]["std"] for n in names],
+        capsize=6,
+        color=["#999999", "#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974"][: len(names)],
+    )
+    for i, n in enumerate(names):
+        ax.scatter(
+            [i] * len(methods[n]["seeds"]),
+            [100 * v for v in methods[n]["seeds"].values()],
+            color="black",
+            s=10,
+            zorder=3,
+        )
+    ax.set_ylabel("held-out greedy accuracy (%)")
+    top = max(100 * (methods[n]["mean"] + methods[n]["std"]) for n in names)
+    ax.set_ylim(0, max(5.0, 1.15 * top))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_demo_accuracy(summary: dict, path: Path) -> None:
+    """``rlfr demo``: held-out greedy and sampled accuracy of the raw, SFT and RL models."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    names = ["raw", "after SFT", f"after {summary['method'].upper()}"]
+    width = 0.38
+    bars = (("accuracy", "greedy pass@1", "#6a9fd8"),
+            ("sampled_accuracy", f"sampled avg@{summary['eval_samples']}", "#2a8a4a"))  # fmt: skip
+    for j, (prefix, label, color) in enumerate(bars):
+        vals = [summary[f"{prefix}_before"], summary[f"{prefix}_after_sft"], summary[f"{prefix}_after"]]
+        xs = [i + (j - 0.5) * width for i in range(3)]
+        ax.bar(xs, vals, width, label=label, color=color)
+        for x, v in zip(xs, vals):
+            ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(3), names)
+    ax.set_ylabel(f"held-out accuracy ({summary['eval_problems']} problems)")
+    ax.set_ylim(0, 1.0)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_flow_losses(pretrain_losses: Sequence[float], rl_history: Sequence[dict], path: Path) -> None:
+    """``rlfr demo``: the flow-pretraining loss, and the online flow loss on correct and wrong rollouts."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(range(1, len(pretrain_losses) + 1), pretrain_losses, label="train")
+    axes[0].set_title("flow pretraining loss")
+    axes[0].set_xlabel("step")
+    for key, label in (("flow/loss_correct", "correct rollouts"), ("flow/loss_wrong", "wrong rollouts")):
+        pts = [(r["step"], r[key]) for r in rl_history if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=label)
+    axes[1].set_title("online flow loss during RL")
+    axes[1].set_xlabel("RL step")
+    for a in axes:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""The policy's forward pass over a packed batch: per-token log-probs and entropies (and, through a
+``LatentTap`` on the model, the latents) from one pass.
+
+- ``position_ids(attention_mask (B, T)) -> (B, T)``: positions that skip left padding, as ``generate`` uses.
+- ``policy_forward(model, input_ids, attention_mask, response_mask, need_entropy) -> (logp, entropy)``:
+  (B, T) float32 each, aligned with ``input_ids`` (``rlfr.rl.losses``); only the logits that score
+  response tokens are computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlfr.rl.losses import entropy_from_logits, logprobs_from_logits
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, matching what ``generate`` used: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def policy_forward(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    need_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of the tokens of a packed batch: -> ((B, T), (B, T) or None).
+
+    Only the logits that score response tokens are computed (``logits_to_keep``): the LM head and the
+    softmax over the vocabulary dominate a small model's cost, and prompt positions need neither.
+    Positions before the first response token are 0 (never valid under ``response_mask``).
+    """
+    bsz, seq = input_ids.shape
+    cols = response_mask.any(0).nonzero()
+    first = int(cols[0]) if len(cols) else seq - 1
+    keep = seq - first + 1  # logits at positions first-1 .. T-1 score tokens first .. T-1
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    logits = out.logits
+    if logits.shape[1] != min(keep, seq):
+        raise RuntimeError(
+            f"{type(model).__name__} ignored logits_to_keep={keep}: got {logits.shape[1]} positions"
+        )
+    start = seq - logits.shape[1]
+    pad = input_ids.new_zeros((bsz, start), dtype=torch.float32)
+    logp = torch.cat([pad, logprobs_from_logits(logits, input_ids[:, start:])], 1)
+    ent = None
+    if need_entropy:
+        ent = torch.cat([pad, entropy_from_logits(logits.detach())], 1)
+    return logp, ent

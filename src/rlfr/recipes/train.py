@@ -1,0 +1,224 @@
+"""``rlfr train``: RL with flow rewards (``--method rlfr``), plain RLVR, or entropy-shaped advantages.
+
+``run_train(cfg, resume=False) -> TrainResult`` is the whole stage, top to bottom: build the components
+(model, data, flow, checkpoint identity are checked before any long work), resume if asked, then for each
+step draw the prompts (a seeded per-epoch permutation, so the data position is just the step number; with
+several processes each takes every ``world``-th prompt), run ``rlfr.rl.step.rl_step``, log (console,
+``metrics.jsonl``, TensorBoard), evaluate every ``eval_every`` steps, and checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.eval.plots import plot_metrics
+from rlfr.eval.scoring import evaluate
+from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
+from rlfr.policy.latents import LatentTap
+from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
+from rlfr.reward.functions import OutcomeReward
+from rlfr.reward.verifier import Verifier
+from rlfr.rl.step import Components, FlowPart, paused, rl_step
+from rlfr.runtime import checkpoint as ckpt_io
+from rlfr.runtime.env import make_accelerator, seed_everything
+from rlfr.runtime.metrics import MetricsLogger, format_step, read_metrics
+from rlfr.runtime.optim import build_optimizer
+from rlfr.runtime.stream import EpochStream, shard
+from rlfr.schema import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    model_dir: str | None  # the final checkpoint's policy/ (None when the run stopped before its last step)
+    final_accuracy: float | None  # held-out greedy accuracy at the end (None: not evaluated)
+    history: list[dict] = field(default_factory=list)  # one row of statistics per step run by this call
+    stopped_at: int | None = None  # the step after which ``stop_after`` ended the run
+
+
+@dataclass
+class RunData:
+    train: list
+    eval: list
+    prompts: list[str]
+
+
+def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
+    seed_everything(cfg.seed)  # same on every rank: identical initial flow weights
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    policy.train()
+    ref = None
+    if cfg.policy.kl_coef > 0 or cfg.policy.track_kl:
+        ref = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+        ref.requires_grad_(False)
+        ref.to(acc.device)
+    bundle = tap = None
+    if cfg.method == "rlfr":
+        tap = LatentTap(policy, cfg.flow.fractions)
+        bundle = build_flow(cfg.flow, policy)
+        if not cfg.flow.update:
+            bundle.field.requires_grad_(False)
+    train, evals = resolve_data(cfg.data)
+    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
+    p = cfg.policy
+    opt, sched = build_optimizer(
+        policy.parameters(), p.lr, p.betas, p.weight_decay, cfg.steps * p.ppo_epochs * p.minibatches,
+        p.warmup_ratio, p.schedule, p.min_lr_ratio,
+    )  # fmt: skip
+    policy, opt = acc.prepare(policy, opt)
+    flow = None
+    if bundle is not None:
+        f = cfg.flow
+        flow_opt, flow_sched = build_optimizer(
+            bundle.field.parameters(), f.lr, f.betas, f.weight_decay, cfg.steps, f.warmup_ratio, "cosine",
+            f.min_lr_ratio,
+        )  # fmt: skip
+        field_, flow_opt = acc.prepare(bundle.field, flow_opt)
+        flow = FlowPart(field=field_, opt=flow_opt, sched=flow_sched, tap=tap, norm=bundle.norm)
+    seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
+    verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
+    c = Components(
+        cfg=cfg, acc=acc, policy=policy, tokenizer=tok, policy_opt=opt, policy_sched=sched,
+        reward=OutcomeReward(cfg.reward.functions, cfg.reward.weights, verifier), ref=ref, flow=flow,
+    )  # fmt: skip
+    return c, RunData(train, evals, prompts)
+
+
+def flow_bundle(c: Components) -> FlowBundle:
+    f = c.cfg.flow
+    policy = c.acc.unwrap_model(c.policy)
+    meta = meta_for(policy, f.fractions, f.modes, f.shift, f.latent_norm)
+    return FlowBundle(c.acc.unwrap_model(c.flow.field), meta, c.flow.norm)
+
+
+def save(c: Components, step: int) -> Path:
+    optim = {"policy": c.policy_opt.state_dict(), "policy_sched": c.policy_sched.state_dict()}
+    if c.flow is not None:
+        optim |= {"flow": c.flow.opt.state_dict(), "flow_sched": c.flow.sched.state_dict()}
+    return ckpt_io.save_checkpoint(
+        c.cfg.out_dir, step, c.acc, c.acc.unwrap_model(c.policy), c.tokenizer,
+        flow=flow_bundle(c) if c.flow is not None else None, optim_state=optim,
+        extra={"config": to_dict(c.cfg)}, keep=c.cfg.keep_checkpoints,
+    )  # fmt: skip
+
+
+def restore(c: Components, path: Path) -> int:
+    """Load a checkpoint into the built components; returns the step to continue from."""
+    policy = c.acc.unwrap_model(c.policy)
+    ckpt_io.load_policy_weights(path, policy)
+    optim = ckpt_io.load_optim_state(path)
+    c.policy_opt.load_state_dict(optim["policy"])
+    c.policy_sched.load_state_dict(optim["policy_sched"])
+    if c.flow is not None:
+        f = c.cfg.flow
+        # the same checks as a fresh run's flow.init: a checkpoint's flow must model this run's latents
+        bundle = load_flow(
+            ckpt_io.flow_dir(path), meta_for(policy, f.fractions, f.modes, f.shift, f.latent_norm)
+        )
+        c.acc.unwrap_model(c.flow.field).load_state_dict(bundle.field.state_dict())
+        c.flow.norm = bundle.norm
+        c.flow.opt.load_state_dict(optim["flow"])
+        c.flow.sched.load_state_dict(optim["flow_sched"])
+    ckpt_io.load_rng(path, c.acc.process_index)
+    return int(ckpt_io.load_state(path)["step"])
+
+
+def held_out_accuracy(c: Components, examples) -> float:
+    with paused(c):
+        res = evaluate(
+            c.acc.unwrap_model(c.policy), c.tokenizer, examples, c.cfg.data.template, c.cfg.eval_max_new_tokens,
+            c.reward.verifier, accelerator=c.acc,
+        )  # fmt: skip
+    return res.accuracy
+
+
+def run_train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    stage: str = "train",
+    stop_after: int | None = None,
+    final_eval: bool = True,
+) -> TrainResult:
+    """The RL stage. ``stop_after`` ends this process after that many steps (after checkpointing), as a
+    preempted job would; ``resume`` continues from the latest checkpoint of ``cfg.out_dir``;
+    ``final_eval=False`` skips the closing held-out evaluation (for callers that evaluate themselves)."""
+    acc = make_accelerator(cfg.cpu)
+    out = Path(cfg.out_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    c, data = build_components(cfg, acc)
+    start = 0
+    if resume:
+        path = ckpt_io.latest_checkpoint(out)
+        if path is None:
+            raise ckpt_io.CheckpointError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        start = restore(c, path)
+        if acc.is_main_process:
+            print(f"resumed from {path} at step {start}")
+    metrics = MetricsLogger(out, enabled=acc.is_main_process)
+    stream = EpochStream(len(data.train), cfg.seed, reseed_each_epoch=True)
+    per_step = cfg.rollout.prompts_per_step
+    result = TrainResult(out_dir=str(out), model_dir=None, final_accuracy=None)
+    bar = tqdm(range(start, cfg.steps), desc=f"rl[{cfg.method}]", disable=not (progress and acc.is_main_process),
+               initial=start, total=cfg.steps)  # fmt: skip
+    try:
+        for step in bar:
+            idx = shard(
+                stream.take(step * per_step, per_step),
+                acc.process_index,
+                acc.num_processes,
+                "rollout.prompts_per_step",
+            )
+            stats = rl_step(c, step, [data.train[i] for i in idx], [data.prompts[i] for i in idx])
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and data.eval:
+                stats["eval/accuracy"] = held_out_accuracy(c, data.eval)
+            metrics.log(step + 1, stats, stage=stage)
+            result.history.append({"step": step + 1, **stats})
+            if acc.is_main_process:
+                bar.write(format_step(step + 1, stats))
+            stopping = stop_after is not None and step + 1 - start >= stop_after
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or stopping:
+                save(c, step + 1)
+            if stopping and step + 1 < cfg.steps:
+                result.stopped_at = step + 1
+                return result
+        if data.eval and final_eval:
+            result.final_accuracy = held_out_accuracy(c, data.eval)
+            metrics.log(cfg.steps, {"eval/accuracy": result.final_accuracy}, stage=stage)
+    finally:
+        metrics.close()
+        c.reward.verifier.close()
+        if c.flow is not None:
+            c.flow.tap.remove()
+    if acc.is_main_process:
+        rows = [r for r in read_metrics(metrics.path) if r.get("stage") == stage]
+        keys = ["reward", "accuracy", "eval/accuracy", "flow/loss_correct", "flow/loss_wrong", "response_len"]
+        plot_metrics(rows, out / "curves.png", keys, title=f"rlfr train ({cfg.method})")
+    result.model_dir = str(out / "checkpoints" / f"step_{cfg.steps:06d}" / "policy")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, "flow.reward.beta=0.02 steps=200 (presets: configs/*.yaml)")
+    p.add_argument("--method", choices=["rlfr", "rlvr", "entropy"], help="shorthand for method=...")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+
+
+def run(args) -> int:
+    cfg = config_from_args(args, TrainConfig, [f"method={args.method}"] if args.method else [])
+    if cfg is not None:
+        res = run_train(cfg, resume=args.resume)
+        print(json.dumps({k: v for k, v in vars(res).items() if k != "history"}, indent=2))
+    return 0

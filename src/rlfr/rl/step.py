@@ -1,0 +1,333 @@
+"""The RL step shared by ``--method rlfr | rlvr | entropy`` (RLFR_METHOD §5-6).
+
+``rl_step(c, step, examples, prompts) -> dict[str, float]`` reads top to bottom: rollout -> verify ->
+outcome advantages (-> accuracy filter) -> update -> log. The update, per micro-batch: one forward gives
+log-probs, entropies and (through the tap) latents -> flow scores -> shaped flow rewards -> token advantages
+-> PPO loss -> backward -> flow-matching loss on the detached latents of rollouts that pass the check ->
+backward; then the optimizer steps. Every long-lived object is in ``Components`` (built by
+``rlfr.recipes.train``); everything of one step is a local passed explicitly.
+
+When each rollout batch is used once (``ppo_epochs = minibatches = 1``) the rollout policy *is* the current
+policy, so the old log-probs are the current ones detached and no extra forward is needed; otherwise a
+no-grad pass (``score_pass``) first records old log-probs and advantages, which stay fixed over the epochs,
+and trains the flow.
+
+Departures from the authors' code (RLFR_METHOD §8): the flow loss runs outside the hooks under autograd, so
+online flow updates really train the flow (also under gradient checkpointing), on detached latents (no
+gradient reaches the policy); rewards are binary by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from rlfr.flow import LatentNorm, build_pairs, pair_counts, per_sequence_mean, token_scores
+from rlfr.flow.online import above_quantile, online_flow_loss, rollout_weights
+from rlfr.policy.forward import policy_forward
+from rlfr.policy.latents import LatentTap
+from rlfr.policy.rollout import Rollout, generate
+from rlfr.reward.functions import OutcomeReward
+from rlfr.rl.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
+from rlfr.rl.losses import kl_penalty, policy_loss
+from rlfr.rl.shaping import shape_flow_rewards
+from rlfr.runtime.metrics import Accum, reduce_stats
+from rlfr.runtime.optim import optimizer_step
+from rlfr.schema import TrainConfig
+
+
+@dataclass
+class FlowPart:
+    """The flow of an RLFR run: the field (as prepared by accelerate), its optimizer, the latent statistics
+    (fitted at the first step for a fresh flow with ``latent_norm=standardize``) and the tap on the policy."""
+
+    field: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    tap: LatentTap
+    norm: LatentNorm | None = None
+
+
+@dataclass
+class Components:
+    cfg: TrainConfig
+    acc: object  # accelerate.Accelerator
+    policy: nn.Module  # as prepared by accelerate
+    tokenizer: object
+    policy_opt: torch.optim.Optimizer
+    policy_sched: torch.optim.lr_scheduler.LRScheduler
+    reward: OutcomeReward
+    ref: nn.Module | None = None  # the start model, for the KL (kl_coef > 0 or track_kl)
+    flow: FlowPart | None = None  # method rlfr only
+
+
+@dataclass
+class Batch:
+    """One step's rollouts on the policy's device: all (B, ...)."""
+
+    rollout: Rollout
+    reward: torch.Tensor  # (B,) combined reward
+    correct: torch.Tensor  # (B,) bool, passed the answer check
+    outcome_adv: torch.Tensor  # (B,)
+
+
+@dataclass
+class Fixed:
+    """Multi-epoch PPO: old log-probs and advantages of the whole batch, (B, T) each."""
+
+    old_logp: torch.Tensor
+    adv: torch.Tensor
+
+
+def rl_step(c: Components, step: int, examples, prompts: list[str]) -> dict[str, float]:
+    """One RL step (``step`` counts from 0); -> statistics averaged over processes."""
+    cfg, n, t0 = c.cfg, c.cfg.rollout.num_generations, time.time()
+    # 1. rollout (latent capture paused: generate() runs the model once per new token)
+    with paused(c):
+        r = cfg.rollout
+        ro = generate(c.acc.unwrap_model(c.policy), c.tokenizer, prompts, n, r.max_new_tokens, r.temperature,
+                      r.top_p, batch_size=r.batch_size)  # fmt: skip
+    t_roll = time.time()
+    # 2. verify
+    reward, correct = c.reward(ro.completions, [ex.answer for ex in examples for _ in range(n)])
+    ro = ro.to(c.acc.device)
+    reward_t = torch.tensor(reward, dtype=torch.float32, device=c.acc.device)
+    correct_t = torch.tensor(correct, dtype=torch.bool, device=c.acc.device)
+    t_verify = time.time()
+    if c.flow is not None and c.flow.norm is None and cfg.flow.latent_norm == "standardize":
+        fit_norm(c, ro)
+    # 3. outcome advantages, group-normalised over the n samples of each prompt; the accuracy filter
+    #    empties the response mask of groups without outcome signal
+    adv_o = group_advantages(reward_t, n, normalize_std=cfg.policy.normalize_std)
+    keep = accuracy_filter(correct_t, n, cfg, step)
+    trained = ro if keep is None else replace(ro, response_mask=ro.response_mask & keep[:, None])
+    # 4-6. policy and flow updates
+    log = Accum()
+    update(c, Batch(trained, reward_t, correct_t, adv_o), step, log)
+    # 7. log
+    lens = ro.response_lengths.float()
+    stats = log.means() | {
+        "reward": reward_t.mean().item(),
+        "accuracy": correct_t.float().mean().item(),
+        "response_len": lens.mean().item(),
+        "truncated": ro.truncated.float().mean().item(),
+        "time/rollout": t_roll - t0,
+        "time/verify": t_verify - t_roll,
+        "time/step": time.time() - t0,
+        "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t0, 1e-9),
+    }
+    if keep is not None:
+        stats["filter/kept_frac"] = keep.float().mean().item()
+    return reduce_stats(c.acc, stats)
+
+
+def update(c: Components, batch: Batch, step: int, log: Accum) -> None:
+    """Policy optimizer steps (``ppo_epochs`` x ``minibatches``) and one flow optimizer step."""
+    p, bsz = c.cfg.policy, batch.rollout.input_ids.shape[0]
+    tokens = c.acc.reduce(batch.rollout.response_mask.sum().to(c.acc.device).float(), "sum")
+    if float(tokens) == 0:  # the accuracy filter dropped every group: nothing to learn, and an AdamW
+        log.add("update/skipped", 1.0)  # step on zero gradients would still move the weights
+        return
+    hold_actor = step < c.cfg.flow.actor_warmup_steps
+    flow_total = flow_weight_total(c, batch)  # known before any forward: accumulation = full-batch mean
+    single_pass = p.ppo_epochs == 1 and p.minibatches == 1
+    fixed = None if single_pass else score_pass(c, batch, flow_total, log)
+    t_upd = time.time()
+    per_mini = max(1, bsz // p.minibatches)
+    for _ in range(p.ppo_epochs):
+        order = torch.arange(bsz) if single_pass else torch.randperm(bsz)
+        for m0 in range(0, bsz, per_mini):
+            mini = order[m0 : m0 + per_mini]
+            mask = batch.rollout.response_mask[mini]
+            norms = (int(mask.any(1).sum()), int(mask.sum()))  # the minibatch's sequence and token counts
+            for c0 in range(0, len(mini), p.micro_batch_size):
+                micro_step(
+                    c, batch, mini[c0 : c0 + p.micro_batch_size], fixed, flow_total, norms, hold_actor, log
+                )
+            if not hold_actor:
+                what = f"policy at step {step + 1}"
+                log.add("policy/grad_norm", optimizer_step(c.acc, c.policy, c.policy_opt, c.policy_sched, p.max_grad_norm, what))  # fmt: skip
+    log.add("time/update", time.time() - t_upd)
+    log.add("policy/lr", c.policy_sched.get_last_lr()[0])
+    if c.flow is not None and c.cfg.flow.update:
+        # nothing passed the check anywhere (and soft_flow = 0): nothing to learn, and an AdamW step on zero
+        # gradients would still move the flow through momentum and weight decay
+        if float(c.acc.reduce(flow_total.to(c.acc.device), "sum")) > 0:
+            what = f"flow at step {step + 1}"
+            log.add("flow/grad_norm", optimizer_step(c.acc, c.flow.field, c.flow.opt, c.flow.sched, p.max_grad_norm, what))  # fmt: skip
+        else:
+            c.flow.opt.zero_grad(set_to_none=True)
+
+
+def micro_step(c, batch: Batch, rows, fixed: Fixed | None, flow_total, norms, hold_actor: bool, log: Accum):
+    p, ro = c.cfg.policy, batch.rollout.select(rows)
+    mask = ro.response_mask
+    with torch.set_grad_enabled(not hold_actor):  # entropies are always logged, so always computed
+        logp, ent = forward(c.policy, ro, need_entropy=True)
+    ref_logp = ref_forward(c, ro)
+    if fixed is None:  # single pass: rewards and old log-probs come from this very forward
+        old_logp = logp.detach()
+        adv = advantages(c, batch, rows, ro, ent, old_logp, ref_logp, log)
+        flow_backward(c, batch, rows, ro, ent, flow_total, log)
+    else:
+        adv, old_logp = fixed.adv[rows], fixed.old_logp[rows]
+    if hold_actor:
+        return
+    in_loss = p.kl_mode == "loss"
+    out = policy_loss(
+        logp, old_logp, adv, mask, p.clip_low, p.clip_high, p.aggregation,
+        ref_logp=ref_logp if in_loss else None, kl_coef=p.kl_coef if in_loss else 0.0,
+        kl_estimator=p.kl_estimator, num_sequences=norms[0], num_tokens=norms[1], ratio_max=p.ratio_max,
+    )  # fmt: skip
+    c.acc.backward(out.loss)
+    n_tok = max(int(mask.sum()), 1)
+    log.add("policy/loss", out.loss.item(), weight=len(rows))
+    log.add("policy/clip_frac", out.clip_frac.item(), weight=len(rows))
+    log.add("policy/entropy", (ent * mask).sum().item() / n_tok, weight=len(rows))
+    if ref_logp is not None:
+        kl = kl_penalty(logp.detach(), ref_logp, p.kl_estimator)
+        log.add("policy/kl", (kl * mask).sum().item() / n_tok, weight=len(rows))
+
+
+def score_pass(c: Components, batch: Batch, flow_total, log: Accum) -> Fixed:
+    """Multi-epoch PPO: a no-grad pass for old log-probs and fixed advantages, which also trains the flow."""
+    bsz, mbs = batch.rollout.input_ids.shape[0], c.cfg.policy.micro_batch_size
+    old, advs = [], []
+    for c0 in range(0, bsz, mbs):
+        rows = torch.arange(c0, min(c0 + mbs, bsz))
+        ro = batch.rollout.select(rows)
+        with torch.no_grad():
+            logp, ent = forward(c.policy, ro, need_entropy=True)
+        ref_logp = ref_forward(c, ro)
+        advs.append(advantages(c, batch, rows, ro, ent, logp, ref_logp, log))
+        flow_backward(c, batch, rows, ro, ent, flow_total, log)
+        old.append(logp)
+    return Fixed(old_logp=torch.cat(old), adv=torch.cat(advs))
+
+
+def advantages(c, batch: Batch, rows, ro: Rollout, ent, logp, ref_logp, log: Accum) -> torch.Tensor:
+    """Token advantages of ``rows`` (b, T): A_k = A_o + sum_{s >= k} r_s, r = the shaped flow rewards (rlfr)
+    plus, with ``kl_mode=reward``, -kl_coef * k1 per token (the authors' RLVR baseline puts its KL there)."""
+    cfg, mask = c.cfg, ro.response_mask
+    token_rewards = flow_rewards(c, batch, rows, ro, log) if c.flow is not None else None
+    if cfg.policy.kl_mode == "reward" and ref_logp is not None:
+        kl_r = kl_rewards(logp, ref_logp, mask, cfg.policy.kl_coef)
+        token_rewards = kl_r if token_rewards is None else token_rewards + kl_r
+    live = mask.any(1)
+    if live.any():
+        log.add("adv/outcome_abs", batch.outcome_adv[rows][live].abs().mean().item(), weight=int(live.sum()))
+    adv = token_advantages(batch.outcome_adv[rows], token_rewards, mask)
+    if cfg.method == "entropy":
+        adv = entropy_advantage(adv, ent, mask, cfg.policy.entropy_alpha, cfg.policy.entropy_kappa)
+    return adv
+
+
+def flow_rewards(c: Components, batch: Batch, rows, ro: Rollout, log: Accum) -> torch.Tensor:
+    """Score the latents of the latest forward against the flow and shape the scores: -> (b, T) rewards."""
+    f, mask = c.cfg.flow, ro.response_mask
+    scores = token_scores(
+        c.acc.unwrap_model(c.flow.field), latents(c, mask), c.flow.tap.layer_values.to(mask.device), mask,
+        f.modes, f.shift, f.reward.timesteps, context_mask=ro.attention_mask.bool(),
+    )  # fmt: skip
+    r = f.reward
+    rewards = shape_flow_rewards(scores.scores, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma)
+    n_tok = max(int(mask.sum()), 1)
+    log.add("flow_reward/mean", rewards.sum().item() / n_tok)
+    log.add("flow_reward/nonzero_frac", (rewards != 0).sum().item() / n_tok)
+    if scores.valid.any():
+        log.add("flow_score/mean", scores.scores[scores.valid].mean().item())
+    log.add("adv/flow_abs", reward_to_go(rewards, mask).abs().sum().item() / n_tok, weight=n_tok)
+    has = scores.valid.any(1)  # the sequence score: the mean deviation over its scored tokens
+    seq = (scores.scores * scores.valid).sum(1) / scores.valid.sum(1).clamp(min=1)
+    log.add_samples("flow_score/auroc", (-seq[has]).tolist(), batch.correct[rows][has].tolist())
+    return rewards
+
+
+def flow_backward(c: Components, batch: Batch, rows, ro: Rollout, ent, flow_total, log: Accum) -> None:
+    """Online flow update (rejection sampling, RLFR §6) on this micro-batch's detached latents."""
+    if c.flow is None or not c.cfg.flow.update:
+        return
+    t0, f = time.time(), c.cfg.flow
+    mask = ro.response_mask
+    if f.entropy_quantile is not None:
+        mask = mask & above_quantile(ent, mask, f.entropy_quantile)
+    pairs = build_pairs(latents(c, ro.response_mask), c.flow.tap.layer_values.to(mask.device), mask, f.modes,
+                        f.shift, context_mask=ro.attention_mask.bool())  # fmt: skip
+    correct = batch.correct[rows]
+    w = rollout_weights(correct, f.soft_flow)[pairs.batch_index]
+    out = online_flow_loss(c.flow.field, pairs, w, flow_total, f.batch_mul, c.acc.unwrap_model(c.flow.field))
+    c.acc.backward(out.loss)
+    seq = per_sequence_mean(out.per_pair, pairs.batch_index, len(rows))
+    has = torch.bincount(pairs.batch_index, minlength=len(rows)) > 0
+    for name, sel in (("flow/loss_correct", correct & has), ("flow/loss_wrong", ~correct & has)):
+        if sel.any():
+            log.add(name, seq[sel].mean().item(), weight=int(sel.sum()))
+    log.total("time/flow", time.time() - t0)
+
+
+def flow_weight_total(c: Components, batch: Batch) -> torch.Tensor:
+    """The whole batch's flow-loss weight: sum over rollouts of (1 if correct else soft_flow) x pair count.
+
+    Known before any forward, so it counts all response pairs: with ``entropy_quantile`` the trained pairs
+    are a subset and the loss is scaled down by the same factor for every micro-batch."""
+    if c.flow is None:
+        return torch.zeros(())
+    f, ro = c.cfg.flow, batch.rollout
+    counts = pair_counts(ro.response_mask, ro.attention_mask.bool(), f.modes, f.shift, len(f.fractions))
+    return (rollout_weights(batch.correct, f.soft_flow) * counts).sum()
+
+
+def accuracy_filter(correct: torch.Tensor, n: int, cfg: TrainConfig, step: int) -> torch.Tensor | None:
+    """(B,) bool rows of groups whose accuracy is inside the bounds, or None when the filter is off.
+
+    The authors' ``enable_accuracy_filter`` (active after ``freezing_filter_steps`` steps): a group of
+    all-equal rewards carries no outcome signal. Filtered rows stay in the batch with an empty response mask
+    (they are neither trained on nor train the flow), so every process runs the same micro-batches."""
+    p = cfg.policy
+    if not p.accuracy_filter or step + 1 <= p.freezing_filter_steps:
+        return None
+    acc = correct.float().view(-1, n).mean(1)
+    keep = (acc >= p.accuracy_lower_bound - 1e-9) & (acc <= p.accuracy_upper_bound + 1e-9)
+    return keep.repeat_interleave(n)
+
+
+def forward(model, ro: Rollout, need_entropy: bool):
+    """Policy forward: -> (logp (b, T), entropy (b, T) detached or None); latents land in the tap."""
+    return policy_forward(model, ro.input_ids, ro.attention_mask, ro.response_mask, need_entropy)
+
+
+def ref_forward(c: Components, ro: Rollout) -> torch.Tensor | None:
+    """Log-probs under the start model (no grad; never the policy's latents), or None without one."""
+    if c.ref is None:
+        return None
+    with paused(c), torch.no_grad():
+        return forward(c.ref, ro, need_entropy=False)[0]
+
+
+def latents(c: Components, mask: torch.Tensor) -> torch.Tensor:
+    """The tapped latents of the latest forward, standardised per layer when configured: (L, b, T, d)."""
+    lat = c.flow.tap.latents()
+    if c.cfg.flow.latent_norm == "none":
+        return lat
+    if c.flow.norm is None:
+        raise RuntimeError("latent_norm=standardize but no statistics: fit_norm() runs at the first step")
+    return c.flow.norm(lat)
+
+
+def fit_norm(c: Components, ro: Rollout) -> None:
+    """Latent statistics of a flow trained from scratch during RL: the first micro-batch of the first
+    rollouts (before any filtering), averaged over processes so that every rank uses the same."""
+    first = ro.select(torch.arange(min(len(ro.completions), c.cfg.policy.micro_batch_size)))
+    with torch.no_grad():
+        forward(c.policy, first, need_entropy=False)
+    fitted = LatentNorm.fit(c.flow.tap.latents(), first.response_mask)
+    c.flow.norm = LatentNorm(c.acc.reduce(fitted.mean, "mean"), c.acc.reduce(fitted.std, "mean"))
+
+
+def paused(c: Components):
+    """No latent capture inside (generation, the reference's forward, evaluation)."""
+    return c.flow.tap.paused() if c.flow is not None else contextlib.nullcontext()
