@@ -55,7 +55,7 @@ def test_the_tree_is_the_pipeline():
     packages = sorted(p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
     assert packages == ["data", "eval", "flow", "policy", "recipes", "reward", "rl", "runtime"]
     loose = sorted(p.name for p in SRC.glob("*.py"))
-    assert loose == ["__init__.py", "cli.py", "config.py", "schema.py"]
+    assert loose == ["__init__.py", "cli.py", "config.py", "errors.py", "schema.py"]
 
 
 @pytest.mark.parametrize("name", STAGES)

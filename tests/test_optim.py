@@ -30,10 +30,10 @@ def test_optimizer_step_refuses_a_non_finite_gradient():
     opt, sched = build_optimizer(model.parameters(), 0.1, (0.9, 0.95), 0.0, 4, 0.0, "constant")
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
     model(torch.ones(1, 2)).sum().backward()
-    norm = optimizer_step(acc, model, opt, sched, 1.0, "test at step 1")
+    norm = optimizer_step(acc, model, opt, sched, 1.0, "test", 1)
     assert math.isfinite(norm) and all(p.grad is None for p in model.parameters())
     before = [p.detach().clone() for p in model.parameters()]
     (model(torch.ones(1, 2)) * float("nan")).sum().backward()
-    with pytest.raises(FloatingPointError, match="test at step 2: the gradient norm is nan"):
-        optimizer_step(acc, model, opt, sched, 1.0, "test at step 2")
+    with pytest.raises(FloatingPointError, match="the test gradient norm is not finite at step 2: it is nan"):
+        optimizer_step(acc, model, opt, sched, 1.0, "test", 2)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # nothing was applied

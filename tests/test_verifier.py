@@ -175,3 +175,61 @@ def test_bad_arguments(verifier):
         verifier.verify_batch(["\\boxed{1}"], [[]])
     with pytest.raises(ValueError, match="mp_context"):
         Verifier(mp_context="fork")
+
+
+SCRIPT = """from rlfr.reward.verifier import verify
+print("score", verify("\\\\boxed{2\\\\sqrt{2}}", "\\\\sqrt{8}"))
+"""
+
+
+@pytest.mark.parametrize("how", ["script-without-guard", "stdin", "dash-c"])
+def test_verify_works_from_any_main(tmp_path, how):
+    """Workers never import the user's __main__: a script without the guard, stdin and -c all score right
+    answers 1 (before, the pool re-ran the script in every worker, broke, and scored 0)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "noguard.py"
+    path.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if how == "script-without-guard":
+        proc = subprocess.run(
+            [sys.executable, str(path)], capture_output=True, text=True, timeout=120, env=env
+        )
+    elif how == "stdin":
+        proc = subprocess.run(
+            [sys.executable, "-"], input=SCRIPT, capture_output=True, text=True, timeout=120, env=env
+        )
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, env=env
+        )
+    assert proc.returncode == 0 and "score 1.0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_broken_pool_is_rebuilt_or_an_error(monkeypatch):
+    from pebble.pool.base_pool import PoolStatus
+
+    from rlfr.errors import VerifierError
+
+    with Verifier(num_workers=1) as v:
+        v._pool._context.status = PoolStatus.ERROR  # what pebble sets when its manager thread dies
+        assert v.verify_batch([boxed("2\\sqrt{2}")], ["\\sqrt{8}"]) == [1.0]  # rebuilt, right answer kept
+        assert v.last_counts.rebuilds == 1 and v.last_counts.pooled == 1
+
+        def broken():
+            pool = Verifier._new_pool(v)
+            pool._context.status = PoolStatus.ERROR
+            return pool
+
+        v._pool._context.status = PoolStatus.ERROR
+        monkeypatch.setattr(v, "_new_pool", broken)
+        with pytest.raises(VerifierError, match="broke twice"):
+            v.verify_batch([boxed("2\\sqrt{2}")], ["\\sqrt{8}"])
+
+
+def test_counts_of_what_scored_zero(verifier):
+    verifier.verify_batch([boxed("10^{10^{10^{10}}}"), "no answer here", boxed("7"), boxed("x+1")],
+                          ["5", "1", "7", "1+x"])  # fmt: skip
+    c = verifier.last_counts
+    assert (c.total, c.no_answer, c.timeouts, c.pooled) == (4, 1, 1, 2)

@@ -1,9 +1,13 @@
 """The ``rlfr`` command.
 
-Subcommands are thin: each module that owns a stage exposes ``add_arguments(parser)`` and
+Subcommands are thin: each recipe module (``rlfr.recipes.*``) exposes ``add_arguments(parser)`` and
 ``run(args) -> int``. Stages with a typed config (``sft``, ``flow-pretrain``, ``train``) take
 ``--config FILE.yaml`` plus ``key=value`` overrides; ``rlfr <cmd> --show-config`` prints every key with
 its default and help text.
+
+Errors: anything rlfr raises on purpose (``rlfr.errors``), and the usual bad-input errors of the standard
+library, are printed as one line naming the file, key or step, with exit status 2; ``--debug`` shows the
+traceback instead. A run stopped by SIGTERM / Ctrl-C after writing its checkpoint exits with 75 (resumable).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ _COMMANDS = {
     ),
     "train": ("rlfr.recipes.train", "RL: --method rlfr | rlvr | entropy"),
     "eval": ("rlfr.recipes.evaluate", "greedy pass@1 / sampled pass@k on benchmarks or the embedded split"),
-    "compare": ("rlfr.recipes.compare", "base vs RLVR vs RLFR vs entropy shaping over several seeds"),
+    "compare": ("rlfr.recipes.compare", "base vs RLVR vs RLFR vs entropy shaping (and ablations) over seeds"),
     "inspect": ("rlfr.recipes.inspect_flow", "an HTML page colouring response tokens by flow reward"),
 }
 
@@ -33,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="rlfr", description="RL for language models with flow rewards (RLFR)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (mod, help_text) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -56,15 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command not in modules:
         parser.error(f"'{args.command}' is not available in this installation")
-    from rlfr.config import ConfigError
-    from rlfr.policy.loading import ModelLoadError
-    from rlfr.runtime.checkpoint import CheckpointError
+    from rlfr.errors import EXIT_ERROR, EXIT_RESUMABLE, Interrupted, RlfrError
 
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, ModelLoadError) as e:
-        print(f"rlfr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Interrupted as e:
+        print(f"rlfr {args.command}: {e}", file=sys.stderr)
+        return EXIT_RESUMABLE
+    except (RlfrError, ValueError, OSError, FloatingPointError) as e:
+        if args.debug:
+            raise
+        print(f"rlfr {args.command}: error: {e} (--debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

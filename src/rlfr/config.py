@@ -21,11 +21,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from rlfr.errors import ConfigError
+
+__all__ = ["ConfigError", "describe", "from_dict", "load_config", "merge_dicts", "parse_overrides", "to_dict"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key."""
 
 
 def field_(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at call sites

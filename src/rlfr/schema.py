@@ -154,8 +154,8 @@ class RolloutConfig:
     batch_size: int = field_(64, "sequences generated per generate() call")
 
     def validate(self) -> None:
-        if self.prompts_per_step < 1 or self.num_generations < 1 or self.max_new_tokens < 1:
-            raise ConfigError("prompts_per_step, num_generations and max_new_tokens must be >= 1")
+        if min(self.prompts_per_step, self.num_generations, self.max_new_tokens, self.batch_size) < 1:
+            raise ConfigError("prompts_per_step, num_generations, max_new_tokens and batch_size must be >= 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be > 0 and top_p in (0, 1]")
 
@@ -199,6 +199,9 @@ class PolicyConfig:
     accuracy_lower_bound: float = field_(0.0, "accuracy filter: lowest kept group accuracy (inclusive)")
     accuracy_upper_bound: float = field_(1.0, "accuracy filter: highest kept group accuracy (inclusive)")
     freezing_filter_steps: int = field_(-1, "accuracy filter: applied only after this many RL steps")
+    skip_nonfinite_batches: int = field_(
+        0, "skip a batch whose loss, gradient or flow scores are NaN/inf, at most this many times (0 = stop)"
+    )
     entropy_alpha: float = field_(0.4, "entropy advantage (method=entropy): alpha")
     entropy_kappa: float = field_(2.0, "entropy advantage (method=entropy): kappa")
 
@@ -232,6 +235,10 @@ class RewardConfig:
     def validate(self) -> None:
         if len(self.functions) != len(self.weights) or not self.functions:
             raise ConfigError("reward.functions and reward.weights must be non-empty and of equal length")
+        if self.workers < 1 or not self.timeout > 0:
+            raise ConfigError(
+                f"need workers >= 1 and timeout > 0, got workers={self.workers}, timeout={self.timeout}"
+            )
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ class TrainConfig:
     seed: int = field_(0, "random seed")
     out_dir: str = field_("runs/train", "where checkpoints, metrics and plots go")
     save_every: int = field_(50, "checkpoint every N steps (and at the end); 0 = only at the end")
-    keep_checkpoints: int = field_(2, "checkpoints kept on disk")
+    keep_checkpoints: int = field_(2, "checkpoints kept on disk (>= 1: the newest is never deleted)")
     eval_every: int = field_(0, "held-out greedy accuracy every N steps (0 = only at the end)")
     eval_max_new_tokens: int = field_(1024, "generation limit for held-out evaluation")
     cpu: bool = field_(False, "force CPU even when a GPU is present")
@@ -257,6 +264,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 1 or self.save_every < 0 or self.eval_every < 0:
             raise ConfigError("steps >= 1, save_every >= 0 and eval_every >= 0 are required")
+        if self.keep_checkpoints < 1 or self.eval_max_new_tokens < 1:
+            raise ConfigError("keep_checkpoints and eval_max_new_tokens must be >= 1")
         if self.method == "rlfr" and self.flow.reward.beta == 0:
             raise ConfigError("method=rlfr with flow.reward.beta=0 is RLVR; use method=rlvr")
 
@@ -276,6 +285,13 @@ class SFTConfig:
     out_dir: str = field_("runs/sft", "output directory (the fine-tuned model is saved in out_dir/model)")
     eval_max_new_tokens: int = field_(256, "generation limit for held-out evaluation")
     cpu: bool = field_(False, "force CPU")
+
+    def validate(self) -> None:
+        check_optimizer(self.lr, (0.9, 0.999), self.weight_decay, self.warmup_ratio, 0.0)
+        if min(self.batch_size, self.micro_batch_size, self.steps, self.eval_max_new_tokens) < 1:
+            raise ConfigError("batch_size, micro_batch_size, steps and eval_max_new_tokens must be >= 1")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
 @dataclass(frozen=True)
@@ -302,3 +318,33 @@ class FlowPretrainConfig:
             raise ConfigError("epochs > 0, batch_size >= 1 and heldout_fraction in [0, 1) are required")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+# Keys that may change when a run is resumed: they steer how the rest of the run is carried out, saved,
+# logged or evaluated, not what the run is. Any other change (method, model, data, seed, batch shape, flow
+# settings, rewards, ...) would make the resumed run a different experiment and is refused unless forced.
+RESUMABLE_KEYS = (
+    "steps", "save_every", "keep_checkpoints", "eval_every", "eval_max_new_tokens", "cpu", "out_dir",
+    "policy.lr", "policy.max_grad_norm", "policy.micro_batch_size", "policy.track_kl",
+    "policy.skip_nonfinite_batches", "flow.lr", "rollout.batch_size", "model.gradient_checkpointing",
+    "reward.workers", "reward.timeout",
+)  # fmt: skip
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, new: dict) -> tuple[dict, dict]:
+    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form), split into
+    (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key -> (saved, new)."""
+    a, b = _flat(saved), _flat(new)
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    allowed = {k: v for k, v in diff.items() if k in RESUMABLE_KEYS}
+    return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_KEYS}

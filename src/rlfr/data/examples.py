@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlfr.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,10 +35,6 @@ class Example:
     answer: str | tuple[str, ...]
     solution: str | None = None
     id: str = ""
-
-
-class DataError(ValueError):
-    """A file or row that cannot be turned into Examples; the message names file, row and field."""
 
 
 @dataclass
@@ -77,10 +75,33 @@ def _to_answer(value: Any) -> str | tuple[str, ...]:
     raise TypeError(f"expected a string, number or non-empty list, got {type(value).__name__} {value!r}")
 
 
+def _utf8_error(path: Path, raw: bytes, err: UnicodeDecodeError) -> DataError:
+    line = raw.count(b"\n", 0, err.start) + 1
+    return DataError(
+        f"{path}, line {line}: not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file"
+    )
+
+
+def _text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, raw, e) from None
+
+
+_DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+
+
 def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     """Yields (location, row dict or Exception) in file order; location is e.g. 'line 3'."""
     suffix = path.suffix.lower()
     if path.is_dir():
+        if not any((path / m).is_file() for m in _DATASET_MARKERS):
+            raise DataError(
+                f"{path} is a directory but not a dataset saved with datasets.save_to_disk (it has none of "
+                f"{list(_DATASET_MARKERS)}); give a .jsonl, .json, .csv or .parquet file"
+            )
         try:
             import datasets
         except ImportError as e:
@@ -95,8 +116,13 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(ds, 1):
             yield f"row {i}", row
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:  # line by line, so a bad byte names its line and can be skipped
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"line {lineno}", DataError(f"not valid UTF-8 ({e.reason} at column {e.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -105,7 +131,7 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
                     yield f"line {lineno}", DataError(f"invalid JSON ({e.msg} at column {e.colno})")
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
         if not isinstance(data, list):
@@ -119,7 +145,9 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: loading {suffix} needs `pip install pandas pyarrow`") from e
         if suffix == ".csv":
             # Everything as text and no NaN guessing, so "007" stays "007" and an empty cell is "".
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            import io
+
+            df = pd.read_csv(io.StringIO(_text(path)), dtype=str, keep_default_na=False)
             offset = 1  # the header is line 1
         else:
             df = pd.read_parquet(path)
@@ -132,7 +160,9 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
         )
 
 
-def _parse_row(row: Any, problem_field: str, answer_field: str, solution_field: str | None) -> Example:
+def _parse_row(
+    row: Any, problem_field: str, answer_field: str, solution_field: str | None, max_chars: int | None = None
+) -> Example:
     """Example from one row; raises DataError(message naming the field)."""
     if isinstance(row, Exception):
         raise row
@@ -144,6 +174,11 @@ def _parse_row(row: Any, problem_field: str, answer_field: str, solution_field: 
     problem = row[problem_field]
     if not isinstance(problem, str) or not problem.strip():
         raise DataError(f"field {problem_field!r} must be a non-empty string, got {problem!r:.80}")
+    if max_chars is not None and len(problem) > max_chars:
+        raise DataError(
+            f"field {problem_field!r} has {len(problem):,} characters, more than any prompt of the allowed "
+            f"length can hold ({max_chars:,}); raise data.max_prompt_tokens or drop the row"
+        )
     try:
         answer = _to_answer(row[answer_field])
     except TypeError as e:
@@ -166,6 +201,7 @@ def load_examples(
     solution_field: str | None = None,
     skip_bad_rows: bool = False,
     split: str | None = None,
+    max_problem_chars: int | None = None,
 ) -> Examples:
     """Examples from a file or saved dataset directory (see module docstring). Rows without an ``id``
     get ``<file stem>-<row index>``."""
@@ -177,7 +213,7 @@ def load_examples(
     for location, row in _rows(path, split):
         report.rows += 1
         try:
-            ex = _parse_row(row, problem_field, answer_field, solution_field)
+            ex = _parse_row(row, problem_field, answer_field, solution_field, max_problem_chars)
         except DataError as e:
             msg = f"{path}, {location}: {e}"
             if not skip_bad_rows:

@@ -37,6 +37,7 @@ class Fields:
     answer: str = "answer"
     solution: str | None = None
     skip_bad_rows: bool = False
+    max_problem_chars: int | None = None  # refuse longer problems while reading, before any tokenizer runs
 
 
 def describe_specs() -> str:
@@ -65,6 +66,7 @@ def load_source(
                 answer_field=fields.answer,
                 solution_field=fields.solution if need_solution else None,
                 skip_bad_rows=fields.skip_bad_rows,
+                max_problem_chars=fields.max_problem_chars,
             )
         )
     else:
@@ -78,7 +80,9 @@ def load_source(
 
 def resolve_data(data, need_solution: bool = False) -> tuple[list[Example], list[Example]]:
     """(train, eval) of a ``DataConfig`` (module docstring)."""
-    fields = Fields(data.problem_field, data.answer_field, data.solution_field, data.skip_bad_rows)
+    # no token spans 64 characters on average, so a longer problem cannot fit max_prompt_tokens
+    fields = Fields(data.problem_field, data.answer_field, data.solution_field, data.skip_bad_rows,
+                    max_problem_chars=64 * data.max_prompt_tokens)  # fmt: skip
     if data.train == "embedded":
         train = embedded_task(
             train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,

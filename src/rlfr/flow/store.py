@@ -31,16 +31,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rlfr.errors import FlowMismatchError
 from rlfr.flow.field import FlowField
 from rlfr.flow.matching import PAIRING
 from rlfr.flow.norm import FILE as NORM_FILE
 from rlfr.flow.norm import LatentNorm
 
 META_NAME = "latents.json"
-
-
-class FlowMismatchError(ValueError):
-    """A flow directory that is incomplete, of another pairing convention, or models other latents."""
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 
+from rlfr.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer could not be loaded; the message says which and why."""
 
 
 def cache_dir() -> Path:
@@ -70,9 +68,46 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
+    """The embedded default's converted directory, a checked local directory, or a hub name as given.
+
+    A local path (it exists, starts with ``.``, ``/`` or ``~``, or has more than one ``/``: hub names are
+    ``name`` or ``org/name``) must be a directory with a ``config.json``; no hub request is made for it."""
     if name_or_path in (EMBEDDED, "embedded"):
         return str(embedded_model_dir())
+    path = Path(name_or_path).expanduser()
+    local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model directory {name_or_path!r} has no config.json (not a Hugging Face model)"
+            )
+        return str(path)
     return name_or_path
+
+
+def check_causal(model, name: str) -> None:
+    """Refuse a model that is not a decoder-only causal LM: its predictions at a position must not depend on
+    later tokens (an encoder such as BERT, loaded through AutoModelForCausalLM, sees the whole sequence)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{name} is an encoder-decoder model; rlfr trains decoder-only causal LMs")
+    vocab = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "vocab_size", 2) or 2
+    a = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]])
+    b = a.clone()
+    b[0, -1] = 5 % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            la, lb = model(input_ids=a).logits[0, :3].float(), model(input_ids=b).logits[0, :3].float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(la, lb, atol=1e-4, rtol=1e-4):
+        raise ModelLoadError(
+            f"{name} is not a causal LM: its outputs at earlier positions change with a later token "
+            "(an encoder with bidirectional attention?); rlfr trains decoder-only causal LMs"
+        )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -99,15 +134,13 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
-    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
-        raise ModelLoadError(f"model directory {path!r} has no config.json")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except Exception as e:  # noqa: BLE001 - re-raised with the path named
         raise ModelLoadError(f"cannot load model {name_or_path!r} ({path}): {e}") from e
+    check_causal(model, repr(name_or_path))
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False  # training forwards; generate() turns the cache on itself
     return model

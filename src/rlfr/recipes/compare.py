@@ -212,7 +212,7 @@ def run_one(cfg, progress: bool) -> dict:
     """Train (or resume, or reuse) one run; -> {"config", "model_dir", "curves", "seconds"}."""
     from rlfr.config import to_dict
     from rlfr.recipes.train import run_train
-    from rlfr.runtime.checkpoint import latest_checkpoint
+    from rlfr.runtime.checkpoint import find_checkpoint
 
     out = Path(cfg.out_dir)
     path = out / "compare_result.json"
@@ -220,10 +220,10 @@ def run_one(cfg, progress: bool) -> dict:
     if (hit := _cached(path, config)) is not None:
         return hit
     t0 = time.time()
-    resume = latest_checkpoint(out) is not None
-    if resume and json.loads((out / "config.json").read_text()) != config:
-        raise ValueError(f"{out} holds checkpoints of another configuration; remove it or use another --out")
-    res = run_train(cfg, progress=progress, resume=resume, final_eval=False)
+    # an interrupted run resumes from its checkpoint (run_train refuses one of another config); a run that
+    # failed before its first checkpoint starts over
+    resume = find_checkpoint(out)[0] is not None
+    res = run_train(cfg, progress=progress, resume=resume, overwrite=not resume, final_eval=False)
     result = {
         "config": config,
         "model_dir": res.model_dir,

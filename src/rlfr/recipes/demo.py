@@ -154,7 +154,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
         f"flow loss: train {fp.train_loss_first:.4f} -> {fp.train_loss_last:.4f}, "
         f"held-out {fp.heldout_loss_first:.4f} -> {fp.heldout_loss_last:.4f}"
     )
-    rl = stage("rl", lambda: run_train(cfg.train, progress=progress, stage="train", final_eval=False))
+    rl = stage("rl", lambda: run_train(cfg.train, progress=progress, final_eval=False, overwrite=True))
     after = stage("eval_rl", lambda: held_out(rl.model_dir, cfg.train, k))
     report(f"after {cfg.train.method.upper()}", after)
     summary = {

@@ -69,15 +69,15 @@ class FlowPretrainResult:
 def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPretrainResult:
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
+    train, _ = resolve_data(cfg.data, need_solution=True)  # data errors surface before the model loads
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     policy.requires_grad_(False)
     policy.to(acc.device)
     tap = LatentTap(policy, cfg.flow.fractions)
     bundle = build_flow(cfg.flow, policy)
     flow, norm = bundle.field, bundle.norm
-    train, _ = resolve_data(cfg.data, need_solution=True)
-    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p_ids, r_ids = encode_solutions(tok, train, prompts)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_held = int(round(cfg.heldout_fraction * len(train)))
@@ -103,7 +103,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     flow, opt = acc.prepare(flow, opt)
     lt = tap.layer_values.to(acc.device)
     out = Path(cfg.out_dir)
-    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    logger = MetricsLogger(out, enabled=acc.is_main_process, fresh=True)
 
     def heldout_loss() -> float | None:
         if not held:
@@ -133,9 +133,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
         pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
         loss = flow_matching_loss(flow, pairs, cfg.flow.batch_mul)
         acc.backward(loss)
-        grad_norm = optimizer_step(
-            acc, flow, opt, sched, cfg.max_grad_norm, f"flow-pretrain at step {step + 1}"
-        )
+        grad_norm = optimizer_step(acc, flow, opt, sched, cfg.max_grad_norm, "flow-pretraining", step + 1)
         history["train"].append(loss.item())
         row = {
             "flow_pretrain/loss": loss.item(),

@@ -51,12 +51,12 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     """Fine-tune, save ``out_dir/model`` (HF format), return losses and held-out accuracy."""
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
+    train, evals = resolve_data(cfg.data, need_solution=True)  # data errors surface before the model loads
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    train, evals = resolve_data(cfg.data, need_solution=True)
-    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p_ids, r_ids = encode_solutions(tok, train, prompts)
     opt, sched = build_optimizer(
         model.parameters(), cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0
@@ -64,7 +64,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     model, opt = acc.prepare(model, opt)
     model.train()
     out = Path(cfg.out_dir)
-    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    logger = MetricsLogger(out, enabled=acc.is_main_process, fresh=True)
     stream = EpochStream(len(train), cfg.seed, reseed_each_epoch=False)
     losses = []
     t0 = time.time()
@@ -83,7 +83,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
             loss = nll(model, batch.to(acc.device)) * len(rows) / len(idx)
             acc.backward(loss)
             total += loss.item()
-        optimizer_step(acc, model, opt, sched, cfg.max_grad_norm, f"sft at step {step + 1}")
+        optimizer_step(acc, model, opt, sched, cfg.max_grad_norm, "SFT", step + 1)
         losses.append(total)
         logger.log(step + 1, {"sft/loss": total, "sft/lr": sched.get_last_lr()[0]}, stage="sft")
         bar.set_postfix(loss=f"{total:.3f}")

@@ -14,10 +14,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from rlfr.config import add_config_arguments, config_from_args, to_dict
 from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.errors import ConfigError, Interrupted, NonFiniteError
 from rlfr.eval.plots import plot_metrics
 from rlfr.eval.scoring import evaluate
 from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
@@ -30,8 +32,9 @@ from rlfr.runtime import checkpoint as ckpt_io
 from rlfr.runtime.env import make_accelerator, seed_everything
 from rlfr.runtime.metrics import MetricsLogger, format_step, read_metrics
 from rlfr.runtime.optim import build_optimizer
+from rlfr.runtime.rundir import RunLock, StopOnSignal, claim
 from rlfr.runtime.stream import EpochStream, shard
-from rlfr.schema import TrainConfig
+from rlfr.schema import RESUMABLE_KEYS, TrainConfig, resume_changes
 
 
 @dataclass
@@ -52,7 +55,9 @@ class RunData:
 
 def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
     seed_everything(cfg.seed)  # same on every rank: identical initial flow weights
+    train, evals = resolve_data(cfg.data)  # data errors surface before minutes of model loading
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
@@ -68,8 +73,6 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
         bundle = build_flow(cfg.flow, policy)
         if not cfg.flow.update:
             bundle.field.requires_grad_(False)
-    train, evals = resolve_data(cfg.data)
-    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     p = cfg.policy
     opt, sched = build_optimizer(
         policy.parameters(), p.lr, p.betas, p.weight_decay, cfg.steps * p.ppo_epochs * p.minibatches,
@@ -102,13 +105,20 @@ def flow_bundle(c: Components) -> FlowBundle:
 
 
 def save(c: Components, step: int) -> Path:
+    for name, module in (("policy", c.policy), ("flow", c.flow.field if c.flow is not None else None)):
+        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise NonFiniteError(
+                f"the {name} weights", step, "no checkpoint was written; the previous one is intact"
+            )
+    if c.acc.is_main_process:  # the run's config next to its first checkpoint (a failed start leaves nothing)
+        (Path(c.cfg.out_dir) / "config.json").write_text(json.dumps(to_dict(c.cfg), indent=2))
     optim = {"policy": c.policy_opt.state_dict(), "policy_sched": c.policy_sched.state_dict()}
     if c.flow is not None:
         optim |= {"flow": c.flow.opt.state_dict(), "flow_sched": c.flow.sched.state_dict()}
     return ckpt_io.save_checkpoint(
         c.cfg.out_dir, step, c.acc, c.acc.unwrap_model(c.policy), c.tokenizer,
         flow=flow_bundle(c) if c.flow is not None else None, optim_state=optim,
-        extra={"config": to_dict(c.cfg)}, keep=c.cfg.keep_checkpoints,
+        extra={"config": to_dict(c.cfg), "nonfinite_skipped": c.nonfinite_skipped}, keep=c.cfg.keep_checkpoints,
     )  # fmt: skip
 
 
@@ -130,7 +140,9 @@ def restore(c: Components, path: Path) -> int:
         c.flow.opt.load_state_dict(optim["flow"])
         c.flow.sched.load_state_dict(optim["flow_sched"])
     ckpt_io.load_rng(path, c.acc.process_index)
-    return int(ckpt_io.load_state(path)["step"])
+    state = ckpt_io.load_state(path)
+    c.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+    return int(state["step"])
 
 
 def held_out_accuracy(c: Components, examples) -> float:
@@ -149,51 +161,94 @@ def run_train(
     stage: str = "train",
     stop_after: int | None = None,
     final_eval: bool = True,
+    overwrite: bool = False,
+    force_resume: bool = False,
 ) -> TrainResult:
-    """The RL stage. ``stop_after`` ends this process after that many steps (after checkpointing), as a
-    preempted job would; ``resume`` continues from the latest checkpoint of ``cfg.out_dir``;
-    ``final_eval=False`` skips the closing held-out evaluation (for callers that evaluate themselves)."""
+    """The RL stage. ``resume`` continues from the newest intact checkpoint of ``cfg.out_dir`` (changes to
+    keys outside ``RESUMABLE_KEYS`` are refused unless ``force_resume``); ``overwrite`` replaces a run
+    already in ``cfg.out_dir``; ``stop_after`` ends this process after that many steps (after
+    checkpointing), as a preempted job would; ``final_eval=False`` skips the closing held-out evaluation.
+    SIGTERM / Ctrl-C finish the step, write a checkpoint and raise ``Interrupted``."""
     acc = make_accelerator(cfg.cpu)
     out = Path(cfg.out_dir)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    c, data = build_components(cfg, acc)
-    start = 0
-    if resume:
-        path = ckpt_io.latest_checkpoint(out)
-        if path is None:
-            raise ckpt_io.CheckpointError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-        start = restore(c, path)
+    lock = RunLock(out).acquire() if acc.is_main_process else None
+    try:
         if acc.is_main_process:
-            print(f"resumed from {path} at step {start}")
-    metrics = MetricsLogger(out, enabled=acc.is_main_process)
+            claim(out, resume, overwrite)
+        acc.wait_for_everyone()
+        return _train(cfg, acc, out, resume, force_resume, progress, stage, stop_after, final_eval)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume(c: Components, out: Path, force: bool) -> int:
+    path, notes = ckpt_io.find_checkpoint(out)
+    for note in notes:
+        print(f"resume: {note}")
+    if path is None:
+        raise ckpt_io.CheckpointError(
+            f"--resume: no intact checkpoint under {out / 'checkpoints'}"
+            + (f" ({'; '.join(notes)})" if notes else "")
+        )
+    allowed, refused = resume_changes(ckpt_io.load_state(path).get("config", {}), to_dict(c.cfg))
+    if refused and not force:
+        raise ConfigError(
+            f"--resume from {path}: these settings differ from the run's and would change what it is: "
+            + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            + ". Restore them, start a new out_dir, or pass --force-resume"
+        )
+    step = restore(c, path)
+    parts = [(c.policy_opt, c.policy_sched, c.cfg.policy.lr)]
+    if c.flow is not None:
+        parts.append((c.flow.opt, c.flow.sched, c.cfg.flow.lr))
+    for opt, sched, lr in parts:
+        # the scheduler state holds the old base lr: apply the configured one, at the resumed position
+        sched.base_lrs = [lr for _ in opt.param_groups]
+        for group, factor in zip(opt.param_groups, [f(sched.last_epoch) for f in sched.lr_lambdas]):
+            group["initial_lr"], group["lr"] = lr, lr * factor
+    if c.acc.is_main_process:
+        print(f"resumed from {path} at step {step}")
+        for k, (a, b) in {**allowed, **refused}.items():
+            print(f"resume: {k} changed {a!r} -> {b!r}" + (" (forced)" if k in refused else ""))
+    return step
+
+
+def _train(cfg, acc, out, resume, force_resume, progress, stage, stop_after, final_eval) -> TrainResult:
+    c, data = build_components(cfg, acc)
+    start = _resume(c, out, force_resume) if resume else 0
+    metrics = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume else None)
     stream = EpochStream(len(data.train), cfg.seed, reseed_each_epoch=True)
     per_step = cfg.rollout.prompts_per_step
     result = TrainResult(out_dir=str(out), model_dir=None, final_accuracy=None)
     bar = tqdm(range(start, cfg.steps), desc=f"rl[{cfg.method}]", disable=not (progress and acc.is_main_process),
                initial=start, total=cfg.steps)  # fmt: skip
     try:
-        for step in bar:
-            idx = shard(
-                stream.take(step * per_step, per_step),
-                acc.process_index,
-                acc.num_processes,
-                "rollout.prompts_per_step",
-            )
-            stats = rl_step(c, step, [data.train[i] for i in idx], [data.prompts[i] for i in idx])
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and data.eval:
-                stats["eval/accuracy"] = held_out_accuracy(c, data.eval)
-            metrics.log(step + 1, stats, stage=stage)
-            result.history.append({"step": step + 1, **stats})
-            if acc.is_main_process:
-                bar.write(format_step(step + 1, stats))
-            stopping = stop_after is not None and step + 1 - start >= stop_after
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or stopping:
-                save(c, step + 1)
-            if stopping and step + 1 < cfg.steps:
-                result.stopped_at = step + 1
-                return result
+        with StopOnSignal() as stop:
+            for step in bar:
+                idx = shard(stream.take(step * per_step, per_step), acc.process_index, acc.num_processes,
+                            "rollout.prompts_per_step")  # fmt: skip
+                stats = rl_step(c, step, [data.train[i] for i in idx], [data.prompts[i] for i in idx])
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and data.eval:
+                    stats["eval/accuracy"] = held_out_accuracy(c, data.eval)
+                metrics.log(step + 1, stats, stage=stage)
+                result.history.append({"step": step + 1, **stats})
+                if acc.is_main_process:
+                    bar.write(format_step(step + 1, stats))
+                signalled = bool(
+                    acc.reduce(torch.tensor(float(stop.requested is not None), device=acc.device), "max")
+                )
+                stopping = signalled or (stop_after is not None and step + 1 - start >= stop_after)
+                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or stopping:
+                    path = save(c, step + 1)
+                if signalled and step + 1 < cfg.steps:
+                    raise Interrupted(
+                        f"stopped by {stop.requested or 'a signal on another process'} after step {step + 1}; "
+                        f"checkpoint {path} written. Continue with: rlfr train --resume (same config)"
+                    )
+                if stopping and step + 1 < cfg.steps:
+                    result.stopped_at = step + 1
+                    return result
         if data.eval and final_eval:
             result.final_accuracy = held_out_accuracy(c, data.eval)
             metrics.log(cfg.steps, {"eval/accuracy": result.final_accuracy}, stage=stage)
@@ -213,12 +268,20 @@ def run_train(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, "flow.reward.beta=0.02 steps=200 (presets: configs/*.yaml)")
     p.add_argument("--method", choices=["rlfr", "rlvr", "entropy"], help="shorthand for method=...")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint in out_dir; these keys may change on resume and "
+        f"are applied: {', '.join(RESUMABLE_KEYS)}; any other change is refused",
+    )
+    p.add_argument("--force-resume", action="store_true", help="resume even though other keys changed")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in out_dir")
 
 
 def run(args) -> int:
     cfg = config_from_args(args, TrainConfig, [f"method={args.method}"] if args.method else [])
     if cfg is not None:
-        res = run_train(cfg, resume=args.resume)
+        res = run_train(cfg, resume=args.resume or args.force_resume, overwrite=args.overwrite,
+                        force_resume=args.force_resume)  # fmt: skip
         print(json.dumps({k: v for k, v in vars(res).items() if k != "history"}, indent=2))
     return 0

@@ -11,7 +11,10 @@ Contract
   forms (any one counts). Fast in-process paths first (normalised string match, exact numeric compare
   so "142.0" == "142", "1/2" == "\\frac12", "50\\%" == "50"); then math-verify for LaTeX/symbolic
   equivalence, run in a worker *process* of a pebble pool with a hard per-task timeout (pebble kills a hung
-  worker). A timeout or crash scores 0.0 and is logged. Safe to call from any thread.
+  worker). Only a timeout, a missing answer, or an answer math-verify cannot process (it raises, or its
+  worker dies on it) scores 0.0; each is counted (``Verifier.last_counts``, logged per RL step). A pool that
+  breaks is rebuilt once and the checks retried; if it breaks again, ``VerifierError`` is raised: a broken
+  pool never turns right answers into zeros. Safe to call from any thread.
 - ``Verifier``: context manager holding the pool; ``verify_batch(completions, answers) -> list[float]``.
   Module-level ``verify`` / ``verify_batch`` use a lazily created shared ``Verifier``.
 - ``format_reward(completion) -> float``: 1.0 when an answer form is present.
@@ -21,9 +24,13 @@ because its ``ExprExtractionConfig`` goes through ``sympy.parse_expr``, which ca
 own SIGALRM timeouts are disabled (``parsing_timeout=None``, ``timeout_seconds=None``) because SIGALRM only
 works in a main thread; the process pool gives the hard timeout instead.
 
-Workers start with forkserver (safe with torch threads): a script that creates a Verifier needs the
-``if __name__ == "__main__":`` guard. ``Verifier`` sets the (process-global) forkserver preload to
-``math_verify`` so that replacing a killed worker does not re-import sympy.
+Workers start with forkserver (safe with torch threads) and never import the user's ``__main__``: a
+multiprocessing child normally re-runs the parent's main script (``spawn.prepare``), which breaks a script
+without an ``if __name__ == "__main__":`` guard, a script read from stdin or a notebook. Our worker processes
+(``_CleanProcess``) are started with the main-module entries removed from the data the child prepares from;
+they only need ``rlfr`` and ``math_verify``, importable from ``sys.path``. ``Verifier`` sets the
+(process-global) forkserver preload to ``math_verify`` so that replacing a killed worker does not re-import
+sympy.
 
 Departure from the paper / authors' code: the paper's reward is binary 0/1, which is the default here.
 The authors' code gives 0.5 to a boxed-but-wrong answer; ``Verifier(format_score=0.5)`` reproduces it.
@@ -34,14 +41,19 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.spawn
 import os
 import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from fractions import Fraction
 
 from pebble import ProcessExpired, ProcessPool
+
+from rlfr.errors import VerifierError
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +217,57 @@ def _golds(answer: Answer) -> list[str]:
     return golds
 
 
+# ------------------------------------------------------------------------- workers that skip __main__
+_launching = threading.local()
+_original_preparation_data = multiprocessing.spawn.get_preparation_data
+
+
+def _preparation_data(name):
+    """``spawn.get_preparation_data`` without the main-module entries while one of our workers starts
+    (flagged per thread, so processes that other code starts meanwhile are untouched)."""
+    data = _original_preparation_data(name)
+    if getattr(_launching, "clean", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+multiprocessing.spawn.get_preparation_data = _preparation_data
+
+
+class _CleanProcess(multiprocessing.context.ForkServerProcess):
+    def start(self) -> None:
+        _launching.clean = True
+        try:
+            super().start()
+        finally:
+            _launching.clean = False
+
+
+class _CleanSpawnProcess(multiprocessing.context.SpawnProcess):
+    start = _CleanProcess.start
+
+
+class _CleanForkServerContext(multiprocessing.context.ForkServerContext):
+    Process = _CleanProcess
+
+
+class _CleanSpawnContext(multiprocessing.context.SpawnContext):
+    Process = _CleanSpawnProcess
+
+
+@dataclass
+class VerifyCounts:
+    """What happened to the checks of one ``verify_batch`` call."""
+
+    total: int = 0
+    no_answer: int = 0  # no final answer could be extracted: scored 0
+    pooled: int = 0  # sent to math-verify in a worker (the rest were decided in-process)
+    timeouts: int = 0  # math-verify ran out of time: scored 0
+    errors: int = 0  # math-verify raised, or its worker died, on this answer: scored 0
+    rebuilds: int = 0  # the pool broke and was rebuilt
+
+
 class Verifier:
     """Pool of verifier worker processes. Use as a context manager or call ``close()``.
 
@@ -231,16 +294,23 @@ class Verifier:
             raise ValueError(f"mp_context must be 'forkserver' or 'spawn', got {mp_context!r}")
         if num_workers < 1 or timeout <= 0:
             raise ValueError(f"need num_workers >= 1 and timeout > 0, got {num_workers}, {timeout}")
-        ctx = multiprocessing.get_context(mp_context)
         if mp_context == "forkserver":
+            self._ctx = _CleanForkServerContext()
             # Workers fork from a server that already imported sympy: a worker killed on timeout is
             # replaced in milliseconds instead of re-importing sympy (~1 s).
-            ctx.set_forkserver_preload(["math_verify"])
+            self._ctx.set_forkserver_preload(["math_verify"])
+        else:
+            self._ctx = _CleanSpawnContext()
+        self.num_workers = num_workers
         self.timeout = timeout
         self.format_score = format_score
         self.check_fn = check_fn
         self.fast_path = fast_path
-        self._pool = ProcessPool(max_workers=num_workers, initializer=_warm_up, context=ctx)
+        self.last_counts = VerifyCounts()
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPool:
+        return ProcessPool(max_workers=self.num_workers, initializer=_warm_up, context=self._ctx)
 
     def __enter__(self) -> Verifier:
         return self
@@ -253,34 +323,81 @@ class Verifier:
         self._pool.stop()
         self._pool.join()
 
+    def _run_pooled(
+        self, jobs: dict[int, tuple[str, list[str]]], timeout: float, counts: VerifyCounts
+    ) -> dict:
+        """Check ``jobs`` (index -> (pred, golds)) in the pool; -> index -> bool. A broken pool is rebuilt
+        once and the unfinished checks are retried."""
+        results: dict[int, bool] = {}
+        for attempt in range(2):
+            pending = {i: job for i, job in jobs.items() if i not in results}
+            try:
+                futures = {
+                    i: self._pool.schedule(self.check_fn, job, timeout=timeout) for i, job in pending.items()
+                }
+                for i, fut in futures.items():
+                    try:
+                        results[i] = bool(fut.result())
+                    except FutureTimeout:
+                        counts.timeouts += 1
+                        results[i] = False
+                        logger.warning("verifier: check %d timed out after %.1fs; scored 0", i, timeout)
+                    except ProcessExpired as e:  # the worker died on this input (e.g. a C stack overflow)
+                        counts.errors += 1
+                        results[i] = False
+                        logger.warning("verifier: worker died on check %d (%s); scored 0", i, e)
+                    except RuntimeError as e:
+                        if "Pool" in str(e):  # the pool itself broke: not this answer's fault
+                            raise
+                        counts.errors += 1
+                        results[i] = False
+                        logger.warning("verifier: check %d raised %r; scored 0", i, e)
+                    except Exception as e:  # noqa: BLE001 - math-verify could not process this answer
+                        counts.errors += 1
+                        results[i] = False
+                        logger.warning("verifier: check %d raised %r; scored 0", i, e)
+                return results
+            except RuntimeError as e:  # "Unexpected error within the Pool" / "The Pool is not active"
+                if attempt == 1:
+                    raise VerifierError(
+                        f"the verifier's worker pool broke twice ({e}); no answer was scored 0 for it"
+                    ) from e
+                logger.warning("verifier: the worker pool broke (%s); rebuilding it and retrying", e)
+                counts.rebuilds += 1
+                try:
+                    self._pool.stop()
+                except Exception:  # noqa: BLE001 - the broken pool may not stop cleanly
+                    pass
+                self._pool = self._new_pool()
+        return results
+
     def verify_batch(
         self, completions: Sequence[str], answers: Sequence[Answer], timeout: float | None = None
     ) -> list[float]:
-        """Scores in [0, 1] for each (completion, answer) pair; failures and timeouts score 0.0."""
+        """Scores in [0, 1] for each (completion, answer) pair (see the module docstring for what scores 0);
+        ``last_counts`` then says how many checks timed out, had no answer, or could not be processed."""
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         timeout = self.timeout if timeout is None else timeout
+        counts = VerifyCounts(total=len(completions))
         correct: list[bool] = [False] * len(completions)
         preds: list[str | None] = [extract_answer(c) for c in completions]
-        futures = {}
+        jobs = {}
         for i, (pred, answer) in enumerate(zip(preds, answers)):
             golds = _golds(answer)
             if pred is None:
+                counts.no_answer += 1
                 continue
             decided = fast_check(pred, golds) if self.fast_path else None
             if decided is None:
-                futures[i] = self._pool.schedule(self.check_fn, (pred, golds), timeout=timeout)
+                jobs[i] = (pred, golds)
             else:
                 correct[i] = decided
-        for i, fut in futures.items():
-            try:
-                correct[i] = bool(fut.result())
-            except FutureTimeout:
-                logger.warning("verifier: check %d timed out after %.1fs; scored 0", i, timeout)
-            except ProcessExpired as e:  # the worker died (e.g. C stack overflow in sympy)
-                logger.warning("verifier: worker died on check %d (%s); scored 0", i, e)
-            except Exception as e:  # noqa: BLE001 - any math-verify failure is a wrong answer, not a crash
-                logger.debug("verifier: check %d raised %r; scored 0", i, e)
+        counts.pooled = len(jobs)
+        if jobs:
+            for i, ok in self._run_pooled(jobs, timeout, counts).items():
+                correct[i] = ok
+        self.last_counts = counts
         return [
             1.0 if ok else (self.format_score if pred is not None else 0.0)
             for ok, pred in zip(correct, preds)

@@ -20,12 +20,14 @@ gradient reaches the policy); rewards are binary by default.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from rlfr.errors import NonFiniteError
 from rlfr.flow import LatentNorm, build_pairs, pair_counts, per_sequence_mean, token_scores
 from rlfr.flow.online import above_quantile, online_flow_loss, rollout_weights
 from rlfr.policy.forward import policy_forward
@@ -63,6 +65,7 @@ class Components:
     reward: OutcomeReward
     ref: nn.Module | None = None  # the start model, for the KL (kl_coef > 0 or track_kl)
     flow: FlowPart | None = None  # method rlfr only
+    nonfinite_skipped: int = 0  # batches skipped for NaN / inf so far (policy.skip_nonfinite_batches)
 
 
 @dataclass
@@ -122,11 +125,37 @@ def rl_step(c: Components, step: int, examples, prompts: list[str]) -> dict[str,
     }
     if keep is not None:
         stats["filter/kept_frac"] = keep.float().mean().item()
+    if "update/skipped_nonfinite" in stats:  # the skipped batch's NaN statistics are not logged
+        stats = {k: v for k, v in stats.items() if math.isfinite(v)}
+    vc = c.reward.verifier.last_counts  # what scored 0 for a reason other than a wrong answer
+    stats |= {f"verify/{k}": getattr(vc, k) / max(vc.total, 1) for k in ("no_answer", "timeouts", "errors")}
     return reduce_stats(c.acc, stats)
 
 
 def update(c: Components, batch: Batch, step: int, log: Accum) -> None:
-    """Policy optimizer steps (``ppo_epochs`` x ``minibatches``) and one flow optimizer step."""
+    """Policy optimizer steps (``ppo_epochs`` x ``minibatches``) and one flow optimizer step.
+
+    A NaN or inf anywhere reaches the gradients (a micro-batch's non-finite loss is back-propagated, so under
+    DDP every process sees it in the all-reduced gradient and all stop together) and is caught at the
+    optimizer step, which applies nothing; the error names the first quantity that went non-finite on this
+    process. With ``policy.skip_nonfinite_batches`` > 0 the rest of the batch is skipped instead, that many
+    times at most."""
+    try:
+        _update(c, batch, step, log)
+    except NonFiniteError as e:
+        quantity = log.first_nonfinite or e.quantity
+        if c.nonfinite_skipped >= c.cfg.policy.skip_nonfinite_batches:
+            raise NonFiniteError(quantity, step + 1, "nothing of this step was applied") from None
+        c.nonfinite_skipped += 1
+        c.policy_opt.zero_grad(set_to_none=True)
+        if c.flow is not None:
+            c.flow.opt.zero_grad(set_to_none=True)
+        log.add("update/skipped_nonfinite", 1.0)
+        print(f"step {step + 1}: {quantity} is not finite; batch skipped "
+              f"({c.nonfinite_skipped} of {c.cfg.policy.skip_nonfinite_batches} allowed)")  # fmt: skip
+
+
+def _update(c: Components, batch: Batch, step: int, log: Accum) -> None:
     p, bsz = c.cfg.policy, batch.rollout.input_ids.shape[0]
     tokens = c.acc.reduce(batch.rollout.response_mask.sum().to(c.acc.device).float(), "sum")
     if float(tokens) == 0:  # the accuracy filter dropped every group: nothing to learn, and an AdamW
@@ -149,16 +178,21 @@ def update(c: Components, batch: Batch, step: int, log: Accum) -> None:
                     c, batch, mini[c0 : c0 + p.micro_batch_size], fixed, flow_total, norms, hold_actor, log
                 )
             if not hold_actor:
-                what = f"policy at step {step + 1}"
-                log.add("policy/grad_norm", optimizer_step(c.acc, c.policy, c.policy_opt, c.policy_sched, p.max_grad_norm, what))  # fmt: skip
+                norm = optimizer_step(
+                    c.acc, c.policy, c.policy_opt, c.policy_sched, p.max_grad_norm, "policy", step + 1
+                )
+                log.add("policy/grad_norm", norm)
     log.add("time/update", time.time() - t_upd)
     log.add("policy/lr", c.policy_sched.get_last_lr()[0])
     if c.flow is not None and c.cfg.flow.update:
         # nothing passed the check anywhere (and soft_flow = 0): nothing to learn, and an AdamW step on zero
         # gradients would still move the flow through momentum and weight decay
         if float(c.acc.reduce(flow_total.to(c.acc.device), "sum")) > 0:
-            what = f"flow at step {step + 1}"
-            log.add("flow/grad_norm", optimizer_step(c.acc, c.flow.field, c.flow.opt, c.flow.sched, p.max_grad_norm, what))  # fmt: skip
+            f = c.flow
+            log.add(
+                "flow/grad_norm",
+                optimizer_step(c.acc, f.field, f.opt, f.sched, p.max_grad_norm, "flow", step + 1),
+            )
         else:
             c.flow.opt.zero_grad(set_to_none=True)
 
@@ -183,6 +217,8 @@ def micro_step(c, batch: Batch, rows, fixed: Fixed | None, flow_total, norms, ho
         ref_logp=ref_logp if in_loss else None, kl_coef=p.kl_coef if in_loss else 0.0,
         kl_estimator=p.kl_estimator, num_sequences=norms[0], num_tokens=norms[1], ratio_max=p.ratio_max,
     )  # fmt: skip
+    if not torch.isfinite(out.loss):
+        log.note_nonfinite("the policy loss")
     c.acc.backward(out.loss)
     n_tok = max(int(mask.sum()), 1)
     log.add("policy/loss", out.loss.item(), weight=len(rows))
@@ -229,11 +265,18 @@ def advantages(c, batch: Batch, rows, ro: Rollout, ent, logp, ref_logp, log: Acc
 def flow_rewards(c: Components, batch: Batch, rows, ro: Rollout, log: Accum) -> torch.Tensor:
     """Score the latents of the latest forward against the flow and shape the scores: -> (b, T) rewards."""
     f, mask = c.cfg.flow, ro.response_mask
+    lat = latents(c, mask)
+    if not torch.isfinite(lat).all():
+        log.note_nonfinite("a latent (the output of a hooked block)")
     scores = token_scores(
-        c.acc.unwrap_model(c.flow.field), latents(c, mask), c.flow.tap.layer_values.to(mask.device), mask,
+        c.acc.unwrap_model(c.flow.field), lat, c.flow.tap.layer_values.to(mask.device), mask,
         f.modes, f.shift, f.reward.timesteps, context_mask=ro.attention_mask.bool(),
     )  # fmt: skip
     r = f.reward
+    if not torch.isfinite(scores.scores[scores.valid]).all():
+        # NaN rewards make the loss and gradients NaN on every process; the optimizer step then stops the run
+        log.note_nonfinite("a flow score")
+        return torch.where(mask, torch.nan, 0.0)
     rewards = shape_flow_rewards(scores.scores, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma)
     n_tok = max(int(mask.sum()), 1)
     log.add("flow_reward/mean", rewards.sum().item() / n_tok)
@@ -260,6 +303,8 @@ def flow_backward(c: Components, batch: Batch, rows, ro: Rollout, ent, flow_tota
     correct = batch.correct[rows]
     w = rollout_weights(correct, f.soft_flow)[pairs.batch_index]
     out = online_flow_loss(c.flow.field, pairs, w, flow_total, f.batch_mul, c.acc.unwrap_model(c.flow.field))
+    if not torch.isfinite(out.loss):
+        log.note_nonfinite("the online flow loss")
     c.acc.backward(out.loss)
     seq = per_sequence_mean(out.per_pair, pairs.batch_index, len(rows))
     has = torch.bincount(pairs.batch_index, minlength=len(rows)) > 0

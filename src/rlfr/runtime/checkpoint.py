@@ -8,17 +8,27 @@ A checkpoint is a directory ``<out>/checkpoints/step_XXXXXX/`` holding:
                    ``weights_only=True``)
 - ``rng_rank{r}.pt`` every process's Python / NumPy / torch RNG states
 - ``state.json``   step, the run's config and the model's identity (checked on resume)
+- ``manifest.json`` the size and SHA-256 of every other file (written last, checked on resume)
 
-It is written under ``step_XXXXXX.tmp`` and renamed when complete, then ``latest`` (a one-line
-text file) is replaced atomically, so a run killed at any moment resumes from the last complete
-checkpoint. Old checkpoints beyond ``keep`` are deleted only after the new one is in place.
+It is written under ``step_XXXXXX.tmp``, every file and directory is flushed to disk (fsync), then the
+folder is renamed and ``latest`` (a one-line text file) replaced atomically, so a run killed at any moment,
+or a machine that loses power, leaves the last complete checkpoint intact. Old checkpoints beyond ``keep``
+(>= 1) are deleted, oldest step first, only after the new one is in place.
+
+Reading: ``find_checkpoint(out_dir)`` returns the newest checkpoint whose manifest checks out, and the
+reasons it skipped newer ones (a truncated weights file, a deleted ``policy/``, garbage in ``latest`` or
+``state.json``, a deleted ``latest``); ``load_*`` errors name the file. Nothing is unpickled: tensors are
+safetensors, and ``optim.pt`` / ``rng_rank*.pt`` are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,17 +36,73 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlfr.errors import CheckpointError
 from rlfr.flow.store import FlowBundle, save_flow
 
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or belongs to another model/run."""
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Size and SHA-256 of every file in ``ckpt`` (fsynced), then the manifest itself."""
+    files = {}
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST):
+        _fsync(f)
+        files[str(f.relative_to(ckpt))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    for d in sorted({f.parent for f in ckpt.rglob("*")} | {ckpt}):
+        _fsync(d)
+    _atomic_write_text(ckpt / MANIFEST, json.dumps(files, indent=1))
+
+
+def verify_checkpoint(ckpt: Path) -> list[str]:
+    """What is wrong with a checkpoint directory, file by file ([] = intact)."""
+    manifest = ckpt / MANIFEST
+    if not ckpt.is_dir():
+        return [f"{ckpt} does not exist"]
+    if not manifest.is_file():
+        return [f"{manifest} is missing (an incomplete checkpoint)"]
+    try:
+        files = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [f"{manifest} is not valid JSON ({e})"]
+    problems = []
+    for rel, meta in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != meta["size"]:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {meta['size']} were written (truncated?)")
+        elif _sha256(f) != meta["sha256"]:
+            problems.append(f"{f} does not match its checksum (corrupted)")
+    return problems
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,43 +175,84 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)
         _atomic_write_text(root / "latest", final.name + "\n")
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in steps[: max(0, len(steps) - keep)]:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the newest checkpoint is never deleted), got {keep}")
+        for old in step_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
+def step_dirs(root: Path) -> list[Path]:
+    """The ``step_N`` directories under ``root``, by step number."""
+    found = [
+        (int(m.group(1)), p) for p in root.glob("step_*") if p.is_dir() and (m := _STEP_DIR.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    """A checkpoint directory, or a run directory (its newest intact checkpoint)."""
     path = Path(path)
     if (path / "state.json").is_file():
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    found, _ = find_checkpoint(path)
+    if found is None:
         raise CheckpointError(
             f"{path} is neither a checkpoint (no state.json) nor a run directory with checkpoints"
         )
-    return latest
+    return found
+
+
+def find_checkpoint(out_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest intact checkpoint of a run, or None; why newer ones were skipped).
+
+    ``latest`` names the newest; when it is missing, unreadable or points nowhere, the ``step_N`` folders
+    are searched instead, and every candidate is checked against its manifest."""
+    root = Path(out_dir) / "checkpoints"
+    notes: list[str] = []
+    candidates = list(reversed(step_dirs(root)))
+    pointer = root / "latest"
+    if candidates:
+        if not pointer.is_file():
+            notes.append(f"{pointer} is missing; searched {root} for checkpoints")
+        else:
+            try:
+                named = root / pointer.read_text().strip()
+            except UnicodeDecodeError:
+                named = None
+            if named is None or named not in candidates:
+                notes.append(f"{pointer} does not name a checkpoint folder; searched {root} instead")
+            elif named != candidates[0]:
+                notes.append(f"{pointer} names {named.name}, but {candidates[0].name} is newer")
+    for ckpt in candidates:
+        problems = verify_checkpoint(ckpt)
+        if not problems:
+            return ckpt, notes
+        notes.append(f"skipped {ckpt.name}: " + "; ".join(problems[:3]))
+    return None, notes
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    root = Path(out_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"{pointer} points at {path}, which is not a complete checkpoint")
-    return path
+    """The newest intact checkpoint of a run (or None), logging why newer ones were skipped."""
+    found, notes = find_checkpoint(out_dir)
+    for note in notes:
+        log.warning("%s", note)
+    return found
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "state.json").read_text())
+    path = ckpt / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from e
 
 
 def check_identity(ckpt: Path, model) -> None:
@@ -163,8 +270,14 @@ def load_policy_weights(ckpt: Path, model) -> None:
 
     check_identity(ckpt, model)
     weights = {}
-    for f in sorted((ckpt / "policy").glob("*.safetensors")):
-        weights |= load_file(str(f))
+    files = sorted((ckpt / "policy").glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{ckpt / 'policy'} holds no *.safetensors weights")
+    for f in files:
+        try:
+            weights |= load_file(str(f))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types; name the file
+            raise CheckpointError(f"{f} cannot be read: {e}") from e
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and "lm_head" not in k]
@@ -179,12 +292,19 @@ def flow_dir(ckpt: Path) -> Path:
     return ckpt / "flow"
 
 
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:  # noqa: BLE001 - truncated zip, refused pickle...: name the file
+        raise CheckpointError(f"{path} cannot be read: {e}") from e
+
+
 def load_optim_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
+    return _torch_load(ckpt / "optim.pt")
 
 
 def load_rng(ckpt: Path, rank: int) -> None:
     path = ckpt / f"rng_rank{rank}.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint was written by fewer processes")
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    set_rng_state(_torch_load(path))

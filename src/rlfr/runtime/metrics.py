@@ -38,17 +38,40 @@ def format_step(step: int, metrics: dict[str, float]) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
-        self.enabled = enabled
+    """Appends to ``metrics.jsonl`` and TensorBoard (both created at the first row). ``resume_step`` (a run
+    resumed from the checkpoint of that step) first drops the rows logged after it, in the file and in
+    TensorBoard (``purge_step``), so the steps that are run again are not logged twice; ``fresh`` truncates
+    the file (a stage that always starts over)."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        fresh: bool = False,
+    ):
+        self.enabled, self.out_dir, self.tensorboard = enabled, Path(out_dir), tensorboard
         self.path = metrics_path(out_dir)
+        self.resume_step = resume_step
         self._tb = None
         self._t0 = time.time()
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+        if enabled and self.path.is_file():
+            if fresh:
+                self.path.unlink()
+            elif resume_step is not None:
+                kept = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(self.path)
 
-                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+    def _writer(self):
+        if self._tb is None and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if self.resume_step is None else self.resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+        return self._tb
 
     def log(self, step: int, metrics: dict[str, float], stage: str | None = None) -> None:
         if not self.enabled:
@@ -63,14 +86,16 @@ class MetricsLogger:
             if not math.isfinite(v):
                 raise FloatingPointError(f"metric {k!r} is {v} at step {step}")
             row[k] = v
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
+        tb = self._writer()
+        if tb is not None:
             prefix = f"{stage}/" if stage else ""
             for k, v in row.items():
                 if k not in ("step", "wall", "stage"):
-                    self._tb.add_scalar(prefix + k, v, step)
-            self._tb.flush()
+                    tb.add_scalar(prefix + k, v, step)
+            tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
@@ -101,6 +126,11 @@ class Accum:
         self.weights: dict[str, float] = {}
         self.totals: dict[str, float] = {}
         self.samples: dict[str, tuple[list, list]] = {}
+        self.first_nonfinite: str | None = None  # the first quantity seen NaN or infinite this step
+
+    def note_nonfinite(self, quantity: str) -> None:
+        if self.first_nonfinite is None:
+            self.first_nonfinite = quantity
 
     def add(self, key: str, value: float, weight: float = 1.0) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight

@@ -5,9 +5,9 @@
   constant, or cosine decay to ``min_ratio`` (the authors: ``cosine_with_min_lr`` with min_lr = 0.1 lr).
 - ``build_optimizer(params, lr, betas, weight_decay, total, warmup_ratio, schedule, min_ratio)``:
   AdamW with that schedule -> ``(optimizer, scheduler)``.
-- ``optimizer_step(accelerator, model, opt, sched, max_grad_norm, what)``: clip the gradient norm, refuse a
-  non-finite one (``FloatingPointError`` naming ``what``, e.g. "policy at step 12"), step, advance the
-  schedule, zero the gradients; returns the norm before clipping.
+- ``optimizer_step(accelerator, model, opt, sched, max_grad_norm, what, step)``: clip the gradient norm,
+  refuse a non-finite one (``NonFiniteError`` naming ``what``, e.g. "policy", and the step; nothing is
+  applied), step, advance the schedule, zero the gradients; returns the norm before clipping.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable
 
 import torch
+
+from rlfr.errors import NonFiniteError
 
 
 def lr_lambda(total: int, warmup_ratio: float, schedule: str, min_ratio: float = 0.0):
@@ -51,11 +53,13 @@ def build_optimizer(
     return opt, sched
 
 
-def optimizer_step(accelerator, model, opt, sched, max_grad_norm: float, what: str) -> float:
+def optimizer_step(
+    accelerator, model, opt, sched, max_grad_norm: float, what: str, step: int | None = None
+) -> float:
     """Clip, check, step, schedule, zero; -> the gradient norm before clipping."""
     norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
     if not math.isfinite(norm):
-        raise FloatingPointError(f"{what}: the gradient norm is {norm}")
+        raise NonFiniteError(f"the {what} gradient norm", step, f"it is {norm}")
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)

@@ -1,0 +1,129 @@
+"""The output directory of a run: one run per directory, one process at a time, and a clean stop on signals.
+
+- ``RunLock(out_dir)``: an exclusive ``flock`` on ``out_dir/.lock`` holding the owner's pid, host and start
+  time. A second run on the same directory is refused with the holder named; the kernel drops the lock when
+  its process dies, so a stale ``.lock`` file of a killed run is simply taken over. (``flock`` may not work
+  across machines on network filesystems: give each run its own directory there.)
+- ``claim(out_dir, resume, overwrite)``: a fresh run refuses a directory that already holds a run
+  (checkpoints or a metrics log): continue it with ``--resume`` or start over with ``--overwrite``, never a
+  mix of two runs' checkpoints and logs. ``--overwrite`` removes the old checkpoints, logs and plots.
+- ``StopOnSignal()``: while active, SIGTERM (what a cluster scheduler sends before preemption) and SIGINT
+  (Ctrl-C) only set ``requested``: the current step finishes, the caller writes a checkpoint and stops. A
+  second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from rlfr.errors import RunDirError
+
+LOCK = ".lock"
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "curves.png", "config.json")
+
+
+class RunLock:
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise RunDirError(f"out_dir {self.path.parent} is a file, not a directory")
+        self._created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path.parent} is in use by {holder}; wait for that run to end or use another out_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+        )
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlock and remove the lock file; a directory this lock created and that stayed empty goes too."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+            if self._created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def holds_run(out_dir: Path) -> bool:
+    return (
+        (out_dir / "checkpoints").is_dir()
+        and any((out_dir / "checkpoints").iterdir())
+        or (out_dir / "metrics.jsonl").is_file()
+    )
+
+
+def claim(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Check (and with ``overwrite`` clear) ``out_dir`` for a run; call with the lock held."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"out_dir {out} is a file, not a directory")
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other: pick one")
+    if resume or not holds_run(out):
+        return
+    if not overwrite:
+        raise RunDirError(
+            f"{out} already holds a run; continue it with --resume, start over with --overwrite (deletes its "
+            "checkpoints and logs), or choose another out_dir"
+        )
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+class StopOnSignal:
+    """Turn SIGTERM / SIGINT into a request to stop after the current step (module docstring)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+        print(
+            f"\n{self.requested} received: finishing the current step, then writing a checkpoint", flush=True
+        )
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
