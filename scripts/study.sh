@@ -49,7 +49,7 @@ echo "learning rate chosen on the dev split: $LR (runs/study/chosen_lr.json)"
 
 # 4. The main comparison and the ablations.
 $RLFR compare --start "$START" --flow "$FLOW" --methods rlvr rlfr entropy --seeds 0 1 2 --steps 48 \
-  --eval-sets embedded embedded-transfer:200 --eval-samples 4 \
+  --eval-sets embedded embedded-transfer:100 --eval-samples 4 \
   --ablation beta0.005 rlfr flow.reward.beta=0.005 \
   --ablation beta0.05 rlfr flow.reward.beta=0.05 \
   --ablation token_pre rlfr "flow.modes=[token_pre]" "flow.init=$OUT/flow_token_pre/flow" \

@@ -95,5 +95,8 @@ def test_maths_modules_are_pure(path):
 @pytest.mark.parametrize("literal,owner", [("latents.json", "flow/store.py"), ("state.json", "runtime/checkpoint.py"),
                                            ("metrics.jsonl", "runtime/metrics.py")])  # fmt: skip
 def test_one_module_owns_each_file_format(literal, owner):
-    users = [f"{path}:{line}" for path, tree in MODULES.items() for line, s in _strings(tree) if literal in s]
+    # the same name in another format: a dataset saved by the datasets library has its own state.json
+    others = {"state.json": ("data/examples.py",)}.get(literal, ())
+    users = [f"{path}:{line}" for path, tree in MODULES.items() for line, s in _strings(tree)
+             if literal in s and path not in others]  # fmt: skip
     assert users and all(u.startswith(owner + ":") for u in users), users

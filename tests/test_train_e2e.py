@@ -98,8 +98,10 @@ def test_resume_from_another_model_fails_clearly(tiny_dir, tmp_path):
     other = make_tiny_model_dir(tmp_path / "other", num_layers=6)
     from rlfr.runtime.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(ConfigError, match="model.name_or_path"):  # refused as a config change first
         run_train(_cfg(other, out, "steps=2", "method=rlvr"), progress=False, resume=True)
+    with pytest.raises(CheckpointError, match="different model"):  # and even when forced
+        run_train(_cfg(other, out, "steps=2", "method=rlvr"), progress=False, resume=True, force_resume=True)
 
 
 def test_config_typos_are_rejected_with_valid_keys():
@@ -241,14 +243,18 @@ def test_flows_of_the_old_pairing_or_other_latents_are_refused(tiny_dir, tmp_pat
     with pytest.raises(FlowMismatchError, match=r"fractions: flow \[0.25, 0.5, 0.75\] vs run \[0.5\]"):
         run_train(_cfg(tiny_dir, tmp_path / "fresh", "steps=1", f"flow.init={flow_dir}", "flow.fractions=[0.5]"),
                   progress=False)  # fmt: skip
-    with pytest.raises(FlowMismatchError, match="modes"):
-        run_train(_cfg(tiny_dir, out, "steps=3", "flow.modes=[token_pre]"), progress=False, resume=True)
+    with pytest.raises(FlowMismatchError, match="modes"):  # forced past the config check, the store refuses
+        run_train(_cfg(tiny_dir, out, "steps=3", "flow.modes=[token_pre]"), progress=False, resume=True,
+                  force_resume=True)  # fmt: skip
     # a flow written before the credit fix (no pairing key) names the fix and how to get a new flow
     meta = json.loads((flow_dir / "latents.json").read_text())
     del meta["pairing"]
     (flow_dir / "latents.json").write_text(json.dumps(meta))
     with pytest.raises(FlowMismatchError, match="Re-run `rlfr flow-pretrain`"):
         run_train(_cfg(tiny_dir, tmp_path / "old", "steps=1", f"flow.init={flow_dir}"), progress=False)
+    from rlfr.runtime.checkpoint import write_manifest
+
+    write_manifest(flow_dir.parent)  # the edit passes the checksums: the flow store itself must refuse it
     with pytest.raises(FlowMismatchError, match="pairing"):
         run_train(_cfg(tiny_dir, out, "steps=3"), progress=False, resume=True)
 

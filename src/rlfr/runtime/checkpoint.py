@@ -88,7 +88,9 @@ def verify_checkpoint(ckpt: Path) -> list[str]:
     if not ckpt.is_dir():
         return [f"{ckpt} does not exist"]
     if not manifest.is_file():
-        return [f"{manifest} is missing (an incomplete checkpoint)"]
+        return [
+            f"{manifest} is missing: an incomplete checkpoint, or one of rlfr < 0.2, which this version does not resume"
+        ]
     try:
         files = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -157,7 +159,7 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Collective call (every process): returns the final checkpoint directory."""
-    root = Path(out_dir) / "checkpoints"
+    root = checkpoint_root(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     if accelerator.is_main_process:
@@ -189,6 +191,11 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_root(out_dir: str | Path) -> Path:
+    """Where a run's checkpoints live."""
+    return Path(out_dir) / "checkpoints"
+
+
 def step_dirs(root: Path) -> list[Path]:
     """The ``step_N`` directories under ``root``, by step number."""
     found = [
@@ -215,7 +222,7 @@ def find_checkpoint(out_dir: str | Path) -> tuple[Path | None, list[str]]:
 
     ``latest`` names the newest; when it is missing, unreadable or points nowhere, the ``step_N`` folders
     are searched instead, and every candidate is checked against its manifest."""
-    root = Path(out_dir) / "checkpoints"
+    root = checkpoint_root(out_dir)
     notes: list[str] = []
     candidates = list(reversed(step_dirs(root)))
     pointer = root / "latest"

@@ -24,9 +24,22 @@ import time
 from pathlib import Path
 
 from rlfr.errors import RunDirError
+from rlfr.runtime.checkpoint import checkpoint_root
+from rlfr.runtime.metrics import metrics_path
 
 LOCK = ".lock"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "curves.png", "config.json")
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """What a run writes into its directory (removed by ``--overwrite``)."""
+    out = Path(out_dir)
+    return [
+        checkpoint_root(out),
+        metrics_path(out),
+        out / "tensorboard",
+        out / "curves.png",
+        out / "config.json",
+    ]
 
 
 class RunLock:
@@ -74,11 +87,8 @@ class RunLock:
 
 
 def holds_run(out_dir: Path) -> bool:
-    return (
-        (out_dir / "checkpoints").is_dir()
-        and any((out_dir / "checkpoints").iterdir())
-        or (out_dir / "metrics.jsonl").is_file()
-    )
+    root = checkpoint_root(out_dir)
+    return (root.is_dir() and any(root.iterdir())) or metrics_path(out_dir).is_file()
 
 
 def claim(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
@@ -95,8 +105,7 @@ def claim(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
             f"{out} already holds a run; continue it with --resume, start over with --overwrite (deletes its "
             "checkpoints and logs), or choose another out_dir"
         )
-    for name in RUN_FILES:
-        p = out / name
+    for p in run_files(out):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
