@@ -32,6 +32,7 @@ fi
 # 3. The learning rate, chosen once for RLVR on the dev split (seed 0).
 LRS=(5e-6 1e-5 2e-5)
 for lr in "${LRS[@]}"; do
+  [ -f "$OUT/lr_$lr/results.json" ] && continue  # done
   $RLFR compare --start "$START" --methods rlvr --seeds 0 --steps 48 --eval-sets embedded-dev \
     --out "$OUT/lr_$lr" --no-progress "${COMMON[@]}" "policy.lr=$lr" > "$OUT/lr_$lr.log" 2>&1
 done
