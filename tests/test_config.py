@@ -96,3 +96,13 @@ def test_each_command_accepts_only_its_keys():
     # the RL flow section holds the shared keys plus the RL ones
     rl = load_config(TrainConfig, overrides=["flow.eps=1e-5", "flow.lr=3e-4"])
     assert rl.flow.eps == 1e-5 and rl.flow.lr == 3e-4
+
+
+def test_a_saved_config_without_later_fields_is_not_a_change():
+    from rlfr.schema import resume_changes
+
+    new = to_dict(load_config(TrainConfig, overrides=["steps=5"]))
+    saved = to_dict(load_config(TrainConfig, overrides=["steps=4"]))
+    del saved["policy"]["skip_nonfinite_batches"]  # a checkpoint of a version without this field
+    allowed, refused = resume_changes(saved, new)
+    assert allowed == {"steps": (4, 5)} and refused == {}

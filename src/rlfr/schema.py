@@ -341,10 +341,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def normalized(saved: dict) -> dict:
+    """A saved ``TrainConfig`` dict as this version reads it: keys added since then take their defaults, so
+    that a new field does not count as a change. (A key this version no longer knows stays as saved.)"""
+    from rlfr.config import from_dict, to_dict
+
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:
+        return saved
+
+
 def resume_changes(saved: dict, new: dict) -> tuple[dict, dict]:
     """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form), split into
     (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key -> (saved, new)."""
-    a, b = _flat(saved), _flat(new)
+    a, b = _flat(normalized(saved)), _flat(new)
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     allowed = {k: v for k, v in diff.items() if k in RESUMABLE_KEYS}
     return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_KEYS}

@@ -138,10 +138,17 @@ def run_config(args: argparse.Namespace, method: str, seed: int, name: str | Non
     return load_config(TrainConfig, path=args.config, overrides=overrides)
 
 
-def _cached(path: Path, config: dict) -> dict | None:
+def _cached(path: Path, config: dict, train_config: bool = False) -> dict | None:
+    """The saved result at ``path`` when it was made with ``config`` (a TrainConfig dict is compared as this
+    version reads it, so fields added later with their defaults do not invalidate it)."""
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("config") == config:
+        got = saved.get("config")
+        if train_config and isinstance(got, dict):
+            from rlfr.schema import normalized
+
+            got = normalized(got)
+        if got == config:
             return saved
     return None
 
@@ -212,17 +219,20 @@ def run_one(cfg, progress: bool) -> dict:
     """Train (or resume, or reuse) one run; -> {"config", "model_dir", "curves", "seconds"}."""
     from rlfr.config import to_dict
     from rlfr.recipes.train import run_train
-    from rlfr.runtime.checkpoint import find_checkpoint
+    from rlfr.runtime.checkpoint import checkpoint_root, find_checkpoint
 
     out = Path(cfg.out_dir)
     path = out / "compare_result.json"
     config = to_dict(cfg)
-    if (hit := _cached(path, config)) is not None:
+    if (hit := _cached(path, config, train_config=True)) is not None:
         return hit
     t0 = time.time()
     # an interrupted run resumes from its checkpoint (run_train refuses one of another config); a run that
     # failed before its first checkpoint starts over
-    resume = find_checkpoint(out)[0] is not None
+    found, notes = find_checkpoint(out)
+    resume = found is not None
+    if not resume and checkpoint_root(out).is_dir():
+        print(f"compare: starting {out} over: it has no intact checkpoint ({'; '.join(notes)})")
     res = run_train(cfg, progress=progress, resume=resume, overwrite=not resume, final_eval=False)
     result = {
         "config": config,
