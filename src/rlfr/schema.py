@@ -95,6 +95,11 @@ class FlowLatentsConfig:
         "standardise latents per layer and dimension before the flow (none = raw, as the paper)",
     )
     batch_mul: int = field_(4, "repeats of each token with fresh (t, eps) in the flow loss")
+    precision: Literal["auto", "float32", "bfloat16"] = field_(
+        "auto",
+        "flow forward/backward precision: bfloat16 = autocast with float32 master weights; auto = bfloat16 on "
+        "a CUDA GPU that supports it, float32 otherwise",
+    )
 
     def validate(self) -> None:
         if not self.fractions or any(not 0 <= p <= 1 for p in self.fractions):
@@ -260,6 +265,7 @@ class TrainConfig:
     eval_every: int = field_(0, "held-out greedy accuracy every N steps (0 = only at the end)")
     eval_max_new_tokens: int = field_(1024, "generation limit for held-out evaluation")
     cpu: bool = field_(False, "force CPU even when a GPU is present")
+    tf32: bool = field_(True, "allow TF32 matmuls on Ampere+ GPUs for what runs in float32")
 
     def validate(self) -> None:
         if self.steps < 1 or self.save_every < 0 or self.eval_every < 0:

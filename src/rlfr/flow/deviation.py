@@ -18,6 +18,7 @@ Departures from the authors' code (RLFR_METHOD §8.3): each timestep uses its ow
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,35 +90,57 @@ def token_scores(
     chunk_size: int = 8192,
     *,
     context_mask: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TokenScores:
     """Per-token flow scores, averaged over layers and modes (RLFR_METHOD §4).
 
-    latents: (L, B, T, d) (any float dtype; gathered and cast to float32 chunk by chunk, so memory is
-    bounded by ``chunk_size`` pairs rather than L * modes * B * T); layer_values: (L,); mask: (B, T) bool
-    (scored targets: response tokens); context_mask: (B, T) bool (allowed conditions: real tokens).
+    latents: (L, B, T, d) (any float dtype); layer_values: (L,); mask: (B, T) bool (scored targets:
+    response tokens); context_mask: (B, T) bool (allowed conditions: real tokens). The pairs of every mode
+    and hooked layer and every rewarding timestep go through the field together, ``chunk_size`` rows per
+    call (memory is bounded by it, not by L * modes * B * T); each chunk draws fresh noise for each of its
+    timesteps. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the field under autocast; the deviation is
+    computed in float32.
     """
     check_latents(latents, layer_values, mask, context_mask)
     check_modes(modes)
-    _check_timesteps(timesteps)
+    ts_list = _check_timesteps(timesteps)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    num_layers, bsz, seq_len, _ = latents.shape
+    num_layers, bsz, seq_len, d = latents.shape
     device = latents.device
+    idx = [pair_indices(mask, context_mask, mode, shift) for mode in modes]
+    b = torch.cat([i[0] for i in idx])
+    kt = torch.cat([i[1] for i in idx])
+    kc = torch.cat([i[2] for i in idx])
+    n = b.numel()  # pairs per layer, all modes
+    layer_idx = torch.arange(num_layers, device=device).repeat_interleave(n)  # (L * n,), layer-major
+    b, kt, kc = b.repeat(num_layers), kt.repeat(num_layers), kc.repeat(num_layers)
+    lv = layer_values.to(device, torch.float32)
+    ts = torch.tensor(ts_list, dtype=torch.float32, device=device)
+    weight = ts / (1 - ts)  # each timestep's own debias weight (RLFR_METHOD §8.3)
+    k = len(ts_list)
     sums = torch.zeros(bsz * seq_len, dtype=torch.float32, device=device)
     counts = torch.zeros(bsz * seq_len, dtype=torch.float32, device=device)
-    h = latents.detach()
-    for mode in modes:
-        b, kt, kc = pair_indices(mask, context_mask, mode, shift)
-        flat = b * seq_len + kt
-        for li in range(num_layers):
-            for start in range(0, b.numel(), chunk_size):
-                sl = slice(start, start + chunk_size)
-                target = h[li, b[sl], kt[sl]].float()
-                cond = h[li, b[sl], kc[sl]].float()
-                layer = layer_values[li].to(device, torch.float32).expand(target.shape[0])
-                dev = velocity_deviation(field, target, cond, layer, timesteps, generator=generator)
-                sums.index_add_(0, flat[sl], dev)
-                counts.index_add_(0, flat[sl], torch.ones_like(dev))
+    per_call = max(1, chunk_size // k)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    for start in range(0, b.numel(), per_call):
+        sl = slice(start, start + per_call)
+        x1 = latents[layer_idx[sl], b[sl], kt[sl]].float()  # (m, d)
+        cond = latents[layer_idx[sl], b[sl], kc[sl]].float()
+        layer = lv[layer_idx[sl]]
+        m = x1.shape[0]
+        eps = torch.randn((k, m, d), generator=generator, device=device)
+        x_t = ts[:, None, None] * x1 + (1 - ts[:, None, None]) * eps  # (K, m, d)
+        with autocast:
+            v = field(x_t.reshape(k * m, d), ts.repeat_interleave(m), cond.repeat(k, 1), layer.repeat(k))
+        dev = ((v.float().view(k, m, d) - (x1 - eps)) ** 2).mean(dim=-1) * weight[:, None]  # (K, m)
+        flat = b[sl] * seq_len + kt[sl]
+        sums.index_add_(0, flat, dev.mean(dim=0))
+        counts.index_add_(0, flat, torch.ones(m, device=device))
     valid = counts > 0
     scores = torch.where(valid, sums / counts.clamp_min(1), torch.zeros_like(sums))
     return TokenScores(scores=scores.view(bsz, seq_len), valid=valid.view(bsz, seq_len))

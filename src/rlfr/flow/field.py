@@ -85,7 +85,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+        # RMSNorm in float32 (as the authors' RMSNorm computes it); a no-op without autocast
+        return x + gate * self.mlp(modulate(self.in_ln(x.float()), shift, scale))
 
 
 class FinalLayer(nn.Module):
@@ -97,7 +98,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x.float()), shift, scale))
 
 
 class FlowField(nn.Module):

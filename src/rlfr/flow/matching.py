@@ -21,6 +21,7 @@ the policy (the authors' RL hook did not detach the target, RLFR_METHOD §8.2).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -153,11 +154,17 @@ def sample_timesteps(
 
 
 def flow_matching_loss_per_pair(
-    field: nn.Module, pairs: FlowPairs, batch_mul: int = 1, generator: torch.Generator | None = None
+    field: nn.Module,
+    pairs: FlowPairs,
+    batch_mul: int = 1,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Conditional flow-matching loss of each pair, averaged over its ``batch_mul`` fresh (t, eps) draws.
 
-    -> (N,) float32 with graph to the field's parameters (never to the latents).
+    -> (N,) float32 with graph to the field's parameters (never to the latents). ``autocast_dtype`` runs
+    the field under autocast (its weights stay float32: the optimizer keeps full-precision master weights);
+    the squared error is computed in float32.
     """
     if batch_mul < 1:
         raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
@@ -167,7 +174,13 @@ def flow_matching_loss_per_pair(
     eps = torch.randn(x1.shape, generator=generator, device=x1.device)
     x_t = t[:, None] * x1 + (1 - t[:, None]) * eps
     u = x1 - eps
-    v = field(x_t, t, pairs.cond.detach().repeat(batch_mul, 1), pairs.layer.repeat(batch_mul))
+    autocast = (
+        torch.autocast(device_type=x1.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        v = field(x_t, t, pairs.cond.detach().repeat(batch_mul, 1), pairs.layer.repeat(batch_mul))
     per = ((v.float() - u) ** 2).mean(dim=-1)
     return per.view(batch_mul, n).mean(dim=0)
 
@@ -178,6 +191,7 @@ def flow_matching_loss(
     batch_mul: int = 1,
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted mean of the per-pair flow-matching loss -> () float32.
 
@@ -185,7 +199,7 @@ def flow_matching_loss(
     RLFR_METHOD §6). A zero total weight (or no pairs) gives a 0 loss that is still connected to the
     field's parameters, so ``backward()`` works and gives zero gradients instead of NaN or an error.
     """
-    per = flow_matching_loss_per_pair(field, pairs, batch_mul=batch_mul, generator=generator)
+    per = flow_matching_loss_per_pair(field, pairs, batch_mul, generator, autocast_dtype)
     if weights is None:
         weights = torch.ones_like(per)
     if weights.shape != per.shape:

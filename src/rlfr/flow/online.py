@@ -54,15 +54,20 @@ def online_flow_loss(
     total: torch.Tensor,
     batch_mul: int,
     log_field: nn.Module | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> OnlineFlowLoss:
     """weights: (N,) per pair; total: () the whole batch's total weight. ``log_field`` (default ``field``)
     scores the untrained pairs, e.g. the unwrapped module when ``field`` is wrapped by DDP."""
     train = weights > 0
-    trained = flow_matching_loss_per_pair(field, subset(pairs, train), batch_mul)
+    trained = flow_matching_loss_per_pair(
+        field, subset(pairs, train), batch_mul, autocast_dtype=autocast_dtype
+    )
     loss = (trained * weights[train]).sum() / total.clamp(min=1e-12)
     per_pair = torch.zeros(len(pairs), device=weights.device)
     per_pair[train] = trained.detach()
     if (~train).any():
         with torch.no_grad():
-            per_pair[~train] = flow_matching_loss_per_pair(log_field or field, subset(pairs, ~train))
+            per_pair[~train] = flow_matching_loss_per_pair(
+                log_field or field, subset(pairs, ~train), autocast_dtype=autocast_dtype
+            )
     return OnlineFlowLoss(loss, per_pair)

@@ -31,7 +31,7 @@ from rlfr.policy.forward import position_ids
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import load_model, load_tokenizer
 from rlfr.policy.rollout import encode_solutions, pack
-from rlfr.runtime.env import make_accelerator, seed_everything
+from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything
 from rlfr.runtime.metrics import MetricsLogger
 from rlfr.runtime.optim import build_optimizer, optimizer_step
 from rlfr.runtime.stream import EpochStream, shard
@@ -101,6 +101,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
         cfg.min_lr_ratio,
     )
     flow, opt = acc.prepare(flow, opt)
+    autocast_dtype = flow_autocast(cfg.flow.precision, acc.device)
     lt = tap.layer_values.to(acc.device)
     out = Path(cfg.out_dir)
     logger = MetricsLogger(out, enabled=acc.is_main_process, fresh=True)
@@ -117,7 +118,13 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
             pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
             with torch.no_grad():
                 losses.append(
-                    flow_matching_loss(acc.unwrap_model(flow), pairs, cfg.flow.batch_mul, generator=g).item()
+                    flow_matching_loss(
+                        acc.unwrap_model(flow),
+                        pairs,
+                        cfg.flow.batch_mul,
+                        generator=g,
+                        autocast_dtype=autocast_dtype,
+                    ).item()
                 )
             weights.append(len(pairs))
         return sum(v * w for v, w in zip(losses, weights)) / max(sum(weights), 1)
@@ -131,7 +138,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
         rows = shard(rows, acc.process_index, acc.num_processes, "batch_size")
         lat, mask, ctx = _latents(policy, tap, tok, p_ids, r_ids, rows, acc.device, norm)
         pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
-        loss = flow_matching_loss(flow, pairs, cfg.flow.batch_mul)
+        loss = flow_matching_loss(flow, pairs, cfg.flow.batch_mul, autocast_dtype=autocast_dtype)
         acc.backward(loss)
         grad_norm = optimizer_step(acc, flow, opt, sched, cfg.max_grad_norm, "flow-pretraining", step + 1)
         history["train"].append(loss.item())

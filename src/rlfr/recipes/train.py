@@ -29,7 +29,7 @@ from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, FlowPart, paused, rl_step
 from rlfr.runtime import checkpoint as ckpt_io
-from rlfr.runtime.env import make_accelerator, seed_everything
+from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything, set_tf32
 from rlfr.runtime.metrics import MetricsLogger, format_step, read_metrics
 from rlfr.runtime.optim import build_optimizer
 from rlfr.runtime.rundir import RunLock, StopOnSignal, claim
@@ -55,6 +55,7 @@ class RunData:
 
 def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
     seed_everything(cfg.seed)  # same on every rank: identical initial flow weights
+    set_tf32(cfg.tf32, acc.device)
     train, evals = resolve_data(cfg.data)  # data errors surface before minutes of model loading
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
@@ -87,7 +88,8 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
             f.min_lr_ratio,
         )  # fmt: skip
         field_, flow_opt = acc.prepare(bundle.field, flow_opt)
-        flow = FlowPart(field=field_, opt=flow_opt, sched=flow_sched, tap=tap, norm=bundle.norm)
+        flow = FlowPart(field=field_, opt=flow_opt, sched=flow_sched, tap=tap, norm=bundle.norm,
+                        autocast_dtype=flow_autocast(f.precision, acc.device))  # fmt: skip
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
     verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
     c = Components(

@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 
 
-def _row_range(scores: torch.Tensor, valid: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+def _row_range(
+    scores: torch.Tensor, valid: torch.Tensor, eps: float, check_finite: bool = True
+) -> tuple[torch.Tensor, ...]:
     """-> (min (B, 1), max - min (B, 1), ok (B, 1) bool: the row has spread >= eps)."""
     if scores.shape != valid.shape or scores.dim() != 2 or valid.dtype != torch.bool:
         raise ValueError(
@@ -31,7 +33,7 @@ def _row_range(scores: torch.Tensor, valid: torch.Tensor, eps: float) -> tuple[t
             f"{tuple(valid.shape)} {valid.dtype}"
         )
     s = scores.float()
-    if not torch.isfinite(s[valid]).all():
+    if check_finite and not torch.isfinite(s[valid]).all():  # a host sync: callers on a GPU may check lazily
         raise ValueError("flow scores contain NaN or inf at valid positions")
     inf = torch.tensor(float("inf"), device=s.device)
     mn = torch.where(valid, s, inf).amin(dim=1, keepdim=True)
@@ -41,12 +43,14 @@ def _row_range(scores: torch.Tensor, valid: torch.Tensor, eps: float) -> tuple[t
     return torch.where(ok, mn, 0.0), torch.where(ok, span, 1.0), ok
 
 
-def minmax_normalize(scores: torch.Tensor, valid: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def minmax_normalize(
+    scores: torch.Tensor, valid: torch.Tensor, eps: float = 1e-6, check_finite: bool = True
+) -> torch.Tensor:
     """Per-sequence min-max over valid tokens: (B, T), (B, T) bool -> (B, T) float32 in [0, 1].
 
     Rows with max - min < eps (or no valid token) give zeros; invalid positions are 0.
     """
-    mn, span, ok = _row_range(scores, valid, eps)
+    mn, span, ok = _row_range(scores, valid, eps, check_finite)
     x = (scores.float() - mn) / span
     return torch.where(valid & ok, x, 0.0)
 
@@ -69,15 +73,17 @@ def shape_flow_rewards(
     bilateral: bool = False,
     gamma: float = 1.0,
     eps: float = 1e-6,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Token flow rewards r = -beta * x: scores (B, T), valid (B, T) bool -> (B, T) float32.
 
-    top_k None or <= 0 means no limit; rows with fewer survivors than k keep them all.
+    top_k None or <= 0 means no limit; rows with fewer survivors than k keep them all. ``check_finite``
+    raises on NaN/inf scores (which costs a host sync); off, the caller checks instead.
     """
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
-    _, _, ok = _row_range(scores, valid, eps)
-    x = minmax_normalize(scores, valid, eps)
+    _, _, ok = _row_range(scores, valid, eps, check_finite)
+    x = minmax_normalize(scores, valid, eps, check_finite)
     usable = valid & ok
     if bilateral:
         x = torch.where(usable, 2 * x - 1, 0.0)

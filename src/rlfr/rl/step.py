@@ -52,6 +52,7 @@ class FlowPart:
     sched: torch.optim.lr_scheduler.LRScheduler
     tap: LatentTap
     norm: LatentNorm | None = None
+    autocast_dtype: torch.dtype | None = None  # flow.precision resolved for the device (None = float32)
 
 
 @dataclass
@@ -143,7 +144,7 @@ def update(c: Components, batch: Batch, step: int, log: Accum) -> None:
     try:
         _update(c, batch, step, log)
     except NonFiniteError as e:
-        quantity = log.first_nonfinite or e.quantity
+        quantity = log.first_nonfinite() or e.quantity
         if c.nonfinite_skipped >= c.cfg.policy.skip_nonfinite_batches:
             raise NonFiniteError(quantity, step + 1, "nothing of this step was applied") from None
         c.nonfinite_skipped += 1
@@ -172,7 +173,10 @@ def _update(c: Components, batch: Batch, step: int, log: Accum) -> None:
         for m0 in range(0, bsz, per_mini):
             mini = order[m0 : m0 + per_mini]
             mask = batch.rollout.response_mask[mini]
-            norms = (int(mask.any(1).sum()), int(mask.sum()))  # the minibatch's sequence and token counts
+            norms = (
+                int(mask.any(1).sum()),
+                int(mask.sum()),
+            )  # the minibatch's sequence and token counts (1 sync)
             for c0 in range(0, len(mini), p.micro_batch_size):
                 micro_step(
                     c, batch, mini[c0 : c0 + p.micro_batch_size], fixed, flow_total, norms, hold_actor, log
@@ -217,16 +221,15 @@ def micro_step(c, batch: Batch, rows, fixed: Fixed | None, flow_total, norms, ho
         ref_logp=ref_logp if in_loss else None, kl_coef=p.kl_coef if in_loss else 0.0,
         kl_estimator=p.kl_estimator, num_sequences=norms[0], num_tokens=norms[1], ratio_max=p.ratio_max,
     )  # fmt: skip
-    if not torch.isfinite(out.loss):
-        log.note_nonfinite("the policy loss")
+    log.flag_nonfinite("the policy loss", ~torch.isfinite(out.loss))
     c.acc.backward(out.loss)
-    n_tok = max(int(mask.sum()), 1)
-    log.add("policy/loss", out.loss.item(), weight=len(rows))
-    log.add("policy/clip_frac", out.clip_frac.item(), weight=len(rows))
-    log.add("policy/entropy", (ent * mask).sum().item() / n_tok, weight=len(rows))
+    n_tok = mask.sum().clamp(min=1)  # statistics stay on the device until the end of the step
+    log.add("policy/loss", out.loss.detach(), weight=len(rows))
+    log.add("policy/clip_frac", out.clip_frac, weight=len(rows))
+    log.add("policy/entropy", (ent * mask).sum() / n_tok, weight=len(rows))
     if ref_logp is not None:
         kl = kl_penalty(logp.detach(), ref_logp, p.kl_estimator)
-        log.add("policy/kl", (kl * mask).sum().item() / n_tok, weight=len(rows))
+        log.add("policy/kl", (kl * mask).sum() / n_tok, weight=len(rows))
 
 
 def score_pass(c: Components, batch: Batch, flow_total, log: Accum) -> Fixed:
@@ -254,8 +257,10 @@ def advantages(c, batch: Batch, rows, ro: Rollout, ent, logp, ref_logp, log: Acc
         kl_r = kl_rewards(logp, ref_logp, mask, cfg.policy.kl_coef)
         token_rewards = kl_r if token_rewards is None else token_rewards + kl_r
     live = mask.any(1)
-    if live.any():
-        log.add("adv/outcome_abs", batch.outcome_adv[rows][live].abs().mean().item(), weight=int(live.sum()))
+    n_live = live.sum()
+    log.add(
+        "adv/outcome_abs", (batch.outcome_adv[rows].abs() * live).sum() / n_live.clamp(min=1), weight=n_live
+    )
     adv = token_advantages(batch.outcome_adv[rows], token_rewards, mask)
     if cfg.method == "entropy":
         adv = entropy_advantage(adv, ent, mask, cfg.policy.entropy_alpha, cfg.policy.entropy_kappa)
@@ -266,27 +271,30 @@ def flow_rewards(c: Components, batch: Batch, rows, ro: Rollout, log: Accum) -> 
     """Score the latents of the latest forward against the flow and shape the scores: -> (b, T) rewards."""
     f, mask = c.cfg.flow, ro.response_mask
     lat = latents(c, mask)
-    if not torch.isfinite(lat).all():
-        log.note_nonfinite("a latent (the output of a hooked block)")
+    log.flag_nonfinite("a latent (the output of a hooked block)", ~torch.isfinite(lat).all())
     scores = token_scores(
         c.acc.unwrap_model(c.flow.field), lat, c.flow.tap.layer_values.to(mask.device), mask,
         f.modes, f.shift, f.reward.timesteps, context_mask=ro.attention_mask.bool(),
+        autocast_dtype=c.flow.autocast_dtype,
     )  # fmt: skip
     r = f.reward
-    if not torch.isfinite(scores.scores[scores.valid]).all():
-        # NaN rewards make the loss and gradients NaN on every process; the optimizer step then stops the run
-        log.note_nonfinite("a flow score")
-        return torch.where(mask, torch.nan, 0.0)
-    rewards = shape_flow_rewards(scores.scores, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma)
-    n_tok = max(int(mask.sum()), 1)
-    log.add("flow_reward/mean", rewards.sum().item() / n_tok)
-    log.add("flow_reward/nonzero_frac", (rewards != 0).sum().item() / n_tok)
-    if scores.valid.any():
-        log.add("flow_score/mean", scores.scores[scores.valid].mean().item())
-    log.add("adv/flow_abs", reward_to_go(rewards, mask).abs().sum().item() / n_tok, weight=n_tok)
+    finite = torch.isfinite(scores.scores) | ~scores.valid
+    log.flag_nonfinite("a flow score", ~finite.all())
+    clean = torch.where(finite, scores.scores, 0.0)  # shaped without a host sync; NaN put back below
+    rewards = shape_flow_rewards(clean, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma,
+                                 check_finite=False)  # fmt: skip
+    # a non-finite score makes its row's rewards NaN, so the loss and the all-reduced gradients are NaN on
+    # every process and the optimizer step stops the run (naming the flow score, flagged first)
+    rewards = torch.where(finite.all(1, keepdim=True), rewards, torch.where(mask, torch.nan, 0.0))
+    n_tok = mask.sum().clamp(min=1)
+    n_valid = scores.valid.sum()
+    log.add("flow_reward/mean", rewards.sum() / n_tok)
+    log.add("flow_reward/nonzero_frac", (rewards != 0).sum() / n_tok)
+    log.add("flow_score/mean", (clean * scores.valid).sum() / n_valid.clamp(min=1), weight=n_valid)
+    log.add("adv/flow_abs", reward_to_go(rewards, mask).abs().sum() / n_tok, weight=n_tok)
     has = scores.valid.any(1)  # the sequence score: the mean deviation over its scored tokens
-    seq = (scores.scores * scores.valid).sum(1) / scores.valid.sum(1).clamp(min=1)
-    log.add_samples("flow_score/auroc", (-seq[has]).tolist(), batch.correct[rows][has].tolist())
+    seq = (clean * scores.valid).sum(1) / scores.valid.sum(1).clamp(min=1)
+    log.add_samples("flow_score/auroc", -seq, batch.correct[rows], keep=has)
     return rewards
 
 
@@ -302,15 +310,15 @@ def flow_backward(c: Components, batch: Batch, rows, ro: Rollout, ent, flow_tota
                         f.shift, context_mask=ro.attention_mask.bool())  # fmt: skip
     correct = batch.correct[rows]
     w = rollout_weights(correct, f.soft_flow)[pairs.batch_index]
-    out = online_flow_loss(c.flow.field, pairs, w, flow_total, f.batch_mul, c.acc.unwrap_model(c.flow.field))
-    if not torch.isfinite(out.loss):
-        log.note_nonfinite("the online flow loss")
+    out = online_flow_loss(c.flow.field, pairs, w, flow_total, f.batch_mul, c.acc.unwrap_model(c.flow.field),
+                           c.flow.autocast_dtype)  # fmt: skip
+    log.flag_nonfinite("the online flow loss", ~torch.isfinite(out.loss))
     c.acc.backward(out.loss)
     seq = per_sequence_mean(out.per_pair, pairs.batch_index, len(rows))
     has = torch.bincount(pairs.batch_index, minlength=len(rows)) > 0
     for name, sel in (("flow/loss_correct", correct & has), ("flow/loss_wrong", ~correct & has)):
-        if sel.any():
-            log.add(name, seq[sel].mean().item(), weight=int(sel.sum()))
+        n_sel = sel.sum()
+        log.add(name, (seq * sel).sum() / n_sel.clamp(min=1), weight=n_sel)
     log.total("time/flow", time.time() - t0)
 
 

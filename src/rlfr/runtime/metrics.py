@@ -118,43 +118,65 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class Accum:
-    """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), and paired
-    samples (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step)."""
+    """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), paired samples
+    (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step), and non-finite
+    flags (``flag_nonfinite``).
+
+    Values, weights and flags may be tensors: they stay on their device and are read (one host sync) only
+    by ``means()`` / ``first_nonfinite()`` at the end of the step, so logging never stalls a GPU inside the
+    micro-batch loop."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
+        self.sums: dict[str, object] = {}
+        self.weights: dict[str, object] = {}
         self.totals: dict[str, float] = {}
-        self.samples: dict[str, tuple[list, list]] = {}
-        self.first_nonfinite: str | None = None  # the first quantity seen NaN or infinite this step
+        self.samples: dict[str, list] = {}
+        self._flags: list[tuple[str, object]] = []
 
-    def note_nonfinite(self, quantity: str) -> None:
-        if self.first_nonfinite is None:
-            self.first_nonfinite = quantity
+    def flag_nonfinite(self, quantity: str, flag) -> None:
+        """Record whether ``quantity`` went NaN/inf (a bool or a 0-d bool tensor, read later)."""
+        self._flags.append((quantity, flag))
 
-    def add(self, key: str, value: float, weight: float = 1.0) -> None:
+    def first_nonfinite(self) -> str | None:
+        """The first quantity flagged non-finite this step, or None."""
+        return next((q for q, f in self._flags if bool(f)), None)
+
+    def add(self, key: str, value, weight=1.0) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight
         self.weights[key] = self.weights.get(key, 0.0) + weight
 
     def total(self, key: str, value: float) -> None:
         self.totals[key] = self.totals.get(key, 0.0) + value
 
-    def add_samples(self, key: str, scores: list, labels: list) -> None:
-        vs, ls = self.samples.setdefault(key, ([], []))
-        vs.extend(scores)
-        ls.extend(labels)
+    def add_samples(self, key: str, scores, labels, keep=None) -> None:
+        """Scores (n,) with 0/1 labels (n,); ``keep`` (n,) bool selects the samples that count."""
+        self.samples.setdefault(key, []).append((scores, labels, keep))
 
     def means(self) -> dict[str, float]:
         """Weighted means, totals, and the AUROC of each sample key that has both classes."""
         from rlfr.eval.stats import auroc
 
-        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        out = {}
+        for k, total in self.sums.items():
+            w = float(self.weights[k])
+            if w > 0:
+                out[k] = float(total) / w
         out |= self.totals
-        for key, (scores, labels) in self.samples.items():
-            auc = auroc(scores, labels)
+        for key, parts in self.samples.items():
+            scores, labels = [], []
+            for s, lab, keep in parts:
+                s, lab = _as_list(s), _as_list(lab)
+                kept = _as_list(keep) if keep is not None else [True] * len(s)
+                scores += [v for v, k in zip(s, kept) if k]
+                labels += [bool(v) for v, k in zip(lab, kept) if k]
+            auc = auroc(scores, labels) if scores else None
             if auc is not None:
                 out[key] = auc
         return out
+
+
+def _as_list(x) -> list:
+    return x.tolist() if hasattr(x, "tolist") else list(x)
 
 
 def reduce_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:
