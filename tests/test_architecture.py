@@ -53,7 +53,8 @@ MODULES = _modules()
 
 def test_the_tree_is_the_pipeline():
     packages = sorted(p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
-    assert packages == ["data", "eval", "flow", "policy", "recipes", "reward", "rl", "runtime"]
+    assert packages == ["data", "eval", "flow", "integrations", "policy", "recipes", "reward", "rl",
+                        "runtime"]  # fmt: skip
     loose = sorted(p.name for p in SRC.glob("*.py"))
     assert loose == ["__init__.py", "cli.py", "config.py", "errors.py", "schema.py"]
 
@@ -75,6 +76,14 @@ def test_composers_use_only_the_stages_run_functions(name):
             assert all(n.startswith("run_") for n in names), (
                 f"recipes/{name}.py:{line} imports {names} from {mod}"
             )
+
+
+def test_nothing_imports_an_integration():
+    # an integration imports its framework (TRL, ...) on import: the rest of rlfr must run without it
+    for path, tree in MODULES.items():
+        if not path.startswith("integrations/"):
+            bad = [(line, mod) for line, mod, _ in _imports(tree) if mod.startswith("rlfr.integrations")]
+            assert not bad, f"{path} imports an integration: {bad}"
 
 
 def test_nothing_outside_recipes_imports_a_recipe():

@@ -14,6 +14,19 @@ from rlfr.config import ConfigError, field_
 Dtype = Literal["float32", "bfloat16", "float16"]
 Mode = Literal["token_post", "token_pre", "identity"]
 Template = Literal["chat", "qwen_math_box", "llama_box", "r1"]
+# experiment trackers (accelerate's tracker classes); rlfr.runtime.metrics.check_trackers names the pip extra
+Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml"]
+REPORT_TO_HELP = (
+    "experiment trackers to log to (tensorboard, wandb, trackio, mlflow, comet_ml; [] = none; the run's metrics "
+    "log is always written); each tracker needs its package (pip install 'rlfr[wandb]', ...)"
+)
+
+
+def check_report_to(report_to: tuple[str, ...]) -> None:
+    """Refuse a tracker whose package is missing at load time, naming the pip extra (not after model loading)."""
+    from rlfr.runtime.metrics import check_trackers
+
+    check_trackers(report_to)
 
 
 @dataclass(frozen=True)
@@ -266,8 +279,15 @@ class TrainConfig:
     eval_max_new_tokens: int = field_(1024, "generation limit for held-out evaluation")
     cpu: bool = field_(False, "force CPU even when a GPU is present")
     tf32: bool = field_(True, "allow TF32 matmuls on Ampere+ GPUs for what runs in float32")
+    report_to: tuple[Tracker, ...] = field_(("tensorboard",), REPORT_TO_HELP)
+    log_samples_every: int = field_(
+        0, "every N steps, log a table of sample completions with their rewards and flow rewards (0 = never)"
+    )
 
     def validate(self) -> None:
+        check_report_to(self.report_to)
+        if self.log_samples_every < 0:
+            raise ConfigError(f"log_samples_every must be >= 0, got {self.log_samples_every}")
         if self.steps < 1 or self.save_every < 0 or self.eval_every < 0:
             raise ConfigError("steps >= 1, save_every >= 0 and eval_every >= 0 are required")
         if self.keep_checkpoints < 1 or self.eval_max_new_tokens < 1:
@@ -291,8 +311,10 @@ class SFTConfig:
     out_dir: str = field_("runs/sft", "output directory (the fine-tuned model is saved in out_dir/model)")
     eval_max_new_tokens: int = field_(256, "generation limit for held-out evaluation")
     cpu: bool = field_(False, "force CPU")
+    report_to: tuple[Tracker, ...] = field_(("tensorboard",), REPORT_TO_HELP)
 
     def validate(self) -> None:
+        check_report_to(self.report_to)
         check_optimizer(self.lr, (0.9, 0.999), self.weight_decay, self.warmup_ratio, 0.0)
         if min(self.batch_size, self.micro_batch_size, self.steps, self.eval_max_new_tokens) < 1:
             raise ConfigError("batch_size, micro_batch_size, steps and eval_max_new_tokens must be >= 1")
@@ -317,8 +339,10 @@ class FlowPretrainConfig:
     seed: int = field_(0, "random seed")
     out_dir: str = field_("runs/flow", "the flow is saved in out_dir/flow")
     cpu: bool = field_(False, "force CPU")
+    report_to: tuple[Tracker, ...] = field_(("tensorboard",), REPORT_TO_HELP)
 
     def validate(self) -> None:
+        check_report_to(self.report_to)
         check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
         if self.epochs <= 0 or self.batch_size < 1 or not 0 <= self.heldout_fraction < 1:
             raise ConfigError("epochs > 0, batch_size >= 1 and heldout_fraction in [0, 1) are required")
@@ -333,7 +357,7 @@ RESUMABLE_KEYS = (
     "steps", "save_every", "keep_checkpoints", "eval_every", "eval_max_new_tokens", "cpu", "out_dir",
     "policy.lr", "policy.max_grad_norm", "policy.micro_batch_size", "policy.track_kl",
     "policy.skip_nonfinite_batches", "flow.lr", "rollout.batch_size", "model.gradient_checkpointing",
-    "reward.workers", "reward.timeout",
+    "reward.workers", "reward.timeout", "report_to", "log_samples_every",
 )  # fmt: skip
 
 

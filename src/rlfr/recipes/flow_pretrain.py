@@ -104,7 +104,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     autocast_dtype = flow_autocast(cfg.flow.precision, acc.device)
     lt = tap.layer_values.to(acc.device)
     out = Path(cfg.out_dir)
-    logger = MetricsLogger(out, enabled=acc.is_main_process, fresh=True)
+    logger = MetricsLogger(out, acc.is_main_process, cfg.report_to, fresh=True, config=to_dict(cfg))
 
     def heldout_loss() -> float | None:
         if not held:

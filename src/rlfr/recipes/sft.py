@@ -64,7 +64,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     model, opt = acc.prepare(model, opt)
     model.train()
     out = Path(cfg.out_dir)
-    logger = MetricsLogger(out, enabled=acc.is_main_process, fresh=True)
+    logger = MetricsLogger(out, acc.is_main_process, cfg.report_to, fresh=True, config=to_dict(cfg))
     stream = EpochStream(len(train), cfg.seed, reseed_each_epoch=False)
     losses = []
     t0 = time.time()

@@ -219,7 +219,8 @@ def _resume(c: Components, out: Path, force: bool) -> int:
 def _train(cfg, acc, out, resume, force_resume, progress, stage, stop_after, final_eval) -> TrainResult:
     c, data = build_components(cfg, acc)
     start = _resume(c, out, force_resume) if resume else 0
-    metrics = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume else None)
+    metrics = MetricsLogger(out, acc.is_main_process, cfg.report_to, resume_step=start if resume else None,
+                            config=to_dict(cfg))  # fmt: skip
     stream = EpochStream(len(data.train), cfg.seed, reseed_each_epoch=True)
     per_step = cfg.rollout.prompts_per_step
     result = TrainResult(out_dir=str(out), model_dir=None, final_accuracy=None)
@@ -230,10 +231,14 @@ def _train(cfg, acc, out, resume, force_resume, progress, stage, stop_after, fin
             for step in bar:
                 idx = shard(stream.take(step * per_step, per_step), acc.process_index, acc.num_processes,
                             "rollout.prompts_per_step")  # fmt: skip
-                stats = rl_step(c, step, [data.train[i] for i in idx], [data.prompts[i] for i in idx])
+                samples = [] if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0 else None
+                examples, prompts = [data.train[i] for i in idx], [data.prompts[i] for i in idx]
+                stats = rl_step(c, step, examples, prompts, samples)
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and data.eval:
                     stats["eval/accuracy"] = held_out_accuracy(c, data.eval)
                 metrics.log(step + 1, stats, stage=stage)
+                if samples is not None:  # this process's rollouts (the main process logs)
+                    metrics.log_samples(step + 1, samples, stage=stage)
                 result.history.append({"step": step + 1, **stats})
                 if acc.is_main_process:
                     bar.write(format_step(step + 1, stats))

@@ -5,7 +5,9 @@ outcome advantages (-> accuracy filter) -> update -> log. The update, per micro-
 log-probs, entropies and (through the tap) latents -> flow scores -> shaped flow rewards -> token advantages
 -> PPO loss -> backward -> flow-matching loss on the detached latents of rollouts that pass the check ->
 backward; then the optimizer steps. Every long-lived object is in ``Components`` (built by
-``rlfr.recipes.train``); everything of one step is a local passed explicitly.
+``rlfr.recipes.train``); everything of one step is a local passed explicitly. The flow parts
+(``shaped_flow_rewards``, ``online_flow_backward``, ``flow_weight``) take tensors and the ``FlowConfig``
+rather than ``Components``, so the TRL bridge (``rlfr.integrations.trl``) runs this very code.
 
 When each rollout batch is used once (``ppo_epochs = minibatches = 1``) the rollout policy *is* the current
 policy, so the old log-probs are the current ones detached and no extra forward is needed; otherwise a
@@ -39,7 +41,7 @@ from rlfr.rl.losses import kl_penalty, policy_loss
 from rlfr.rl.shaping import shape_flow_rewards
 from rlfr.runtime.metrics import Accum, reduce_stats
 from rlfr.runtime.optim import optimizer_step
-from rlfr.schema import TrainConfig
+from rlfr.schema import FlowConfig, TrainConfig
 
 
 @dataclass
@@ -87,8 +89,12 @@ class Fixed:
     adv: torch.Tensor
 
 
-def rl_step(c: Components, step: int, examples, prompts: list[str]) -> dict[str, float]:
-    """One RL step (``step`` counts from 0); -> statistics averaged over processes."""
+def rl_step(
+    c: Components, step: int, examples, prompts: list[str], samples: list[dict] | None = None
+) -> dict[str, float]:
+    """One RL step (``step`` counts from 0); -> statistics averaged over processes. ``samples``, when given,
+    receives one row per rollout of this process: prompt, completion, reward, correct and (rlfr) the sum of
+    its flow rewards."""
     cfg, n, t0 = c.cfg, c.cfg.rollout.num_generations, time.time()
     # 1. rollout (latent capture paused: generate() runs the model once per new token)
     with paused(c):
@@ -130,6 +136,11 @@ def rl_step(c: Components, step: int, examples, prompts: list[str]) -> dict[str,
         stats = {k: v for k, v in stats.items() if math.isfinite(v)}
     vc = c.reward.verifier.last_counts  # what scored 0 for a reason other than a wrong answer
     stats |= {f"verify/{k}": getattr(vc, k) / max(vc.total, 1) for k in ("no_answer", "timeouts", "errors")}
+    if samples is not None:
+        flow_sums = log.row_values("flow_reward")
+        for i, text in enumerate(ro.completions):
+            row = {"prompt": prompts[i // n], "completion": text, "reward": reward[i], "correct": correct[i]}
+            samples.append(row | ({"flow_reward": flow_sums.get(i, 0.0)} if c.flow is not None else {}))
     return reduce_stats(c.acc, stats)
 
 
@@ -269,13 +280,29 @@ def advantages(c, batch: Batch, rows, ro: Rollout, ent, logp, ref_logp, log: Acc
 
 def flow_rewards(c: Components, batch: Batch, rows, ro: Rollout, log: Accum) -> torch.Tensor:
     """Score the latents of the latest forward against the flow and shape the scores: -> (b, T) rewards."""
-    f, mask = c.cfg.flow, ro.response_mask
-    lat = latents(c, mask)
+    mask = ro.response_mask
+    rewards = shaped_flow_rewards(
+        c.acc.unwrap_model(c.flow.field), latents(c, mask), c.flow.tap.layer_values, mask,
+        ro.attention_mask.bool(), correct=batch.correct[rows], f=c.cfg.flow, log=log,
+        autocast_dtype=c.flow.autocast_dtype,
+    )  # fmt: skip
+    log.put_rows("flow_reward", torch.as_tensor(rows), rewards.sum(1))  # read only for the sample tables
+    return rewards
+
+
+def shaped_flow_rewards(
+    field, lat, layer_values, mask, context_mask, *, correct, f: FlowConfig, log: Accum, autocast_dtype=None
+):  # fmt: skip
+    """Flow scores of b sequences' latents shaped into token rewards (RLFR §4), their statistics in ``log``.
+
+    lat: (L, b, T, d) (standardised when the flow is); layer_values: (L,); mask: (b, T) bool response tokens;
+    context_mask: (b, T) bool non-padding; correct: (b,) bool (labels of the flow-score AUROC) -> (b, T).
+    ``rlfr train`` and the TRL bridge (``rlfr.integrations.trl``) both score through here. No host sync:
+    statistics and non-finite flags stay on the device until the end of the step."""
     log.flag_nonfinite("a latent (the output of a hooked block)", ~torch.isfinite(lat).all())
     scores = token_scores(
-        c.acc.unwrap_model(c.flow.field), lat, c.flow.tap.layer_values.to(mask.device), mask,
-        f.modes, f.shift, f.reward.timesteps, context_mask=ro.attention_mask.bool(),
-        autocast_dtype=c.flow.autocast_dtype,
+        field, lat, layer_values.to(mask.device), mask, f.modes, f.shift, f.reward.timesteps,
+        context_mask=context_mask, autocast_dtype=autocast_dtype,
     )  # fmt: skip
     r = f.reward
     finite = torch.isfinite(scores.scores) | ~scores.valid
@@ -294,7 +321,7 @@ def flow_rewards(c: Components, batch: Batch, rows, ro: Rollout, log: Accum) -> 
     log.add("adv/flow_abs", reward_to_go(rewards, mask).abs().sum() / n_tok, weight=n_tok)
     has = scores.valid.any(1)  # the sequence score: the mean deviation over its scored tokens
     seq = (clean * scores.valid).sum(1) / scores.valid.sum(1).clamp(min=1)
-    log.add_samples("flow_score/auroc", -seq, batch.correct[rows], keep=has)
+    log.add_samples("flow_score/auroc", -seq, correct, keep=has)
     return rewards
 
 
@@ -302,20 +329,33 @@ def flow_backward(c: Components, batch: Batch, rows, ro: Rollout, ent, flow_tota
     """Online flow update (rejection sampling, RLFR §6) on this micro-batch's detached latents."""
     if c.flow is None or not c.cfg.flow.update:
         return
-    t0, f = time.time(), c.cfg.flow
-    mask = ro.response_mask
+    online_flow_backward(
+        c.flow.field, latents(c, ro.response_mask), c.flow.tap.layer_values, ro.response_mask,
+        ro.attention_mask.bool(), entropy=ent, correct=batch.correct[rows], total=flow_total, f=c.cfg.flow,
+        log=log, backward=c.acc.backward, log_field=c.acc.unwrap_model(c.flow.field),
+        autocast_dtype=c.flow.autocast_dtype,
+    )  # fmt: skip
+
+
+def online_flow_backward(
+    field, lat, layer_values, mask, context_mask, *, entropy, correct, total, f: FlowConfig, log: Accum,
+    backward, log_field=None, autocast_dtype=None,
+) -> None:  # fmt: skip
+    """Back-propagate the online flow loss of b sequences (the rollouts that pass the check, weight 1; the
+    others ``soft_flow``) into ``field`` with ``backward(loss)``; per-correctness losses go to ``log``.
+
+    lat: (L, b, T, d) detached latents; mask, context_mask: (b, T) bool; entropy: (b, T) or None (needed with
+    ``entropy_quantile``); correct: (b,) bool; total: () the whole batch's weight (``flow_weight``)."""
+    t0 = time.time()
     if f.entropy_quantile is not None:
-        mask = mask & above_quantile(ent, mask, f.entropy_quantile)
-    pairs = build_pairs(latents(c, ro.response_mask), c.flow.tap.layer_values.to(mask.device), mask, f.modes,
-                        f.shift, context_mask=ro.attention_mask.bool())  # fmt: skip
-    correct = batch.correct[rows]
+        mask = mask & above_quantile(entropy, mask, f.entropy_quantile)
+    pairs = build_pairs(lat, layer_values.to(mask.device), mask, f.modes, f.shift, context_mask=context_mask)
     w = rollout_weights(correct, f.soft_flow)[pairs.batch_index]
-    out = online_flow_loss(c.flow.field, pairs, w, flow_total, f.batch_mul, c.acc.unwrap_model(c.flow.field),
-                           c.flow.autocast_dtype)  # fmt: skip
+    out = online_flow_loss(field, pairs, w, total, f.batch_mul, log_field, autocast_dtype)
     log.flag_nonfinite("the online flow loss", ~torch.isfinite(out.loss))
-    c.acc.backward(out.loss)
-    seq = per_sequence_mean(out.per_pair, pairs.batch_index, len(rows))
-    has = torch.bincount(pairs.batch_index, minlength=len(rows)) > 0
+    backward(out.loss)
+    seq = per_sequence_mean(out.per_pair, pairs.batch_index, len(correct))
+    has = torch.bincount(pairs.batch_index, minlength=len(correct)) > 0
     for name, sel in (("flow/loss_correct", correct & has), ("flow/loss_wrong", ~correct & has)):
         n_sel = sel.sum()
         log.add(name, (seq * sel).sum() / n_sel.clamp(min=1), weight=n_sel)
@@ -323,15 +363,21 @@ def flow_backward(c: Components, batch: Batch, rows, ro: Rollout, ent, flow_tota
 
 
 def flow_weight_total(c: Components, batch: Batch) -> torch.Tensor:
-    """The whole batch's flow-loss weight: sum over rollouts of (1 if correct else soft_flow) x pair count.
-
-    Known before any forward, so it counts all response pairs: with ``entropy_quantile`` the trained pairs
-    are a subset and the loss is scaled down by the same factor for every micro-batch."""
+    """The whole batch's flow-loss weight (``flow_weight``), known before any forward."""
     if c.flow is None:
         return torch.zeros(())
-    f, ro = c.cfg.flow, batch.rollout
-    counts = pair_counts(ro.response_mask, ro.attention_mask.bool(), f.modes, f.shift, len(f.fractions))
-    return (rollout_weights(batch.correct, f.soft_flow) * counts).sum()
+    ro = batch.rollout
+    return flow_weight(batch.correct, ro.response_mask, ro.attention_mask.bool(), c.cfg.flow)
+
+
+def flow_weight(correct, response_mask, context_mask, f: FlowConfig) -> torch.Tensor:
+    """Sum over rollouts of (1 if correct else soft_flow) x pair count: correct (B,), masks (B, T) -> ().
+
+    Known before any forward, so summing the micro-batch losses gives the full-batch weighted mean; it counts
+    all response pairs: with ``entropy_quantile`` the trained pairs are a subset and the loss is scaled down
+    by the same factor for every micro-batch."""
+    counts = pair_counts(response_mask, context_mask, f.modes, f.shift, len(f.fractions))
+    return (rollout_weights(correct, f.soft_flow) * counts).sum()
 
 
 def accuracy_filter(correct: torch.Tensor, n: int, cfg: TrainConfig, step: int) -> torch.Tensor | None:

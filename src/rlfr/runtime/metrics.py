@@ -1,15 +1,22 @@
-"""Run logging: one JSON line per step (``metrics.jsonl``), TensorBoard scalars, a console line, plots.
+"""Run logging: one JSON line per step (``metrics.jsonl``), experiment trackers, a console line, plots.
 
 Only the main process writes. ``MetricsLogger.log(step, metrics)`` appends a line that includes the
-step and wall time; ``read_metrics`` reads the file back. ``Accum`` gathers one step's statistics over
-micro-batches and ``reduce_stats`` averages them over processes. (The plots are in ``rlfr.eval.plots``.)
+step and wall time, and logs the same values to the trackers named in ``report_to`` (accelerate's tracker
+classes: TensorBoard by default, wandb, trackio, MLflow, Comet); ``log_samples`` logs a table of sample
+completions where a tracker has tables; ``read_metrics`` reads the file back. The tracker objects are made
+here rather than through ``Accelerator(log_with=...)``: the run directory (TensorBoard's ``purge_step`` on
+resume) is known only here, and ``Accelerator.end_training`` would also tear down the process group.
+``Accum`` gathers one step's statistics over micro-batches and ``reduce_stats`` averages them over processes. (The plots are in ``rlfr.eval.plots``.)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 _CONSOLE_KEYS = (
@@ -37,25 +44,92 @@ def format_step(step: int, metrics: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+# tracker name -> (the module accelerate imports for it, the rlfr extra that installs it)
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", None),  # a core dependency
+    "wandb": ("wandb", "wandb"),
+    "trackio": ("trackio", "trackio"),
+    "mlflow": ("mlflow", "mlflow"),
+    "comet_ml": ("comet_ml", "comet"),
+}
+PROJECT = "rlfr"  # the tracker project (wandb / trackio / comet project, MLflow experiment)
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Raise ``ConfigError`` for an unknown tracker or one whose package is not installed, naming the pip extra."""
+    from rlfr.errors import ConfigError
+
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; valid: {', '.join(TRACKER_PACKAGES)}")
+        module, extra = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"report_to={name} needs the {module!r} package, which is not installed: "
+                f"pip install 'rlfr[{extra}]' (or pip install {module}), or drop {name} from report_to"
+            )
+
+
+def make_tracker(name: str, out_dir: Path, run_name: str, resume_step: int | None):
+    """The accelerate tracker ``name`` for a run directory (the classes ``Accelerator(log_with=...)`` builds):
+    TensorBoard writes ``out_dir/tensorboard`` and, on resume, purges the events after ``resume_step``;
+    wandb keeps its files in ``out_dir/wandb`` (``WANDB_MODE=offline`` works); the others log to their
+    server or local store under project ``PROJECT`` (or ``$WANDB_PROJECT`` / ``$MLFLOW_EXPERIMENT_NAME``)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    check_trackers([name])
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    if name == "tensorboard":
+        purge = None if resume_step is None else resume_step + 1
+        return cls("tensorboard", str(out_dir), purge_step=purge)
+    if name == "wandb":
+        (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        return cls(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, dir=str(out_dir))
+    if name == "mlflow":
+        return cls(PROJECT, run_name=run_name)
+    if name == "trackio":
+        return cls(PROJECT, name=run_name)
+    return cls(PROJECT)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested config dict as the flat ``{"policy.lr": 1e-6, ...}`` of scalars that trackers accept (lists and
+    None become strings)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out |= flat_config(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
 class MetricsLogger:
-    """Appends to ``metrics.jsonl`` and TensorBoard (both created at the first row). ``resume_step`` (a run
-    resumed from the checkpoint of that step) first drops the rows logged after it, in the file and in
-    TensorBoard (``purge_step``), so the steps that are run again are not logged twice; ``fresh`` truncates
-    the file (a stage that always starts over)."""
+    """Appends to ``metrics.jsonl`` and logs to the experiment trackers of ``report_to`` (accelerate's tracker
+    classes, or ``GeneralTracker`` instances; all started at the first row, so a run that fails before it
+    leaves nothing). ``resume_step`` (a run resumed from the checkpoint of that step) first drops the rows
+    logged after it, in the file and in TensorBoard (``purge_step``), so the steps that are run again are not
+    logged twice; ``fresh`` truncates the file (a stage that always starts over). ``config`` (a nested dict)
+    is stored with each tracker's run; ``run_name`` names it (default: the run directory's name)."""
 
     def __init__(
         self,
         out_dir: str | Path,
         enabled: bool = True,
-        tensorboard: bool = True,
+        report_to: Sequence = ("tensorboard",),
         resume_step: int | None = None,
         fresh: bool = False,
+        config: dict | None = None,
+        run_name: str | None = None,
     ):
-        self.enabled, self.out_dir, self.tensorboard = enabled, Path(out_dir), tensorboard
+        self.enabled, self.out_dir, self.report_to = enabled, Path(out_dir), tuple(report_to)
         self.path = metrics_path(out_dir)
-        self.resume_step = resume_step
-        self._tb = None
+        self.resume_step, self.config = resume_step, config
+        self.run_name = run_name or self.out_dir.resolve().name
+        self.trackers: list | None = None  # started at the first row
         self._t0 = time.time()
+        if enabled:
+            check_trackers([t for t in self.report_to if isinstance(t, str)])
         if enabled and self.path.is_file():
             if fresh:
                 self.path.unlink()
@@ -65,13 +139,20 @@ class MetricsLogger:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
                 tmp.replace(self.path)
 
-    def _writer(self):
-        if self._tb is None and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    def _trackers(self) -> list:
+        if self.trackers is None:
+            from accelerate import PartialState
 
-            purge = None if self.resume_step is None else self.resume_step + 1
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
-        return self._tb
+            PartialState()  # accelerate's trackers log through its logger, which needs the (singleton) state
+            self.trackers = [
+                make_tracker(t, self.out_dir, self.run_name, self.resume_step) if isinstance(t, str) else t
+                for t in self.report_to
+            ]
+            for t in self.trackers:
+                t.start()
+                if self.config is not None:
+                    t.store_init_configuration(flat_config(self.config))
+        return self.trackers
 
     def log(self, step: int, metrics: dict[str, float], stage: str | None = None) -> None:
         if not self.enabled:
@@ -89,17 +170,41 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tb = self._writer()
-        if tb is not None:
-            prefix = f"{stage}/" if stage else ""
-            for k, v in row.items():
-                if k not in ("step", "wall", "stage"):
-                    tb.add_scalar(prefix + k, v, step)
-            tb.flush()
+        prefix = f"{stage}/" if stage else ""
+        values = {prefix + k: v for k, v in row.items() if k not in ("step", "wall", "stage")}
+        for t in self._trackers():
+            t.log(values, step=step)
+
+    def log_samples(self, step: int, rows: list[dict], stage: str | None = None, max_rows: int = 64) -> None:
+        """A table of sample completions (``rows``: one dict per completion, same keys) to every tracker that
+        has tables (``log_table``: wandb, ClearML, ...); TensorBoard gets it as a markdown text. Others skip it."""
+        if not self.enabled or not rows:
+            return
+        rows = rows[:max_rows]
+        columns = list(rows[0])
+        data = [[r[c] for c in columns] for r in rows]
+        key = f"{stage}/samples" if stage else "samples"
+        for t in self._trackers():
+            if hasattr(t, "log_table"):
+                t.log_table(key, columns=columns, data=data, step=step)
+            elif getattr(t, "name", None) == "tensorboard":
+                t.log({key: markdown_table(columns, data)}, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for t in self.trackers or []:
+            t.finish()
+        self.trackers = None
+
+
+def markdown_table(columns: list[str], data: list[list]) -> str:
+    """A markdown table (TensorBoard renders text summaries as markdown); cells on one line, pipes escaped."""
+
+    def cell(v) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", "\\n")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in data])
 
 
 def metrics_path(out_dir: str | Path) -> Path:
@@ -119,18 +224,20 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 class Accum:
     """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), paired samples
-    (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step), and non-finite
-    flags (``flag_nonfinite``).
+    (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step), non-finite flags
+    (``flag_nonfinite``), and per-rollout values (``put_rows``: row index -> value, for the sample tables;
+    not part of ``means``).
 
     Values, weights and flags may be tensors: they stay on their device and are read (one host sync) only
-    by ``means()`` / ``first_nonfinite()`` at the end of the step, so logging never stalls a GPU inside the
-    micro-batch loop."""
+    by ``means()`` / ``first_nonfinite()`` / ``row_values()`` at the end of the step, so logging never
+    stalls a GPU inside the micro-batch loop."""
 
     def __init__(self):
         self.sums: dict[str, object] = {}
         self.weights: dict[str, object] = {}
         self.totals: dict[str, float] = {}
         self.samples: dict[str, list] = {}
+        self.rows: dict[str, list] = {}
         self._flags: list[tuple[str, object]] = []
 
     def flag_nonfinite(self, quantity: str, flag) -> None:
@@ -151,6 +258,18 @@ class Accum:
     def add_samples(self, key: str, scores, labels, keep=None) -> None:
         """Scores (n,) with 0/1 labels (n,); ``keep`` (n,) bool selects the samples that count."""
         self.samples.setdefault(key, []).append((scores, labels, keep))
+
+    def put_rows(self, key: str, rows, values) -> None:
+        """Per-rollout values: ``rows`` (n,) row indices of the step's batch, ``values`` (n,) (tensors or lists)."""
+        self.rows.setdefault(key, []).append((rows, values))
+
+    def row_values(self, key: str) -> dict[int, float]:
+        """Row index -> value of ``key`` (read at the end of the step)."""
+        return {
+            int(r): float(v)
+            for rows, vals in self.rows.get(key, [])
+            for r, v in zip(_as_list(rows), _as_list(vals))
+        }
 
     def means(self) -> dict[str, float]:
         """Weighted means, totals, and the AUROC of each sample key that has both classes."""

@@ -37,6 +37,7 @@ def run_files(out_dir: Path) -> list[Path]:
         checkpoint_root(out),
         metrics_path(out),
         out / "tensorboard",
+        out / "wandb",
         out / "curves.png",
         out / "config.json",
     ]

@@ -1,0 +1,268 @@
+"""RLFR inside TRL's GRPOTrainer (``rlfr.integrations.trl``), on the tiny offline model and CPU.
+
+What must hold: training moves both the flow and the policy (also with a PEFT adapter); with flow beta 0 the
+advantages are plain GRPOTrainer's; the token rewards TRL receives are the ones ``rlfr train`` computes from
+the same latents; a run resumed from a checkpoint ends where the uninterrupted run ends; losses where token
+advantages mean nothing, and untested TRL versions, are refused with a clear error."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from safetensors.torch import load_file  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from rlfr.integrations.trl import RLFRGRPOTrainer, check_trl_version  # noqa: E402
+from rlfr.schema import FlowConfig, RewardShapingConfig  # noqa: E402
+from tiny_run import make_tiny_model_dir  # noqa: E402
+
+GEN = 2  # completions per prompt
+BATCH = 4  # completions per device batch = 2 prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def has_digit(completions, **_):
+    """The 'answer check' of these tests: a random-init character model writes a digit in about half of its
+    6-character completions, so groups have both outcomes."""
+    return [float(any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
+
+
+def length(completions, **_):
+    return [len(c[0]["content"]) / 6 for c in completions]
+
+
+def dataset():
+    rows = [[{"role": "user", "content": f"what is {i} + {i}?"}] for i in range(8)]
+    return datasets.Dataset.from_dict({"prompt": rows})
+
+
+def grpo_args(out: Path, **kw) -> GRPOConfig:
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=BATCH, num_generations=GEN, max_completion_length=6,
+        max_steps=2, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", learning_rate=1e-3,
+        bf16=False, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    return GRPOConfig(**(base | kw))
+
+
+def trainer(tiny_dir, out, flow=None, cls=RLFRGRPOTrainer, peft_config=None, correctness="has_digit", **args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(flow=flow, correctness=correctness) if cls is RLFRGRPOTrainer else {}
+    return cls(
+        model=AutoModelForCausalLM.from_pretrained(tiny_dir), reward_funcs=[has_digit, length],
+        args=grpo_args(out, **args), train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_dir),
+        peft_config=peft_config, **kw,
+    )  # fmt: skip
+
+
+def weights(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(a: dict, b: dict) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+# ------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize(
+    "peft,flow",
+    [
+        (False, FlowConfig()),
+        (True, FlowConfig()),
+        (False, FlowConfig(entropy_quantile=0.5, latent_norm="none")),
+    ],
+    ids=["full", "lora", "entropy-quantile-raw-latents"],
+)
+def test_two_steps_change_the_flow_and_the_policy(tiny_dir, tmp_path, peft, flow):
+    lora = None
+    if peft:
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    t = trainer(tiny_dir, tmp_path, flow=flow, peft_config=lora)
+    policy = {k: v for k, v in weights(t.model).items() if not peft or "lora_" in k}
+    assert policy, "no trainable weights found"
+    before = weights(t.flow_field)
+    t.train()
+    assert changed(before, weights(t.flow_field)), "the flow did not change"
+    after = weights(t.model)
+    assert changed(policy, {k: after[k] for k in policy}), "the policy did not change"
+    logs = [r for r in t.state.log_history if "flow_reward/mean" in r]
+    assert len(logs) == 2 and all(r["flow_reward/mean"] < 0 for r in logs)  # r = -beta x with x >= 0
+    for r in logs:  # rejection sampling: the flow steps only on batches where a completion passes the check
+        assert ("flow/grad_norm" in r) == (r["rewards/has_digit/mean"] > 0) == ("flow/loss_correct" in r), r
+    assert any("flow/grad_norm" in r for r in logs)
+    assert len(t._logs["extra"]["flow_reward"]) == len(t._logs["prompt"])  # the completions table's column
+
+
+# ------------------------------------------------------------------ advantages
+
+
+def _batch(t, seed: int = 0) -> dict:
+    """One generation batch of ``t`` (train mode, as inside ``train``) from the first 2 prompts x GEN."""
+    inputs = [row for row in dataset().select(range(BATCH // GEN)) for _ in range(GEN)]
+    t.model.train()
+    torch.manual_seed(seed)
+    return t._generate_and_score_completions(inputs)
+
+
+def test_completions_masked_by_trl_get_no_flow_reward(tiny_dir, tmp_path):
+    # TRL's mask_truncated_completions empties the masks of completions without EOS: they are neither scored
+    # nor trained on, and a fresh flow fits its latent statistics at the first micro-batch with tokens left
+    t = trainer(tiny_dir, tmp_path, flow=FlowConfig(soft_flow=1.0))
+    out = _batch(trainer(tiny_dir, tmp_path / "p", cls=GRPOTrainer))
+    masked = out | {"completion_mask": torch.zeros_like(out["completion_mask"])}
+    adv = t.flow_advantages(masked, torch.ones(BATCH, dtype=torch.bool), train=False)
+    assert t.flow_norm is None and not adv.any()
+    adv = t.flow_advantages(out, torch.ones(BATCH, dtype=torch.bool), train=False)
+    assert t.flow_norm is not None and adv[out["completion_mask"].bool()].ne(out["advantages"][:, None]).any()
+    t = trainer(tiny_dir, tmp_path / "t", flow=FlowConfig(soft_flow=1.0), mask_truncated_completions=True)
+    t.train()  # trains whatever the masks leave
+    assert len([r for r in t.state.log_history if "flow_reward/mean" in r]) == 2
+
+
+def test_beta_zero_gives_plain_grpo_advantages(tiny_dir, tmp_path):
+    plain = _batch(trainer(tiny_dir, tmp_path / "p", cls=GRPOTrainer))
+    zero = _batch(trainer(tiny_dir, tmp_path / "z", flow=FlowConfig(reward=RewardShapingConfig(beta=0.0), update=False)))  # fmt: skip
+    flow = _batch(trainer(tiny_dir, tmp_path / "f", flow=FlowConfig(update=False)))
+    assert torch.equal(plain["completion_ids"], zero["completion_ids"])  # the same batch
+    mask = plain["completion_mask"].bool()
+    expanded = plain["advantages"][:, None].expand(mask.shape)
+    assert zero["advantages"].shape == mask.shape  # (B, C): token advantages
+    assert torch.equal(zero["advantages"][mask], expanded[mask])
+    assert plain["advantages"].abs().sum() > 0  # both outcomes occur: a non-trivial comparison
+    assert not torch.allclose(flow["advantages"][mask], expanded[mask])  # beta > 0 does change them
+
+
+def test_token_rewards_equal_rlfr_trainers_for_the_same_latents(tiny_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from rlfr.policy.latents import LatentTap
+    from rlfr.policy.rollout import Rollout
+    from rlfr.rl import step
+    from rlfr.rl.advantages import token_advantages
+    from rlfr.runtime.metrics import Accum
+    from rlfr.schema import PolicyConfig, TrainConfig
+
+    f = FlowConfig(update=False, reward=RewardShapingConfig(beta=0.05, eta=0.3, top_k=3))
+    t = trainer(tiny_dir, tmp_path, flow=f, cls=RLFRGRPOTrainer)
+    out = _batch(trainer(tiny_dir, tmp_path / "p", cls=GRPOTrainer))  # TRL's batch with (B,) advantages
+    correct = torch.tensor([True, False, False, True])
+    torch.manual_seed(7)  # the flow scores draw noise
+    bridge = t.flow_advantages(out, correct, train=False)
+    # rlfr's own trainer on the same sequences, laid out as its Rollout: [pad][prompt][completion][pad]
+    p_len = out["prompt_ids"].shape[1]
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    resp = torch.cat([torch.zeros_like(out["prompt_mask"]), out["completion_mask"]], 1).bool()
+    ro = Rollout(
+        ids, attn, resp, torch.arange(BATCH) // GEN, [""] * BATCH, torch.zeros(BATCH, dtype=torch.bool)
+    )
+    tap = LatentTap(t.model, f.fractions)
+    cfg = TrainConfig(flow=f, policy=PolicyConfig(micro_batch_size=BATCH))
+    c = step.Components(
+        cfg=cfg, acc=Accelerator(cpu=True), policy=t.model, tokenizer=None, policy_opt=None, policy_sched=None,
+        reward=None, flow=step.FlowPart(field=t.flow_field, opt=None, sched=None, tap=tap, norm=t.flow_norm),
+    )  # fmt: skip
+    batch = step.Batch(ro, torch.zeros(BATCH), correct, out["advantages"])
+    with torch.no_grad():
+        step.forward(c.policy, ro, need_entropy=True)
+    torch.manual_seed(7)
+    rewards = step.flow_rewards(c, batch, torch.arange(BATCH), ro, Accum())
+    tap.remove()
+    assert (rewards != 0).sum() >= BATCH  # top-k tokens of every sequence carry a reward
+    expected = token_advantages(out["advantages"], rewards, resp)[:, p_len:]
+    torch.testing.assert_close(bridge, expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _flow_and_policy(ckpt: Path) -> dict:
+    return load_file(str(ckpt / "model.safetensors")) | {
+        "flow." + k: v for k, v in load_file(str(ckpt / "flow" / "flow.safetensors")).items()
+    }
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tiny_dir, tmp_path):
+    save, f = dict(save_strategy="steps", save_steps=1), FlowConfig(soft_flow=1.0)  # a flow step every step
+    full = trainer(tiny_dir, tmp_path / "full", flow=f, **save)
+    full.train()
+    first, last = tmp_path / "full" / "checkpoint-1", tmp_path / "full" / "checkpoint-2"
+    assert (first / "flow" / "latents.json").is_file() and (first / "flow_optim.pt").is_file()
+    resumed = trainer(tiny_dir, tmp_path / "resumed", flow=f, **save)
+    resumed.train(resume_from_checkpoint=str(first))
+    assert resumed.flow_sched.last_epoch == 2  # one flow step restored, one taken
+    assert resumed.flow_opt.state_dict()["state"][0]["step"] == 2
+    a, b = _flow_and_policy(last), _flow_and_policy(tmp_path / "resumed" / "checkpoint-2")
+    assert a.keys() == b.keys() and not changed(a, b)
+    assert changed(_flow_and_policy(first), a)  # step 2 did move them
+
+    (first / "flow_optim.pt").unlink()
+    broken = trainer(tiny_dir, tmp_path / "broken", flow=f, **save)
+    with pytest.raises(RuntimeError, match="flow_optim.pt cannot be read"):
+        broken.train(resume_from_checkpoint=str(first))
+
+
+def test_a_trained_flow_directory_loads_as_flow_init(tiny_dir, tmp_path):
+    t = trainer(tiny_dir, tmp_path / "a", flow=FlowConfig(update=False), max_steps=1)
+    t.train()
+    t.save_model(str(tmp_path / "final"))
+    again = trainer(tiny_dir, tmp_path / "b", flow=str(tmp_path / "final" / "flow"))
+    assert not changed(weights(t.flow_field), weights(again.flow_field))
+    assert torch.equal(again.flow_norm.mean, t.flow_norm.mean)
+    with pytest.raises(ValueError, match="trained on other latents"):
+        trainer(
+            tiny_dir,
+            tmp_path / "c",
+            flow=replace(FlowConfig(), init=str(tmp_path / "final" / "flow"), shift=2),
+        )
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (dict(loss_type="vespo"), "loss_type='vespo' is not supported"),
+        (
+            dict(loss_type="grpo", importance_sampling_level="sequence"),
+            "importance_sampling_level='sequence'",
+        ),
+    ],
+)
+def test_losses_without_token_credit_are_refused_before_the_model_loads(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        RLFRGRPOTrainer(model=str(tmp_path / "not-loaded"), reward_funcs=[has_digit], args=grpo_args(tmp_path, **args),
+                        train_dataset=dataset(), correctness="has_digit")  # fmt: skip
+
+
+def test_other_settings_are_refused_with_the_fix(tiny_dir, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"names no reward function; the names are \['has_digit', 'length'\]"
+    ):
+        trainer(tiny_dir, tmp_path, flow=FlowConfig(), correctness="accuracy")
+    with pytest.raises(ValueError, match="actor_warmup_steps"):
+        trainer(tiny_dir, tmp_path, flow=FlowConfig(actor_warmup_steps=2))
+
+
+def test_only_the_tested_trl_versions_import():
+    check_trl_version("1.16.0")
+    for version in ("1.15.2", "1.17.0", "2.0.0"):
+        with pytest.raises(ImportError, match=r"tested with trl>=1.16,<1.17 .* pip install 'rlfr\[trl\]'"):
+            check_trl_version(version)
