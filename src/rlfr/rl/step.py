@@ -64,10 +64,8 @@ class Components:
     policy_opt: torch.optim.Optimizer
     policy_sched: torch.optim.lr_scheduler.LRScheduler
     reward: OutcomeReward
-    ref: nn.Module | None = (
-        None  # the start model, for the KL (kl_coef > 0 or track_kl); LoRA: the policy with
-    )
-    # its adapters off (``policy.lora.AdapterDisabled``), whose forward ``ref_forward`` keeps from the tap
+    # the start model, for the KL (kl_coef > 0 or track_kl); with LoRA the policy with its adapters off
+    ref: nn.Module | None = None
     flow: FlowPart | None = None  # method rlfr only
     nonfinite_skipped: int = 0  # batches skipped for NaN / inf so far (policy.skip_nonfinite_batches)
 

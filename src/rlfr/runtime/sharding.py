@@ -4,13 +4,13 @@ Under FSDP the policy's parameters and optimizer state are split across processe
 or writes them whole goes through here, and does nothing special without FSDP (DDP or one process):
 
 - ``is_fsdp(accelerator)``;
-- ``prepare_replicated(accelerator, module, optimizer)``: the flow is small, so it is replicated (DDP), not
-  sharded, whatever accelerate does to the policy;
+- ``prepare_replicated(accelerator, module, optimizer)``: the flow is small next to the policy, so it is
+  replicated (DDP), not sharded, whatever accelerate does to the policy;
 - ``finish_prepare(accelerator, model, tap)``: after the policy is prepared, refuse LoRA under FSDP1 and run
   one forward through it, so that FSDP2 takes the outermost module as its root (a LoRA policy's ``generate``
   would otherwise enter below it);
 - ``root_gathered(accelerator, model)``: the root's own weights gathered, for calls that enter below it
-  (generation, evaluation, a LoRA policy's reference forward);
+  (generation, evaluation);
 - ``full_state_dict(accelerator, model, trainable_only)``: the full (unsharded) weights, gathered on the
   main process for a checkpoint (None elsewhere, and None without FSDP: the model saves its own);
 - ``optimizer_state`` / ``load_optimizer_state``: the optimizer state as a checkpoint holds it (FSDP: the
