@@ -194,7 +194,7 @@ def test_lora_run_resumes_bit_exact(lora_runs, tiny_dir):
     assert rows[0] == rows[1]
 
 
-def test_export_merged_equals_the_adapter_model(lora_runs, tiny_dir, tmp_path):
+def test_export_merged_equals_the_adapter_model(lora_runs, tiny_dir, tmp_path, capsys):
     ck = lora_runs[0] / "checkpoints" / "step_000004"
     out = tmp_path / "merged"
     assert main(["export", "--checkpoint", str(lora_runs[0]), "--merged", str(out)]) == 0
@@ -213,6 +213,10 @@ def test_export_merged_equals_the_adapter_model(lora_runs, tiny_dir, tmp_path):
         # the checkpoint's policy/ loads directly too (merged on load), as `rlfr eval --model` does
         assert torch.equal(load_model(str(ck / "policy"))(**batch).logits, merged(**batch).logits)
         assert not torch.allclose(load_model(str(tiny_dir))(**batch).logits, want)  # training changed it
+    vllm = ["eval", "--model", str(ck / "policy"), "--data", "embedded", "--backend", "vllm"]
+    capsys.readouterr()
+    assert main(vllm) == 2  # vLLM loads whole models: the error says to export first
+    assert "rlfr export --checkpoint" in capsys.readouterr().err
     evals = tmp_path / "eval"
     args = ["eval", "--model", str(out), "--data", "embedded", "--limit", "2", "--eval-size", "2",
             "--max-new-tokens", "4", "--workers", "1", "--cpu", "--out", str(evals)]  # fmt: skip

@@ -130,12 +130,12 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     copy of the model; the adapters' own tensors are left out, and ``.base_layer`` is removed from names.
     A model without adapters yields its state dict. Call it on an unsharded model (under FSDP, gather the
     full state first)."""
-    from peft.tuners.lora import LoraLayer
-
     peft_model = _peft_model(model)
     if peft_model is None:
         yield from model.state_dict().items()
         return
+    from peft.tuners.lora import LoraLayer
+
     base = peft_model.get_base_model()
     lora = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
     for key, value in base.state_dict().items():
