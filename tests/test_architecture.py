@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "rlfr"
-STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow")
+STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export")
 COMPOSERS = ("demo", "compare")
 MATHS = (
     "rl/shaping.py",

@@ -30,6 +30,26 @@ def check_report_to(report_to: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the policy (PEFT); rank 0 trains every parameter (docs/lora_fsdp.md)."""
+
+    rank: int = field_(0, "LoRA rank r; 0 = no adapters (full fine-tuning)")
+    alpha: float | None = field_(None, "LoRA alpha (the update is scaled by alpha / rank); default: rank")
+    dropout: float = field_(0.0, "dropout on the adapter's input")
+    target_modules: tuple[str, ...] = field_(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "names (last parts) of the Linear layers that get adapters, or [all-linear] (PEFT: every Linear "
+        "but the output layer)",
+    )
+
+    def validate(self) -> None:
+        if self.rank < 0 or (self.alpha is not None and not self.alpha > 0) or not 0 <= self.dropout < 1:
+            raise ConfigError("need rank >= 0, alpha > 0 and dropout in [0, 1)")
+        if self.rank > 0 and not self.target_modules:
+            raise ConfigError("target_modules must name at least one module when rank > 0")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = field_(
         "smollm2-135m-instruct",
@@ -39,6 +59,7 @@ class ModelConfig:
     dtype: Dtype = field_("float32", "parameter dtype of the policy")
     gradient_checkpointing: bool = field_(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = field_(False, "allow model code from the hub (off: never run unknown code)")
+    lora: LoraConfig = field_(LoraConfig(), "LoRA adapters (rank 0: full fine-tuning)")
 
 
 @dataclass(frozen=True)
@@ -343,6 +364,12 @@ class FlowPretrainConfig:
 
     def validate(self) -> None:
         check_report_to(self.report_to)
+        if self.model.lora.rank > 0:
+            raise ConfigError(
+                "model.lora: flow-pretrain keeps the policy frozen; to model the latents of a LoRA policy, "
+                "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
+                "checkpoint: rlfr export --checkpoint C --merged OUT)"
+            )
         check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
         if self.epochs <= 0 or self.batch_size < 1 or not 0 <= self.heldout_fraction < 1:
             raise ConfigError("epochs > 0, batch_size >= 1 and heldout_fraction in [0, 1) are required")

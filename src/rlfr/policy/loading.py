@@ -79,7 +79,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if local:
         if not path.is_dir():
             raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not is_adapter_dir(path):
             raise ModelLoadError(
                 f"model directory {name_or_path!r} has no config.json (not a Hugging Face model)"
             )
@@ -127,13 +127,24 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    """A PEFT adapter directory (``adapter_config.json``, no ``config.json``): a LoRA run's ``policy/``."""
+    path = Path(path).expanduser()
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """A causal LM in train-ready form (no hub download is attempted for local paths)."""
+    """A causal LM in train-ready form (no hub download is attempted for local paths).
+
+    A PEFT adapter directory (a LoRA checkpoint's ``policy/``) gives its base model (the
+    ``base_model_name_or_path`` PEFT recorded) with the adapters merged in: a plain Hugging Face model."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
+    if is_adapter_dir(path):
+        return _load_merged_adapter(Path(path), dtype, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
@@ -144,6 +155,25 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False  # training forwards; generate() turns the cache on itself
     return model
+
+
+def _load_merged_adapter(path: Path, dtype: str, trust_remote_code: bool):
+    import json
+
+    from peft import PeftModel
+
+    try:
+        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path / 'adapter_config.json'} does not name its base model: {e}") from e
+    if not base_name:
+        raise ModelLoadError(f"{path / 'adapter_config.json'} does not name its base model")
+    base = load_model(base_name, dtype, trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(base, str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the path named
+        raise ModelLoadError(f"cannot load the adapter {path} onto {base_name!r}: {e}") from e
+    return model.merge_and_unload()
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -74,7 +74,7 @@ def dataset_slug(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlfr.policy.loading import load_model, load_tokenizer, resolve_model_path
+    from rlfr.policy.loading import is_adapter_dir, load_model, load_tokenizer, resolve_model_path
     from rlfr.reward.verifier import Verifier
     from rlfr.runtime.env import inference_device, seed_everything
 
@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     temperature = 1.0 if args.temperature is None else args.temperature
     if not greedy and temperature <= 0:
         raise ValueError("--temperature must be > 0 when sampling")
+    if args.backend == "vllm" and is_adapter_dir(resolve_model_path(args.model)):
+        raise ValueError(
+            f"{args.model} is a LoRA adapter and vLLM loads whole models: merge it first with "
+            "rlfr export --checkpoint CHECKPOINT --merged OUT, then --model OUT (or use --backend hf)"
+        )
     if args.backend == "vllm" and (reason := vllm_available()) is not None:
         raise ValueError(f"--backend vllm is unavailable: {reason}; use --backend hf")
     sets = {}

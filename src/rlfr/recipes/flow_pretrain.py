@@ -31,6 +31,7 @@ from rlfr.policy.forward import position_ids
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import load_model, load_tokenizer
 from rlfr.policy.rollout import encode_solutions, pack
+from rlfr.runtime import sharding
 from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything
 from rlfr.runtime.metrics import MetricsLogger
 from rlfr.runtime.optim import build_optimizer, optimizer_step
@@ -100,7 +101,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
         "cosine",
         cfg.min_lr_ratio,
     )
-    flow, opt = acc.prepare(flow, opt)
+    flow, opt = sharding.prepare_replicated(acc, flow, opt)  # under FSDP too: the flow is small
     autocast_dtype = flow_autocast(cfg.flow.precision, acc.device)
     lt = tap.layer_values.to(acc.device)
     out = Path(cfg.out_dir)

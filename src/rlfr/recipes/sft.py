@@ -4,6 +4,10 @@ A 135M instruct model never writes ``\\boxed{}`` on its own, so RL from it sees 
 learns nothing; a short SFT stage on expert solutions gives RL a policy that sometimes succeeds. The
 loss is the token-mean negative log-likelihood of the response (solution + EOS) given the prompt,
 rendered with the same template that RL and evaluation use.
+
+With LoRA (``model.lora.rank`` > 0) only the adapters train; ``out_dir/adapter`` holds them (PEFT format) and
+``out_dir/model`` the merged model, a plain Hugging Face model that ``rlfr flow-pretrain``, ``rlfr train`` and
+``rlfr eval`` take as ``model.name_or_path`` like any other.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from rlfr.data.sources import render_prompts, resolve_data
 from rlfr.eval.scoring import evaluate
 from rlfr.policy.forward import policy_forward
 from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
+from rlfr.policy.lora import apply_lora, is_lora
 from rlfr.policy.rollout import Rollout, encode_solutions, pack
 from rlfr.reward.verifier import Verifier
+from rlfr.runtime import sharding
 from rlfr.runtime.env import make_accelerator, seed_everything
 from rlfr.runtime.metrics import MetricsLogger
 from rlfr.runtime.optim import build_optimizer, optimizer_step
@@ -57,11 +63,14 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    model = apply_lora(model, cfg.model.lora)  # unchanged at rank 0
     p_ids, r_ids = encode_solutions(tok, train, prompts)
+    trainable = [q for q in model.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
-        model.parameters(), cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0
+        trainable, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0
     )
     model, opt = acc.prepare(model, opt)
+    sharding.finish_prepare(acc, model)
     model.train()
     out = Path(cfg.out_dir)
     logger = MetricsLogger(out, acc.is_main_process, cfg.report_to, fresh=True, config=to_dict(cfg))
@@ -90,14 +99,23 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     logger.close()
     model_dir = out / "model"
     unwrapped = acc.unwrap_model(model)
+    lora = is_lora(unwrapped)
+    state = sharding.full_state_dict(acc, model, trainable_only=lora)  # FSDP: gathered on the main process
+    given = {} if state is None else {"state_dict": state}
     if acc.is_main_process:
-        unwrapped.save_pretrained(model_dir, safe_serialization=True)
+        if lora:
+            unwrapped.save_pretrained(out / "adapter", safe_serialization=True, **given)
+            tok.save_pretrained(out / "adapter")
+            merged = load_model(str(out / "adapter"), cfg.model.dtype, cfg.model.trust_remote_code)
+            merged.save_pretrained(model_dir, safe_serialization=True)
+        else:
+            unwrapped.save_pretrained(model_dir, safe_serialization=True, **given)
         tok.save_pretrained(model_dir)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     acc.wait_for_everyone()
     result = SFTResult(str(model_dir), losses[0], losses[-1], time.time() - t0)
     if evaluate_after and evals:
-        with Verifier(num_workers=2) as v:
+        with Verifier(num_workers=2) as v, sharding.root_gathered(acc, model):
             res = evaluate(
                 unwrapped, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, accelerator=acc
             )

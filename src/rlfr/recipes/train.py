@@ -25,10 +25,12 @@ from rlfr.eval.scoring import evaluate
 from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
+from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
 from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, FlowPart, paused, rl_step
 from rlfr.runtime import checkpoint as ckpt_io
+from rlfr.runtime import sharding
 from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything, set_tf32
 from rlfr.runtime.metrics import MetricsLogger, format_step, read_metrics
 from rlfr.runtime.optim import build_optimizer
@@ -62,9 +64,11 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
+    policy = apply_lora(policy, cfg.model.lora)  # unchanged at rank 0
     policy.train()
     ref = None
-    if cfg.policy.kl_coef > 0 or cfg.policy.track_kl:
+    need_ref = cfg.policy.kl_coef > 0 or cfg.policy.track_kl
+    if need_ref and not is_lora(policy):
         ref = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
         ref.requires_grad_(False)
         ref.to(acc.device)
@@ -74,12 +78,17 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
         bundle = build_flow(cfg.flow, policy)
         if not cfg.flow.update:
             bundle.field.requires_grad_(False)
-    p = cfg.policy
+    p, trainable = cfg.policy, [q for q in policy.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
-        policy.parameters(), p.lr, p.betas, p.weight_decay, cfg.steps * p.ppo_epochs * p.minibatches,
+        trainable, p.lr, p.betas, p.weight_decay, cfg.steps * p.ppo_epochs * p.minibatches,
         p.warmup_ratio, p.schedule, p.min_lr_ratio,
     )  # fmt: skip
     policy, opt = acc.prepare(policy, opt)
+    sharding.finish_prepare(acc, policy, tap)  # FSDP: the first forward runs through the whole model
+    if need_ref and is_lora(policy):  # the start model is the policy with its adapters off: no second copy
+        ref = AdapterDisabled(policy, acc.unwrap_model(policy))
+    if is_lora(policy) and acc.is_main_process:
+        print("LoRA: {:,} of {:,} parameters train".format(*parameter_counts(acc.unwrap_model(policy))))
     flow = None
     if bundle is not None:
         f = cfg.flow
@@ -87,7 +96,7 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
             bundle.field.parameters(), f.lr, f.betas, f.weight_decay, cfg.steps, f.warmup_ratio, "cosine",
             f.min_lr_ratio,
         )  # fmt: skip
-        field_, flow_opt = acc.prepare(bundle.field, flow_opt)
+        field_, flow_opt = sharding.prepare_replicated(acc, bundle.field, flow_opt)  # never sharded
         flow = FlowPart(field=field_, opt=flow_opt, sched=flow_sched, tap=tap, norm=bundle.norm,
                         autocast_dtype=flow_autocast(f.precision, acc.device))  # fmt: skip
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
@@ -108,28 +117,32 @@ def flow_bundle(c: Components) -> FlowBundle:
 
 def save(c: Components, step: int) -> Path:
     for name, module in (("policy", c.policy), ("flow", c.flow.field if c.flow is not None else None)):
-        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+        if module is not None and not sharding.all_finite(c.acc, module):
             raise NonFiniteError(
                 f"the {name} weights", step, "no checkpoint was written; the previous one is intact"
             )
     if c.acc.is_main_process:  # the run's config next to its first checkpoint (a failed start leaves nothing)
         (Path(c.cfg.out_dir) / "config.json").write_text(json.dumps(to_dict(c.cfg), indent=2))
-    optim = {"policy": c.policy_opt.state_dict(), "policy_sched": c.policy_sched.state_dict()}
+    optim = {
+        "policy": sharding.optimizer_state(c.acc, c.policy, c.policy_opt),
+        "policy_sched": c.policy_sched.state_dict(),
+    }
     if c.flow is not None:
         optim |= {"flow": c.flow.opt.state_dict(), "flow_sched": c.flow.sched.state_dict()}
     return ckpt_io.save_checkpoint(
         c.cfg.out_dir, step, c.acc, c.acc.unwrap_model(c.policy), c.tokenizer,
         flow=flow_bundle(c) if c.flow is not None else None, optim_state=optim,
         extra={"config": to_dict(c.cfg), "nonfinite_skipped": c.nonfinite_skipped}, keep=c.cfg.keep_checkpoints,
+        policy_state=sharding.full_state_dict(c.acc, c.policy, trainable_only=is_lora(c.policy)),
     )  # fmt: skip
 
 
 def restore(c: Components, path: Path) -> int:
     """Load a checkpoint into the built components; returns the step to continue from."""
     policy = c.acc.unwrap_model(c.policy)
-    ckpt_io.load_policy_weights(path, policy)
+    sharding.load_model_state(c.acc, c.policy, ckpt_io.read_policy_weights(path, policy))
     optim = ckpt_io.load_optim_state(path)
-    c.policy_opt.load_state_dict(optim["policy"])
+    sharding.load_optimizer_state(c.acc, c.policy, c.policy_opt, optim["policy"])
     c.policy_sched.load_state_dict(optim["policy_sched"])
     if c.flow is not None:
         f = c.cfg.flow

@@ -41,6 +41,7 @@ from rlfr.rl.losses import kl_penalty, policy_loss
 from rlfr.rl.shaping import shape_flow_rewards
 from rlfr.runtime.metrics import Accum, reduce_stats
 from rlfr.runtime.optim import optimizer_step
+from rlfr.runtime.sharding import root_gathered
 from rlfr.schema import FlowConfig, TrainConfig
 
 
@@ -66,7 +67,8 @@ class Components:
     policy_opt: torch.optim.Optimizer
     policy_sched: torch.optim.lr_scheduler.LRScheduler
     reward: OutcomeReward
-    ref: nn.Module | None = None  # the start model, for the KL (kl_coef > 0 or track_kl)
+    # the start model, for the KL (kl_coef > 0 or track_kl); with LoRA the policy with its adapters off
+    ref: nn.Module | None = None
     flow: FlowPart | None = None  # method rlfr only
     nonfinite_skipped: int = 0  # batches skipped for NaN / inf so far (policy.skip_nonfinite_batches)
 
@@ -427,6 +429,12 @@ def fit_norm(c: Components, ro: Rollout) -> None:
     c.flow.norm = LatentNorm(c.acc.reduce(fitted.mean, "mean"), c.acc.reduce(fitted.std, "mean"))
 
 
+@contextlib.contextmanager
 def paused(c: Components):
-    """No latent capture inside (generation, the reference's forward, evaluation)."""
-    return c.flow.tap.paused() if c.flow is not None else contextlib.nullcontext()
+    """No latent capture inside (generation, the reference's forward, evaluation); under FSDP the root's own
+    weights are gathered too, since generation and evaluation call the model below the root."""
+    with contextlib.ExitStack() as stack:
+        if c.flow is not None:
+            stack.enter_context(c.flow.tap.paused())
+        stack.enter_context(root_gathered(c.acc, c.policy))
+        yield

@@ -2,7 +2,10 @@
 
 A checkpoint is a directory ``<out>/checkpoints/step_XXXXXX/`` holding:
 
-- ``policy/``      the policy in Hugging Face format (safetensors) with its tokenizer
+- ``policy/``      the policy in Hugging Face format (safetensors) with its tokenizer; for a LoRA run
+                   (``model.lora.rank`` > 0) the adapter only, in PEFT's format (``adapter_model.safetensors``
+                   + ``adapter_config.json``, which names the base model), and the optimizer state below
+                   covers the adapter's parameters only
 - ``flow/``        the flow field (``flow.safetensors`` + ``flow_config.json``), when there is one
 - ``optim.pt``     optimizer and scheduler state dicts (tensors and numbers only; loaded with
                    ``weights_only=True``)
@@ -157,8 +160,10 @@ def save_checkpoint(
     optim_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    policy_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Collective call (every process): returns the final checkpoint directory."""
+    """Collective call (every process): returns the final checkpoint directory. ``policy_state``: the
+    policy's full weights when the model in memory is sharded (FSDP, ``runtime.sharding.full_state_dict``)."""
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -166,7 +171,8 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        given = {} if policy_state is None else {"state_dict": policy_state}
+        policy.save_pretrained(tmp / "policy", safe_serialization=True, **given)
         tokenizer.save_pretrained(tmp / "policy")
         if flow is not None:  # written inside the not-yet-renamed folder, through the flow store
             save_flow(tmp / "flow", flow)
@@ -271,27 +277,69 @@ def check_identity(ckpt: Path, model) -> None:
         )
 
 
-def load_policy_weights(ckpt: Path, model) -> None:
-    """Load ``ckpt/policy`` into ``model`` (the unwrapped policy); tied weights may be absent on disk."""
+def read_policy_weights(ckpt: Path, model) -> dict[str, torch.Tensor]:
+    """The weights in ``ckpt/policy``, named as ``model`` (the unwrapped policy) names its parameters and
+    checked against them: the whole model's, or a LoRA run's adapter (PEFT's file names, which drop the
+    adapter's name, mapped back). Tied weights may be absent on disk."""
     from safetensors.torch import load_file
 
     check_identity(ckpt, model)
+    pdir = policy_dir(ckpt)
+    adapter, peft = (pdir / "adapter_config.json").is_file(), hasattr(model, "peft_config")
+    if adapter != peft:
+        raise CheckpointError(
+            f"{pdir} holds {'a LoRA adapter' if adapter else 'a full model'}, but the model to load it into "
+            f"{'has LoRA adapters' if peft else 'has none'} (model.lora.rank differs from the run's)"
+        )
     weights = {}
-    files = sorted((ckpt / "policy").glob("*.safetensors"))
+    files = sorted(pdir.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{ckpt / 'policy'} holds no *.safetensors weights")
+        raise CheckpointError(f"{pdir} holds no *.safetensors weights")
     for f in files:
         try:
             weights |= load_file(str(f))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types; name the file
             raise CheckpointError(f"{f} cannot be read: {e}") from e
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if adapter:
+        trainable = [_clean(n) for n, p in model.named_parameters() if p.requires_grad]
+        by_file = {_without_adapter_name(n, model.active_adapter): n for n in trainable}
+        missing = sorted(set(by_file) - set(weights))
+        unexpected = sorted(set(weights) - set(by_file))
+        weights = {by_file[k]: v for k, v in weights.items() if k in by_file}
+    else:
+        names = {_clean(k) for k in model.state_dict()}
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        missing = sorted(k for k in names - set(weights) if k not in tied and "lm_head" not in k)
+        unexpected = sorted(set(weights) - names)
     if missing or unexpected:
         raise CheckpointError(
-            f"{ckpt}/policy does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{pdir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    return weights
+
+
+def _clean(name: str) -> str:
+    """A parameter's name without the wrapper segments FSDP1 and activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def _without_adapter_name(name: str, adapter: str) -> str:
+    """``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight`` (PEFT's file names)."""
+    parts = name.split(".")
+    return ".".join(
+        p for i, p in enumerate(parts) if not (i > 0 and p == adapter and parts[i - 1].startswith("lora_"))
+    )
+
+
+def load_policy_weights(ckpt: Path, model) -> None:
+    """Load ``ckpt/policy`` into ``model`` (the unwrapped, unsharded policy; see ``read_policy_weights``)."""
+    model.load_state_dict(read_policy_weights(ckpt, model), strict=False)
+
+
+def policy_dir(ckpt: Path) -> Path:
+    """The checkpoint's policy: a Hugging Face model directory, or a LoRA run's PEFT adapter (both load with
+    ``rlfr.policy.loading.load_model``, the adapter merged into its base model)."""
+    return ckpt / "policy"
 
 
 def flow_dir(ckpt: Path) -> Path:

@@ -2,7 +2,9 @@
 
 - ``make_accelerator(cpu)``: one ``accelerate.Accelerator`` for single-process CPU/GPU runs and for
   ``accelerate launch`` (DDP / FSDP / DeepSpeed are configured by accelerate, not here). Training stages use
-  its device.
+  its device. Two launches that accelerate would carry out as something else are refused: an FSDP config
+  where accelerate does not enable FSDP (it does so on GPUs only; on CPU it silently runs DDP), and several
+  launched processes that accelerate sets up as independent single-process runs (no GPU and no ``cpu=true``).
 - ``inference_device(cpu)``: the device of the inference-only commands (eval, inspect, compare's
   evaluations): the GPU when one is visible and ``cpu`` is false.
 - ``seed_everything(seed)``: Python, NumPy and torch RNGs.
@@ -12,16 +14,36 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import torch
 
+from rlfr.errors import ConfigError
+
 
 def make_accelerator(cpu: bool = False):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
-    return Accelerator(cpu=cpu)
+    acc = Accelerator(cpu=cpu)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
+        acc.distributed_type != DistributedType.FSDP
+    ):
+        raise ConfigError(
+            f"accelerate launch was given an FSDP config, but accelerate runs this process as "
+            f"{acc.distributed_type.value} (it enables FSDP on GPUs only{', and cpu=true is set' if cpu else ''}); "
+            "launch without the FSDP config (DDP: --multi_gpu) or on GPUs"
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise ConfigError(
+            f"{launched} processes were launched but accelerate set this one up as {acc.num_processes} of "
+            f"{acc.num_processes} ({acc.distributed_type.value}): each would train on its own. Without a GPU, "
+            "set cpu=true (gloo)"
+        )
+    return acc
 
 
 def inference_device(cpu: bool = False) -> torch.device:
