@@ -97,6 +97,7 @@ def test_fsdp2_full_fine_tuning_shards_and_resumes_bit_exact(tiny_dir, tmp_path)
     _check_sharded_run(reports, tmp_path, tiny_dir, lora=False, version=2)
 
 
+@pytest.mark.slow  # ~25 s alone, ~55 s on a loaded 2-core machine; the full-fine-tuning FSDP test stays default
 def test_fsdp2_lora_sft_and_rl_and_checkpoints_that_move(tiny_dir, tmp_path):
     from rlfr.recipes.train import build_components, restore
     from rlfr.runtime.env import make_accelerator

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import time
 
 import pytest
 from accelerate.tracking import GeneralTracker
@@ -126,7 +127,13 @@ def test_wandb_offline_gets_metrics_config_and_tables(tmp_path, monkeypatch):
     assert json.loads(open(table).read()) == {"columns": ["completion", "reward", "flow_reward"],
                                               "data": [["42", 1.0, -0.5]]}  # fmt: skip
     (records,) = glob.glob(f"{run}/run-*.wandb")  # protobuf records: names are stored as they are
-    data = open(records, "rb").read()
+    # wandb's service process may still be writing after finish() returns on a loaded machine: wait for it.
+    deadline = time.monotonic() + 60
+    while True:
+        data = open(records, "rb").read()
+        if (b"train/reward" in data and b"flow.reward.beta" in data) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert b"train/reward" in data and b"flow.reward.beta" in data
 
 
