@@ -32,6 +32,7 @@ from rlfr.data.templates import render_prompt
 from rlfr.data.vl_task import vl_task
 
 VL_SET = "embedded-vl"
+GENERATED_SETS = (*EMBEDDED_SETS, VL_SET)  # sets generated here, whose size a command chooses
 
 
 @dataclass(frozen=True)

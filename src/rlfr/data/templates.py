@@ -58,6 +58,13 @@ def user_content(problem: str, num_images: int) -> str | list[dict]:
     return parts
 
 
+def example_prompt(template: str, example, tokenizer: Any = None) -> str:
+    """``render_prompt`` of an ``Example``: its problem and, for a vision-language processor, its images."""
+    return render_prompt(
+        template, example.problem, tokenizer, len(example.images), getattr(tokenizer, "image_token", None)
+    )
+
+
 def render_prompt(
     template: str, problem: str, tokenizer: Any = None, num_images: int = 0, image_token: str | None = None
 ) -> str:
