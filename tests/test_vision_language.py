@@ -314,6 +314,7 @@ def test_vl_baselines_train(vl_dir, tmp_path, method):
     # a dense toy reward gives non-zero advantages; 2 minibatches x 2 epochs select rows in random order, so
     # the image inputs follow their rows through Rollout.select
     res = run_train(cfg, progress=False)
+    assert len(res.history) == 1
     init = load_file(str(vl_dir / "model.safetensors"))
     final = load_file(str(tmp_path / method / "checkpoints" / "step_000001" / "policy" / "model.safetensors"))
     assert any(not torch.equal(init[k], final[k]) for k in init), "the policy did not move"
