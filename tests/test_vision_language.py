@@ -319,3 +319,21 @@ def test_vl_baselines_train(vl_dir, tmp_path, method):
     final = load_file(str(tmp_path / method / "checkpoints" / "step_000001" / "policy" / "model.safetensors"))
     assert any(not torch.equal(init[k], final[k]) for k in init), "the policy did not move"
     assert all(torch.equal(init[k], final[k]) for k in init if k.startswith("visual."))
+
+
+def test_latents_json_records_modality_and_refuses_a_text_flow(vl):
+    from pathlib import Path
+
+    from rlfr.errors import FlowMismatchError
+    from rlfr.flow.store import FlowMeta, check_meta, meta_for
+
+    _, model = vl
+    vl_meta = meta_for(model, (0.25, 0.5, 0.75), ("token_post",), 1, "none")
+    assert (
+        vl_meta.modality == "vision-language" and vl_meta.hidden_size == 32 and vl_meta.num_hidden_layers == 4
+    )
+    old = {k: v for k, v in vl_meta.to_json().items() if k != "modality"}  # a latents.json of rlfr before VL
+    text_meta = FlowMeta.from_json(old, Path("old/latents.json"))
+    assert text_meta.modality == "text"
+    with pytest.raises(FlowMismatchError, match="modality: flow 'text' vs run 'vision-language'"):
+        check_meta(text_meta, vl_meta, "old")
