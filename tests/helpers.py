@@ -83,3 +83,51 @@ def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# Qwen's vision special tokens, added to the character-level test tokenizer; the chat template below places
+# one image placeholder per {"type": "image"} part, as Qwen2.5-VL's own template does.
+VL_SPECIAL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VL_MIN_PIXELS, VL_MAX_PIXELS = 28 * 28, 56 * 56 * 2  # at most 8 merged tokens (32 patches) per image
+
+
+def make_tiny_vl_model_dir(path, num_layers: int = 4, seed: int = 0):
+    """A tiny random-init Qwen2.5-VL (text: 4 blocks, hidden 32; vision: 2 blocks, hidden 32) with a
+    character-level tokenizer carrying Qwen's vision tokens and an image processor (PIL backend, images
+    resized to at most ``VL_MAX_PIXELS``), saved to ``path`` like a hub model. -> path"""
+    from pathlib import Path
+
+    import transformers as tf
+
+    from tiny_run import make_tokenizer
+
+    path = Path(path)
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *VL_SPECIAL_TOKENS]})
+    tok.chat_template = VL_CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIAL_TOKENS}
+    text = dict(
+        _COMMON, vocab_size=len(tok), num_hidden_layers=num_layers, max_position_embeddings=1024,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32)
+    config = tf.Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+    )  # fmt: skip
+    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    model = tf.Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    tf.Qwen2VLImageProcessorPil(min_pixels=VL_MIN_PIXELS, max_pixels=VL_MAX_PIXELS).save_pretrained(path)
+    return path

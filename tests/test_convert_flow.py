@@ -96,7 +96,7 @@ def test_convert_and_match_the_reference(model_dir, tmp_path):
     assert rc == 0
     meta = json.loads((out / "latents.json").read_text())
     assert meta == {"fractions": [0.25, 0.5, 0.75], "modes": ["token_post"], "shift": 1, "latent_norm": "none",
-                    "hidden_size": D, "num_hidden_layers": 4, "pairing": "target"}  # fmt: skip
+                    "hidden_size": D, "num_hidden_layers": 4, "pairing": "target", "modality": "text"}  # fmt: skip
     bundle = load_flow(out)
     field = bundle.field
     assert field.eps == EPS and field.depth == DEPTH and field.width == W and bundle.norm is None

@@ -60,6 +60,11 @@ class ModelConfig:
     gradient_checkpointing: bool = field_(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = field_(False, "allow model code from the hub (off: never run unknown code)")
     lora: LoraConfig = field_(LoraConfig(), "LoRA adapters (rank 0: full fine-tuning)")
+    freeze_vision: bool = field_(
+        True,
+        "vision-language models: keep the vision tower (and its merger) frozen, as the authors' --freeze_prefix "
+        "visual; text-only models: ignored",
+    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,17 @@ class DataConfig:
     problem_field: str = field_("problem", "field holding the problem text")
     answer_field: str = field_("answer", "field holding the ground-truth answer (string or list)")
     solution_field: str | None = field_(None, "field holding a worked solution (SFT / flow pretraining)")
+    image_field: str = field_(
+        "auto",
+        "field holding a row's image(s) (path relative to the data file, bytes, or a list): auto = 'images' or "
+        "'image' when a row has one, none = ignore images, or a column name every row must have",
+    )
+    min_pixels: int | None = field_(
+        None, "vision-language models: resize images to at least this many pixels (default: the processor's)"
+    )
+    max_pixels: int | None = field_(
+        None, "vision-language models: resize images to at most this many pixels (default: the processor's)"
+    )
     skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
     template: Template = field_("chat", "prompt template")
     train_size: int = field_(2000, "embedded task: number of training problems")
@@ -90,6 +106,12 @@ class DataConfig:
     def validate(self) -> None:
         if self.train_size <= 0 or self.eval_size < 0 or self.max_prompt_tokens <= 0 or self.dev_size < 0:
             raise ConfigError("train_size and max_prompt_tokens must be > 0, eval_size and dev_size >= 0")
+        if any(v is not None and v <= 0 for v in (self.min_pixels, self.max_pixels)):
+            raise ConfigError("min_pixels and max_pixels must be > 0")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
+        if not self.image_field:
+            raise ConfigError("image_field must be auto, none or a column name")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ Contract
   counted in the returned list's ``report`` (a ``LoadReport``). ``Examples`` is a plain ``list`` subclass,
   so callers who do not care about the report see a list. CSV cells are read as text (no NaN or number
   guessing), so list answers need .jsonl, .json, .parquet or a dataset directory.
+- Images (multimodal rows): ``image_field="auto"`` (default) reads the column ``images`` or ``image`` when a
+  row has one (both in one row is an error), ``image_field="none"`` ignores images, any other name must be
+  present in every row. What a cell may hold: ``rlfr.data.images``; paths are relative to the data file. A
+  missing or unreadable image is a bad row (``DataError`` naming file, row and field). ``Example.images``
+  holds the decoded RGB images (``()`` for a text row).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlfr.data.images import IMAGE_FIELDS, read_images
 from rlfr.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +41,8 @@ class Example:
     answer: str | tuple[str, ...]
     solution: str | None = None
     id: str = ""
+    # decoded RGB PIL images (multimodal rows); left out of ==/hash: images are compared through their rows
+    images: tuple = field(default=(), compare=False, repr=False)
 
 
 @dataclass
@@ -160,9 +168,24 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
         )
 
 
+def _image_column(row: dict, image_field: str) -> str | None:
+    """The column holding this row's images (module docstring), or None."""
+    if image_field == "none":
+        return None
+    if image_field != "auto":
+        if image_field not in row:
+            raise DataError(f"field {image_field!r} (data.image_field) is missing (row has {sorted(row)})")
+        return image_field
+    present = [f for f in IMAGE_FIELDS if f in row and row[f] is not None]
+    if len(present) > 1:
+        raise DataError(f"row has both {present}; choose one with data.image_field")
+    return present[0] if present else None
+
+
 def _parse_row(
-    row: Any, problem_field: str, answer_field: str, solution_field: str | None, max_chars: int | None = None
-) -> Example:
+    row: Any, problem_field: str, answer_field: str, solution_field: str | None, max_chars: int | None = None,
+    image_field: str = "auto", base_dir: Path = Path("."),
+) -> Example:  # fmt: skip
     """Example from one row; raises DataError(message naming the field)."""
     if isinstance(row, Exception):
         raise row
@@ -191,7 +214,14 @@ def _parse_row(
     rid = row.get("id")
     if rid is None or (isinstance(rid, float) and math.isnan(rid)):  # missing id in a pandas column
         rid = ""
-    return Example(problem=problem, answer=answer, solution=solution, id=str(rid))
+    images: tuple = ()
+    column = _image_column(row, image_field)
+    if column is not None:
+        try:
+            images = read_images(row[column], base_dir)
+        except DataError as e:
+            raise DataError(f"field {column!r}: {e}") from None
+    return Example(problem=problem, answer=answer, solution=solution, id=str(rid), images=images)
 
 
 def load_examples(
@@ -202,6 +232,7 @@ def load_examples(
     skip_bad_rows: bool = False,
     split: str | None = None,
     max_problem_chars: int | None = None,
+    image_field: str = "auto",
 ) -> Examples:
     """Examples from a file or saved dataset directory (see module docstring). Rows without an ``id``
     get ``<file stem>-<row index>``."""
@@ -213,7 +244,8 @@ def load_examples(
     for location, row in _rows(path, split):
         report.rows += 1
         try:
-            ex = _parse_row(row, problem_field, answer_field, solution_field, max_problem_chars)
+            ex = _parse_row(row, problem_field, answer_field, solution_field, max_problem_chars, image_field,
+                            path.parent if not path.is_dir() else path)  # fmt: skip
         except DataError as e:
             msg = f"{path}, {location}: {e}"
             if not skip_bad_rows:
@@ -222,7 +254,9 @@ def load_examples(
             report.errors.append(msg)
             continue
         if not ex.id:
-            ex = Example(ex.problem, ex.answer, ex.solution, id=f"{path.stem}-{report.rows - 1}")
+            ex = Example(
+                ex.problem, ex.answer, ex.solution, id=f"{path.stem}-{report.rows - 1}", images=ex.images
+            )
         out.append(ex)
     report.loaded = len(out)
     if report.skipped:

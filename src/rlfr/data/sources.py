@@ -3,6 +3,8 @@
 A data *spec* is one of
 - ``embedded`` / ``embedded-dev`` / ``embedded-transfer``: the procedural task (``rlfr.data.tasks``):
   its held-out split, its tuning split, its transfer set;
+- ``embedded-vl``: the multimodal task (``rlfr.data.vl_task``): its held-out split (its train split when it
+  is ``data.train``);
 - a benchmark name (``rlfr.data.benchmarks.BENCHMARKS``), read from the shared benchmark directory;
 - a data file or saved dataset directory (``rlfr.data.examples.load_examples``).
 
@@ -27,6 +29,10 @@ from rlfr.data.benchmarks import BENCHMARKS, load_benchmark
 from rlfr.data.examples import Example, load_examples
 from rlfr.data.tasks import EMBEDDED_SETS, embedded_set, embedded_task
 from rlfr.data.templates import render_prompt
+from rlfr.data.vl_task import vl_task
+
+VL_SET = "embedded-vl"
+GENERATED_SETS = (*EMBEDDED_SETS, VL_SET)  # sets generated here, whose size a command chooses
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,11 @@ class Fields:
     solution: str | None = None
     skip_bad_rows: bool = False
     max_problem_chars: int | None = None  # refuse longer problems while reading, before any tokenizer runs
+    image: str = "auto"  # the image column: auto (images or image), none, or a column name
 
 
 def describe_specs() -> str:
-    return f"{', '.join(EMBEDDED_SETS)}, a benchmark ({', '.join(BENCHMARKS)}), or a data file"
+    return f"{', '.join(EMBEDDED_SETS)}, {VL_SET}, a benchmark ({', '.join(BENCHMARKS)}), or a data file"
 
 
 def load_source(
@@ -56,6 +63,8 @@ def load_source(
     of an embedded set)."""
     if spec in EMBEDDED_SETS:
         rows = list(embedded_set(spec, max(size, 1), task_seed, dev_size))
+    elif spec == VL_SET:
+        rows = vl_task(train_size=1, eval_size=max(size, 1), seed=task_seed).eval
     elif spec in BENCHMARKS:
         rows = list(load_benchmark(spec))
     elif Path(spec).exists():
@@ -67,6 +76,7 @@ def load_source(
                 solution_field=fields.solution if need_solution else None,
                 skip_bad_rows=fields.skip_bad_rows,
                 max_problem_chars=fields.max_problem_chars,
+                image_field=fields.image,
             )
         )
     else:
@@ -82,12 +92,16 @@ def resolve_data(data, need_solution: bool = False) -> tuple[list[Example], list
     """(train, eval) of a ``DataConfig`` (module docstring)."""
     # no token spans 64 characters on average, so a longer problem cannot fit max_prompt_tokens
     fields = Fields(data.problem_field, data.answer_field, data.solution_field, data.skip_bad_rows,
-                    max_problem_chars=64 * data.max_prompt_tokens)  # fmt: skip
+                    max_problem_chars=64 * data.max_prompt_tokens, image=data.image_field)  # fmt: skip
     if data.train == "embedded":
         train = embedded_task(
             train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,
             dev_size=data.dev_size,
         ).train  # fmt: skip
+    elif data.train == VL_SET:
+        train = vl_task(
+            train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed
+        ).train
     else:
         train = load_source(data.train, fields, need_solution=need_solution)
     evals: list[Example] = []
@@ -99,9 +113,24 @@ def resolve_data(data, need_solution: bool = False) -> tuple[list[Example], list
 def render_prompts(
     examples: Sequence[Example], template: str, tokenizer, max_prompt_tokens: int
 ) -> list[str]:
-    prompts = [render_prompt(template, ex.problem, tokenizer) for ex in examples]
+    """Prompt strings; with a vision-language processor (``rlfr.policy.vision.ImageTextProcessor``) the
+    length counts the image tokens the processor expands each image into."""
+    prompts = [
+        render_prompt(
+            template, ex.problem, tokenizer, len(ex.images), getattr(tokenizer, "image_token", None)
+        )
+        for ex in examples
+    ]
     for ex, p in zip(examples, prompts):
-        n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+        if hasattr(tokenizer, "prompt_length"):
+            n = tokenizer.prompt_length(p, ex.images)
+        else:
+            if ex.images:
+                raise ValueError(
+                    f"example {ex.id or ex.problem[:40]!r} has images but the model is text-only; use a "
+                    "vision-language model or data.image_field=none"
+                )
+            n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
         if n > max_prompt_tokens:
             raise ValueError(
                 f"prompt of example {ex.id or ex.problem[:40]!r} has {n} tokens > data.max_prompt_tokens="

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+IMAGE_TAG = "<image>"
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = ("chat", "qwen_math_box", "llama_box", "r1")
 
@@ -37,8 +38,42 @@ R1 = (
 _PLAIN = {"qwen_math_box": QWEN_MATH_BOX, "llama_box": LLAMA_BOX, "r1": R1}
 
 
-def render_prompt(template: str, problem: str, tokenizer: Any = None) -> str:
-    """The prompt string for ``problem`` under ``template`` (one of ``TEMPLATES``)."""
+def user_content(problem: str, num_images: int) -> str | list[dict]:
+    """The user turn of a chat: the problem, or with images a list of image and text parts (docstring)."""
+    if num_images == 0:
+        return problem
+    tags = problem.count(IMAGE_TAG)
+    if tags not in (0, num_images):
+        raise ValueError(
+            f"the problem holds {tags} {IMAGE_TAG} tags for {num_images} images; give one tag per image or none"
+        )
+    if tags == 0:
+        return [{"type": "image"}] * num_images + [{"type": "text", "text": problem}]
+    parts: list[dict] = []
+    for i, text in enumerate(problem.split(IMAGE_TAG)):
+        if i:
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
+def example_prompt(template: str, example, tokenizer: Any = None) -> str:
+    """``render_prompt`` of an ``Example``: its problem and, for a vision-language processor, its images."""
+    return render_prompt(
+        template, example.problem, tokenizer, len(example.images), getattr(tokenizer, "image_token", None)
+    )
+
+
+def render_prompt(
+    template: str, problem: str, tokenizer: Any = None, num_images: int = 0, image_token: str | None = None
+) -> str:
+    """The prompt string for ``problem`` under ``template`` (one of ``TEMPLATES``); with ``num_images`` > 0
+    the chat template's image placeholders, one ``image_token`` per image (module docstring)."""
+    if num_images and template != "chat":
+        raise ValueError(
+            f"template {template!r} has no place for images; use data.template=chat (the model's chat template)"
+        )
     if template == "chat":
         if tokenizer is None:
             raise ValueError("template 'chat' needs a tokenizer (with a chat template)")
@@ -47,8 +82,18 @@ def render_prompt(template: str, problem: str, tokenizer: Any = None) -> str:
                 f"template 'chat': tokenizer {type(tokenizer).__name__} has no chat_template; "
                 f"use one of {TEMPLATES[1:]} instead"
             )
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user_content(problem, num_images)},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if num_images and (image_token is None or text.count(image_token) != num_images):
+            raise ValueError(
+                f"the chat template of {type(tokenizer).__name__} rendered {text.count(image_token or '')} image "
+                f"placeholders {image_token!r} for {num_images} images: it does not place image parts; use the "
+                "vision-language model's own chat template"
+            )
+        return text
     if template in _PLAIN:
         # str.replace, not str.format: problems contain LaTeX braces.
         return _PLAIN[template].replace("{problem}", problem)

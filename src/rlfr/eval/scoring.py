@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rlfr.data import Example
-from rlfr.data.templates import render_prompt
+from rlfr.data.templates import example_prompt
 from rlfr.policy.rollout import generate
+from rlfr.policy.vision import images_of
 from rlfr.reward.verifier import Verifier, extract_answer
 
 
@@ -43,10 +44,13 @@ def evaluate(
         raise ValueError("evaluate() got no examples")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     shard = list(range(len(examples)))[rank::world]
-    prompts = [render_prompt(template, examples[i].problem, tokenizer) for i in shard]
+    prompts = [example_prompt(template, examples[i], tokenizer) for i in shard]
+    images = images_of(tokenizer, [examples[i] for i in shard])
     records = []
     if shard:
-        ro = generate(model, tokenizer, prompts, 1, max_new_tokens, greedy=True, batch_size=batch_size)
+        ro = generate(
+            model, tokenizer, prompts, 1, max_new_tokens, greedy=True, batch_size=batch_size, images=images
+        )
         scores = verifier.verify_batch(ro.completions, [examples[i].answer for i in shard])
         lens = ro.response_lengths.tolist()
         for i, p, c, s, n in zip(shard, prompts, ro.completions, scores, lens):
@@ -105,8 +109,10 @@ def hf_completions(
     top_p: float = 1.0,
     greedy: bool = False,
     batch_size: int = 64,
+    images=None,
 ) -> Completions:
-    """Hugging Face ``generate`` (through ``rlfr.policy.rollout.generate``: same prompts and stopping as training)."""
+    """Hugging Face ``generate`` (through ``rlfr.policy.rollout.generate``: same prompts and stopping as training);
+    ``images``: each prompt's images for a vision-language policy."""
     ro = generate(
         model,
         tokenizer,
@@ -117,6 +123,7 @@ def hf_completions(
         top_p,
         greedy=greedy,
         batch_size=batch_size,
+        images=images,
     )
     lens = ro.response_lengths.tolist()
     texts = [ro.completions[i * samples : (i + 1) * samples] for i in range(len(prompts))]
@@ -253,9 +260,17 @@ def held_out_scores(
     greedy = [int(r["correct"]) for r in res.records]
     sampled = None
     if samples:
-        prompts = [render_prompt(template, ex.problem, tokenizer) for ex in examples]
+        prompts = [example_prompt(template, ex, tokenizer) for ex in examples]
         torch.manual_seed(seed)
-        comps = hf_completions(model, tokenizer, prompts, samples, max_new_tokens, temperature=1.0)
+        comps = hf_completions(
+            model,
+            tokenizer,
+            prompts,
+            samples,
+            max_new_tokens,
+            temperature=1.0,
+            images=images_of(tokenizer, examples),
+        )
         sampled = [0] * len(examples)
         for r in score_completions(examples, prompts, comps, verifier).records:
             sampled[r["index"]] += int(r["correct"])

@@ -5,7 +5,10 @@ A flow directory holds
 - ``flow.safetensors`` + ``flow_config.json``  the field's weights and sizes (``FlowField.save``);
 - ``latents.json``                            which latents it models (``FlowMeta``): block fractions,
                                               context modes, shift, the pairing convention, the
-                                              standardisation, and the policy's hidden size and depth;
+                                              standardisation, the policy's hidden size and depth, and
+                                              its modality (``text`` or ``vision-language``: the latents
+                                              of a VL policy are those of its language model's blocks,
+                                              over response text tokens only);
 - ``latent_norm.safetensors``                 per-layer statistics, when ``latent_norm`` is ``standardize``.
 
 Contract:
@@ -51,6 +54,7 @@ class FlowMeta:
     hidden_size: int
     num_hidden_layers: int
     pairing: str = PAIRING
+    modality: str = "text"  # "text" | "vision-language"; absent from files written before rlfr read images
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -66,6 +70,8 @@ class FlowMeta:
                 "authors' weights) to get a flow of this version"
             )
         names = {f.name for f in fields(cls)}
+        # a latents.json without "modality" predates vision-language support: its policy was text-only
+        data = {"modality": "text", **data}
         missing = sorted(names - set(data))
         if missing:
             raise FlowMismatchError(f"{path} lacks the keys {missing}")
@@ -89,9 +95,11 @@ def rms_norm_eps(model) -> float:
 def meta_for(model, fractions, modes, shift: int, latent_norm: str) -> FlowMeta:
     """The ``FlowMeta`` of a flow over the latents of ``model`` (a model or its config) with these settings."""
     cfg = text_config(model)
+    full = getattr(model, "config", model)
     return FlowMeta(
         fractions=tuple(float(f) for f in fractions), modes=tuple(modes), shift=int(shift),
         latent_norm=latent_norm, hidden_size=int(cfg.hidden_size), num_hidden_layers=int(cfg.num_hidden_layers),
+        modality="vision-language" if getattr(full, "vision_config", None) is not None else "text",
     )  # fmt: skip
 
 

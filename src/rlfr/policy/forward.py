@@ -2,15 +2,20 @@
 ``LatentTap`` on the model, the latents) from one pass.
 
 - ``position_ids(attention_mask (B, T)) -> (B, T)``: positions that skip left padding, as ``generate`` uses.
-- ``policy_forward(model, input_ids, attention_mask, response_mask, need_entropy) -> (logp, entropy)``:
-  (B, T) float32 each, aligned with ``input_ids`` (``rlfr.rl.losses``); only the logits that score
-  response tokens are computed.
+- ``model_inputs(input_ids, attention_mask, vision=None) -> dict``: the forward's inputs. Text: the 2-D
+  ``position_ids`` above. With images (``rlfr.policy.vision.VisionBatch``): the image inputs and no
+  ``position_ids``, so a Qwen2.5-VL model computes its own 3-D rotary positions from the image grid (with
+  left padding skipped through the attention mask, as in its ``generate``).
+- ``policy_forward(model, input_ids, attention_mask, response_mask, need_entropy, vision=None) -> (logp,
+  entropy)``: (B, T) float32 each, aligned with ``input_ids`` (``rlfr.rl.losses``); only the logits that
+  score response tokens are computed.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlfr.policy.vision import VisionBatch, vision_inputs
 from rlfr.rl.losses import entropy_from_logits, logprobs_from_logits
 
 
@@ -19,12 +24,27 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def model_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: VisionBatch | None = None
+) -> dict[str, torch.Tensor]:
+    """Keyword inputs of the policy's forward over a packed batch (module docstring)."""
+    extra = vision_inputs(vision, input_ids)
+    if extra is None:
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids(attention_mask),
+        }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+
+
 def policy_forward(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
     need_entropy: bool,
+    vision: VisionBatch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the tokens of a packed batch: -> ((B, T), (B, T) or None).
 
@@ -36,13 +56,7 @@ def policy_forward(
     cols = response_mask.any(0).nonzero()
     first = int(cols[0]) if len(cols) else seq - 1
     keep = seq - first + 1  # logits at positions first-1 .. T-1 score tokens first .. T-1
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-        logits_to_keep=keep,
-    )
+    out = model(**model_inputs(input_ids, attention_mask, vision), use_cache=False, logits_to_keep=keep)
     logits = out.logits
     if logits.shape[1] != min(keep, seq):
         raise RuntimeError(

@@ -5,6 +5,10 @@ The embedded default, ``smollm2-135m-instruct``, is the GGUF file shipped inside
 ordinary safetensors (de-quantised, float32) in ``$RLFR_CACHE`` (default ``~/.cache/rlfr``) and loaded
 from there afterwards; the conversion is written to a temporary folder and renamed, so an interrupted
 conversion never leaves a half-written model behind.
+
+Vision-language models (a config with ``vision_config``, e.g. Qwen2.5-VL) load through
+``AutoModelForImageTextToText``, and ``load_tokenizer`` gives their ``rlfr.policy.vision.ImageTextProcessor``
+(the tokenizer plus the image processor, images resized within ``min_pixels`` / ``max_pixels``).
 """
 
 from __future__ import annotations
@@ -110,9 +114,34 @@ def check_causal(model, name: str) -> None:
         )
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """Tokenizer with a pad token and left padding (for batched generation)."""
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The ``AutoConfig`` of a model (of its base model for a PEFT adapter directory)."""
+    import json
+
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    if is_adapter_dir(path):
+        path = resolve_model_path(
+            json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        )
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path named
+        raise ModelLoadError(f"cannot load the config of {name_or_path!r} ({path}): {e}") from e
+
+
+def load_tokenizer(
+    name_or_path: str,
+    trust_remote_code: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+):
+    """Tokenizer with a pad token and left padding (for batched generation); for a vision-language model its
+    ``ImageTextProcessor`` (that tokenizer and the image processor)."""
     from transformers import AutoTokenizer
+
+    from rlfr.policy.vision import is_vision_language, load_processor
 
     path = resolve_model_path(name_or_path)
     try:
@@ -124,6 +153,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             raise ModelLoadError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    config = model_config(name_or_path, trust_remote_code)
+    if is_vision_language(config):
+        return load_processor(path, tok, config, min_pixels, max_pixels)
+    if min_pixels is not None or max_pixels is not None:
+        raise ModelLoadError(f"data.min_pixels / data.max_pixels are set but {name_or_path!r} is text-only")
     return tok
 
 
@@ -138,17 +172,22 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
 
     A PEFT adapter directory (a LoRA checkpoint's ``policy/``) gives its base model (the
     ``base_model_name_or_path`` PEFT recorded) with the adapters merged in: a plain Hugging Face model."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from rlfr.policy.vision import is_vision_language
 
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
     if is_adapter_dir(path):
         return _load_merged_adapter(Path(path), dtype, trust_remote_code)
+    auto = (
+        AutoModelForImageTextToText
+        if is_vision_language(model_config(path, trust_remote_code))
+        else AutoModelForCausalLM
+    )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
+        model = auto.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - re-raised with the path named
         raise ModelLoadError(f"cannot load model {name_or_path!r} ({path}): {e}") from e
     check_causal(model, repr(name_or_path))

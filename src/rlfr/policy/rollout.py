@@ -5,8 +5,16 @@ Layout (``Rollout``): every sequence is ``[left padding][prompt][response][right
 ``input_ids``. Groups are contiguous: rows ``g*n .. g*n+n-1`` are the n samples of prompt g.
 A response ends at (and includes) the first EOS, or at ``max_new_tokens``.
 
-``encode_solutions(tokenizer, examples, prompts)`` gives the (prompt, response = solution + EOS) token lists
-of worked solutions, which ``pack`` lays out like rollouts (SFT and flow pretraining).
+``encode_solutions(tokenizer, examples, prompts) -> Solutions`` gives the (prompt, response = solution + EOS)
+token lists of worked solutions (and their image inputs), which ``Solutions.pack`` lays out like rollouts (SFT
+and flow pretraining).
+
+Vision-language policies: ``generate(..., images=...)`` with an ``ImageTextProcessor`` as the tokenizer, and
+the ``Rollout`` carries each row's image inputs (``vision``, a ``rlfr.policy.vision.VisionBatch``) through
+``select`` and ``to``, so micro-batches and minibatch permutations keep every row with its own images. The
+prompt holds the expanded image placeholders; the response mask covers response tokens only, so no image
+token is ever a flow target or gets a reward, and generation suppresses the vision special tokens (a
+generated placeholder would have no image behind it).
 
 Sampling is plain temperature / top-p sampling: the model's own generation config (top-k 50,
 repetition penalty, ...) is deliberately not used, so rollouts follow the policy's distribution.
@@ -20,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from rlfr.policy.vision import ImageTextProcessor, VisionBatch, vision_inputs
+
 
 @dataclass
 class Rollout:
@@ -29,6 +39,7 @@ class Rollout:
     group: torch.Tensor  # (B,) long, index of the prompt in the step's prompt list
     completions: list[str]  # decoded responses (special tokens removed)
     truncated: torch.Tensor  # (B,) bool, hit max_new_tokens without EOS
+    vision: VisionBatch | None = None  # image inputs of the rows (vision-language policies)
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -38,6 +49,7 @@ class Rollout:
         return Rollout(
             self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
             self.group.to(device), self.completions, self.truncated.to(device),
+            None if self.vision is None else self.vision.to(device),
         )  # fmt: skip
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
@@ -50,6 +62,7 @@ class Rollout:
             self.group[rows],
             comps,
             self.truncated[rows],
+            None if self.vision is None else self.vision.select(rows),
         )
 
 
@@ -76,9 +89,12 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     batch_size: int = 64,
+    images: Sequence[Sequence] | None = None,
 ) -> Rollout:
-    """Sample ``num_generations`` responses per prompt; returns the packed layout described above."""
+    """Sample ``num_generations`` responses per prompt; returns the packed layout described above.
+    ``images``: each prompt's images, given exactly when ``tokenizer`` is an ``ImageTextProcessor``."""
     eos = eos_ids(tokenizer, model)
+    prompt_ids, vision = encode_prompts(tokenizer, prompts, images)
     pad = tokenizer.pad_token_id
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -89,12 +105,13 @@ def generate(
         eos_token_id=eos,
         pad_token_id=pad,
         use_cache=True,
+        suppress_tokens=tokenizer.suppress_ids if vision is not None else None,
     )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     expanded = [(g, ids) for g, ids in enumerate(prompt_ids) for _ in range(num_generations)]
+    vision_rows = None if vision is None else vision.repeat_interleave(num_generations)
     responses: list[list[int]] = []
     truncated: list[bool] = []
     try:
@@ -106,8 +123,12 @@ def generate(
             for i, c in enumerate(chunk):
                 inp[i, width - len(c) :] = torch.tensor(c)
                 att[i, width - len(c) :] = 1
+            extra = {}
+            if vision_rows is not None:
+                extra = vision_inputs(vision_rows.select(slice(start, start + batch_size)).to(device),
+                                      inp.to(device)) or {}  # fmt: skip
             out = model.generate(
-                input_ids=inp.to(device), attention_mask=att.to(device), generation_config=gen_cfg
+                input_ids=inp.to(device), attention_mask=att.to(device), generation_config=gen_cfg, **extra
             )
             for row in out[:, width:].tolist():
                 cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
@@ -115,7 +136,23 @@ def generate(
                 truncated.append(cut is None)
     finally:
         model.train(was_training)
-    return pack(tokenizer, [ids for _, ids in expanded], responses, [g for g, _ in expanded], truncated)
+    return pack(
+        tokenizer, [ids for _, ids in expanded], responses, [g for g, _ in expanded], truncated, vision_rows
+    )
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], images: Sequence[Sequence] | None
+) -> tuple[list[list[int]], VisionBatch | None]:
+    """Prompt token ids (and, for a vision-language processor, the image inputs): images are given exactly when
+    ``tokenizer`` is an ``ImageTextProcessor`` (a list of empty tuples for text-only prompts)."""
+    if isinstance(tokenizer, ImageTextProcessor):
+        if images is None:
+            raise ValueError("a vision-language policy needs the prompts' images (images=[...] per prompt)")
+        return tokenizer.encode(prompts, images)
+    if images is not None:
+        raise ValueError("images were given but the tokenizer is text-only (not an ImageTextProcessor)")
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], None
 
 
 def pack(
@@ -124,8 +161,19 @@ def pack(
     responses: Sequence[Sequence[int]],
     group: Sequence[int],
     truncated: Sequence[bool] | None = None,
+    vision: VisionBatch | None = None,
 ) -> Rollout:
-    """Token lists -> the packed (B, T) layout (prompts left-padded, responses right-padded)."""
+    """Token lists -> the packed (B, T) layout (prompts left-padded, responses right-padded); ``vision``: the
+    rows' image inputs, checked against the image placeholders of each prompt (none in any response)."""
+    if vision is not None:
+        expected = vision.tokens_per_row.tolist()
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            n_p = sum(1 for t in p if t == vision.image_token_id)
+            if n_p != expected[i] or vision.image_token_id in r:
+                raise ValueError(
+                    f"row {i}: {n_p} image tokens in the prompt for {expected[i]} image patches (merged), "
+                    f"{sum(1 for t in r if t == vision.image_token_id)} in the response (must be 0)"
+                )
     pad = tokenizer.pad_token_id
     p_len = max(len(p) for p in prompts)
     r_len = max(1, max(len(r) for r in responses))
@@ -141,12 +189,34 @@ def pack(
             resp[i, p_len : p_len + len(r)] = True
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     trunc = torch.tensor(list(truncated) if truncated is not None else [False] * b, dtype=torch.bool)
-    return Rollout(ids, att, resp, torch.tensor(list(group), dtype=torch.long), completions, trunc)
+    return Rollout(ids, att, resp, torch.tensor(list(group), dtype=torch.long), completions, trunc, vision)
 
 
-def encode_solutions(tokenizer, examples, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids = solution + EOS) per example."""
+@dataclass
+class Solutions:
+    """Worked solutions as token lists: prompt ids, response ids (solution + EOS) and, for a vision-language
+    policy, the image inputs of every example (``rows(idx)`` gives those of some examples)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    vision: VisionBatch | None = None
+
+    def pack(self, tokenizer, rows: Sequence[int]) -> Rollout:
+        """The packed layout of examples ``rows`` (group = position in ``rows``)."""
+        vision = None if self.vision is None else self.vision.select(list(rows))
+        return pack(tokenizer, [self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows],
+                    list(range(len(rows))), vision=vision)  # fmt: skip
+
+
+def encode_solutions(tokenizer, examples, prompts: list[str]) -> Solutions:
+    """Prompt ids (images expanded for a vision-language processor) and solution + EOS ids per example."""
+    from rlfr.policy.vision import images_of
+
     eos = tokenizer.eos_token_id
-    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    p_ids, vision = encode_prompts(tokenizer, prompts, images_of(tokenizer, examples))
     r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
-    return p_ids, r_ids
+    if vision is not None:
+        for ex, r in zip(examples, r_ids):
+            if any(t in tokenizer.suppress_ids for t in r):
+                raise ValueError(f"the solution of example {ex.id!r} holds a vision special token")
+    return Solutions(p_ids, r_ids, vision)

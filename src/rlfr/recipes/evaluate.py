@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from rlfr.data.benchmarks import BENCHMARKS
-from rlfr.data.sources import Fields, load_source
-from rlfr.data.tasks import EMBEDDED_SETS
-from rlfr.data.templates import TEMPLATES, render_prompt
+from rlfr.data.sources import GENERATED_SETS, Fields, load_source
+from rlfr.data.templates import TEMPLATES, example_prompt
 from rlfr.eval.scoring import hf_completions, score_completions, vllm_available, vllm_completions
 from rlfr.schema import DataConfig
 
@@ -32,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         nargs="+",
         required=True,
-        help="'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', a benchmark "
+        help="'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', 'embedded-vl', a benchmark "
         f"({', '.join(BENCHMARKS)}) or a data file",
     )
     p.add_argument("--out", default="runs/eval", help="output directory")
@@ -66,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="verifier worker processes")
     p.add_argument("--cpu", action="store_true", help="force CPU")
+    p.add_argument(
+        "--image-field", default="auto", help="data files: image column (auto: images or image; none)"
+    )
+    p.add_argument("--min-pixels", type=int, default=None, help="vision-language models: data.min_pixels")
+    p.add_argument("--max-pixels", type=int, default=None, help="vision-language models: data.max_pixels")
 
 
 def dataset_slug(spec: str) -> str:
@@ -75,6 +79,7 @@ def dataset_slug(spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rlfr.policy.loading import is_adapter_dir, load_model, load_tokenizer, resolve_model_path
+    from rlfr.policy.vision import ImageTextProcessor, images_of
     from rlfr.reward.verifier import Verifier
     from rlfr.runtime.env import inference_device, seed_everything
 
@@ -93,12 +98,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--backend vllm is unavailable: {reason}; use --backend hf")
     sets = {}
     for spec in args.data:  # load every set first: a bad path fails before the model loads
-        size = args.eval_size if spec in EMBEDDED_SETS else 0  # files and benchmarks: all rows (--limit)
-        fields = Fields(problem=args.problem_field, answer=args.answer_field)
+        size = args.eval_size if spec in GENERATED_SETS else 0  # files and benchmarks: all rows (--limit)
+        fields = Fields(problem=args.problem_field, answer=args.answer_field, image=args.image_field)
         rows = load_source(spec, fields, size, task_seed=args.seed, dev_size=args.dev_size)
         sets[dataset_slug(spec)] = (spec, rows[: args.limit] if args.limit > 0 else rows)
     seed_everything(args.seed)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.backend == "vllm" and isinstance(tok, ImageTextProcessor):
+        raise ValueError(
+            f"{args.model} is a vision-language model; rlfr's vLLM backend is text-only: use --backend hf"
+        )
     model = None
     if args.backend == "hf":
         model = load_model(args.model, args.dtype).to(inference_device(args.cpu)).eval()
@@ -119,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     with Verifier(num_workers=args.workers) as verifier:
         for slug, (spec, examples) in sets.items():
             t0 = time.time()
-            prompts = [render_prompt(args.template, ex.problem, tok) for ex in examples]
+            prompts = [example_prompt(args.template, ex, tok) for ex in examples]
             gen = dict(
                 samples=args.samples,
                 max_new_tokens=args.max_new_tokens,
@@ -130,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
             if args.backend == "vllm":
                 comps = vllm_completions(resolve_model_path(args.model), tok, prompts, seed=args.seed, **gen)
             else:
-                comps = hf_completions(model, tok, prompts, batch_size=args.batch_size, **gen)
+                images = images_of(tok, examples)
+                comps = hf_completions(model, tok, prompts, batch_size=args.batch_size, images=images, **gen)
             res = score_completions(examples, prompts, comps, verifier)
             path = out / f"samples_{slug}.jsonl"
             with path.open("w") as f:

@@ -27,10 +27,10 @@ from rlfr.data.sources import render_prompts, resolve_data
 from rlfr.flow import build_pairs, flow_matching_loss
 from rlfr.flow.norm import LatentNorm
 from rlfr.flow.store import FlowBundle, build_flow, save_flow
-from rlfr.policy.forward import position_ids
+from rlfr.policy.forward import model_inputs
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import load_model, load_tokenizer
-from rlfr.policy.rollout import encode_solutions, pack
+from rlfr.policy.rollout import Solutions, encode_solutions
 from rlfr.runtime import sharding
 from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything
 from rlfr.runtime.metrics import MetricsLogger
@@ -39,18 +39,14 @@ from rlfr.runtime.stream import EpochStream, shard
 from rlfr.schema import FlowPretrainConfig
 
 
-def _latents(policy, tap, tok, p_ids, r_ids, rows, device, norm=None):
+def _latents(policy, tap, tok, solutions: Solutions, rows, device, norm=None):
     """Latents (L, b, T, d) of sequences ``rows`` (standardised when ``norm`` is given), their response mask
-    (the flow's targets) and attention mask (allowed conditions: the prompt too), both (b, T) bool."""
-    batch = pack(tok, [p_ids[i] for i in rows], [r_ids[i] for i in rows], list(range(len(rows))))
-    att = batch.attention_mask.to(device)
+    (the flow's targets: solution tokens, never image tokens) and attention mask (allowed conditions: the
+    prompt too), both (b, T) bool."""
+    batch = solutions.pack(tok, rows).to(device)
+    att = batch.attention_mask
     with torch.no_grad():
-        policy(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=att,
-            position_ids=position_ids(att),
-            use_cache=False,
-        )
+        policy(**model_inputs(batch.input_ids, att, batch.vision), use_cache=False)
     lat = tap.latents()
     return (norm(lat) if norm is not None else lat), batch.response_mask.to(device), att.bool()
 
@@ -71,7 +67,9 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
     train, _ = resolve_data(cfg.data, need_solution=True)  # data errors surface before the model loads
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
+    )
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
     policy.requires_grad_(False)
@@ -79,7 +77,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     tap = LatentTap(policy, cfg.flow.fractions)
     bundle = build_flow(cfg.flow, policy)
     flow, norm = bundle.field, bundle.norm
-    p_ids, r_ids = encode_solutions(tok, train, prompts)
+    solutions = encode_solutions(tok, train, prompts)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_held = int(round(cfg.heldout_fraction * len(train)))
     held, fit = perm[:n_held], perm[n_held:]
@@ -89,7 +87,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     total = max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     if cfg.flow.latent_norm == "standardize" and norm is None:
         # statistics of the training sequences only (never the held-out ones), from up to 64 of them
-        lat, mask, _ = _latents(policy, tap, tok, p_ids, r_ids, fit[:64], acc.device)
+        lat, mask, _ = _latents(policy, tap, tok, solutions, fit[:64], acc.device)
         norm = LatentNorm.fit(lat, mask)
     opt, sched = build_optimizer(
         flow.parameters(),
@@ -114,7 +112,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
         losses, weights = [], []
         for c0 in range(0, len(held), cfg.batch_size):
             lat, mask, ctx = _latents(
-                policy, tap, tok, p_ids, r_ids, held[c0 : c0 + cfg.batch_size], acc.device, norm
+                policy, tap, tok, solutions, held[c0 : c0 + cfg.batch_size], acc.device, norm
             )
             pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
             with torch.no_grad():
@@ -137,7 +135,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     for step in bar:
         rows = [fit[i] for i in stream.take(step * cfg.batch_size, cfg.batch_size)]
         rows = shard(rows, acc.process_index, acc.num_processes, "batch_size")
-        lat, mask, ctx = _latents(policy, tap, tok, p_ids, r_ids, rows, acc.device, norm)
+        lat, mask, ctx = _latents(policy, tap, tok, solutions, rows, acc.device, norm)
         pairs = build_pairs(lat, lt, mask, cfg.flow.modes, cfg.flow.shift, context_mask=ctx)
         loss = flow_matching_loss(flow, pairs, cfg.flow.batch_mul, autocast_dtype=autocast_dtype)
         acc.backward(loss)

@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="flow directory: flow-pretrain or convert-flow output, or a checkpoint's flow/ (with --model)",
     )
     p.add_argument(
-        "--data", default="embedded", help="'embedded' (held-out split), a benchmark or a data file"
+        "--data",
+        default="embedded",
+        help="'embedded' (held-out split), 'embedded-vl', a benchmark or a data file",
     )
     p.add_argument("--n-prompts", type=int, default=8, help="problems to sample")
     p.add_argument("--num-generations", type=int, default=4, help="responses per problem")
@@ -76,15 +78,15 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, Path, dict]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rlfr.data.sources import load_source
-    from rlfr.data.tasks import EMBEDDED_SETS
-    from rlfr.data.templates import render_prompt
+    from rlfr.data.sources import GENERATED_SETS, load_source
+    from rlfr.data.templates import example_prompt
     from rlfr.flow import token_scores
     from rlfr.flow.store import check_meta, load_flow, meta_for
-    from rlfr.policy.forward import position_ids
+    from rlfr.policy.forward import model_inputs
     from rlfr.policy.latents import LatentTap
     from rlfr.policy.loading import load_model, load_tokenizer
     from rlfr.policy.rollout import generate
+    from rlfr.policy.vision import images_of
     from rlfr.reward.verifier import Verifier
     from rlfr.rl.shaping import minmax_normalize, shape_flow_rewards
     from rlfr.runtime.env import inference_device, seed_everything
@@ -96,21 +98,24 @@ def run(args: argparse.Namespace) -> int:
     shaping = {**RewardShapingConfig().__dict__, **config.get("flow", {}).get("reward", {})}
     data_cfg = config.get("data", {})
     template = args.template or data_cfg.get("template", "chat")
-    size = data_cfg.get("eval_size", DataConfig.eval_size) if args.data in EMBEDDED_SETS else 0
+    size = data_cfg.get("eval_size", DataConfig.eval_size) if args.data in GENERATED_SETS else 0
     examples = load_source(args.data, size=size, task_seed=args.seed)[: args.n_prompts]
     seed_everything(args.seed)
     device = inference_device(args.cpu)
-    tok = load_tokenizer(policy_path)
+    tok = load_tokenizer(
+        policy_path, min_pixels=data_cfg.get("min_pixels"), max_pixels=data_cfg.get("max_pixels")
+    )
     model = load_model(policy_path).to(device).eval()
     m = bundle.meta
     check_meta(m, meta_for(model, m.fractions, m.modes, m.shift, m.latent_norm), flow_dir)  # size and depth
     field = bundle.field.to(device).eval()
     norm = bundle.norm  # the flow scores latents standardised with its own statistics when trained so
     tap = LatentTap(model, meta["fractions"])
-    prompts = [render_prompt(template, ex.problem, tok) for ex in examples]
+    prompts = [example_prompt(template, ex, tok) for ex in examples]
     try:
         with tap.paused():
-            ro = generate(model, tok, prompts, args.num_generations, args.max_new_tokens, args.temperature)
+            ro = generate(model, tok, prompts, args.num_generations, args.max_new_tokens, args.temperature,
+                          images=images_of(tok, examples))  # fmt: skip
         with Verifier(num_workers=1) as verifier:
             correct = [
                 s >= 1.0
@@ -125,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
                 ro.attention_mask[sl].to(device),
                 ro.response_mask[sl].to(device),
             )
+            vision = None if ro.vision is None else ro.vision.select(sl).to(device)
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False)
+                model(**model_inputs(ids, att, vision), use_cache=False)
             lat = tap.latents() if norm is None else norm(tap.latents())
             sc = token_scores(
                 field,

@@ -27,7 +27,8 @@ from rlfr.eval.scoring import evaluate
 from rlfr.policy.forward import policy_forward
 from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.policy.lora import apply_lora, is_lora
-from rlfr.policy.rollout import Rollout, encode_solutions, pack
+from rlfr.policy.rollout import Rollout, encode_solutions
+from rlfr.policy.vision import freeze_vision_tower, is_vision_language
 from rlfr.reward.verifier import Verifier
 from rlfr.runtime import sharding
 from rlfr.runtime.env import make_accelerator, seed_everything
@@ -40,7 +41,9 @@ from rlfr.schema import SFTConfig
 def nll(model, batch: Rollout) -> torch.Tensor:
     """Token-mean NLL of the response tokens of a packed batch -> scalar."""
     mask = batch.response_mask
-    logp, _ = policy_forward(model, batch.input_ids, batch.attention_mask, mask, need_entropy=False)
+    logp, _ = policy_forward(
+        model, batch.input_ids, batch.attention_mask, mask, need_entropy=False, vision=batch.vision
+    )
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -58,13 +61,17 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
     train, evals = resolve_data(cfg.data, need_solution=True)  # data errors surface before the model loads
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
+    )
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.model.freeze_vision and is_vision_language(model.config):
+        freeze_vision_tower(model)
     model = apply_lora(model, cfg.model.lora)  # unchanged at rank 0
-    p_ids, r_ids = encode_solutions(tok, train, prompts)
+    solutions = encode_solutions(tok, train, prompts)
     trainable = [q for q in model.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
         trainable, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0
@@ -88,7 +95,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
         total = 0.0
         for c0 in range(0, len(idx), cfg.micro_batch_size):
             rows = idx[c0 : c0 + cfg.micro_batch_size]
-            batch = pack(tok, [p_ids[i] for i in rows], [r_ids[i] for i in rows], list(range(len(rows))))
+            batch = solutions.pack(tok, rows)
             loss = nll(model, batch.to(acc.device)) * len(rows) / len(idx)
             acc.backward(loss)
             total += loss.item()

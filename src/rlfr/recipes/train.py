@@ -26,6 +26,7 @@ from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
+from rlfr.policy.vision import freeze_vision_tower, is_vision_language
 from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, FlowPart, paused, rl_step
@@ -59,11 +60,15 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
     seed_everything(cfg.seed)  # same on every rank: identical initial flow weights
     set_tf32(cfg.tf32, acc.device)
     train, evals = resolve_data(cfg.data)  # data errors surface before minutes of model loading
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
+    )
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
+    if cfg.model.freeze_vision and is_vision_language(policy.config):
+        freeze_vision_tower(policy)  # the authors' --freeze_prefix visual
     policy = apply_lora(policy, cfg.model.lora)  # unchanged at rank 0
     policy.train()
     ref = None

@@ -35,6 +35,7 @@ from rlfr.flow.online import above_quantile, online_flow_loss, rollout_weights
 from rlfr.policy.forward import policy_forward
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.rollout import Rollout, generate
+from rlfr.policy.vision import images_of
 from rlfr.reward.functions import OutcomeReward
 from rlfr.rl.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
 from rlfr.rl.losses import kl_penalty, policy_loss
@@ -102,7 +103,7 @@ def rl_step(
     with paused(c):
         r = cfg.rollout
         ro = generate(c.acc.unwrap_model(c.policy), c.tokenizer, prompts, n, r.max_new_tokens, r.temperature,
-                      r.top_p, batch_size=r.batch_size)  # fmt: skip
+                      r.top_p, batch_size=r.batch_size, images=images_of(c.tokenizer, examples))  # fmt: skip
     t_roll = time.time()
     # 2. verify
     reward, correct = c.reward(ro.completions, [ex.answer for ex in examples for _ in range(n)])
@@ -398,7 +399,7 @@ def accuracy_filter(correct: torch.Tensor, n: int, cfg: TrainConfig, step: int) 
 
 def forward(model, ro: Rollout, need_entropy: bool):
     """Policy forward: -> (logp (b, T), entropy (b, T) detached or None); latents land in the tap."""
-    return policy_forward(model, ro.input_ids, ro.attention_mask, ro.response_mask, need_entropy)
+    return policy_forward(model, ro.input_ids, ro.attention_mask, ro.response_mask, need_entropy, ro.vision)
 
 
 def ref_forward(c: Components, ro: Rollout) -> torch.Tensor | None:

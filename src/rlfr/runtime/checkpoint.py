@@ -308,6 +308,11 @@ def read_policy_weights(ckpt: Path, model) -> dict[str, torch.Tensor]:
         weights = {by_file[k]: v for k, v in weights.items() if k in by_file}
     else:
         names = {_clean(k) for k in model.state_dict()}
+        if (
+            not set(weights) <= names
+        ):  # e.g. Qwen2.5-VL: transformers saves its legacy layout (model.layers.*)
+            saved = _saved_names(model)
+            weights = {saved.get(k, k): v for k, v in weights.items()}
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         missing = sorted(k for k in names - set(weights) if k not in tied and "lm_head" not in k)
         unexpected = sorted(set(weights) - names)
@@ -316,6 +321,22 @@ def read_policy_weights(ckpt: Path, model) -> dict[str, torch.Tensor]:
             f"{pdir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return weights
+
+
+def _saved_names(model) -> dict[str, str]:
+    """{name in the saved file: name in ``model``} for the keys ``save_pretrained`` renames (transformers 5
+    reverts its load-time renamings when saving, e.g. Qwen2.5-VL's ``model.language_model.layers.*`` is saved
+    as ``model.layers.*``); empty where transformers renames nothing."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 saves the model's own names
+        return {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        (saved,) = revert_weight_conversion(model, {name: tensor}).keys()
+        if saved != name:
+            out[saved] = _clean(name)
+    return out
 
 
 def _clean(name: str) -> str:
