@@ -29,6 +29,8 @@ class Rollout:
     group: torch.Tensor  # (B,) long, index of the prompt in the step's prompt list
     completions: list[str]  # decoded responses (special tokens removed)
     truncated: torch.Tensor  # (B,) bool, hit max_new_tokens without EOS
+    # (B, T) float32: the sampling engine's log-prob of each response token (vLLM), 0 elsewhere; None for HF
+    engine_logp: torch.Tensor | None = None
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -38,6 +40,7 @@ class Rollout:
         return Rollout(
             self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
             self.group.to(device), self.completions, self.truncated.to(device),
+            None if self.engine_logp is None else self.engine_logp.to(device),
         )  # fmt: skip
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
@@ -50,6 +53,7 @@ class Rollout:
             self.group[rows],
             comps,
             self.truncated[rows],
+            None if self.engine_logp is None else self.engine_logp[rows],
         )
 
 
@@ -124,8 +128,10 @@ def pack(
     responses: Sequence[Sequence[int]],
     group: Sequence[int],
     truncated: Sequence[bool] | None = None,
+    response_logp: Sequence[Sequence[float]] | None = None,
 ) -> Rollout:
-    """Token lists -> the packed (B, T) layout (prompts left-padded, responses right-padded)."""
+    """Token lists -> the packed (B, T) layout (prompts left-padded, responses right-padded);
+    ``response_logp`` (one value per response token) becomes ``engine_logp``."""
     pad = tokenizer.pad_token_id
     p_len = max(len(p) for p in prompts)
     r_len = max(1, max(len(r) for r in responses))
@@ -141,7 +147,14 @@ def pack(
             resp[i, p_len : p_len + len(r)] = True
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     trunc = torch.tensor(list(truncated) if truncated is not None else [False] * b, dtype=torch.bool)
-    return Rollout(ids, att, resp, torch.tensor(list(group), dtype=torch.long), completions, trunc)
+    logp = None
+    if response_logp is not None:
+        logp = torch.zeros((b, p_len + r_len), dtype=torch.float32)
+        for i, (r, lp) in enumerate(zip(responses, response_logp)):
+            if len(lp) != len(r):
+                raise ValueError(f"response {i}: {len(r)} tokens but {len(lp)} log-probs")
+            logp[i, p_len : p_len + len(r)] = torch.tensor(list(lp), dtype=torch.float32)
+    return Rollout(ids, att, resp, torch.tensor(list(group), dtype=torch.long), completions, trunc, logp)
 
 
 def encode_solutions(tokenizer, examples, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:

@@ -22,7 +22,7 @@ from rlfr.data.benchmarks import BENCHMARKS
 from rlfr.data.sources import Fields, load_source
 from rlfr.data.tasks import EMBEDDED_SETS
 from rlfr.data.templates import TEMPLATES, render_prompt
-from rlfr.eval.scoring import hf_completions, score_completions, vllm_available, vllm_completions
+from rlfr.eval.scoring import engine_completions, hf_completions, score_completions
 from rlfr.schema import DataConfig
 
 
@@ -59,7 +59,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--problem-field", default="problem", help="data files: field holding the problem")
     p.add_argument("--answer-field", default="answer", help="data files: field holding the answer")
-    p.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend")
+    p.add_argument(
+        "--backend",
+        default="hf",
+        choices=("hf", "vllm"),
+        help="generation backend: hf (transformers generate) or vllm (the trainer's vLLM engine; CPU or GPU, "
+        "pip install 'rlfr[vllm]', see docs/vllm.md)",
+    )
+    p.add_argument(
+        "--vllm-memory-fraction",
+        type=float,
+        default=0.3,
+        help="vllm: fraction of the GPU's memory vLLM may use (on CPU: of the RAM)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call (hf)")
     p.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype"
@@ -75,6 +87,7 @@ def dataset_slug(spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rlfr.policy.loading import is_adapter_dir, load_model, load_tokenizer, resolve_model_path
+    from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, model_eos, require_vllm
     from rlfr.reward.verifier import Verifier
     from rlfr.runtime.env import inference_device, seed_everything
 
@@ -89,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} is a LoRA adapter and vLLM loads whole models: merge it first with "
             "rlfr export --checkpoint CHECKPOINT --merged OUT, then --model OUT (or use --backend hf)"
         )
-    if args.backend == "vllm" and (reason := vllm_available()) is not None:
-        raise ValueError(f"--backend vllm is unavailable: {reason}; use --backend hf")
+    if args.backend == "vllm":
+        require_vllm("--backend vllm")
+        if not 0 < args.vllm_memory_fraction <= 1:
+            raise ValueError(f"--vllm-memory-fraction must be in (0, 1], got {args.vllm_memory_fraction}")
     sets = {}
     for spec in args.data:  # load every set first: a bad path fails before the model loads
         size = args.eval_size if spec in EMBEDDED_SETS else 0  # files and benchmarks: all rows (--limit)
@@ -99,9 +114,16 @@ def run(args: argparse.Namespace) -> int:
         sets[dataset_slug(spec)] = (spec, rows[: args.limit] if args.limit > 0 else rows)
     seed_everything(args.seed)
     tok = load_tokenizer(args.model)
-    model = None
+    model = engine = None
     if args.backend == "hf":
         model = load_model(args.model, args.dtype).to(inference_device(args.cpu)).eval()
+    else:
+        path = resolve_model_path(args.model)
+        longest = max(len(tok(render_prompt(args.template, ex.problem, tok), add_special_tokens=False)["input_ids"])
+                      for _, rows in sets.values() for ex in rows)  # fmt: skip
+        settings = VLLMSettings(dtype=args.dtype, memory_fraction=args.vllm_memory_fraction,
+                                max_model_len=longest + args.max_new_tokens, seed=args.seed)  # fmt: skip
+        engine = VLLMEngine(path, tok, model_eos(path, tok), settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -128,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 greedy=greedy,
             )
             if args.backend == "vllm":
-                comps = vllm_completions(resolve_model_path(args.model), tok, prompts, seed=args.seed, **gen)
+                comps = engine_completions(engine, prompts, seed=args.seed, **gen)
             else:
                 comps = hf_completions(model, tok, prompts, batch_size=args.batch_size, **gen)
             res = score_completions(examples, prompts, comps, verifier)
