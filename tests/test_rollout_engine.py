@@ -81,7 +81,10 @@ def test_pack_places_engine_logprobs_with_the_responses():
     assert ro.engine_logp.tolist() == [[0, 0, 0, -0.5, -1.0, 0], [0, 0, 0, -0.25, -0.125, -0.75]]
     assert torch.equal(ro.engine_logp != 0, ro.response_mask)
     sel = ro.select(torch.tensor([1]))
-    assert sel.engine_logp.tolist() == [[0, 0, 0, -0.25, -0.125, -0.75]] and sel.to("cpu").engine_logp is not None
+    assert (
+        sel.engine_logp.tolist() == [[0, 0, 0, -0.25, -0.125, -0.75]]
+        and sel.to("cpu").engine_logp is not None
+    )
     assert pack(tok, [[5]], [[9]], [0]).engine_logp is None  # the transformers sampler gives none
     with pytest.raises(ValueError, match="response 0: 2 tokens but 1 log-probs"):
         pack(tok, [[5]], [[9, 10]], [0], response_logp=[[-0.5]])

@@ -197,9 +197,12 @@ class VLLMEngine:
                 f"prompt {i} has {len(prompt_ids[i])} tokens: with {max_new_tokens} new tokens it exceeds the "
                 f"engine's max_model_len {self.settings.max_model_len}"
             )
+        # vLLM refuses n > 1 with greedy decoding: greedy copies are separate requests
+        copies, n = (num_generations, 1) if greedy else (1, num_generations)
+        requests = [g for g in range(len(prompts)) for _ in range(copies)]
         params = [
             SamplingParams(
-                n=num_generations,
+                n=n,
                 temperature=0.0 if greedy else temperature,
                 top_p=1.0 if greedy else top_p,
                 top_k=0,
@@ -207,21 +210,21 @@ class VLLMEngine:
                 stop_token_ids=self.eos,
                 logprobs=0,
                 detokenize=False,
-                seed=None if seed is None else seed + i * num_generations,
-            )  # fmt: skip
-            for i in range(len(prompts))
+                seed=None if seed is None else seed + g * num_generations,
+            )
+            for g in requests
         ]
         self.wake()
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": prompt_ids[g]} for g in requests], params, use_tqdm=False
+        )
         if self.settings.sleep:
             self.llm.sleep(level=1)
             self.asleep = True
         prompts_x, responses, groups, truncated, logps = [], [], [], [], []
-        for g, out in enumerate(outs):
-            if len(out.outputs) != num_generations:
-                raise RuntimeError(
-                    f"vLLM returned {len(out.outputs)} samples for prompt {g}, not {num_generations}"
-                )
+        for g, out in zip(requests, outs):
+            if len(out.outputs) != n:
+                raise RuntimeError(f"vLLM returned {len(out.outputs)} samples for prompt {g}, not {n}")
             for c in out.outputs:
                 ids = list(c.token_ids)
                 prompts_x.append(prompt_ids[g])
