@@ -133,6 +133,7 @@ def rl_step(
         "accuracy": correct_t.float().mean().item(),
         "response_len": lens.mean().item(),
         "truncated": ro.truncated.float().mean().item(),
+        "update/tokens": ro.attention_mask.sum().item(),  # prompt + response tokens the update's forward sees
         "time/rollout": t_roll - t_sync,
         "time/verify": t_verify - t_roll,
         "time/step": time.time() - t0,
@@ -398,6 +399,8 @@ def online_flow_backward(
         mask = mask & above_quantile(entropy, mask, f.entropy_quantile)
     pairs = build_pairs(lat, layer_values.to(mask.device), mask, f.modes, f.shift, context_mask=context_mask)
     w = rollout_weights(correct, f.soft_flow)[pairs.batch_index]
+    log.total("flow/pairs", float(len(w)))  # a shape, no host sync; the FLOP floor of benchmarks/rl_step.py
+    log.add("flow/trained_pair_frac", (w > 0).float().sum() / max(len(w), 1), weight=len(w))
     out = online_flow_loss(field, pairs, w, total, f.batch_mul, log_field, autocast_dtype)
     log.flag_nonfinite("the online flow loss", ~torch.isfinite(out.loss))
     backward(out.loss)
