@@ -197,7 +197,9 @@ class RolloutConfig:
         "log-probs and latents for the update still come from the transformers forward)",
     )
     vllm_memory_fraction: float = field_(
-        0.3, "engine vllm: fraction of the GPU's memory vLLM may use (weights + KV cache; on CPU: of the RAM)"
+        0.3,
+        "engine vllm: fraction of the GPU's memory vLLM may use (weights + KV cache; on CPU: of the RAM, "
+        "counting the whole training process, or set VLLM_CPU_KVCACHE_SPACE=<GiB>; docs/vllm.md)",
     )
     vllm_sleep: bool = field_(
         False, "engine vllm: offload vLLM's weights and free its KV cache between rollouts (CUDA only)"
@@ -411,11 +413,13 @@ class FlowPretrainConfig:
 # Keys that may change when a run is resumed: they steer how the rest of the run is carried out, saved,
 # logged or evaluated, not what the run is. Any other change (method, model, data, seed, batch shape, flow
 # settings, rewards, ...) would make the resumed run a different experiment and is refused unless forced.
+# The sampling engine may change: both sample the same policy (the rollouts' random draws differ).
 RESUMABLE_KEYS = (
     "steps", "save_every", "keep_checkpoints", "eval_every", "eval_max_new_tokens", "cpu", "out_dir",
     "policy.lr", "policy.max_grad_norm", "policy.micro_batch_size", "policy.track_kl",
     "policy.skip_nonfinite_batches", "flow.lr", "rollout.batch_size", "model.gradient_checkpointing",
-    "reward.workers", "reward.timeout", "report_to", "log_samples_every",
+    "reward.workers", "reward.timeout", "report_to", "log_samples_every", "rollout.engine",
+    "rollout.vllm_memory_fraction", "rollout.vllm_sleep",
 )  # fmt: skip
 
 

@@ -116,6 +116,15 @@ class VLLMEngine:
                 enable_sleep_mode=settings.sleep, enforce_eager=not torch.cuda.is_available(),
                 skip_tokenizer_init=True, generation_config="vllm", **extra,
             )  # fmt: skip
+        except ValueError as e:  # vLLM's memory check: name rlfr's settings
+            if "memory" not in str(e):
+                raise
+            raise EngineUnavailableError(
+                f"vLLM could not reserve its memory with memory fraction {settings.memory_fraction} "
+                f"(rollout.vllm_memory_fraction, rlfr eval --vllm-memory-fraction): {e}. On CPU the fraction of "
+                "RAM counts this whole process, the trainer's memory included: raise it, or set "
+                "VLLM_CPU_KVCACHE_SPACE=<GiB> to give the KV cache a fixed size (docs/vllm.md)"
+            ) from e
         finally:
             torch.set_num_threads = set_threads  # the CPU worker replaces it with a no-op
             torch.set_num_threads(threads)
