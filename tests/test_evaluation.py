@@ -256,7 +256,4 @@ def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
 
 def test_eval_cli_errors(tiny_dir, tmp_path):
     assert main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
-    from rlfr.eval.scoring import vllm_available
-
-    if vllm_available() is not None:  # no vllm or no GPU: a clear error, not a silent fallback to hf
-        assert main(["eval", "--model", str(tiny_dir), "--data", "embedded", "--backend", "vllm"]) == 2
+    # --backend vllm without vLLM: tests/test_rollout_engine.py::test_missing_vllm_is_one_clear_error

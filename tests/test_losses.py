@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from rlfr.rl.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, policy_loss
+from rlfr.rl.losses import (
+    entropy_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    policy_loss,
+    truncated_is_weights,
+)
 
 T = True
 F = False
@@ -137,3 +143,44 @@ def test_gradient_accumulation_sums_to_full_batch(aggregation):
     torch.testing.assert_close(total, full)
     torch.testing.assert_close(acc_grad, full_grad)
     assert torch.isfinite(acc_grad).all() and (acc_grad[~mask] == 0).all()
+
+
+def test_truncated_is_weights_hand_worked():
+    # p_old / p_engine = 0.5 / 0.25 = 2 -> capped at 1.5; 0.2 / 0.4 = 0.5; 0.9 / 0.3 = 3 but masked out -> 1
+    old = torch.tensor([[math.log(0.5), math.log(0.2), math.log(0.9)]])
+    eng = torch.tensor([[math.log(0.25), math.log(0.4), math.log(0.3)]])
+    mask = torch.tensor([[T, T, F]])
+    w = truncated_is_weights(old, eng, mask, cap=1.5)
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5, 1.0]]))
+    # the same with a slow loop over tokens
+    loop = [
+        min(math.exp(o - e), 1.5) if m else 1.0
+        for o, e, m in zip(old[0].tolist(), eng[0].tolist(), mask[0].tolist())
+    ]
+    assert torch.allclose(w[0], torch.tensor(loop))
+    with pytest.raises(ValueError, match="cap"):
+        truncated_is_weights(old, eng, mask, cap=0.5)
+    with pytest.raises(ValueError, match="one shape"):
+        truncated_is_weights(old, eng[:, :2], mask, cap=2.0)
+
+
+def test_is_weights_scale_the_pg_term_only():
+    # logp = old_logp: ratio 1, no clipping, per-token loss -A. Advantages (1, 2) with weights (1.5, 0.5):
+    # token_mean = -(1.5 * 1 + 0.5 * 2) / 2 = -1.25 (without weights -(1 + 2) / 2 = -1.5)
+    logp = torch.tensor([[-0.7, -1.6, -0.1]], requires_grad=True)
+    adv = torch.tensor([[1.0, 2.0, 0.0]])
+    mask = torch.tensor([[T, T, F]])
+    w = torch.tensor([[1.5, 0.5, 1.0]])
+    out = policy_loss(logp, logp.detach(), adv, mask, aggregation="token_mean", is_weights=w)
+    assert out.loss.item() == pytest.approx(-1.25)
+    assert policy_loss(logp, logp.detach(), adv, mask, aggregation="token_mean").loss.item() == pytest.approx(
+        -1.5
+    )
+    # the gradient of token k is -w_k A_k / 2 (d ratio / d logp = 1 at ratio 1)
+    out.loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.75, -0.5, 0.0]]))
+    # the KL term is not weighted: ref = logp - 1 on token 0 only, k1 = 1 there, kl_coef 0.1 adds 0.1 / 2
+    ref = logp.detach() - torch.tensor([[1.0, 0.0, 0.0]])
+    kl = policy_loss(logp, logp.detach(), adv, mask, aggregation="token_mean", is_weights=w, ref_logp=ref,
+                     kl_coef=0.1, kl_estimator="k1")  # fmt: skip
+    assert kl.loss.item() == pytest.approx(-1.25 + 0.05)

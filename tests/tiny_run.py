@@ -41,7 +41,10 @@ def make_tokenizer():
     return tok
 
 
-def make_tiny_model_dir(path: str | Path, arch: str = "llama", num_layers: int = 4, seed: int = 0) -> Path:
+def make_tiny_model_dir(
+    path: str | Path, arch: str = "llama", num_layers: int = 4, seed: int = 0, **config_overrides
+) -> Path:
+    """``config_overrides`` replace config fields (vLLM's CPU attention needs head_dim >= 32, for example)."""
     import transformers as tf
 
     path = Path(path)
@@ -59,6 +62,7 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", num_layers: int =
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
     )
+    kw.update(config_overrides)
     config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[arch](**kw)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)

@@ -40,6 +40,11 @@ class RunDirError(RlfrError, RuntimeError):
     """An output directory that holds another run, or is in use by another process."""
 
 
+class EngineUnavailableError(RlfrError, RuntimeError):
+    """An optional sampling engine (vLLM) that is not installed or cannot run here; the message names the
+    setting that asked for it and says what to install. rlfr never falls back to another engine."""
+
+
 class VerifierError(RlfrError, RuntimeError):
     """The answer checker's worker pool broke and could not be rebuilt."""
 

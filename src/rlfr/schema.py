@@ -212,13 +212,40 @@ class RolloutConfig:
     temperature: float = field_(1.0, "sampling temperature")
     top_p: float = field_(1.0, "nucleus sampling threshold")
     max_new_tokens: int = field_(1024, "generation limit per response")
-    batch_size: int = field_(64, "sequences generated per generate() call")
+    batch_size: int = field_(64, "sequences generated per generate() call (engine hf)")
+    engine: Literal["hf", "vllm"] = field_(
+        "hf",
+        "sampling engine: hf (transformers generate) or vllm (a colocated vLLM engine, pip install 'rlfr[vllm]'; "
+        "log-probs and latents for the update still come from the transformers forward)",
+    )
+    vllm_memory_fraction: float = field_(
+        0.3,
+        "engine vllm: fraction of the GPU's memory vLLM may use (weights + KV cache; on CPU: of the RAM, "
+        "counting the whole training process, or set VLLM_CPU_KVCACHE_SPACE=<GiB>; docs/vllm.md)",
+    )
+    vllm_sleep: bool = field_(
+        False, "engine vllm: offload vLLM's weights and free its KV cache between rollouts (CUDA only)"
+    )
+    vllm_is_correction: bool = field_(
+        False,
+        "engine vllm: weight each token's policy-gradient term by min(p_hf / p_vllm, vllm_is_cap), the "
+        "truncated importance-sampling correction for the engines' numerical mismatch (as TRL)",
+    )
+    vllm_is_cap: float = field_(2.0, "engine vllm: cap of the importance weight (>= 1)")
 
     def validate(self) -> None:
         if min(self.prompts_per_step, self.num_generations, self.max_new_tokens, self.batch_size) < 1:
             raise ConfigError("prompts_per_step, num_generations, max_new_tokens and batch_size must be >= 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be > 0 and top_p in (0, 1]")
+        if not 0 < self.vllm_memory_fraction <= 1:
+            raise ConfigError(f"vllm_memory_fraction must be in (0, 1], got {self.vllm_memory_fraction}")
+        if not self.vllm_is_cap >= 1:
+            raise ConfigError(f"vllm_is_cap must be >= 1, got {self.vllm_is_cap}")
+        if self.engine != "vllm":
+            for key in ("vllm_sleep", "vllm_is_correction"):
+                if getattr(self, key):
+                    raise ConfigError(f"{key}=true needs engine=vllm (engine is {self.engine})")
 
 
 @dataclass(frozen=True)
@@ -337,6 +364,12 @@ class TrainConfig:
             raise ConfigError("keep_checkpoints and eval_max_new_tokens must be >= 1")
         if self.method == "rlfr" and self.flow.reward.beta == 0:
             raise ConfigError("method=rlfr with flow.reward.beta=0 is RLVR; use method=rlvr")
+        if self.rollout.vllm_sleep:
+            from rlfr.policy.vllm_engine import sleep_mode_unavailable
+
+            reason = "cpu=true is set" if self.cpu else sleep_mode_unavailable()
+            if reason is not None:
+                raise ConfigError(f"rollout.vllm_sleep=true: vLLM's sleep mode needs a CUDA GPU ({reason})")
 
 
 @dataclass(frozen=True)
@@ -402,11 +435,13 @@ class FlowPretrainConfig:
 # Keys that may change when a run is resumed: they steer how the rest of the run is carried out, saved,
 # logged or evaluated, not what the run is. Any other change (method, model, data, seed, batch shape, flow
 # settings, rewards, ...) would make the resumed run a different experiment and is refused unless forced.
+# The sampling engine may change: both sample the same policy (the rollouts' random draws differ).
 RESUMABLE_KEYS = (
     "steps", "save_every", "keep_checkpoints", "eval_every", "eval_max_new_tokens", "cpu", "out_dir",
     "policy.lr", "policy.max_grad_norm", "policy.micro_batch_size", "policy.track_kl",
     "policy.skip_nonfinite_batches", "flow.lr", "rollout.batch_size", "model.gradient_checkpointing",
-    "reward.workers", "reward.timeout", "report_to", "log_samples_every",
+    "reward.workers", "reward.timeout", "report_to", "log_samples_every", "rollout.engine",
+    "rollout.vllm_memory_fraction", "rollout.vllm_sleep",
 )  # fmt: skip
 
 

@@ -5,9 +5,10 @@ accuracy and one record per example (prompt, completion, extracted answer, corre
 processes each rank evaluates a shard and the records are gathered, so every rank gets the same result.
 
 Sampled evaluation (``rlfr eval --samples K``): a backend returns ``Completions`` (K texts per prompt):
-``hf_completions`` (``rlfr.policy.rollout.generate``, the trainer's sampler) or ``vllm_completions`` (vLLM's
-``LLM.generate``, GPU only, behind ``vllm_available()``); ``score_completions`` checks them with the
-verifier and reports avg@K and the unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
+``hf_completions`` (``rlfr.policy.rollout.generate``, the trainer's sampler) or ``engine_completions`` (the
+trainer's vLLM engine, ``rlfr.policy.vllm_engine``); both go through ``rollout_completions``, so prompts
+and stopping are the same. ``score_completions`` checks them with the verifier and reports avg@K and the
+unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from rlfr.data import Example
 from rlfr.data.templates import example_prompt
-from rlfr.policy.rollout import generate
+from rlfr.policy.rollout import Rollout, generate
 from rlfr.policy.vision import images_of
 from rlfr.reward.verifier import Verifier, extract_answer
 
@@ -99,6 +100,14 @@ class SampledEvalResult:
     mean_response_tokens: float = 0.0
 
 
+def rollout_completions(ro: Rollout, num_prompts: int, samples: int) -> Completions:
+    """A rollout of ``samples`` responses per prompt (groups contiguous) -> ``Completions``."""
+    lens = ro.response_lengths.tolist()
+    texts = [ro.completions[i * samples : (i + 1) * samples] for i in range(num_prompts)]
+    tokens = [[int(x) for x in lens[i * samples : (i + 1) * samples]] for i in range(num_prompts)]
+    return Completions(texts, tokens)
+
+
 def hf_completions(
     model,
     tokenizer,
@@ -113,40 +122,13 @@ def hf_completions(
 ) -> Completions:
     """Hugging Face ``generate`` (through ``rlfr.policy.rollout.generate``: same prompts and stopping as training);
     ``images``: each prompt's images for a vision-language policy."""
-    ro = generate(
-        model,
-        tokenizer,
-        prompts,
-        samples,
-        max_new_tokens,
-        temperature,
-        top_p,
-        greedy=greedy,
-        batch_size=batch_size,
-        images=images,
-    )
-    lens = ro.response_lengths.tolist()
-    texts = [ro.completions[i * samples : (i + 1) * samples] for i in range(len(prompts))]
-    tokens = [[int(x) for x in lens[i * samples : (i + 1) * samples]] for i in range(len(prompts))]
-    return Completions(texts, tokens)
+    ro = generate(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, greedy=greedy,
+                  batch_size=batch_size, images=images)  # fmt: skip
+    return rollout_completions(ro, len(prompts), samples)
 
 
-def vllm_available() -> str | None:
-    """None when the vLLM backend can run here, else the reason it cannot."""
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'rlfr[vllm]')"
-    if not torch.cuda.is_available():
-        return "vllm needs a CUDA GPU and none is visible"
-    return None
-
-
-def vllm_completions(
-    model_path: str,
-    tokenizer,
+def engine_completions(
+    engine,
     prompts: Sequence[str],
     samples: int,
     max_new_tokens: int,
@@ -154,29 +136,10 @@ def vllm_completions(
     top_p: float = 1.0,
     greedy: bool = False,
     seed: int = 0,
-    dtype: str = "bfloat16",
 ) -> Completions:
-    """vLLM generation (``LLM.generate`` with ``SamplingParams(n=samples)``). Prompts are passed as token
-    ids encoded without special tokens, exactly as the HF backend encodes them (no double BOS)."""
-    reason = vllm_available()
-    if reason is not None:
-        raise RuntimeError(f"--backend vllm is unavailable: {reason}; use --backend hf")
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=model_path, seed=seed, dtype=dtype)
-    params = SamplingParams(
-        n=samples,
-        temperature=0.0 if greedy else temperature,
-        top_p=1.0 if greedy else top_p,
-        max_tokens=max_new_tokens,
-        seed=seed,
-    )
-    ids = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
-    outs = llm.generate(ids, params)
-    return Completions(
-        texts=[[c.text for c in o.outputs] for o in outs],
-        tokens=[[len(c.token_ids) for c in o.outputs] for o in outs],
-    )
+    """A sampling engine's completions (``rlfr.policy.vllm_engine.VLLMEngine.generate``, seeded)."""
+    ro = engine.generate(prompts, samples, max_new_tokens, temperature, top_p, greedy=greedy, seed=seed)
+    return rollout_completions(ro, len(prompts), samples)
 
 
 def score_completions(

@@ -40,6 +40,8 @@ class Rollout:
     completions: list[str]  # decoded responses (special tokens removed)
     truncated: torch.Tensor  # (B,) bool, hit max_new_tokens without EOS
     vision: VisionBatch | None = None  # image inputs of the rows (vision-language policies)
+    # (B, T) float32: the sampling engine's log-prob of each response token (vLLM), 0 elsewhere; None for HF
+    engine_logp: torch.Tensor | None = None
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -50,6 +52,7 @@ class Rollout:
             self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
             self.group.to(device), self.completions, self.truncated.to(device),
             None if self.vision is None else self.vision.to(device),
+            None if self.engine_logp is None else self.engine_logp.to(device),
         )  # fmt: skip
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
@@ -63,6 +66,7 @@ class Rollout:
             comps,
             self.truncated[rows],
             None if self.vision is None else self.vision.select(rows),
+            None if self.engine_logp is None else self.engine_logp[rows],
         )
 
 
@@ -162,9 +166,11 @@ def pack(
     group: Sequence[int],
     truncated: Sequence[bool] | None = None,
     vision: VisionBatch | None = None,
+    response_logp: Sequence[Sequence[float]] | None = None,
 ) -> Rollout:
     """Token lists -> the packed (B, T) layout (prompts left-padded, responses right-padded); ``vision``: the
-    rows' image inputs, checked against the image placeholders of each prompt (none in any response)."""
+    rows' image inputs, checked against the image placeholders of each prompt (none in any response);
+    ``response_logp`` (one value per response token) becomes ``engine_logp``."""
     if vision is not None:
         expected = vision.tokens_per_row.tolist()
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -189,7 +195,15 @@ def pack(
             resp[i, p_len : p_len + len(r)] = True
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     trunc = torch.tensor(list(truncated) if truncated is not None else [False] * b, dtype=torch.bool)
-    return Rollout(ids, att, resp, torch.tensor(list(group), dtype=torch.long), completions, trunc, vision)
+    logp = None
+    if response_logp is not None:
+        logp = torch.zeros((b, p_len + r_len), dtype=torch.float32)
+        for i, (r, lp) in enumerate(zip(responses, response_logp)):
+            if len(lp) != len(r):
+                raise ValueError(f"response {i}: {len(r)} tokens but {len(lp)} log-probs")
+            logp[i, p_len : p_len + len(r)] = torch.tensor(list(lp), dtype=torch.float32)
+    return Rollout(ids, att, resp, torch.tensor(list(group), dtype=torch.long), completions, trunc,
+                   vision=vision, engine_logp=logp)  # fmt: skip
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 from rlfr.data.benchmarks import BENCHMARKS
 from rlfr.data.sources import GENERATED_SETS, Fields, load_source
 from rlfr.data.templates import TEMPLATES, example_prompt
-from rlfr.eval.scoring import hf_completions, score_completions, vllm_available, vllm_completions
+from rlfr.eval.scoring import engine_completions, hf_completions, score_completions
 from rlfr.schema import DataConfig
 
 
@@ -58,7 +58,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--problem-field", default="problem", help="data files: field holding the problem")
     p.add_argument("--answer-field", default="answer", help="data files: field holding the answer")
-    p.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend")
+    p.add_argument(
+        "--backend",
+        default="hf",
+        choices=("hf", "vllm"),
+        help="generation backend: hf (transformers generate) or vllm (the trainer's vLLM engine; CPU or GPU, "
+        "pip install 'rlfr[vllm]', see docs/vllm.md)",
+    )
+    p.add_argument(
+        "--vllm-memory-fraction",
+        type=float,
+        default=0.3,
+        help="vllm: fraction of the GPU's memory vLLM may use (on CPU: of the RAM)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call (hf)")
     p.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype"
@@ -80,6 +92,7 @@ def dataset_slug(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from rlfr.policy.loading import is_adapter_dir, load_model, load_tokenizer, resolve_model_path
     from rlfr.policy.vision import ImageTextProcessor, images_of
+    from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, model_eos, require_vllm
     from rlfr.reward.verifier import Verifier
     from rlfr.runtime.env import inference_device, seed_everything
 
@@ -94,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model} is a LoRA adapter and vLLM loads whole models: merge it first with "
             "rlfr export --checkpoint CHECKPOINT --merged OUT, then --model OUT (or use --backend hf)"
         )
-    if args.backend == "vllm" and (reason := vllm_available()) is not None:
-        raise ValueError(f"--backend vllm is unavailable: {reason}; use --backend hf")
+    if args.backend == "vllm":
+        require_vllm("--backend vllm")
+        if not 0 < args.vllm_memory_fraction <= 1:
+            raise ValueError(f"--vllm-memory-fraction must be in (0, 1], got {args.vllm_memory_fraction}")
     sets = {}
     for spec in args.data:  # load every set first: a bad path fails before the model loads
         size = args.eval_size if spec in GENERATED_SETS else 0  # files and benchmarks: all rows (--limit)
@@ -108,9 +123,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.model} is a vision-language model; rlfr's vLLM backend is text-only: use --backend hf"
         )
-    model = None
+    model = engine = None
     if args.backend == "hf":
         model = load_model(args.model, args.dtype).to(inference_device(args.cpu)).eval()
+    else:
+        path = resolve_model_path(args.model)
+        longest = max(len(tok(example_prompt(args.template, ex, tok), add_special_tokens=False)["input_ids"])
+                      for _, rows in sets.values() for ex in rows)  # fmt: skip
+        settings = VLLMSettings(dtype=args.dtype, memory_fraction=args.vllm_memory_fraction,
+                                max_model_len=longest + args.max_new_tokens, seed=args.seed)  # fmt: skip
+        engine = VLLMEngine(path, tok, model_eos(path, tok), settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -137,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 greedy=greedy,
             )
             if args.backend == "vllm":
-                comps = vllm_completions(resolve_model_path(args.model), tok, prompts, seed=args.seed, **gen)
+                comps = engine_completions(engine, prompts, seed=args.seed, **gen)
             else:
                 images = images_of(tok, examples)
                 comps = hf_completions(model, tok, prompts, batch_size=args.batch_size, images=images, **gen)

@@ -24,9 +24,11 @@ from rlfr.eval.plots import plot_metrics
 from rlfr.eval.scoring import evaluate
 from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
 from rlfr.policy.latents import LatentTap
-from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
+from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_path
 from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
-from rlfr.policy.vision import freeze_vision_tower, is_vision_language
+from rlfr.policy.rollout import eos_ids
+from rlfr.policy.vision import ImageTextProcessor, freeze_vision_tower, is_vision_language
+from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, require_vllm
 from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, FlowPart, paused, rl_step
@@ -59,10 +61,21 @@ class RunData:
 def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
     seed_everything(cfg.seed)  # same on every rank: identical initial flow weights
     set_tf32(cfg.tf32, acc.device)
+    if cfg.rollout.engine == "vllm":  # before minutes of loading: a missing vLLM or FSDP fails here
+        require_vllm("rollout.engine=vllm")
+        if sharding.is_fsdp(acc):
+            raise ConfigError(
+                "rollout.engine=vllm does not support FSDP yet (it syncs whole weights); use DDP"
+            )
     train, evals = resolve_data(cfg.data)  # data errors surface before minutes of model loading
     tok = load_tokenizer(
         cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
     )
+    if cfg.rollout.engine == "vllm" and isinstance(tok, ImageTextProcessor):
+        raise ConfigError(
+            f"rollout.engine=vllm: {cfg.model.name_or_path} is a vision-language model and rlfr's vLLM engine "
+            "is text-only for now; use rollout.engine=hf"
+        )
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
     policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
@@ -104,13 +117,27 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
         field_, flow_opt = sharding.prepare_replicated(acc, bundle.field, flow_opt)  # never sharded
         flow = FlowPart(field=field_, opt=flow_opt, sched=flow_sched, tap=tap, norm=bundle.norm,
                         autocast_dtype=flow_autocast(f.precision, acc.device))  # fmt: skip
+    engine = build_engine(cfg, acc, tok, acc.unwrap_model(policy)) if cfg.rollout.engine == "vllm" else None
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
     verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
     c = Components(
         cfg=cfg, acc=acc, policy=policy, tokenizer=tok, policy_opt=opt, policy_sched=sched,
         reward=OutcomeReward(cfg.reward.functions, cfg.reward.weights, verifier), ref=ref, flow=flow,
+        engine=engine,
     )  # fmt: skip
     return c, RunData(train, evals, prompts)
+
+
+def build_engine(cfg: TrainConfig, acc, tok, policy) -> VLLMEngine:
+    """The colocated vLLM engine of this process, loaded from the start model (the first rollout pushes the
+    policy's own weights: LoRA-merged, or a resumed checkpoint's)."""
+    r = cfg.rollout
+    settings = VLLMSettings(
+        dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction,
+        max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, sleep=r.vllm_sleep,
+        seed=cfg.seed + acc.process_index, distributed=acc.num_processes > 1,
+    )  # fmt: skip
+    return VLLMEngine(str(resolve_model_path(cfg.model.name_or_path)), tok, eos_ids(tok, policy), settings)
 
 
 def flow_bundle(c: Components) -> FlowBundle:

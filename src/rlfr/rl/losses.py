@@ -18,6 +18,12 @@ Contract:
   exceeds it contributes ``ratio_max * A`` without gradient, so a stale, very unlikely sample with a
   negative advantage cannot dominate the update (the dual-clip idea of Ye et al. 2020).
 
+- ``truncated_is_weights(old_logp, engine_logp, mask, cap) -> (B, T)``: min(exp(old_logp - engine_logp), cap)
+  on response tokens, 1 elsewhere: the truncated importance-sampling correction for rollouts sampled by
+  another engine (vLLM) than the one that scores them (Yao et al. 2025, "Your efficient RL framework
+  secretly brings you off-policy RL training"; TRL's ``vllm_importance_sampling_correction``). It multiplies
+  the PPO term of ``policy_loss`` (``is_weights``), never the KL term.
+
 Departure from the authors' code (RLFR_METHOD §8.5): the low and high clips are separate, explicit
 arguments (theirs passed ``use_dapo`` into the clip-high slot).
 """
@@ -86,6 +92,24 @@ def kl_penalty(
     raise ValueError(f"unknown KL estimator {estimator!r}; valid: ['k1', 'k3']")
 
 
+def truncated_is_weights(
+    old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Per-token weights pi_old / pi_engine truncated at ``cap``: (B, T), (B, T), (B, T) bool -> (B, T) float32.
+
+    ``old_logp`` is the trainer's log-prob of each sampled token (the policy that the update's ratio starts
+    from), ``engine_logp`` the sampling engine's for the same token; outside ``mask`` the weight is 1."""
+    if old_logp.shape != engine_logp.shape or mask.shape != old_logp.shape:
+        raise ValueError(
+            f"old_logp {tuple(old_logp.shape)}, engine_logp {tuple(engine_logp.shape)} and mask "
+            f"{tuple(mask.shape)} must have one shape"
+        )
+    if not cap >= 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    log_w = (old_logp.float() - engine_logp.float()).clamp(max=_LOG_RATIO_CLAMP)
+    return torch.where(mask, torch.exp(log_w).clamp(max=cap), 1.0).detach()
+
+
 @dataclass
 class PolicyLossOutput:
     """loss: () with graph; clip_frac, approx_kl (KL(pi_old || pi), k3), kl (to the reference): () detached
@@ -115,8 +139,10 @@ def policy_loss(
     num_sequences: int | None = None,
     num_tokens: int | None = None,
     ratio_max: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
-    """PPO-clipped policy loss; all per-token inputs (B, T), mask (B, T) bool.
+    """PPO-clipped policy loss; all per-token inputs (B, T), mask (B, T) bool; ``is_weights`` (B, T) (see
+    ``truncated_is_weights``) multiply each token's PPO term, None = 1.
 
     Defaults for the normalisers are this micro-batch's counts: ``num_sequences`` = rows with at least one
     response token, ``num_tokens`` = mask.sum() (count the whole batch the same way when accumulating).
@@ -139,6 +165,12 @@ def policy_loss(
     surr1 = ratio * adv
     surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(surr1, surr2)
+    if is_weights is not None:
+        if is_weights.shape != logp.shape:
+            raise ValueError(
+                f"is_weights must be {tuple(logp.shape)} like logp, got {tuple(is_weights.shape)}"
+            )
+        per_token = per_token * is_weights.float().detach()
     kl = torch.zeros((), device=logp.device)
     if ref_logp is not None:
         kl_tok = kl_penalty(logp, ref_logp.detach(), kl_estimator)

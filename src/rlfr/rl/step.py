@@ -14,6 +14,11 @@ policy, so the old log-probs are the current ones detached and no extra forward 
 no-grad pass (``score_pass``) first records old log-probs and advantages, which stay fixed over the epochs,
 and trains the flow.
 
+Rollouts come from Hugging Face ``generate`` or, with ``rollout.engine=vllm``, from ``Components.engine``
+(``rlfr.policy.vllm_engine``), which gets the policy's weights before each rollout after an optimizer step;
+the update's log-probs always come from the transformers forward, and ``rollout/logp_diff_*`` log how far the
+engine's log-probs are from them (``rollout.vllm_is_correction`` reweights the loss by their truncated ratio).
+
 Departures from the authors' code (RLFR_METHOD §8): the flow loss runs outside the hooks under autograd, so
 online flow updates really train the flow (also under gradient checkpointing), on detached latents (no
 gradient reaches the policy); rewards are binary by default.
@@ -38,7 +43,7 @@ from rlfr.policy.rollout import Rollout, generate
 from rlfr.policy.vision import images_of
 from rlfr.reward.functions import OutcomeReward
 from rlfr.rl.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
-from rlfr.rl.losses import kl_penalty, policy_loss
+from rlfr.rl.losses import kl_penalty, policy_loss, truncated_is_weights
 from rlfr.rl.shaping import shape_flow_rewards
 from rlfr.runtime.metrics import Accum, reduce_stats
 from rlfr.runtime.optim import optimizer_step
@@ -71,6 +76,7 @@ class Components:
     # the start model, for the KL (kl_coef > 0 or track_kl); with LoRA the policy with its adapters off
     ref: nn.Module | None = None
     flow: FlowPart | None = None  # method rlfr only
+    engine: object | None = None  # rlfr.policy.vllm_engine.VLLMEngine (rollout.engine=vllm), else None
     nonfinite_skipped: int = 0  # batches skipped for NaN / inf so far (policy.skip_nonfinite_batches)
 
 
@@ -101,9 +107,9 @@ def rl_step(
     cfg, n, t0 = c.cfg, c.cfg.rollout.num_generations, time.time()
     # 1. rollout (latent capture paused: generate() runs the model once per new token)
     with paused(c):
-        r = cfg.rollout
-        ro = generate(c.acc.unwrap_model(c.policy), c.tokenizer, prompts, n, r.max_new_tokens, r.temperature,
-                      r.top_p, batch_size=r.batch_size, images=images_of(c.tokenizer, examples))  # fmt: skip
+        pushed = sync_engine(c)
+        t_sync = time.time()
+        ro = sample(c, prompts, examples)
     t_roll = time.time()
     # 2. verify
     reward, correct = c.reward(ro.completions, [ex.answer for ex in examples for _ in range(n)])
@@ -128,11 +134,14 @@ def rl_step(
         "accuracy": correct_t.float().mean().item(),
         "response_len": lens.mean().item(),
         "truncated": ro.truncated.float().mean().item(),
-        "time/rollout": t_roll - t0,
+        "update/tokens": ro.attention_mask.sum().item(),  # prompt + response tokens the update's forward sees
+        "time/rollout": t_roll - t_sync,
         "time/verify": t_verify - t_roll,
         "time/step": time.time() - t0,
-        "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t0, 1e-9),
+        "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t_sync, 1e-9),
     }
+    if c.engine is not None:
+        stats |= {"time/weight_sync": t_sync - t0, "rollout/weights_pushed": float(pushed)}
     if keep is not None:
         stats["filter/kept_frac"] = keep.float().mean().item()
     if "update/skipped_nonfinite" in stats:  # the skipped batch's NaN statistics are not logged
@@ -145,6 +154,27 @@ def rl_step(
             row = {"prompt": prompts[i // n], "completion": text, "reward": reward[i], "correct": correct[i]}
             samples.append(row | ({"flow_reward": flow_sums.get(i, 0.0)} if c.flow is not None else {}))
     return reduce_stats(c.acc, stats)
+
+
+def sync_engine(c: Components) -> bool:
+    """Push the policy's weights to the sampling engine if an optimizer step changed them since the last
+    push (the scheduler's step count is the weights' version); -> whether it pushed."""
+    if c.engine is None:
+        return False
+    return c.engine.sync_weights(c.acc.unwrap_model(c.policy), version=c.policy_sched.last_epoch)
+
+
+def sample(c: Components, prompts: list[str], examples) -> Rollout:
+    """``num_generations`` rollouts per prompt from the configured engine (images from ``examples`` for a
+    vision-language policy; the vLLM engine is text-only and refused for those at start-up)."""
+    r = c.cfg.rollout
+    if c.engine is None:
+        return generate(c.acc.unwrap_model(c.policy), c.tokenizer, prompts, r.num_generations, r.max_new_tokens,
+                        r.temperature, r.top_p, batch_size=r.batch_size,
+                        images=images_of(c.tokenizer, examples))  # fmt: skip
+    # vLLM's sampling seed is drawn from torch's RNG, which is seeded per process and checkpointed
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    return c.engine.generate(prompts, r.num_generations, r.max_new_tokens, r.temperature, r.top_p, seed=seed)
 
 
 def update(c: Components, batch: Batch, step: int, log: Accum) -> None:
@@ -225,15 +255,21 @@ def micro_step(c, batch: Batch, rows, fixed: Fixed | None, flow_total, norms, ho
         old_logp = logp.detach()
         adv = advantages(c, batch, rows, ro, ent, old_logp, ref_logp, log)
         flow_backward(c, batch, rows, ro, ent, flow_total, log)
+        log_engine_mismatch(ro, old_logp, log)
     else:
         adv, old_logp = fixed.adv[rows], fixed.old_logp[rows]
     if hold_actor:
         return
+    is_w = None
+    if c.cfg.rollout.vllm_is_correction:
+        is_w = truncated_is_weights(old_logp, ro.engine_logp, mask, c.cfg.rollout.vllm_is_cap)
+        log.add("rollout/is_weight_mean", (is_w * mask).sum() / mask.sum().clamp(min=1), weight=mask.sum())
     in_loss = p.kl_mode == "loss"
     out = policy_loss(
         logp, old_logp, adv, mask, p.clip_low, p.clip_high, p.aggregation,
         ref_logp=ref_logp if in_loss else None, kl_coef=p.kl_coef if in_loss else 0.0,
         kl_estimator=p.kl_estimator, num_sequences=norms[0], num_tokens=norms[1], ratio_max=p.ratio_max,
+        is_weights=is_w,
     )  # fmt: skip
     log.flag_nonfinite("the policy loss", ~torch.isfinite(out.loss))
     c.acc.backward(out.loss)
@@ -258,8 +294,20 @@ def score_pass(c: Components, batch: Batch, flow_total, log: Accum) -> Fixed:
         ref_logp = ref_forward(c, ro)
         advs.append(advantages(c, batch, rows, ro, ent, logp, ref_logp, log))
         flow_backward(c, batch, rows, ro, ent, flow_total, log)
+        log_engine_mismatch(ro, logp, log)
         old.append(logp)
     return Fixed(old_logp=torch.cat(old), adv=torch.cat(advs))
+
+
+def log_engine_mismatch(ro: Rollout, logp: torch.Tensor, log: Accum) -> None:
+    """|logp_engine - logp_hf| over the response tokens of rollouts from another engine (vLLM)."""
+    if ro.engine_logp is None:
+        return
+    mask = ro.response_mask
+    diff = torch.where(mask, (ro.engine_logp - logp.detach()).abs(), 0.0)
+    n_tok = mask.sum()
+    log.add("rollout/logp_diff_mean", diff.sum() / n_tok.clamp(min=1), weight=n_tok)
+    log.maximum("rollout/logp_diff_max", diff.max())
 
 
 def advantages(c, batch: Batch, rows, ro: Rollout, ent, logp, ref_logp, log: Accum) -> torch.Tensor:
@@ -354,6 +402,8 @@ def online_flow_backward(
         mask = mask & above_quantile(entropy, mask, f.entropy_quantile)
     pairs = build_pairs(lat, layer_values.to(mask.device), mask, f.modes, f.shift, context_mask=context_mask)
     w = rollout_weights(correct, f.soft_flow)[pairs.batch_index]
+    log.total("flow/pairs", float(len(w)))  # a shape, no host sync; the FLOP floor of benchmarks/rl_step.py
+    log.add("flow/trained_pair_frac", (w > 0).float().sum() / max(len(w), 1), weight=len(w))
     out = online_flow_loss(field, pairs, w, total, f.batch_mul, log_field, autocast_dtype)
     log.flag_nonfinite("the online flow loss", ~torch.isfinite(out.loss))
     backward(out.loss)

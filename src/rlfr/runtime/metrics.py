@@ -223,7 +223,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class Accum:
-    """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), paired samples
+    """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), maxima
+    (``maximum``; across processes ``reduce_stats`` then averages them like every statistic), paired samples
     (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step), non-finite flags
     (``flag_nonfinite``), and per-rollout values (``put_rows``: row index -> value, for the sample tables;
     not part of ``means``).
@@ -238,6 +239,7 @@ class Accum:
         self.totals: dict[str, float] = {}
         self.samples: dict[str, list] = {}
         self.rows: dict[str, list] = {}
+        self.maxima: dict[str, list] = {}
         self._flags: list[tuple[str, object]] = []
 
     def flag_nonfinite(self, quantity: str, flag) -> None:
@@ -251,6 +253,10 @@ class Accum:
     def add(self, key: str, value, weight=1.0) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight
         self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def maximum(self, key: str, value) -> None:
+        """The largest ``value`` of the step (scalars or 0-d tensors, read at the end)."""
+        self.maxima.setdefault(key, []).append(value)
 
     def total(self, key: str, value: float) -> None:
         self.totals[key] = self.totals.get(key, 0.0) + value
@@ -281,6 +287,7 @@ class Accum:
             if w > 0:
                 out[k] = float(total) / w
         out |= self.totals
+        out |= {k: max(float(v) for v in values) for k, values in self.maxima.items()}
         for key, parts in self.samples.items():
             scores, labels = [], []
             for s, lab, keep in parts:
