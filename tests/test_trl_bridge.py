@@ -259,6 +259,9 @@ def test_other_settings_are_refused_with_the_fix(tiny_dir, tmp_path):
         trainer(tiny_dir, tmp_path, flow=FlowConfig(), correctness="accuracy")
     with pytest.raises(ValueError, match="actor_warmup_steps"):
         trainer(tiny_dir, tmp_path, flow=FlowConfig(actor_warmup_steps=2))
+    # 4 blocks: fractions 0.25 and 0.3 both round to block 1, refused when the trainer is built
+    with pytest.raises(ValueError, match=r"duplicate block indices \[1, 1\] for 4 blocks"):
+        trainer(tiny_dir, tmp_path, flow=FlowConfig(fractions=(0.25, 0.3)))
 
 
 def test_only_the_tested_trl_versions_import():

@@ -81,7 +81,7 @@ from rlfr.errors import CheckpointError, ConfigError, NonFiniteError  # noqa: E4
 from rlfr.flow import LatentNorm  # noqa: E402
 from rlfr.flow.store import FlowBundle, build_flow, load_flow, save_flow  # noqa: E402
 from rlfr.policy.forward import policy_forward, position_ids  # noqa: E402
-from rlfr.policy.latents import LatentTap  # noqa: E402
+from rlfr.policy.latents import LatentTap, block_indices, decoder_blocks  # noqa: E402
 from rlfr.rl.advantages import token_advantages  # noqa: E402
 from rlfr.rl.step import flow_weight, online_flow_backward, shaped_flow_rewards  # noqa: E402
 from rlfr.runtime.checkpoint import flow_dir  # noqa: E402
@@ -161,6 +161,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
             )
         self.correct_index = self.reward_func_names.index(correctness)
         self.correct_threshold = correct_threshold
+        # hooked blocks checked now, not at the first batch (fractions that collide on a shallow model)
+        block_indices(len(decoder_blocks(self.accelerator.unwrap_model(self.model))), self.flow_config.fractions)
         with torch.random.fork_rng(devices=[]):  # the same fresh flow on every process; TRL's RNG untouched
             torch.manual_seed(self.args.seed)
             bundle = build_flow(self.flow_config, self.accelerator.unwrap_model(self.model))
