@@ -98,3 +98,14 @@ def test_accum_maximum_is_the_largest_value():
     log.maximum("d", 0.75)
     log.maximum("d", torch.tensor(0.5))
     assert log.means() == {"d": 0.75}
+
+
+def test_engine_length_is_checked_against_the_models_positions():
+    from transformers import LlamaConfig
+
+    from rlfr.policy.vllm_engine import check_model_len
+
+    config = LlamaConfig(max_position_embeddings=512)
+    assert check_model_len(512, config, "a + b") == 512
+    with pytest.raises(ConfigError, match=r"a \+ b = 513 tokens, beyond the model's 512 positions"):
+        check_model_len(513, config, "a + b")

@@ -162,7 +162,9 @@ class RLFRGRPOTrainer(GRPOTrainer):
         self.correct_index = self.reward_func_names.index(correctness)
         self.correct_threshold = correct_threshold
         # hooked blocks checked now, not at the first batch (fractions that collide on a shallow model)
-        block_indices(len(decoder_blocks(self.accelerator.unwrap_model(self.model))), self.flow_config.fractions)
+        block_indices(
+            len(decoder_blocks(self.accelerator.unwrap_model(self.model))), self.flow_config.fractions
+        )
         with torch.random.fork_rng(devices=[]):  # the same fresh flow on every process; TRL's RNG untouched
             torch.manual_seed(self.args.seed)
             bundle = build_flow(self.flow_config, self.accelerator.unwrap_model(self.model))

@@ -114,17 +114,24 @@ def check_causal(model, name: str) -> None:
         )
 
 
-def model_config(name_or_path: str, trust_remote_code: bool = False):
-    """The ``AutoConfig`` of a model (of its base model for a PEFT adapter directory)."""
+def base_model_path(name_or_path: str) -> str:
+    """The resolved model directory, or for a PEFT adapter directory that of the base model it names."""
     import json
-
-    from transformers import AutoConfig
 
     path = resolve_model_path(name_or_path)
     if is_adapter_dir(path):
         path = resolve_model_path(
             json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         )
+    return str(path)
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The ``AutoConfig`` of a model (of its base model for a PEFT adapter directory)."""
+
+    from transformers import AutoConfig
+
+    path = base_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - re-raised with the path named

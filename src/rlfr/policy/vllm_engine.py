@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlfr.errors import EngineUnavailableError
+from rlfr.errors import ConfigError, EngineUnavailableError
 from rlfr.policy.rollout import Rollout, pack
 
 INSTALL_HINT = (
@@ -84,6 +84,19 @@ def model_eos(model_path: str, tokenizer) -> list[int]:
     )
 
 
+def check_model_len(max_model_len: int, config, keys: str) -> int:
+    """``max_model_len`` if the model's positions cover it (``max_position_embeddings``, of the text config for
+    a multimodal one), else a ConfigError naming ``keys`` (the settings that add up to it)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and max_model_len > limit:
+        raise ConfigError(
+            f"{keys} = {max_model_len} tokens, beyond the model's {limit} positions (max_position_embeddings): "
+            "vLLM refuses such an engine; lower them"
+        )
+    return max_model_len
+
+
 @dataclass(frozen=True)
 class VLLMSettings:
     dtype: str = "float32"  # as the policy's parameters, so that both sample the same distribution
@@ -99,6 +112,10 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer, eos: Sequence[int], settings: VLLMSettings):
         require_vllm("the vLLM engine")
+        if hasattr(tokenizer, "image_processor"):  # an rlfr.policy.vision.ImageTextProcessor
+            raise EngineUnavailableError(
+                "the vLLM engine is text-only: a vision-language policy samples with transformers (engine hf)"
+            )
         if settings.sleep and (reason := sleep_mode_unavailable()) is not None:
             raise EngineUnavailableError(f"rollout.vllm_sleep: {reason}")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights are synced by reference

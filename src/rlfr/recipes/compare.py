@@ -186,10 +186,14 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
         "seed": cfg.seed,
         "model_cfg": to_dict(cfg.model),
     }
+    if (
+        cfg.data.min_pixels is not None or cfg.data.max_pixels is not None
+    ):  # images resized: part of the result
+        key["pixels"] = [cfg.data.min_pixels, cfg.data.max_pixels]
     if (hit := _cached(path, key)) is not None:
         return hit
     t0 = time.time()
-    tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     model = model.to(inference_device(cfg.cpu)).eval()
     res = held_out_scores(

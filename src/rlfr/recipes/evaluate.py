@@ -90,9 +90,15 @@ def dataset_slug(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlfr.policy.loading import is_adapter_dir, load_model, load_tokenizer, resolve_model_path
+    from rlfr.policy.loading import (
+        is_adapter_dir,
+        load_model,
+        load_tokenizer,
+        model_config,
+        resolve_model_path,
+    )
     from rlfr.policy.vision import ImageTextProcessor, images_of
-    from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, model_eos, require_vllm
+    from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, check_model_len, model_eos, require_vllm
     from rlfr.reward.verifier import Verifier
     from rlfr.runtime.env import inference_device, seed_everything
 
@@ -130,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
         path = resolve_model_path(args.model)
         longest = max(len(tok(example_prompt(args.template, ex, tok), add_special_tokens=False)["input_ids"])
                       for _, rows in sets.values() for ex in rows)  # fmt: skip
+        max_len = check_model_len(longest + args.max_new_tokens, model_config(args.model),
+                                  f"the longest prompt ({longest} tokens) + --max-new-tokens")  # fmt: skip
         settings = VLLMSettings(dtype=args.dtype, memory_fraction=args.vllm_memory_fraction,
-                                max_model_len=longest + args.max_new_tokens, seed=args.seed)  # fmt: skip
+                                max_model_len=max_len, seed=args.seed)  # fmt: skip
         engine = VLLMEngine(path, tok, model_eos(path, tok), settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

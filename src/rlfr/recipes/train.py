@@ -24,11 +24,11 @@ from rlfr.eval.plots import plot_metrics
 from rlfr.eval.scoring import evaluate
 from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
 from rlfr.policy.latents import LatentTap
-from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_path
+from rlfr.policy.loading import base_model_path, enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
 from rlfr.policy.rollout import eos_ids
 from rlfr.policy.vision import ImageTextProcessor, freeze_vision_tower, is_vision_language
-from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, require_vllm
+from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, check_model_len, require_vllm
 from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, FlowPart, paused, rl_step
@@ -129,15 +129,18 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
 
 
 def build_engine(cfg: TrainConfig, acc, tok, policy) -> VLLMEngine:
-    """The colocated vLLM engine of this process, loaded from the start model (the first rollout pushes the
-    policy's own weights: LoRA-merged, or a resumed checkpoint's)."""
+    """The colocated vLLM engine of this process, loaded from the start model (for a LoRA adapter directory,
+    its base model; the first rollout pushes the policy's own weights: merged, or a resumed checkpoint's)."""
     r = cfg.rollout
+    max_len = check_model_len(
+        cfg.data.max_prompt_tokens + r.max_new_tokens, policy.config,
+        "data.max_prompt_tokens + rollout.max_new_tokens",
+    )  # fmt: skip
     settings = VLLMSettings(
-        dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction,
-        max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, sleep=r.vllm_sleep,
+        dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction, max_model_len=max_len, sleep=r.vllm_sleep,
         seed=cfg.seed + acc.process_index, distributed=acc.num_processes > 1,
     )  # fmt: skip
-    return VLLMEngine(str(resolve_model_path(cfg.model.name_or_path)), tok, eos_ids(tok, policy), settings)
+    return VLLMEngine(base_model_path(cfg.model.name_or_path), tok, eos_ids(tok, policy), settings)
 
 
 def flow_bundle(c: Components) -> FlowBundle:

@@ -224,7 +224,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 class Accum:
     """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), maxima
-    (``maximum``; across processes ``reduce_stats`` then averages them like every statistic), paired samples
+    (``maximum``; across processes ``reduce_stats`` takes the maximum of keys ending in ``_max``), paired samples
     (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step), non-finite flags
     (``flag_nonfinite``), and per-rollout values (``put_rows``: row index -> value, for the sample tables;
     not part of ``means``).
@@ -306,9 +306,9 @@ def _as_list(x) -> list:
 
 
 def reduce_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:
-    """Mean of each statistic over the processes that logged it. Processes may log different keys (a rank
-    whose rollouts were all wrong has no ``flow/loss_correct``), so the key sets are unioned first: a
-    collective over mismatched keys would hang or mix up values."""
+    """Mean of each statistic over the processes that logged it (the maximum for keys ending in ``_max``).
+    Processes may log different keys (a rank whose rollouts were all wrong has no ``flow/loss_correct``), so
+    the key sets are unioned first: a collective over mismatched keys would hang or mix up values."""
     if accelerator.num_processes == 1:
         return {k: float(v) for k, v in stats.items()}
     import torch
@@ -318,7 +318,12 @@ def reduce_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:
     vals = torch.tensor(
         [float(stats.get(k, math.nan)) for k in keys], dtype=torch.float64, device=accelerator.device
     )
-    present = ~torch.isnan(vals)
-    total = accelerator.reduce(torch.where(present, vals, 0.0), "sum")
-    count = accelerator.reduce(present.double(), "sum")
-    return {k: float(t / c) for k, t, c in zip(keys, total.tolist(), count.tolist()) if c > 0}
+    table = accelerator.gather(vals[None]).reshape(accelerator.num_processes, len(keys))  # (P, K)
+    present = ~torch.isnan(table)
+    count = present.sum(0)
+    mean = torch.where(present, table, 0.0).sum(0) / count.clamp(min=1)
+    largest = torch.where(present, table, -math.inf).amax(0)
+    # keys ending in "_max" are maxima over processes, the others means
+    return {
+        k: float(largest[i] if k.endswith("_max") else mean[i]) for i, k in enumerate(keys) if count[i] > 0
+    }
