@@ -308,9 +308,8 @@ def read_policy_weights(ckpt: Path, model) -> dict[str, torch.Tensor]:
         weights = {by_file[k]: v for k, v in weights.items() if k in by_file}
     else:
         names = {_clean(k) for k in model.state_dict()}
-        if (
-            not set(weights) <= names
-        ):  # e.g. Qwen2.5-VL: transformers saves its legacy layout (model.layers.*)
+        # e.g. Qwen2.5-VL: transformers saves its legacy layout (model.layers.*)
+        if not set(weights) <= names:
             saved = _saved_names(model)
             weights = {saved.get(k, k): v for k, v in weights.items()}
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -333,9 +332,15 @@ def _saved_names(model) -> dict[str, str]:
         return {}
     out = {}
     for name, tensor in model.state_dict().items():
-        (saved,) = revert_weight_conversion(model, {name: tensor}).keys()
-        if saved != name:
-            out[saved] = _clean(name)
+        clean = _clean(name)  # the name transformers knows (no FSDP1 / checkpoint-wrapper segments)
+        saved = list(revert_weight_conversion(model, {clean: tensor}))
+        if len(saved) != 1:  # e.g. fused MoE experts saved as one tensor per expert
+            raise CheckpointError(
+                f"{type(model).__name__} saves {clean} as {len(saved)} tensors ({saved[:3]}...): rlfr cannot map "
+                "this checkpoint layout back to the model's parameters"
+            )
+        if saved[0] != clean:
+            out[saved[0]] = clean
     return out
 
 
