@@ -55,8 +55,39 @@ def test_quick_demo_writes_summary_and_plots(tmp_path):
         "rl",
         "eval_rl",
     }
-    for key in ("sampled_accuracy_before", "sampled_accuracy_after_sft", "sampled_accuracy_after"):
+    assert summary["sampled_accuracy_before"] is None  # the raw model is evaluated greedily only
+    for key in ("sampled_accuracy_after_sft", "sampled_accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0
+    # the paired RL - SFT change is computed from the per-problem results that heldout.json keeps
+    per = json.loads((out / "heldout.json").read_text())
+    n, k = summary["eval_problems"], summary["eval_samples"]
+    assert per["raw"]["sampled"] is None and len(per["sft"]["greedy"]) == len(per["rlfr"]["sampled"]) == n
+    assert sum(per["rlfr"]["greedy"]) / n == summary["accuracy_after"]
+    assert sum(per["sft"]["sampled"]) / (k * n) == summary["sampled_accuracy_after_sft"]
+    change = summary["rl_minus_sft"]
+    assert change["greedy"]["diff"] == pytest.approx(
+        summary["accuracy_after"] - summary["accuracy_after_sft"]
+    )
+    assert change["sampled"]["diff"] == pytest.approx(
+        summary["sampled_accuracy_after"] - summary["sampled_accuracy_after_sft"]
+    )
+    assert change["greedy"]["lo"] <= change["greedy"]["diff"] <= change["greedy"]["hi"]
+    gained = sum(a and not b for a, b in zip(per["rlfr"]["greedy"], per["sft"]["greedy"]))
+    assert change["mcnemar_greedy"]["n10"] == gained
     for png in ("accuracy.png", "rl_curves.png", "flow_losses.png"):
         assert (out / png).stat().st_size > 1000, png
     assert (out / "rl" / "checkpoints" / "step_000002" / "flow" / "flow.safetensors").is_file()
+
+
+def test_demo_seed_sets_every_stage_and_keeps_the_problems(tmp_path):
+    import argparse
+
+    from rlfr.recipes import demo
+
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    args = p.parse_args(["--seed", "2", "--out", str(tmp_path), "train.steps=3"])
+    cfg = demo.demo_config(False, tmp_path, demo.stage_overrides(args))
+    assert (cfg.sft.seed, cfg.flow.seed, cfg.train.seed) == (2, 2, 2) and cfg.train.steps == 3
+    plain = demo.demo_config(False, tmp_path, [])
+    assert plain.train.seed == 0 and plain.train.data == cfg.train.data  # same split and held-out problems

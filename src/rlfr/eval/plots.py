@@ -119,12 +119,16 @@ def plot_demo_accuracy(summary: dict, path: Path) -> None:
             ("sampled_accuracy", f"sampled avg@{summary['eval_samples']}", "#2a8a4a"))  # fmt: skip
     for j, (prefix, label, color) in enumerate(bars):
         vals = [summary[f"{prefix}_before"], summary[f"{prefix}_after_sft"], summary[f"{prefix}_after"]]
-        xs = [i + (j - 0.5) * width for i in range(3)]
-        ax.bar(xs, vals, width, label=label, color=color)
-        for x, v in zip(xs, vals):
+        pts = [(i + (j - 0.5) * width, v) for i, v in enumerate(vals) if v is not None]  # raw: greedy only
+        ax.bar([x for x, _ in pts], [v for _, v in pts], width, label=label, color=color)
+        for x, v in pts:
             ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
     ax.set_xticks(range(3), names)
     ax.set_ylabel(f"held-out accuracy ({summary['eval_problems']} problems)")
+    change = summary.get("rl_minus_sft", {}).get("greedy")
+    if change:
+        ax.set_title(f"{summary['method'].upper()} - SFT, greedy: {100 * change['diff']:+.1f} points "
+                     f"[{100 * change['lo']:+.1f}, {100 * change['hi']:+.1f}]", fontsize=9)  # fmt: skip
     ax.set_ylim(0, 1.0)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()

@@ -6,11 +6,18 @@ Stages (each a normal rlfr stage, run with the demo's settings):
 3. offline flow pretraining on the SFT model's latents of expert solutions (``rlfr.recipes.flow_pretrain``);
 4. RLFR training from the SFT model with the pretrained flow (``rlfr.recipes.train.run_train``) and its
    held-out accuracy;
-then ``DIR/summary.json`` and PNG plots (``rl_curves.png``, ``accuracy.png``, ``flow_losses.png``).
+then ``DIR/summary.json`` (accuracies, losses, seconds per stage, and the paired difference of the RL model
+and the SFT model, problem by problem: bootstrap 95 % interval and McNemar's test), ``DIR/heldout.json``
+(per-problem results of every stage) and PNG plots (``rl_curves.png``, ``accuracy.png``, ``flow_losses.png``).
 
-Every stage uses the same held-out problems, template and generation limit. ``--quick`` shrinks every
-stage (the end-to-end test runs it); ``key=value`` overrides address the stage configs
-(``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``).
+Every stage uses the same held-out problems (fixed by ``data.task_seed``), template and generation limit; the
+raw model is evaluated greedily only (it never writes an answer in the checked form, so sampling it says
+nothing). ``--seed N`` sets the seed of every stage (SFT order, flow pretraining, RL sampling) and keeps the
+problems. ``--quick`` shrinks every stage (the end-to-end test runs it); ``key=value`` overrides address the
+stage configs (``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``).
+
+The RL settings follow the study of ``docs/results/study/``: its learning-rate sweep (RLVR, 48 steps, 200 dev
+problems) kept the SFT model's accuracy at 5e-6 and lost 14-15 points at 1e-5 and 2e-5.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ class DemoConfig:
     eval_samples: int = field_(4, "samples per held-out problem for the sampled (temperature 1) accuracy")
 
 
-_DATA = {"train": "embedded", "eval": "embedded", "train_size": 1024, "eval_size": 64}
+_DATA = {"train": "embedded", "eval": "embedded", "train_size": 1024, "eval_size": 128}
 _FULL = {
     "sft": {
         "data": {**_DATA, "solution_field": "solution"},
@@ -60,7 +67,7 @@ _FULL = {
         "save_every": 0,
         "eval_max_new_tokens": 48,
         "rollout": {"prompts_per_step": 8, "num_generations": 4, "max_new_tokens": 40, "batch_size": 32},
-        "policy": {"lr": 1e-5, "micro_batch_size": 32},
+        "policy": {"lr": 5e-6, "micro_batch_size": 32},
         "flow": {"lr": 1e-4, "batch_mul": 4, "warmup_ratio": 0.0},
     },
 }
@@ -106,8 +113,9 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
     return DemoConfig(sft=cfg.sft, flow=flow, train=train, eval_samples=cfg.eval_samples)
 
 
-def held_out(model_name: str, cfg: TrainConfig, samples: int) -> dict[str, float]:
-    """Greedy pass@1 and sampled avg@``samples`` (temperature 1, the RL sampler) on the held-out split."""
+def held_out(model_name: str, cfg: TrainConfig, samples: int):
+    """Per-problem greedy and (``samples`` > 0) sampled results at temperature 1 (the RL sampler) on the
+    held-out split: -> ``rlfr.eval.scoring.HeldOut``."""
     from rlfr.data.sources import resolve_data
     from rlfr.eval.scoring import held_out_scores
     from rlfr.policy.loading import load_model, load_tokenizer
@@ -116,10 +124,34 @@ def held_out(model_name: str, cfg: TrainConfig, samples: int) -> dict[str, float
     _, evals = resolve_data(cfg.data)
     tok, model = load_tokenizer(model_name), load_model(model_name)
     with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as v:
-        res = held_out_scores(
-            model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, samples, cfg.seed
-        )
-    return {"greedy": res.greedy_accuracy, "sampled": res.sampled_accuracy}
+        return held_out_scores(
+            model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, samples, seed=0
+        )  # one sampling seed for every stage and every --seed: the models differ, not the noise
+
+
+def paired_change(after, before, samples: int) -> dict:
+    """``after`` - ``before`` on the same problems (``HeldOut`` each): the mean difference with its paired
+    bootstrap 95 % interval (greedy, and sampled when both have samples) and McNemar's exact test on greedy
+    correctness."""
+    from rlfr.recipes.compare import compare_arms
+
+    def record(h):
+        return {"greedy": h.greedy} | ({"sampled": h.sampled} if h.sampled is not None else {})
+
+    both = samples if after.sampled is not None and before.sampled is not None else 0
+    res = compare_arms({"0": record(after)}, {"0": record(before)}, both)
+    return res | {"mcnemar_greedy": res["mcnemar_greedy"]["0"]}
+
+
+def _fmt_change(name: str, ch: dict) -> str:
+    parts = [
+        f"{kind} {100 * ch[kind]['diff']:+.1f} points [{100 * ch[kind]['lo']:+.1f}, {100 * ch[kind]['hi']:+.1f}]"
+        for kind in ("greedy", "sampled")
+        if kind in ch
+    ]
+    m = ch["mcnemar_greedy"]
+    return (f"{name}, paired over {ch['greedy']['n']} problems (bootstrap 95 % interval): " + "; ".join(parts)
+            + f"; McNemar p = {m['p']:.3f} ({m['n10']} problems gained, {m['n01']} lost, greedy)")  # fmt: skip
 
 
 def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
@@ -141,10 +173,11 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
 
     k = cfg.eval_samples
 
-    def report(name: str, acc: dict[str, float]) -> None:
-        print(f"held-out accuracy {name}: greedy {acc['greedy']:.3f}, sampled avg@{k} {acc['sampled']:.3f}")
+    def report(name: str, h) -> None:
+        sampled = "" if h.sampled is None else f", sampled avg@{k} {h.sampled_accuracy:.3f}"
+        print(f"held-out accuracy {name}: greedy {h.greedy_accuracy:.3f}{sampled}")
 
-    before = stage("eval_raw", lambda: held_out(cfg.sft.model.name_or_path, cfg.train, k))
+    before = stage("eval_raw", lambda: held_out(cfg.sft.model.name_or_path, cfg.train, 0))
     report("of the raw model", before)
     sft = stage("sft", lambda: run_sft(cfg.sft, progress=progress, evaluate_after=False))
     after_sft = stage("eval_sft", lambda: held_out(sft.model_dir, cfg.train, k))
@@ -157,18 +190,23 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     rl = stage("rl", lambda: run_train(cfg.train, progress=progress, final_eval=False, overwrite=True))
     after = stage("eval_rl", lambda: held_out(rl.model_dir, cfg.train, k))
     report(f"after {cfg.train.method.upper()}", after)
+    change = paired_change(after, after_sft, k)
+    print(_fmt_change(f"{cfg.train.method.upper()} - SFT", change))
     summary = {
         "model": cfg.sft.model.name_or_path,
         "task": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
         "method": cfg.train.method,
         "eval_problems": cfg.train.data.eval_size,
-        "accuracy_before": before["greedy"],
-        "accuracy_after_sft": after_sft["greedy"],
-        "accuracy_after": after["greedy"],
+        "accuracy_before": before.greedy_accuracy,
+        "accuracy_after_sft": after_sft.greedy_accuracy,
+        "accuracy_after": after.greedy_accuracy,
         "eval_samples": k,
-        "sampled_accuracy_before": before["sampled"],
-        "sampled_accuracy_after_sft": after_sft["sampled"],
-        "sampled_accuracy_after": after["sampled"],
+        "sampled_accuracy_before": None,  # the raw model is evaluated greedily only
+        "sampled_accuracy_after_sft": after_sft.sampled_accuracy,
+        "sampled_accuracy_after": after.sampled_accuracy,
+        "rl_minus_sft": change,
+        "seed": cfg.train.seed,
+        "policy_lr": cfg.train.policy.lr,
         "steps": cfg.train.steps,
         "sft_steps": cfg.sft.steps,
         "sft_loss_first": sft.loss_first,
@@ -184,6 +222,9 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
         "model_dir": rl.model_dir,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    stages = {"raw": before, "sft": after_sft, cfg.train.method: after}
+    per_problem = {name: dataclasses.asdict(h) for name, h in stages.items()}
+    (out / "heldout.json").write_text(json.dumps({"eval_problems": cfg.train.data.eval_size, **per_problem}))
     plot_metrics(rl.history, out / "rl_curves.png", ["reward", "accuracy", "response_len", "flow_reward/mean"],
                  title="RLFR training (rollouts)")  # fmt: skip
     plot_demo_accuracy(summary, out / "accuracy.png")
@@ -198,10 +239,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--seed", type=int, default=None,
+        help="seed of every stage (SFT, flow pretraining, RL); the held-out problems stay the same",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", help="stage overrides, e.g. train.steps=20 sft.lr=3e-5")
 
 
 def run(args) -> int:
     out = Path(args.out)
-    run_demo(demo_config(args.quick, out, args.overrides), out, progress=not args.no_progress)
+    run_demo(demo_config(args.quick, out, stage_overrides(args)), out, progress=not args.no_progress)
+
+
+def stage_overrides(args) -> list[str]:
+    """The command line's ``key=value`` overrides, after the stage seeds that ``--seed`` sets."""
+    seeds = [] if args.seed is None else [f"{s}.seed={args.seed}" for s in ("sft", "flow", "train")]
+    return [*seeds, *args.overrides]
     return 0
