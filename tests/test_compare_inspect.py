@@ -285,6 +285,9 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
     assert len(ev["greedy"]) == 4 and all(0 <= c <= 2 for c in ev["sampled"])
     md = (out / "report.md").read_text()
     assert "## embedded-transfer-3 (3 problems)" in md and "| rlfr - rlvr |" in md and "avg@2" in md
+    signals = md.split("Training signals")[1].splitlines()
+    rlvr_row = next(line for line in signals if line.startswith("| rlvr |")).split("|")
+    assert rlvr_row[5:9] == [" - "] * 4 and rlvr_row[9] != " - "  # no flow signals; the KL was tracked
     # interrupt the rlfr run after its first step: drop the result marker and the last checkpoint
     run = out / "rlfr" / "seed_0"
     (run / "compare_result.json").unlink()
@@ -297,3 +300,28 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())
     assert len(again["arms"]["rlfr"]["curves"]["reward"]) == 2
+
+
+def test_signal_summary_by_hand():
+    # 10 steps; windows of 2 steps. reward: first two steps 0.2, 0.4 -> 0.3; last two 0.6, 0.8 -> 0.7.
+    # |A_o| 0.5 everywhere, |flow rtg| 0.05 on the steps that logged it (None on step 3) -> ratio 0.1.
+    curves = {
+        "reward": [0.2, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.6, 0.8],
+        "adv/outcome_abs": [0.5] * 10,
+        "adv/flow_abs": [0.05, 0.05, None, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05],
+        "flow_score/auroc": [None] * 5 + [0.6, 0.8, None, None, 0.7],
+        "policy/kl": [0.0] * 8 + [0.01, 0.03],
+    }
+    sig = compare.signal_summary(curves, window=2)
+    assert sig["reward_first"] == pytest.approx(0.3) and sig["reward_last"] == pytest.approx(0.7)
+    assert sig["outcome_adv_abs"] == pytest.approx(0.5) and sig["flow_rtg_abs"] == pytest.approx(0.05)
+    assert sig["flow_over_outcome"] == pytest.approx(0.1)
+    assert sig["flow_auroc"] == pytest.approx(0.7) and sig["kl_last"] == pytest.approx(0.02)
+    assert sig["entropy_last"] is None and sig["flow_nonzero_frac"] is None  # never logged
+    rlvr = compare.signal_summary({"reward": [0.5], "adv/outcome_abs": [0.2], "adv/flow_abs": [None]})
+    assert rlvr["flow_rtg_abs"] is None and rlvr["flow_over_outcome"] is None
+    table = compare.render_signals({"base": {}, "rlfr": {"curves": curves}})
+    # the table's windows are 8 steps: reward (0.2 + 0.4 + 6 * 0.5) / 8 = 0.45 and (6 * 0.5 + 0.6 + 0.8) / 8 =
+    # 0.55; KL (0.01 + 0.03) / 8 = 0.005
+    assert table[1:] == ["|---|" + "---|" * 10,
+                         "| rlfr | 0.450 | 0.550 | 0.500 | 0.0500 | 0.100 | - | 0.700 | 0.0050 | - | - |"]  # fmt: skip

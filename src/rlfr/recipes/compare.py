@@ -394,6 +394,61 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def signal_summary(curves: dict[str, list[float | None]], window: int = 8) -> dict[str, float | None]:
+    """What an arm's training signals did, from its per-step curves (mean over seeds; None where a step did
+    not log the key): the reward over the first and the last ``window`` steps; the mean over all steps of
+    |outcome advantage|, |flow reward-to-go| per token (and their ratio), the fraction of response tokens with
+    a non-zero flow reward and the AUROC of the flow score for correct vs wrong rollouts; KL to the start
+    model, entropy and response length over the last ``window`` steps. A key no step logged gives None."""
+
+    def mean(key: str, sl: slice = slice(None)) -> float | None:
+        vals = [v for v in curves.get(key, [])[sl] if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    first, last = slice(None, window), slice(-window, None)
+    out = {
+        "reward_first": mean("reward", first),
+        "reward_last": mean("reward", last),
+        "outcome_adv_abs": mean("adv/outcome_abs"),
+        "flow_rtg_abs": mean("adv/flow_abs"),
+        "flow_nonzero_frac": mean("flow_reward/nonzero_frac"),
+        "flow_auroc": mean("flow_score/auroc"),
+        "kl_last": mean("policy/kl", last),
+        "entropy_last": mean("policy/entropy", last),
+        "response_len_last": mean("response_len", last),
+    }
+    o, f = out["outcome_adv_abs"], out["flow_rtg_abs"]
+    out["flow_over_outcome"] = f / o if o and f is not None else None
+    return out
+
+
+_SIGNAL_COLUMNS = (
+    ("reward_first", "reward, first 8 steps", "{:.3f}"),
+    ("reward_last", "reward, last 8 steps", "{:.3f}"),
+    ("outcome_adv_abs", "mean abs A_o", "{:.3f}"),
+    ("flow_rtg_abs", "mean abs flow reward-to-go", "{:.4f}"),
+    ("flow_over_outcome", "flow / outcome", "{:.3f}"),
+    ("flow_nonzero_frac", "tokens with a flow reward", "{:.2f}"),
+    ("flow_auroc", "flow AUROC (correct vs wrong)", "{:.3f}"),
+    ("kl_last", "KL to start, last 8", "{:.4f}"),
+    ("entropy_last", "entropy, last 8", "{:.3f}"),
+    ("response_len_last", "length, last 8", "{:.1f}"),
+)
+
+
+def render_signals(arms: dict[str, dict]) -> list[str]:
+    """The markdown table of ``signal_summary`` per RL arm ('-' where an arm has no such signal)."""
+    lines = ["| arm | " + " | ".join(label for _, label, _ in _SIGNAL_COLUMNS) + " |",
+             "|---|" + "---|" * len(_SIGNAL_COLUMNS)]  # fmt: skip
+    for name, a in arms.items():
+        if "curves" not in a:
+            continue
+        sig = signal_summary(a["curves"])
+        cells = ["-" if sig[key] is None else fmt.format(sig[key]) for key, _, fmt in _SIGNAL_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_report(results: dict) -> str:
     seeds = [str(s) for s in results["seeds"]]
     lines = [
@@ -451,6 +506,12 @@ def render_report(results: dict) -> str:
                 )
                 lines.append(row + f" {tests} |")
             lines.append("")
+        lines += [
+            "Training signals (per-step curves averaged over seeds, then over the steps named; "
+            "A_o is the outcome advantage, the flow reward-to-go is per response token):",
+            "",
+        ]
+        lines += render_signals(results["arms"]) + [""]
         lines += ["Minutes per run (training, mean over seeds): "
                   + ", ".join(f"{n} {a['minutes_per_run']}" for n, a in results["arms"].items() if "minutes_per_run" in a), ""]  # fmt: skip
     lines += ["", "Budget (identical for every RL run):", ""]
