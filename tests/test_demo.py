@@ -91,3 +91,44 @@ def test_demo_seed_sets_every_stage_and_keeps_the_problems(tmp_path):
     assert (cfg.sft.seed, cfg.flow.seed, cfg.train.seed) == (2, 2, 2) and cfg.train.steps == 3
     plain = demo.demo_config(False, tmp_path, [])
     assert plain.train.seed == 0 and plain.train.data == cfg.train.data  # same split and held-out problems
+
+
+def _fake_demo(d, sft, rl, data=None):
+    """A finished demo directory with hand-made per-problem results ((greedy, sampled) per stage, k = 2)."""
+    d.mkdir(parents=True)
+    acc = {name: (sum(g) / len(g), sum(s) / (2 * len(s))) for name, (g, s) in (("sft", sft), ("rl", rl))}
+    change = {"greedy": {"diff": 0.0, "lo": 0.0, "hi": 0.0}, "sampled": {"diff": 0.0, "lo": 0.0, "hi": 0.0},
+              "mcnemar_greedy": {"n10": 0, "n01": 0, "p": 1.0}}  # fmt: skip
+    summary = {"method": "rlfr", "eval_samples": 2, "seed": 0, "accuracy_after_sft": acc["sft"][0],
+               "sampled_accuracy_after_sft": acc["sft"][1], "accuracy_after": acc["rl"][0],
+               "sampled_accuracy_after": acc["rl"][1], "rl_minus_sft": change, "wall_seconds": 60.0}  # fmt: skip
+    (d / "summary.json").write_text(json.dumps(summary))
+    per = {"sft": {"greedy": sft[0], "sampled": sft[1]}, "rlfr": {"greedy": rl[0], "sampled": rl[1]}}
+    (d / "heldout.json").write_text(json.dumps(per))
+    (d / "demo_config.json").write_text(json.dumps({"train": {"data": data or {"eval_size": 4}}}))
+    return d
+
+
+def test_pooling_demo_repeats_by_hand(tmp_path):
+    from rlfr.errors import ConfigError
+    from rlfr.recipes.demo import pool_demos, render_pool
+
+    a = _fake_demo(tmp_path / "a", sft=([1, 0, 0, 1], [1, 0, 0, 2]), rl=([1, 1, 0, 1], [2, 1, 0, 2]))
+    b = _fake_demo(tmp_path / "b", sft=([1, 0, 1, 1], [2, 0, 1, 1]), rl=([0, 1, 1, 1], [1, 1, 1, 2]))
+    pool = pool_demos([a, b])
+    p = pool["pooled"]
+    # greedy, per problem averaged over the runs: RL [0.5, 1, 0.5, 1] - SFT [1, 0, 0.5, 1] -> mean 0.125
+    assert p["greedy"]["diff"] == pytest.approx(0.125) and p["greedy"]["n"] == 4
+    # sampled / 2: RL [0.75, 0.5, 0.25, 1] - SFT [0.75, 0, 0.25, 0.75] -> mean 0.1875
+    assert p["sampled"]["diff"] == pytest.approx(0.1875)
+    assert {d: (t["n10"], t["n01"]) for d, t in p["mcnemar_greedy"].items()} == {
+        str(a): (1, 0),
+        str(b): (1, 1),
+    }
+    md = render_pool(pool)
+    assert "RLFR - SFT greedy +12.5 [" in md and "avg@2 +18.8 [" in md and md.count(f"| {a} |") == 1
+    other = _fake_demo(tmp_path / "c", sft=([1], [1]), rl=([1], [1]), data={"eval_size": 1})
+    with pytest.raises(ConfigError, match="held-out data settings differ"):
+        pool_demos([a, other])
+    with pytest.raises(ConfigError, match="not a finished demo run"):
+        pool_demos([a, tmp_path / "missing"])

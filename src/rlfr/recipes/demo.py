@@ -233,11 +233,75 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     return summary
 
 
+def pool_demos(dirs: list[Path]) -> dict:
+    """Several demo runs on the same held-out problems (``--seed`` repeats): each run's accuracies and its
+    paired RL - SFT change, and the pooled change (per-problem accuracy averaged over the runs, paired
+    bootstrap 95 % interval; McNemar per run). Runs whose data settings differ are refused."""
+    from rlfr.errors import ConfigError
+    from rlfr.recipes.compare import compare_arms
+
+    runs, first_data = {}, None
+    for d in dirs:
+        try:
+            summary = json.loads((d / "summary.json").read_text())
+            per = json.loads((d / "heldout.json").read_text())
+            data = json.loads((d / "demo_config.json").read_text())["train"]["data"]
+        except FileNotFoundError as e:
+            raise ConfigError(f"{d} is not a finished demo run: {e.filename} is missing") from None
+        if first_data is None:
+            first_data = data
+        elif data != first_data:
+            raise ConfigError(
+                f"{d}: its held-out data settings differ from {dirs[0]}'s ({data} vs {first_data})"
+            )
+        runs[str(d)] = (summary, per)
+    k = next(iter(runs.values()))[0]["eval_samples"]
+    method = next(iter(runs.values()))[0]["method"]
+    pooled = compare_arms({d: per[method] for d, (_, per) in runs.items()},
+                          {d: per["sft"] for d, (_, per) in runs.items()}, k)  # fmt: skip
+    return {
+        "method": method,
+        "eval_samples": k,
+        "runs": {d: s for d, (s, _) in runs.items()},
+        "pooled": pooled,
+    }
+
+
+def render_pool(pool: dict) -> str:
+    """Markdown: one row per run, then the pooled RL - SFT change."""
+    k, m = pool["eval_samples"], pool["method"].upper()
+
+    def ci(d: dict) -> str:
+        return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+    lines = [f"| run | seed | SFT greedy | SFT avg@{k} | {m} greedy | {m} avg@{k} | {m} - SFT greedy | "
+             f"{m} - SFT avg@{k} | McNemar p (gained/lost) | minutes |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+    for d, s in pool["runs"].items():
+        ch = s["rl_minus_sft"]
+        mc = ch["mcnemar_greedy"]
+        lines.append(
+            f"| {d} | {s['seed']} | {s['accuracy_after_sft']:.3f} | {s['sampled_accuracy_after_sft']:.3f} | "
+            f"{s['accuracy_after']:.3f} | {s['sampled_accuracy_after']:.3f} | {ci(ch['greedy'])} | "
+            f"{ci(ch['sampled'])} | {mc['p']:.3f} ({mc['n10']}/{mc['n01']}) | {s['wall_seconds'] / 60:.0f} |"
+        )
+    p = pool["pooled"]
+    n = p["greedy"]["n"]
+    lines += ["", f"Pooled over {len(pool['runs'])} runs ({n} problems, per-problem accuracy averaged over the runs, "
+              f"paired bootstrap 95 % interval, percentage points): {m} - SFT greedy {ci(p['greedy'])}, "
+              f"avg@{k} {ci(p['sampled'])}."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="a ~2-minute run with tiny budgets (used by the tests)"
     )
     p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument(
+        "--pool", nargs="+", metavar="DIR", default=None,
+        help="run nothing: pool finished demo runs (e.g. --seed repeats) into OUT/pooled.json and OUT/pooled.md",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--seed", type=int, default=None,
@@ -248,6 +312,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     out = Path(args.out)
+    if args.pool:
+        pool = pool_demos([Path(d) for d in args.pool])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pooled.json").write_text(json.dumps(pool, indent=2))
+        md = render_pool(pool)
+        (out / "pooled.md").write_text(md + "\n")
+        print(md)
+        return 0
     run_demo(demo_config(args.quick, out, stage_overrides(args)), out, progress=not args.no_progress)
 
 
