@@ -127,6 +127,11 @@ def test_pooling_demo_repeats_by_hand(tmp_path):
     }
     md = render_pool(pool)
     assert "RLFR - SFT greedy +12.5 [" in md and "avg@2 +18.8 [" in md and md.count(f"| {a} |") == 1
+    from rlfr.cli import main
+
+    assert main(["demo", "--pool", str(a), str(b), "--out", str(tmp_path / "pooled")]) == 0
+    assert json.loads((tmp_path / "pooled" / "pooled.json").read_text())["pooled"] == json.loads(json.dumps(p))
+    assert (tmp_path / "pooled" / "pooled.png").stat().st_size > 1000
     other = _fake_demo(tmp_path / "c", sft=([1], [1]), rl=([1], [1]), data={"eval_size": 1})
     with pytest.raises(ConfigError, match="held-out data settings differ"):
         pool_demos([a, other])

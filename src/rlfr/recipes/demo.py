@@ -300,7 +300,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument(
         "--pool", nargs="+", metavar="DIR", default=None,
-        help="run nothing: pool finished demo runs (e.g. --seed repeats) into OUT/pooled.json and OUT/pooled.md",
+        help="run nothing: pool finished demo runs (e.g. --seed repeats) into OUT/pooled.{json,md,png}",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -318,6 +318,9 @@ def run(args) -> int:
         (out / "pooled.json").write_text(json.dumps(pool, indent=2))
         md = render_pool(pool)
         (out / "pooled.md").write_text(md + "\n")
+        from rlfr.eval.plots import plot_demo_pool
+
+        plot_demo_pool(pool, out / "pooled.png")
         print(md)
         return 0
     run_demo(demo_config(args.quick, out, stage_overrides(args)), out, progress=not args.no_progress)
