@@ -130,7 +130,9 @@ def test_pooling_demo_repeats_by_hand(tmp_path):
     from rlfr.cli import main
 
     assert main(["demo", "--pool", str(a), str(b), "--out", str(tmp_path / "pooled")]) == 0
-    assert json.loads((tmp_path / "pooled" / "pooled.json").read_text())["pooled"] == json.loads(json.dumps(p))
+    assert json.loads((tmp_path / "pooled" / "pooled.json").read_text())["pooled"] == json.loads(
+        json.dumps(p)
+    )
     assert (tmp_path / "pooled" / "pooled.png").stat().st_size > 1000
     other = _fake_demo(tmp_path / "c", sft=([1], [1]), rl=([1], [1]), data={"eval_size": 1})
     with pytest.raises(ConfigError, match="held-out data settings differ"):

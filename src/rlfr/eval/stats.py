@@ -14,6 +14,8 @@
   scores (e.g. correctness averaged over seeds) of two methods on the same problems.
 - ``mcnemar(a, b)``: McNemar's exact test on paired 0/1 outcomes: the discordant counts n01 (a wrong, b
   right) and n10, and the two-sided p-value of the binomial test of n10 against Bin(n01 + n10, 1/2).
+- ``compare_arms(a, b, samples)``: the two above for two arms evaluated over runs (seeds) on the same N
+  problems; each arm maps run -> {"greedy": N 0/1 values, "sampled": N correct counts of ``samples``}.
 """
 
 from __future__ import annotations
@@ -209,3 +211,26 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
     k = min(n10, n01)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n  # P(X <= k), X ~ Bin(n, 1/2)
     return McNemar(n10, n01, min(1.0, 2 * tail))
+
+
+def compare_arms(a: dict[str, dict], b: dict[str, dict], samples: int) -> dict:
+    """Arm ``a`` against arm ``b`` on the same N problems; each maps run -> {"greedy": N ints 0/1, "sampled": N
+    correct counts out of ``samples``}. -> {"greedy": {diff, lo, hi, n}, "sampled": ... (when ``samples`` > 0),
+    "mcnemar_greedy": {run: {n10, n01, p}}}: ``paired_bootstrap`` of the per-problem accuracy averaged over each
+    arm's runs, and ``mcnemar`` per run present in both arms."""
+    out = {}
+    kinds = [("greedy", 1)] + ([("sampled", samples)] if samples else [])
+    for kind, k in kinds:
+        va = [[x / k for x in r[kind]] for r in a.values()]
+        vb = [[x / k for x in r[kind]] for r in b.values()]
+        n = len(va[0])
+        ma = [sum(v[i] for v in va) / len(va) for i in range(n)]
+        mb = [sum(v[i] for v in vb) / len(vb) for i in range(n)]
+        d = paired_bootstrap(ma, mb, iters=10000, seed=0)
+        out[kind] = {"diff": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n}
+    tests = {}
+    for s in sorted(set(a) & set(b)):
+        m = mcnemar([bool(x) for x in a[s]["greedy"]], [bool(x) for x in b[s]["greedy"]])
+        tests[s] = {"n10": m.n10, "n01": m.n01, "p": m.p_value}
+    out["mcnemar_greedy"] = tests
+    return out

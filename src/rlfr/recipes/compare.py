@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from rlfr.eval.plots import plot_accuracy, plot_curves
-from rlfr.eval.stats import format_mean_std, mcnemar, mean_std, paired_bootstrap
+from rlfr.eval.stats import compare_arms, format_mean_std, mean_std
 
 METHODS = ("rlvr", "rlfr", "entropy")
 CURVE_KEYS = (
@@ -255,26 +255,6 @@ def curve_mean(curves: list[list[float]]) -> list[float]:
     for i in range(steps):
         vals = [c[i] for c in curves if i < len(c) and c[i] is not None]
         out.append(sum(vals) / len(vals) if vals else None)
-    return out
-
-
-def compare_arms(a: dict[str, dict], b: dict[str, dict], samples: int) -> dict:
-    """a, b: seed -> eval record of one eval set. -> paired statistics (greedy, and sampled with samples > 0)."""
-    out = {}
-    kinds = [("greedy", 1)] + ([("sampled", samples)] if samples else [])
-    for kind, k in kinds:
-        va = [[x / k for x in r[kind]] for r in a.values()]
-        vb = [[x / k for x in r[kind]] for r in b.values()]
-        n = len(va[0])
-        ma = [sum(v[i] for v in va) / len(va) for i in range(n)]
-        mb = [sum(v[i] for v in vb) / len(vb) for i in range(n)]
-        d = paired_bootstrap(ma, mb, iters=10000, seed=0)
-        out[kind] = {"diff": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n}
-    tests = {}
-    for s in sorted(set(a) & set(b)):
-        m = mcnemar([bool(x) for x in a[s]["greedy"]], [bool(x) for x in b[s]["greedy"]])
-        tests[s] = {"n10": m.n10, "n01": m.n01, "p": m.p_value}
-    out["mcnemar_greedy"] = tests
     return out
 
 

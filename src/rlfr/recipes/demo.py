@@ -133,7 +133,7 @@ def paired_change(after, before, samples: int) -> dict:
     """``after`` - ``before`` on the same problems (``HeldOut`` each): the mean difference with its paired
     bootstrap 95 % interval (greedy, and sampled when both have samples) and McNemar's exact test on greedy
     correctness."""
-    from rlfr.recipes.compare import compare_arms
+    from rlfr.eval.stats import compare_arms
 
     def record(h):
         return {"greedy": h.greedy} | ({"sampled": h.sampled} if h.sampled is not None else {})
@@ -238,7 +238,7 @@ def pool_demos(dirs: list[Path]) -> dict:
     paired RL - SFT change, and the pooled change (per-problem accuracy averaged over the runs, paired
     bootstrap 95 % interval; McNemar per run). Runs whose data settings differ are refused."""
     from rlfr.errors import ConfigError
-    from rlfr.recipes.compare import compare_arms
+    from rlfr.eval.stats import compare_arms
 
     runs, first_data = {}, None
     for d in dirs:
