@@ -93,19 +93,26 @@ def test_demo_seed_sets_every_stage_and_keeps_the_problems(tmp_path):
     assert plain.train.seed == 0 and plain.train.data == cfg.train.data  # same split and held-out problems
 
 
-def _fake_demo(d, sft, rl, data=None):
-    """A finished demo directory with hand-made per-problem results ((greedy, sampled) per stage, k = 2)."""
+def _fake_demo(d, sft, rl, data=None, k=2, method="rlfr"):
+    """A finished demo directory with hand-made per-problem results ((greedy, sampled) per stage; sampled None
+    and no sampled statistics when k = 0)."""
     d.mkdir(parents=True)
-    acc = {name: (sum(g) / len(g), sum(s) / (2 * len(s))) for name, (g, s) in (("sft", sft), ("rl", rl))}
+    acc = {
+        name: (sum(g) / len(g), sum(s) / (k * len(s)) if k else None)
+        for name, (g, s) in (("sft", sft), ("rl", rl))
+    }
     change = {"greedy": {"diff": 0.0, "lo": 0.0, "hi": 0.0}, "sampled": {"diff": 0.0, "lo": 0.0, "hi": 0.0},
               "mcnemar_greedy": {"n10": 0, "n01": 0, "p": 1.0}}  # fmt: skip
-    summary = {"method": "rlfr", "eval_samples": 2, "seed": 0, "accuracy_after_sft": acc["sft"][0],
+    if not k:
+        del change["sampled"]
+    summary = {"method": method, "eval_samples": k, "seed": 0, "accuracy_after_sft": acc["sft"][0],
                "sampled_accuracy_after_sft": acc["sft"][1], "accuracy_after": acc["rl"][0],
                "sampled_accuracy_after": acc["rl"][1], "rl_minus_sft": change, "wall_seconds": 60.0}  # fmt: skip
     (d / "summary.json").write_text(json.dumps(summary))
-    per = {"sft": {"greedy": sft[0], "sampled": sft[1]}, "rlfr": {"greedy": rl[0], "sampled": rl[1]}}
+    per = {"sft": {"greedy": sft[0], "sampled": sft[1]}, method: {"greedy": rl[0], "sampled": rl[1]}}
     (d / "heldout.json").write_text(json.dumps(per))
-    (d / "demo_config.json").write_text(json.dumps({"train": {"data": data or {"eval_size": 4}}}))
+    train = {"data": data or {"eval_size": 4}, "eval_max_new_tokens": 48}
+    (d / "demo_config.json").write_text(json.dumps({"train": train}))
     return d
 
 
@@ -139,3 +146,27 @@ def test_pooling_demo_repeats_by_hand(tmp_path):
         pool_demos([a, other])
     with pytest.raises(ConfigError, match="not a finished demo run"):
         pool_demos([a, tmp_path / "missing"])
+    with pytest.raises(ConfigError, match="given twice"):
+        pool_demos([a, tmp_path / "b" / ".." / "a"])
+    fewer = _fake_demo(tmp_path / "d", sft=([1, 0, 0, 1], [1, 0, 0, 1]), rl=([1, 0, 0, 1], [1, 0, 0, 1]), k=1)
+    with pytest.raises(ConfigError, match="samples per problem differ"):
+        pool_demos([a, fewer])
+    rlvr = _fake_demo(
+        tmp_path / "e", sft=([1, 0, 0, 1], [1, 0, 0, 2]), rl=([1, 0, 0, 1], [1, 0, 0, 2]), method="rlvr"
+    )
+    with pytest.raises(ConfigError, match="RL method differ"):
+        pool_demos([a, rlvr])
+
+
+def test_pooling_greedy_only_runs(tmp_path):
+    # demo runs with eval_samples=0 have no sampled results: the pool reports greedy only
+    from rlfr.cli import main
+
+    a = _fake_demo(tmp_path / "a", sft=([1, 0, 0, 1], None), rl=([1, 1, 0, 1], None), k=0)
+    b = _fake_demo(tmp_path / "b", sft=([1, 0, 1, 1], None), rl=([0, 1, 1, 1], None), k=0)
+    assert main(["demo", "--pool", str(a), str(b), "--out", str(tmp_path / "pooled")]) == 0
+    pool = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
+    assert pool["pooled"]["greedy"]["diff"] == pytest.approx(0.125) and "sampled" not in pool["pooled"]
+    md = (tmp_path / "pooled" / "pooled.md").read_text()
+    assert "avg@" not in md and "RLFR - SFT greedy +12.5 [" in md
+    assert (tmp_path / "pooled" / "pooled.png").stat().st_size > 1000

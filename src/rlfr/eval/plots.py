@@ -120,6 +120,8 @@ def plot_demo_accuracy(summary: dict, path: Path) -> None:
     for j, (prefix, label, color) in enumerate(bars):
         vals = [summary[f"{prefix}_before"], summary[f"{prefix}_after_sft"], summary[f"{prefix}_after"]]
         pts = [(i + (j - 0.5) * width, v) for i, v in enumerate(vals) if v is not None]  # raw: greedy only
+        if not pts:  # no sampled evaluation (eval_samples=0)
+            continue
         ax.bar([x for x, _ in pts], [v for _, v in pts], width, label=label, color=color)
         for x, v in pts:
             ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
@@ -148,8 +150,11 @@ def plot_demo_pool(pool: dict, path: Path) -> None:
     k = pool["eval_samples"]
     rows = [(f"seed {s['seed']}", s["rl_minus_sft"]) for s in pool["runs"].values()]
     rows.append(("pooled", pool["pooled"]))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 0.5 * len(rows) + 1.4), sharey=True)
-    for ax, (kind, label) in zip(axes, (("greedy", "greedy pass@1"), ("sampled", f"sampled avg@{k}"))):
+    kinds = [("greedy", "greedy pass@1")] + ([("sampled", f"sampled avg@{k}")] if k else [])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 0.5 * len(rows) + 1.4), sharey=True,
+                             squeeze=False)  # fmt: skip
+    axes = axes[0]
+    for ax, (kind, label) in zip(axes, kinds):
         for i, (_, ch) in enumerate(rows):
             d = ch[kind]
             color = "#2a8a4a" if i == len(rows) - 1 else "#6a9fd8"

@@ -17,7 +17,8 @@ problem kept, so that methods are compared problem by problem: a paired bootstra
 difference of seed-averaged per-problem accuracy (``rlfr.eval.stats.paired_bootstrap``), and McNemar's exact
 test per seed on greedy correctness (``rlfr.eval.stats.mcnemar``).
 
-Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics, budget, command),
+Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics, a training-signals table per
+arm: reward, outcome and flow advantage sizes, flow AUROC, KL, entropy, length; budget, command),
 ``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds) and
 ``accuracy.png``. Interruptions lose little: a finished run (``compare_result.json`` with the same config)
 and a finished evaluation (``eval_<set>.json``) are reused, and an interrupted run resumes from its latest

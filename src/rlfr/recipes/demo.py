@@ -196,7 +196,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
         "model": cfg.sft.model.name_or_path,
         "task": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
         "method": cfg.train.method,
-        "eval_problems": cfg.train.data.eval_size,
+        "eval_problems": len(after.greedy),
         "accuracy_before": before.greedy_accuracy,
         "accuracy_after_sft": after_sft.greedy_accuracy,
         "accuracy_after": after.greedy_accuracy,
@@ -224,7 +224,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     stages = {"raw": before, "sft": after_sft, cfg.train.method: after}
     per_problem = {name: dataclasses.asdict(h) for name, h in stages.items()}
-    (out / "heldout.json").write_text(json.dumps({"eval_problems": cfg.train.data.eval_size, **per_problem}))
+    (out / "heldout.json").write_text(json.dumps({"eval_problems": len(after.greedy), **per_problem}))
     plot_metrics(rl.history, out / "rl_curves.png", ["reward", "accuracy", "response_len", "flow_reward/mean"],
                  title="RLFR training (rollouts)")  # fmt: skip
     plot_demo_accuracy(summary, out / "accuracy.png")
@@ -236,27 +236,31 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
 def pool_demos(dirs: list[Path]) -> dict:
     """Several demo runs on the same held-out problems (``--seed`` repeats): each run's accuracies and its
     paired RL - SFT change, and the pooled change (per-problem accuracy averaged over the runs, paired
-    bootstrap 95 % interval; McNemar per run). Runs whose data settings differ are refused."""
+    bootstrap 95 % interval; McNemar per run). Runs must have evaluated alike (held-out data settings,
+    generation limit, samples per problem, RL method); a run given twice is refused."""
     from rlfr.errors import ConfigError
     from rlfr.eval.stats import compare_arms
 
-    runs, first_data = {}, None
+    runs, first, seen = {}, None, set()
     for d in dirs:
         try:
             summary = json.loads((d / "summary.json").read_text())
             per = json.loads((d / "heldout.json").read_text())
-            data = json.loads((d / "demo_config.json").read_text())["train"]["data"]
+            train = json.loads((d / "demo_config.json").read_text())["train"]
         except FileNotFoundError as e:
             raise ConfigError(f"{d} is not a finished demo run: {e.filename} is missing") from None
-        if first_data is None:
-            first_data = data
-        elif data != first_data:
-            raise ConfigError(
-                f"{d}: its held-out data settings differ from {dirs[0]}'s ({data} vs {first_data})"
-            )
+        if d.resolve() in seen:
+            raise ConfigError(f"{d} is given twice")
+        seen.add(d.resolve())
+        alike = {"held-out data settings": train["data"], "generation limit": train["eval_max_new_tokens"],
+                 "samples per problem": summary["eval_samples"], "RL method": summary["method"]}  # fmt: skip
+        if first is None:
+            first = alike
+        for what, value in alike.items():
+            if value != first[what]:
+                raise ConfigError(f"{d}: its {what} differ from {dirs[0]}'s ({value} vs {first[what]})")
         runs[str(d)] = (summary, per)
-    k = next(iter(runs.values()))[0]["eval_samples"]
-    method = next(iter(runs.values()))[0]["method"]
+    k, method = first["samples per problem"], first["RL method"]
     pooled = compare_arms({d: per[method] for d, (_, per) in runs.items()},
                           {d: per["sft"] for d, (_, per) in runs.items()}, k)  # fmt: skip
     return {
@@ -274,22 +278,25 @@ def render_pool(pool: dict) -> str:
     def ci(d: dict) -> str:
         return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
-    lines = [f"| run | seed | SFT greedy | SFT avg@{k} | {m} greedy | {m} avg@{k} | {m} - SFT greedy | "
-             f"{m} - SFT avg@{k} | McNemar p (gained/lost) | minutes |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+    cols = [("SFT greedy", lambda s: f"{s['accuracy_after_sft']:.3f}")]
+    cols += [(f"SFT avg@{k}", lambda s: f"{s['sampled_accuracy_after_sft']:.3f}")] if k else []
+    cols += [(f"{m} greedy", lambda s: f"{s['accuracy_after']:.3f}")]
+    cols += [(f"{m} avg@{k}", lambda s: f"{s['sampled_accuracy_after']:.3f}")] if k else []
+    cols += [(f"{m} - SFT greedy", lambda s: ci(s["rl_minus_sft"]["greedy"]))]
+    cols += [(f"{m} - SFT avg@{k}", lambda s: ci(s["rl_minus_sft"]["sampled"]))] if k else []
+    cols += [("McNemar p (gained/lost)", lambda s: "{p:.3f} ({n10}/{n01})".format(**s["rl_minus_sft"]["mcnemar_greedy"])),
+             ("minutes", lambda s: f"{s['wall_seconds'] / 60:.0f}")]  # fmt: skip
+    lines = [
+        "| run | seed | " + " | ".join(name for name, _ in cols) + " |",
+        "|---|--:|" + "--:|" * len(cols),
+    ]
     for d, s in pool["runs"].items():
-        ch = s["rl_minus_sft"]
-        mc = ch["mcnemar_greedy"]
-        lines.append(
-            f"| {d} | {s['seed']} | {s['accuracy_after_sft']:.3f} | {s['sampled_accuracy_after_sft']:.3f} | "
-            f"{s['accuracy_after']:.3f} | {s['sampled_accuracy_after']:.3f} | {ci(ch['greedy'])} | "
-            f"{ci(ch['sampled'])} | {mc['p']:.3f} ({mc['n10']}/{mc['n01']}) | {s['wall_seconds'] / 60:.0f} |"
-        )
+        lines.append(f"| {d} | {s['seed']} | " + " | ".join(cell(s) for _, cell in cols) + " |")
     p = pool["pooled"]
-    n = p["greedy"]["n"]
-    lines += ["", f"Pooled over {len(pool['runs'])} runs ({n} problems, per-problem accuracy averaged over the runs, "
-              f"paired bootstrap 95 % interval, percentage points): {m} - SFT greedy {ci(p['greedy'])}, "
-              f"avg@{k} {ci(p['sampled'])}."]  # fmt: skip
+    sampled = f", avg@{k} {ci(p['sampled'])}" if k else ""
+    lines += ["", f"Pooled over {len(pool['runs'])} runs ({p['greedy']['n']} problems, per-problem accuracy averaged "
+              f"over the runs, paired bootstrap 95 % interval, percentage points): {m} - SFT greedy "
+              f"{ci(p['greedy'])}{sampled}."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -324,10 +331,10 @@ def run(args) -> int:
         print(md)
         return 0
     run_demo(demo_config(args.quick, out, stage_overrides(args)), out, progress=not args.no_progress)
+    return 0
 
 
 def stage_overrides(args) -> list[str]:
     """The command line's ``key=value`` overrides, after the stage seeds that ``--seed`` sets."""
     seeds = [] if args.seed is None else [f"{s}.seed={args.seed}" for s in ("sft", "flow", "train")]
     return [*seeds, *args.overrides]
-    return 0
