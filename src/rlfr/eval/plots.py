@@ -129,8 +129,9 @@ def plot_demo_accuracy(summary: dict, path: Path) -> None:
     ax.set_ylabel(f"held-out accuracy ({summary['eval_problems']} problems)")
     change = summary.get("rl_minus_sft")
     if change:
-        parts = [f"{label} {100 * change[kind]['diff']:+.1f} [{100 * change[kind]['lo']:+.1f}, "
-                 f"{100 * change[kind]['hi']:+.1f}]"
+        from rlfr.eval.stats import format_diff
+
+        parts = [f"{label} {format_diff(change[kind])}"
                  for kind, label in (("greedy", "greedy"), ("sampled", f"avg@{summary['eval_samples']}"))
                  if kind in change]  # fmt: skip
         ax.set_title(

@@ -14,6 +14,7 @@
   scores (e.g. correctness averaged over seeds) of two methods on the same problems.
 - ``mcnemar(a, b)``: McNemar's exact test on paired 0/1 outcomes: the discordant counts n01 (a wrong, b
   right) and n10, and the two-sided p-value of the binomial test of n10 against Bin(n01 + n10, 1/2).
+- ``format_diff(d)``: a ``{diff, lo, hi}`` difference of proportions as "+x.x [+lo, +hi]" percentage points.
 - ``compare_arms(a, b, samples)``: the two above for two arms evaluated over runs (seeds) on the same N
   problems; each arm maps run -> {"greedy": N 0/1 values, "sampled": N correct counts of ``samples``}.
 """
@@ -234,3 +235,8 @@ def compare_arms(a: dict[str, dict], b: dict[str, dict], samples: int) -> dict:
         tests[s] = {"n10": m.n10, "n01": m.n01, "p": m.p_value}
     out["mcnemar_greedy"] = tests
     return out
+
+
+def format_diff(d: dict) -> str:
+    """``{"diff", "lo", "hi"}`` (proportions) -> "+x.x [+lo, +hi]" in percentage points."""
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from rlfr.eval.plots import plot_accuracy, plot_curves
-from rlfr.eval.stats import compare_arms, format_mean_std, mean_std
+from rlfr.eval.stats import compare_arms, format_diff, format_mean_std, mean_std
 
 METHODS = ("rlvr", "rlfr", "entropy")
 CURVE_KEYS = (
@@ -478,10 +478,10 @@ def render_report(results: dict) -> str:
                       "|---|---|" + ("---|" if k else "") + "---|"]  # fmt: skip
             for pair, st in results["paired"][slug].items():
                 g = st["greedy"]
-                row = f"| {pair} | {100 * g['diff']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}] |"
+                row = f"| {pair} | {format_diff(g)} |"
                 if k:
                     sm = st["sampled"]
-                    row += f" {100 * sm['diff']:+.1f} [{100 * sm['lo']:+.1f}, {100 * sm['hi']:+.1f}] |"
+                    row += f" {format_diff(sm)} |"
                 tests = ", ".join(
                     f"{t['p']:.3f} ({t['n10']}/{t['n01']})" for t in st["mcnemar_greedy"].values()
                 )

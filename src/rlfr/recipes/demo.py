@@ -144,13 +144,12 @@ def paired_change(after, before, samples: int) -> dict:
 
 
 def _fmt_change(name: str, ch: dict) -> str:
-    parts = [
-        f"{kind} {100 * ch[kind]['diff']:+.1f} points [{100 * ch[kind]['lo']:+.1f}, {100 * ch[kind]['hi']:+.1f}]"
-        for kind in ("greedy", "sampled")
-        if kind in ch
-    ]
+    from rlfr.eval.stats import format_diff
+
+    parts = [f"{kind} {format_diff(ch[kind])}" for kind in ("greedy", "sampled") if kind in ch]
     m = ch["mcnemar_greedy"]
-    return (f"{name}, paired over {ch['greedy']['n']} problems (bootstrap 95 % interval): " + "; ".join(parts)
+    return (f"{name}, paired over {ch['greedy']['n']} problems (percentage points, bootstrap 95 % interval): "
+            + "; ".join(parts)
             + f"; McNemar p = {m['p']:.3f} ({m['n10']} problems gained, {m['n01']} lost, greedy)")  # fmt: skip
 
 
@@ -275,8 +274,7 @@ def render_pool(pool: dict) -> str:
     """Markdown: one row per run, then the pooled RL - SFT change."""
     k, m = pool["eval_samples"], pool["method"].upper()
 
-    def ci(d: dict) -> str:
-        return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+    from rlfr.eval.stats import format_diff as ci
 
     cols = [("SFT greedy", lambda s: f"{s['accuracy_after_sft']:.3f}")]
     cols += [(f"SFT avg@{k}", lambda s: f"{s['sampled_accuracy_after_sft']:.3f}")] if k else []
