@@ -21,8 +21,9 @@ Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics
 arm: reward, outcome and flow advantage sizes, flow AUROC, KL, entropy, length; budget, command),
 ``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds) and
 ``accuracy.png``. Interruptions lose little: a finished run (``compare_result.json`` with the same config)
-and a finished evaluation (``eval_<set>.json``) are reused, and an interrupted run resumes from its latest
-checkpoint (``save_every`` sets how often one is written).
+and a finished evaluation (``eval_<set>.json``) are reused, an interrupted run resumes from its latest
+checkpoint (``save_every`` sets how often one is written), and an interrupted evaluation from its last
+finished generation batch (``eval_<set>.partial.json``), with the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ def load_eval_examples(name: str, size: int, cfg):
 def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, verifier) -> dict:
     """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached."""
     from rlfr.config import to_dict
-    from rlfr.eval.scoring import held_out_scores
+    from rlfr.eval.scoring import EvalProgress, held_out_scores
     from rlfr.policy.loading import load_model, load_tokenizer
+    from rlfr.runtime.checkpoint import atomic_write_text
     from rlfr.runtime.env import inference_device
 
     key = {
@@ -197,14 +199,15 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     model = model.to(inference_device(cfg.cpu)).eval()
-    res = held_out_scores(
-        model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples, cfg.seed
-    )
+    # an interrupted evaluation continues from its last finished batch (<name>.partial.json)
+    progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key)
+    res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
+                          cfg.seed, progress=progress)  # fmt: skip
     result = {"config": key, "greedy": res.greedy, "seconds": round(time.time() - t0, 1)}
     if res.sampled is not None:
         result["sampled"] = res.sampled
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    atomic_write_text(path, json.dumps(result))
     return result
 
 

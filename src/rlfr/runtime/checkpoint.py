@@ -56,7 +56,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -82,7 +83,7 @@ def write_manifest(ckpt: Path) -> None:
         files[str(f.relative_to(ckpt))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     for d in sorted({f.parent for f in ckpt.rglob("*")} | {ckpt}):
         _fsync(d)
-    _atomic_write_text(ckpt / MANIFEST, json.dumps(files, indent=1))
+    atomic_write_text(ckpt / MANIFEST, json.dumps(files, indent=1))
 
 
 def verify_checkpoint(ckpt: Path) -> list[str]:
@@ -188,7 +189,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        _atomic_write_text(root / "latest", final.name + "\n")
+        atomic_write_text(root / "latest", final.name + "\n")
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (the newest checkpoint is never deleted), got {keep}")
         for old in step_dirs(root)[:-keep]:
