@@ -325,3 +325,23 @@ def test_signal_summary_by_hand():
     # 0.55; KL (0.01 + 0.03) / 8 = 0.005
     assert table[1:] == ["|---|" + "---|" * 10,
                          "| rlfr | 0.450 | 0.550 | 0.500 | 0.0500 | 0.100 | - | 0.700 | 0.0050 | - | - |"]  # fmt: skip
+
+
+def test_cached_eval_survives_new_model_fields(tmp_path):
+    """An evaluation saved by an older version (its model settings lack fields added since, such as ``lora``)
+    is reused when the fields it has agree; a changed setting (dtype) is not reused."""
+    from rlfr.config import to_dict
+    from rlfr.schema import ModelConfig
+
+    key = {
+        "model": "m",
+        "problems": ["p0"],
+        "samples": 4,
+        "model_cfg": to_dict(ModelConfig(name_or_path="m")),
+    }
+    old = {k: v for k, v in key["model_cfg"].items() if k not in ("lora", "freeze_vision")}
+    path = tmp_path / "eval_x.json"
+    path.write_text(json.dumps({"config": key | {"model_cfg": old}, "greedy": [1]}))
+    assert compare._cached(path, key, compare._normalized_eval_key)["greedy"] == [1]
+    path.write_text(json.dumps({"config": key | {"model_cfg": old | {"dtype": "bfloat16"}}, "greedy": [1]}))
+    assert compare._cached(path, key, compare._normalized_eval_key) is None

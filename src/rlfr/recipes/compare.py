@@ -140,19 +140,25 @@ def run_config(args: argparse.Namespace, method: str, seed: int, name: str | Non
     return load_config(TrainConfig, path=args.config, overrides=overrides)
 
 
-def _cached(path: Path, config: dict, train_config: bool = False) -> dict | None:
-    """The saved result at ``path`` when it was made with ``config`` (a TrainConfig dict is compared as this
-    version reads it, so fields added later with their defaults do not invalidate it)."""
+def _cached(path: Path, config: dict, normalize=None) -> dict | None:
+    """The saved result at ``path`` when it was made with ``config``; ``normalize`` maps the saved config to
+    how this version reads it (so that fields added later with their defaults do not invalidate it)."""
     if path.is_file():
         saved = json.loads(path.read_text())
         got = saved.get("config")
-        if train_config and isinstance(got, dict):
-            from rlfr.schema import normalized
-
-            got = normalized(got)
+        if normalize is not None and isinstance(got, dict):
+            got = normalize(got)
         if got == config:
             return saved
     return None
+
+
+def _normalized_eval_key(saved: dict) -> dict:
+    from rlfr.schema import ModelConfig, normalized
+
+    if isinstance(saved.get("model_cfg"), dict):
+        saved = saved | {"model_cfg": normalized(saved["model_cfg"], ModelConfig)}
+    return saved
 
 
 def parse_eval_set(spec: str, default_size: int) -> tuple[str, str, int]:
@@ -193,7 +199,7 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
         cfg.data.min_pixels is not None or cfg.data.max_pixels is not None
     ):  # images resized: part of the result
         key["pixels"] = [cfg.data.min_pixels, cfg.data.max_pixels]
-    if (hit := _cached(path, key)) is not None:
+    if (hit := _cached(path, key, _normalized_eval_key)) is not None:
         return hit
     t0 = time.time()
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
@@ -228,11 +234,12 @@ def run_one(cfg, progress: bool) -> dict:
     from rlfr.config import to_dict
     from rlfr.recipes.train import run_train
     from rlfr.runtime.checkpoint import checkpoint_root, find_checkpoint
+    from rlfr.schema import normalized
 
     out = Path(cfg.out_dir)
     path = out / "compare_result.json"
     config = to_dict(cfg)
-    if (hit := _cached(path, config, train_config=True)) is not None:
+    if (hit := _cached(path, config, normalized)) is not None:
         return hit
     t0 = time.time()
     # an interrupted run resumes from its checkpoint (run_train refuses one of another config); a run that
