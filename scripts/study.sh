@@ -48,9 +48,12 @@ EOF
 )
 echo "learning rate chosen on the dev split: $LR (runs/study/chosen_lr.json)"
 
-# 4. The main comparison and the ablations.
-$RLFR compare --start "$START" --flow "$FLOW" --methods rlvr rlfr entropy --seeds 0 1 2 --steps 48 \
-  --eval-sets embedded embedded-transfer:100 --eval-samples 4 \
+# 4. The main comparison and the ablations: RLVR and RLFR seed by seed first (the primary comparison gets its
+# pairs first), then the full set, which reuses those runs and adds the entropy arm and the ablations.
+EVAL=(--eval-sets embedded embedded-transfer:100 --eval-samples 4)
+$RLFR compare --start "$START" --flow "$FLOW" --methods rlvr rlfr --seeds 0 1 2 --steps 48 "${EVAL[@]}" \
+  --out "$OUT/main" --no-progress "${COMMON[@]}" "policy.lr=$LR"
+$RLFR compare --start "$START" --flow "$FLOW" --methods rlvr rlfr entropy --seeds 0 1 2 --steps 48 "${EVAL[@]}" \
   --ablation beta0.005 rlfr flow.reward.beta=0.005 \
   --ablation beta0.05 rlfr flow.reward.beta=0.05 \
   --ablation token_pre rlfr "flow.modes=[token_pre]" "flow.init=$OUT/flow_token_pre/flow" \
