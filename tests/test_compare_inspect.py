@@ -327,21 +327,22 @@ def test_signal_summary_by_hand():
                          "| rlfr | 0.450 | 0.550 | 0.500 | 0.0500 | 0.100 | - | 0.700 | 0.0050 | - | - |"]  # fmt: skip
 
 
-def test_cached_eval_survives_new_model_fields(tmp_path):
-    """An evaluation saved by an older version (its model settings lack fields added since, such as ``lora``)
-    is reused when the fields it has agree; a changed setting (dtype) is not reused."""
-    from rlfr.config import to_dict
-    from rlfr.schema import ModelConfig
+def test_cached_eval_from_an_older_version_is_reused(tmp_path):
+    """``evaluate_model`` reuses an evaluation saved by an older version, whose key held the whole model
+    config (fields such as ``lora`` that do not change an evaluation), without loading the model; a changed
+    setting that does (dtype) is not reused: the model is loaded, which fails here on purpose."""
+    from rlfr.config import load_config, to_dict
+    from rlfr.data import Example
+    from rlfr.schema import TrainConfig
 
-    key = {
-        "model": "m",
-        "problems": ["p0"],
-        "samples": 4,
-        "model_cfg": to_dict(ModelConfig(name_or_path="m")),
-    }
-    old = {k: v for k, v in key["model_cfg"].items() if k not in ("lora", "freeze_vision")}
+    cfg = load_config(TrainConfig, overrides=["model.name_or_path=/nonexistent"])
+    examples = [Example("1+1", "2", id="p0")]
+    key = {"model": "/nonexistent", "problems": ["p0"], "template": cfg.data.template,
+           "max_new_tokens": cfg.eval_max_new_tokens, "samples": 0, "seed": cfg.seed}  # fmt: skip
+    old_model_cfg = {k: v for k, v in to_dict(cfg.model).items() if k != "lora"}
     path = tmp_path / "eval_x.json"
-    path.write_text(json.dumps({"config": key | {"model_cfg": old}, "greedy": [1]}))
-    assert compare._cached(path, key, compare._normalized_eval_key)["greedy"] == [1]
-    path.write_text(json.dumps({"config": key | {"model_cfg": old | {"dtype": "bfloat16"}}, "greedy": [1]}))
-    assert compare._cached(path, key, compare._normalized_eval_key) is None
+    path.write_text(json.dumps({"config": key | {"model_cfg": old_model_cfg}, "greedy": [1]}))
+    assert compare.evaluate_model("/nonexistent", cfg, examples, 0, path, None)["greedy"] == [1]
+    path.write_text(json.dumps({"config": key | {"model_cfg": old_model_cfg | {"dtype": "bfloat16"}}}))
+    with pytest.raises(Exception, match="nonexistent"):
+        compare.evaluate_model("/nonexistent", cfg, examples, 0, path, None)

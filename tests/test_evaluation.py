@@ -277,49 +277,57 @@ class _ParityVerifier:
         return [float(sum(map(ord, t)) % 2) for t in texts]
 
 
-def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
-    """Killed after its first sampled chunk and rerun, the evaluation regenerates only the missing chunks and
-    gives the same per-problem results (and texts) as an uninterrupted run, which in turn equal one
-    ``evaluate`` call and one seeded ``hf_completions`` call over all problems (the pre-chunking behaviour)."""
+@pytest.mark.parametrize("samples", [2, 3])
+def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path, samples):
+    """Killed in its greedy part, then in its sampled part, and rerun each time, the evaluation regenerates
+    only the missing chunks and gives the same per-problem results (and texts) as an uninterrupted run, which
+    in turn equal one ``evaluate`` call and one seeded ``hf_completions`` call over all problems (the
+    unchunked behaviour). Prompts of different lengths, so that another batching would pad differently;
+    samples=3 does not divide the batch size (sampled chunks of 4 problems = 3 batches of 4)."""
     import torch
 
     from rlfr.data.templates import example_prompt
-    from rlfr.eval.scoring import EvalProgress, held_out_scores, hf_completions
+    from rlfr.eval.progress import EvalProgress
+    from rlfr.eval.scoring import held_out_scores, hf_completions
     from rlfr.policy.loading import load_model, load_tokenizer
 
     tok, model = load_tokenizer(str(tiny_dir)), load_model(str(tiny_dir)).eval()
-    examples = [Example(f"What is {i}+{i}?", str(2 * i), id=f"p{i}") for i in range(10)]
+    examples = [Example(f"What is {10**i} + {i}?", str(10**i + i), id=f"p{i}") for i in range(10)]
     args = (model, tok, examples, "chat", 5)
-    kw = dict(samples=2, seed=3, batch_size=4)  # greedy chunks of 4 problems; sampled chunks of 2 (4 texts)
+    kw = dict(samples=samples, seed=3, batch_size=4)  # greedy chunks of 4 problems (calls 1-3)
+    sampled_calls = {2: 5, 3: 3}[samples]  # chunks of 4 // gcd(4, samples) problems
 
     whole_v = _ParityVerifier()
     whole = held_out_scores(*args, whole_v, **kw)
-    assert whole_v.calls == 3 + 5 and len(whole.greedy) == 10 and len(whole.sampled) == 10
-    assert 0 < sum(whole.sampled) < 20  # not a constant: the comparison below can fail
+    assert whole_v.calls == 3 + sampled_calls and len(whole.greedy) == 10 and len(whole.sampled) == 10
+    assert 0 < sum(whole.sampled) < 10 * samples  # not a constant: the comparisons below can fail
 
     prompts = [example_prompt("chat", ex, tok) for ex in examples]
-    greedy_texts = [r["completion"] for r in evaluate(model, tok, examples, "chat", 5, _ParityVerifier(),
-                                                      batch_size=4).records]  # fmt: skip
+    greedy = evaluate(model, tok, examples, "chat", 5, _ParityVerifier(), batch_size=4)
     torch.manual_seed(3)
-    one_call = hf_completions(model, tok, prompts, 2, 5, temperature=1.0, batch_size=4)
-    assert whole_v.texts == greedy_texts + [t for pair in one_call.texts for t in pair]
+    one_call = hf_completions(model, tok, prompts, samples, 5, temperature=1.0, batch_size=4)
+    assert whole_v.texts == [r["completion"] for r in greedy.records] + [t for g in one_call.texts for t in g]
 
     progress = EvalProgress(tmp_path / "eval.partial.json", {"model": "tiny", "n": 10})
-    with pytest.raises(_ParityVerifier.Killed):
-        held_out_scores(*args, _ParityVerifier(fail_on=5), progress=progress, **kw)  # dies in sampled chunk 2
+    with pytest.raises(_ParityVerifier.Killed):  # dies in its second greedy chunk
+        held_out_scores(*args, _ParityVerifier(fail_on=2), progress=progress, **kw)
+    assert len(json.loads(progress.path.read_text())["greedy"]) == 4
+    with pytest.raises(_ParityVerifier.Killed):  # resumed, dies in its second sampled chunk
+        held_out_scores(*args, _ParityVerifier(fail_on=4), progress=progress, **kw)
     saved = json.loads(progress.path.read_text())
-    assert len(saved["greedy"]) == 10 and len(saved["sampled"]) == 2 and "rng" in saved
+    done = 4 // math.gcd(4, samples)
+    assert len(saved["greedy"]) == 10 and len(saved["sampled"]) == done and "rng" in saved
 
     resumed_v = _ParityVerifier()
     resumed = held_out_scores(*args, resumed_v, progress=progress, **kw)
-    assert resumed_v.calls == 4  # the four sampled chunks left, nothing redone
-    assert resumed_v.texts == whole_v.texts[-16:]
+    assert resumed_v.calls == sampled_calls - 1  # the sampled chunks left, nothing redone
+    assert resumed_v.texts == whole_v.texts[10 + done * samples :]
     assert (resumed.greedy, resumed.sampled) == (whole.greedy, whole.sampled)
-    assert not progress.path.exists()  # finished: the partial file is gone
 
-    # a partial file of another evaluation (other key) is not reused
-    progress.save({"greedy": [1] * 10, "sampled": [2] * 10, "rng": saved["rng"]})
-    other = held_out_scores(
-        *args, _ParityVerifier(), progress=EvalProgress(progress.path, {"other": 1}), **kw
-    )
-    assert (other.greedy, other.sampled) == (whole.greedy, whole.sampled)
+    # a partial file of another evaluation (other key, or other chunking) is not reused
+    for key, batch in [({"other": 1}, 4), (progress.key, 2)]:
+        fake = EvalProgress(progress.path, key)
+        fake.save(dict(n=10, samples=samples, seed=3, batch_size=batch, device="cpu"),
+                  {"greedy": [1] * 10, "sampled": [2] * 10, "rng": saved["rng"]})  # fmt: skip
+        again = held_out_scores(*args, _ParityVerifier(), progress=progress, **kw)
+        assert (again.greedy, again.sampled) == (whole.greedy, whole.sampled)

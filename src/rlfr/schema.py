@@ -455,14 +455,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def normalized(saved: dict, cls: type = None) -> dict:
-    """A saved ``cls`` dict (default ``TrainConfig``) as this version reads it: keys added since then take
-    their defaults, so that a new field does not count as a change. (A key this version no longer knows
-    stays as saved.)"""
+def normalized(saved: dict) -> dict:
+    """A saved ``TrainConfig`` dict as this version reads it: keys added since then take their defaults, so
+    that a new field does not count as a change. (A key this version no longer knows stays as saved.)"""
     from rlfr.config import from_dict, to_dict
 
     try:
-        return to_dict(from_dict(cls or TrainConfig, saved))
+        return to_dict(from_dict(TrainConfig, saved))
     except ConfigError:
         return saved
 

@@ -9,19 +9,21 @@ Sampled evaluation (``rlfr eval --samples K``): a backend returns ``Completions`
 trainer's vLLM engine, ``rlfr.policy.vllm_engine``); both go through ``rollout_completions``, so prompts
 and stopping are the same. ``score_completions`` checks them with the verifier and reports avg@K and the
 unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
+
+``held_out_scores``: per-problem greedy and sampled correctness (``rlfr compare``, the demo), in chunks of
+whole generation batches; with an ``rlfr.eval.progress.EvalProgress`` an interrupted run continues after
+its last finished chunk.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rlfr.data import Example
 from rlfr.data.templates import example_prompt
+from rlfr.eval.progress import EvalProgress, set_torch_rng_state, torch_rng_state
 from rlfr.policy.rollout import Rollout, generate
 from rlfr.policy.vision import images_of
 from rlfr.reward.verifier import Verifier, extract_answer
@@ -209,65 +211,6 @@ class HeldOut:
         return None if self.sampled is None else sum(self.sampled) / (self.samples * len(self.sampled))
 
 
-class EvalProgress:
-    """The finished part of an interrupted ``held_out_scores``: a JSON file with the results so far, the
-    random state after them, and the ``key`` (whatever the result depends on) it was made with. A file with
-    another key is a leftover of another evaluation: it is reported and replaced, never reused."""
-
-    def __init__(self, path: Path, key: dict):
-        self.path, self.key = Path(path), key
-
-    def load(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        saved = json.loads(self.path.read_text())
-        if saved.get("key") != self.key:
-            print(f"eval: {self.path} is from another evaluation (its settings differ); starting over")
-            return None
-        return saved
-
-    def save(self, state: dict) -> None:
-        from rlfr.runtime.checkpoint import atomic_write_text
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps({"key": self.key} | state))
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _rng_state(device) -> dict[str, str]:
-    """The CPU random state and that of ``device``'s generator (what sampling on it draws from), base64."""
-    import torch
-
-    def enc(t):
-        return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-
-    state = {"cpu": enc(torch.get_rng_state())}
-    if device.type == "cuda":
-        state["cuda"] = enc(torch.cuda.get_rng_state(device))
-    elif device.type == "mps":
-        state["mps"] = enc(torch.mps.get_rng_state())
-    return state
-
-
-def _set_rng_state(device, state: dict[str, str]) -> None:
-    import torch
-
-    def dec(s):
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-    if device.type not in ("cpu", *state):
-        raise ValueError(
-            f"the saved evaluation ran on another kind of device than {device}; delete it to start over"
-        )
-    torch.set_rng_state(dec(state["cpu"]))
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(dec(state["cuda"]), device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(dec(state["mps"]))
-
-
 def held_out_scores(
     model,
     tokenizer,
@@ -283,27 +226,31 @@ def held_out_scores(
     """Greedy pass@1 and (``samples`` > 0) the correct count of ``samples`` samples at temperature 1 per
     problem, the RL sampler's setting; the sampling noise is seeded, so every model sees the same.
 
-    The problems go in chunks that are whole generation batches (``batch_size`` sequences), greedy first,
-    then sampled. With ``progress``, the results and the random state are saved after every chunk and a
-    rerun continues from the last one: the result is the same as that of an uninterrupted evaluation."""
+    The problems go in chunks of whole generation batches (``batch_size`` sequences), greedy first, then
+    sampled, so the result equals that of one ``evaluate`` call and one seeded ``hf_completions`` call over
+    all problems. With ``progress`` the results and the random state are saved after every chunk and a rerun
+    continues after the last finished one, with the same result as an uninterrupted evaluation; the caller
+    clears ``progress`` once it has stored the result."""
     import torch
 
+    if not examples:
+        raise ValueError("held_out_scores() got no examples")
     device = next(model.parameters()).device
     n = len(examples)
-    state = (progress.load() if progress else None) or {"greedy": [], "sampled": []}
+    settings = {"n": n, "samples": samples, "seed": seed, "batch_size": batch_size, "device": device.type}
+    state = (progress.load(settings) if progress else None) or {"greedy": [], "sampled": []}
     greedy, sampled = state["greedy"], state["sampled"]
-    step = batch_size  # greedy: one sequence per problem
-    while len(greedy) < n:
-        part = examples[len(greedy) : len(greedy) + step]
+    while len(greedy) < n:  # greedy: one sequence per problem, a chunk of batch_size problems is one batch
+        part = examples[len(greedy) : len(greedy) + batch_size]
         res = evaluate(model, tokenizer, part, template, max_new_tokens, verifier, batch_size=batch_size)
         greedy += [int(r["correct"]) for r in res.records]
         if progress:
-            progress.save({"greedy": greedy, "sampled": sampled})
+            progress.save(settings, {"greedy": greedy, "sampled": []})
     if samples:
-        # whole batches: a chunk of `step` problems is `step * samples` sequences, a multiple of batch_size
+        # a chunk of `step` problems is step * samples = lcm(batch_size, samples) sequences: whole batches
         step = batch_size // math.gcd(batch_size, samples)
-        if "rng" in state and sampled:
-            _set_rng_state(device, state["rng"])
+        if sampled:
+            set_torch_rng_state(device, state["rng"])
         else:
             torch.manual_seed(seed)
         while len(sampled) < n:
@@ -316,7 +263,7 @@ def held_out_scores(
                 counts[r["index"]] += int(r["correct"])
             sampled += counts
             if progress:
-                progress.save({"greedy": greedy, "sampled": sampled, "rng": _rng_state(device)})
-    if progress:
-        progress.clear()
+                progress.save(
+                    settings, {"greedy": greedy, "sampled": sampled, "rng": torch_rng_state(device)}
+                )
     return HeldOut(greedy=greedy, sampled=sampled if samples else None, samples=samples)

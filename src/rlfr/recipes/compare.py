@@ -23,7 +23,8 @@ arm: reward, outcome and flow advantage sizes, flow AUROC, KL, entropy, length; 
 ``accuracy.png``. Interruptions lose little: a finished run (``compare_result.json`` with the same config)
 and a finished evaluation (``eval_<set>.json``) are reused, an interrupted run resumes from its latest
 checkpoint (``save_every`` sets how often one is written), and an interrupted evaluation from its last
-finished generation batch (``eval_<set>.partial.json``), with the same result as an uninterrupted one.
+finished chunk of generation batches (``eval_<set>.partial.json``), with the same result as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -153,11 +154,14 @@ def _cached(path: Path, config: dict, normalize=None) -> dict | None:
     return None
 
 
-def _normalized_eval_key(saved: dict) -> dict:
-    from rlfr.schema import ModelConfig, normalized
+EVAL_MODEL_FIELDS = ("dtype", "trust_remote_code")  # the ModelConfig fields that loading for evaluation uses
 
+
+def _eval_key_as_now(saved: dict) -> dict:
+    """A saved evaluation key as this version writes it: its model settings cut to ``EVAL_MODEL_FIELDS``
+    (older versions saved the whole ModelConfig, whose other fields do not change an evaluation)."""
     if isinstance(saved.get("model_cfg"), dict):
-        saved = saved | {"model_cfg": normalized(saved["model_cfg"], ModelConfig)}
+        saved = saved | {"model_cfg": {k: saved["model_cfg"].get(k) for k in EVAL_MODEL_FIELDS}}
     return saved
 
 
@@ -180,8 +184,8 @@ def load_eval_examples(name: str, size: int, cfg):
 
 def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, verifier) -> dict:
     """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached."""
-    from rlfr.config import to_dict
-    from rlfr.eval.scoring import EvalProgress, held_out_scores
+    from rlfr.eval.progress import EvalProgress
+    from rlfr.eval.scoring import held_out_scores
     from rlfr.policy.loading import load_model, load_tokenizer
     from rlfr.runtime.checkpoint import atomic_write_text
     from rlfr.runtime.env import inference_device
@@ -193,19 +197,19 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
         "max_new_tokens": cfg.eval_max_new_tokens,
         "samples": samples,
         "seed": cfg.seed,
-        "model_cfg": to_dict(cfg.model),
+        "model_cfg": {k: getattr(cfg.model, k) for k in EVAL_MODEL_FIELDS},
     }
     if (
         cfg.data.min_pixels is not None or cfg.data.max_pixels is not None
     ):  # images resized: part of the result
         key["pixels"] = [cfg.data.min_pixels, cfg.data.max_pixels]
-    if (hit := _cached(path, key, _normalized_eval_key)) is not None:
+    if (hit := _cached(path, key, _eval_key_as_now)) is not None:
         return hit
     t0 = time.time()
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     model = model.to(inference_device(cfg.cpu)).eval()
-    # an interrupted evaluation continues from its last finished batch (<name>.partial.json)
+    # an interrupted evaluation continues after its last finished chunk (<name>.partial.json)
     progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key)
     res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
                           cfg.seed, progress=progress)  # fmt: skip
@@ -214,6 +218,7 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
         result["sampled"] = res.sampled
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result))
+    progress.clear()
     return result
 
 

@@ -40,6 +40,7 @@ def run_files(out_dir: Path) -> list[Path]:
         out / "wandb",
         out / "curves.png",
         out / "config.json",
+        *sorted(out.glob("eval_*.json")),  # `rlfr compare`'s evaluations of this run's model (and partials)
     ]
 
 

@@ -1,0 +1,77 @@
+"""The finished part of an interrupted held-out evaluation, so that a rerun continues instead of starting over.
+
+``EvalProgress(path, key)`` keeps one JSON file: the per-problem results so far, the random state after
+them, the settings the chunking depends on, and ``key`` (whatever else the result depends on: the model, the
+problems, the template, ...). ``rlfr.eval.scoring.held_out_scores`` saves it after every chunk and resumes
+from it; the caller removes it (``clear``) once the final result is written. A file with another key or
+other settings is a leftover of another evaluation: it is reported and replaced, never reused.
+
+The random state is that of torch's generators only (the CPU one and the sampling device's), base64 in the
+JSON file; a training checkpoint's fuller state (python, numpy, every CUDA device) is
+``rlfr.runtime.checkpoint.rng_state``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import torch
+
+
+class EvalProgress:
+    def __init__(self, path: str | Path, key: dict):
+        self.path, self.key = Path(path), key
+
+    def load(self, settings: dict) -> dict | None:
+        """The saved state when it has this key and these ``settings``; otherwise None (with a message)."""
+        if not self.path.is_file():
+            return None
+        try:
+            saved = json.loads(self.path.read_text())
+        except json.JSONDecodeError as e:
+            print(f"eval: {self.path} is not valid JSON ({e}); starting the evaluation over")
+            return None
+        if saved.get("key") != self.key or saved.get("settings") != settings:
+            print(f"eval: {self.path} is from another evaluation (its settings differ); starting over")
+            return None
+        return saved
+
+    def save(self, settings: dict, state: dict) -> None:
+        """Write ``state`` (JSON-able) atomically, with the key and ``settings``."""
+        from rlfr.runtime.checkpoint import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "settings": settings} | state))
+
+    def clear(self) -> None:
+        """Remove the file: the evaluation's final result has been written."""
+        self.path.unlink(missing_ok=True)
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _decode(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def torch_rng_state(device: torch.device) -> dict[str, str]:
+    """The CPU generator's state and, on a GPU (or MPS), that device's: what sampling there draws from."""
+    state = {"cpu": _encode(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = _encode(torch.cuda.get_rng_state(device))
+    elif device.type == "mps":
+        state["mps"] = _encode(torch.mps.get_rng_state())
+    return state
+
+
+def set_torch_rng_state(device: torch.device, state: dict[str, str]) -> None:
+    """Restore ``torch_rng_state(device)``'s result (the device type is part of the saved settings)."""
+    torch.set_rng_state(_decode(state["cpu"]))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(_decode(state["cuda"]), device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(_decode(state["mps"]))
