@@ -57,8 +57,11 @@ def test_a_second_run_into_a_run_directory_is_refused_or_overwrites(tiny_dir, tm
     with pytest.raises(RunDirError, match="already holds a run; continue it with --resume"):
         run_train(tiny_train_config(tiny_dir, out, "steps=2"), progress=False)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000004"  # nothing was touched
+    for name in ("eval_embedded.json", "eval_embedded.partial.json"):  # `rlfr compare`'s, of the old model
+        (out / name).write_text("{}")
     res = run_train(tiny_train_config(tiny_dir, out, "steps=2"), progress=False, overwrite=True)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002"]
+    assert not list(out.glob("eval_*"))  # an evaluation of the old model is not taken for the new one's
     assert Path(res.model_dir).is_dir()
     with pytest.raises(ConfigError, match="keep_checkpoints"):
         load_config(TrainConfig, overrides=["keep_checkpoints=0"])
