@@ -221,6 +221,7 @@ def test_compare_configs_report_and_curves(tmp_path):
     md = compare.render_report(results)
     assert "| base | 50.0 ± 35.4 | 25.0 | 75.0 |" in md and "| rlvr | 50.0 ± 0.0 | 50.0 | 50.0 |" in md
     assert "rlfr compare --start m --flow flowdir" in md and "- steps: 3" in md
+    assert md.startswith("# base vs rlvr (2 seeds)\n")
 
 
 def test_compare_end_to_end_two_seeds(tiny_dir, tmp_path):

@@ -65,7 +65,7 @@ def test_mean_std_formatting():
     # [0.5, 0.7] -> 50, 70 percent: mean 60, sample std sqrt((100 + 100) / 1) = 14.142
     assert mean_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
     assert format_mean_std([0.5, 0.7]) == "60.0 ± 14.1"
-    assert format_mean_std([0.25]) == "25.0 ± 0.0"
+    assert format_mean_std([0.25]) == "25.0"  # one seed: no spread to show
     assert format_mean_std([]) == "n/a"
     assert format_mean_std([1.0, 2.0, 3.0], scale=1, digits=2) == "2.00 ± 1.00"
 

@@ -67,10 +67,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    """'45.0 ± 2.1' (values scaled, e.g. accuracies to percent); 'n/a' for no values."""
+    """'45.0 ± 2.1' (values scaled, e.g. accuracies to percent); '45.0' for one value (no spread to show);
+    'n/a' for no values."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0] * scale:.{digits}f}"
     m, s = mean_std([v * scale for v in vals])
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 

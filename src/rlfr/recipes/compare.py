@@ -448,7 +448,9 @@ def render_signals(arms: dict[str, dict]) -> list[str]:
 def render_report(results: dict) -> str:
     seeds = [str(s) for s in results["seeds"]]
     lines = [
-        "# RLVR vs RLFR vs entropy shaping",
+        "# "
+        + " vs ".join(results.get("arms") or results["methods"])
+        + f" ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
         "",
         f"Start model: `{results['start']}`"
         + (f"; RLFR flow: `{results['flow']}`" if results["flow"] else ""),
