@@ -284,6 +284,7 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
     assert res["arms"]["rlvr"]["curves"]["flow_reward/mean"] == [None, None]
     ev = json.loads((out / "rlfr" / "seed_0" / "eval_embedded.json").read_text())
     assert len(ev["greedy"]) == 4 and all(0 <= c <= 2 for c in ev["sampled"])
+    assert (out / "paired.png").stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "## embedded-transfer-3 (3 problems)" in md and "| rlfr - rlvr |" in md and "avg@2" in md
     signals = md.split("Training signals")[1].splitlines()
@@ -347,3 +348,51 @@ def test_cached_eval_from_an_older_version_is_reused(tmp_path):
     path.write_text(json.dumps({"config": key | {"model_cfg": old_model_cfg | {"dtype": "bfloat16"}}}))
     with pytest.raises(Exception, match="nonexistent"):
         compare.evaluate_model("/nonexistent", cfg, examples, 0, path, None)
+
+
+def test_learning_curves_keep_one_colour_per_arm():
+    """A panel that only RLFR logs (flow statistics) draws RLFR in RLFR's colour, not the first colour
+    of the cycle (which is RLVR's in the reward panel), and names it in its own legend."""
+    from rlfr.eval.plots import _plt, curves_figure
+
+    arms = {
+        "base": {"eval": {}},
+        "rlvr": {"curves": {"reward": [0.1, 0.2], "flow_reward/mean": [None, None]}},
+        "rlfr": {"curves": {"reward": [0.2, 0.3], "flow_reward/mean": [-0.01, -0.02]}},
+    }
+    plt = _plt()
+    fig = curves_figure(plt, arms, ["reward", "flow_reward/mean", "policy/kl"])
+    reward, flow = fig.axes[0], fig.axes[1]
+    colours = {ln.get_label(): ln.get_color() for ln in reward.lines}
+    assert set(colours) == {"rlvr", "rlfr"} and colours["rlvr"] != colours["rlfr"]
+    assert [(ln.get_label(), ln.get_color()) for ln in flow.lines] == [("rlfr", colours["rlfr"])]
+    assert [t.get_text() for t in flow.get_legend().get_texts()] == ["rlfr"]
+    assert len(fig.axes) == 2  # policy/kl: no arm logged it, no panel
+    plt.close(fig)
+
+
+def test_paired_figure_draws_every_comparison_with_its_interval():
+    """One row of panels per eval set, greedy and avg@K; each comparison at its difference (points)."""
+    from rlfr.eval.plots import _plt, paired_figure
+
+    d = lambda x: {"diff": x, "lo": x - 0.02, "hi": x + 0.03}  # noqa: E731
+    results = {
+        "budget": {"eval_samples": 4},
+        "eval_sets": {"a": {"n": 10}, "b": {"n": 5}},
+        "paired": {
+            s: {
+                "rlfr - rlvr": {"greedy": d(0.01), "sampled": d(0.02)},
+                "rlvr - base": {"greedy": d(-0.05), "sampled": d(0.04)},
+            }  # fmt: skip
+            for s in ("a", "b")
+        },
+    }
+    plt = _plt()
+    fig = paired_figure(plt, results)
+    assert len(fig.axes) == 4
+    ax = fig.axes[1]  # set a, avg@4
+    assert ax.get_title() == "a (10 problems), avg@4"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["rlfr - rlvr", "rlvr - base"]
+    xs = [float(c.lines[0].get_xdata()[0]) for c in ax.containers]  # one errorbar per comparison
+    assert xs == pytest.approx([2.0, 4.0])
+    plt.close(fig)

@@ -53,31 +53,39 @@ def plot_metrics(
 def plot_curves(arms_out: dict, curve_keys: Sequence[str], path: Path) -> None:
     """``rlfr compare``: one panel per training statistic, one line per arm (mean over seeds)."""
     plt = _plt()
-    keys = [
-        k
-        for k in curve_keys
-        if any(any(v is not None for v in a.get("curves", {}).get(k, [])) for a in arms_out.values())
-    ]
+    fig = curves_figure(plt, arms_out, curve_keys)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
+    """The figure of ``plot_curves``. Each arm keeps one colour in every panel (a panel of flow statistics
+    has no RLVR line, and must not give RLFR RLVR's colour), and every panel has its legend."""
+    with_curves = [n for n, a in arms_out.items() if any(v is not None for c in a.get("curves", {}).values()
+                                                          for v in c)]  # fmt: skip
+    colour = {name: f"C{i}" for i, name in enumerate(with_curves)}
+    keys = [k for k in curve_keys if any(any(v is not None for v in a.get("curves", {}).get(k, []))
+                                         for a in arms_out.values())]  # fmt: skip
     if not keys:
         keys = ["reward"]
     cols = min(4, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for name, a in arms_out.items():
-            ys = a.get("curves", {}).get(key, [])
+        for name in with_curves:
+            ys = arms_out[name]["curves"].get(key, [])
             pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None]
             if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.2)
+                ax.plot(*zip(*pts), label=name, lw=1.2, color=colour[name])
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def plot_accuracy(methods: dict, path: Path) -> None:
@@ -144,6 +152,18 @@ def plot_demo_accuracy(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _forest(ax, rows: Sequence[tuple[str, dict]], title: str, colours: Sequence[str]) -> None:
+    """Differences with their 95 % intervals (``{"diff", "lo", "hi"}`` fractions, drawn in points), row i at
+    y = i; the caller labels and orders the y axis (shared axes must be inverted once)."""
+    for i, ((_, d), colour) in enumerate(zip(rows, colours)):
+        ax.errorbar(100 * d["diff"], i, xerr=[[100 * (d["diff"] - d["lo"])], [100 * (d["hi"] - d["diff"])]],
+                    fmt="o", color=colour, capsize=3)  # fmt: skip
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("points (95 % interval)")
+    ax.grid(alpha=0.3, axis="x")
+
+
 def plot_demo_pool(pool: dict, path: Path) -> None:
     """``rlfr demo --pool``: the RL - SFT change of every run and of the pooled runs, with 95 % intervals,
     greedy and sampled side by side (``pool`` from ``rlfr.recipes.demo.pool_demos``)."""
@@ -151,25 +171,49 @@ def plot_demo_pool(pool: dict, path: Path) -> None:
     k = pool["eval_samples"]
     rows = [(f"seed {s['seed']}", s["rl_minus_sft"]) for s in pool["runs"].values()]
     rows.append(("pooled", pool["pooled"]))
+    colours = ["#6a9fd8"] * (len(rows) - 1) + ["#2a8a4a"]
     kinds = [("greedy", "greedy pass@1")] + ([("sampled", f"sampled avg@{k}")] if k else [])
     fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 0.5 * len(rows) + 1.4), sharey=True,
                              squeeze=False)  # fmt: skip
     axes = axes[0]
     for ax, (kind, label) in zip(axes, kinds):
-        for i, (_, ch) in enumerate(rows):
-            d = ch[kind]
-            color = "#2a8a4a" if i == len(rows) - 1 else "#6a9fd8"
-            ax.errorbar(100 * d["diff"], i, xerr=[[100 * (d["diff"] - d["lo"])], [100 * (d["hi"] - d["diff"])]],
-                        fmt="o", color=color, capsize=3)  # fmt: skip
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_title(f"{pool['method'].upper()} - SFT, {label}", fontsize=9)
-        ax.set_xlabel("points (95 % interval)")
-        ax.grid(alpha=0.3, axis="x")
+        _forest(ax, [(n, ch[kind]) for n, ch in rows], f"{pool['method'].upper()} - SFT, {label}", colours)
     axes[0].set_yticks(range(len(rows)), [name for name, _ in rows])
     axes[0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_paired(results: dict, path: Path) -> None:
+    """``rlfr compare``: every paired comparison (``results["paired"]``) with its 95 % interval, one row of
+    panels per eval set, greedy and sampled side by side."""
+    plt = _plt()
+    fig = paired_figure(plt, results)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def paired_figure(plt, results: dict):
+    """The figure of ``plot_paired``; comparisons with the base model are grey, the others blue."""
+    k = results["budget"].get("eval_samples", 0)
+    kinds = [("greedy", "greedy pass@1")] + ([("sampled", f"avg@{k}")] if k else [])
+    sets = list(results["paired"])
+    n = max(len(results["paired"][s]) for s in sets)
+    fig, axes = plt.subplots(len(sets), len(kinds), figsize=(4.2 * len(kinds), (0.45 * n + 1.3) * len(sets)),
+                             squeeze=False)  # fmt: skip
+    for row, slug in zip(axes, sets):
+        pairs = list(results["paired"][slug].items())
+        colours = ["#999999" if name.endswith(" - base") else "#4C72B0" for name, _ in pairs]
+        for ax, (kind, label) in zip(row, kinds):
+            size = results["eval_sets"][slug]["n"]
+            _forest(
+                ax, [(name, st[kind]) for name, st in pairs], f"{slug} ({size} problems), {label}", colours
+            )
+            ax.set_yticks(range(len(pairs)), [name for name, _ in pairs])
+            ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
 
 
 def plot_flow_losses(pretrain_losses: Sequence[float], rl_history: Sequence[dict], path: Path) -> None:

@@ -19,12 +19,12 @@ test per seed on greedy correctness (``rlfr.eval.stats.mcnemar``).
 
 Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics, a training-signals table per
 arm: reward, outcome and flow advantage sizes, flow AUROC, KL, entropy, length; budget, command),
-``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds) and
-``accuracy.png``. Interruptions lose little: a finished run (``compare_result.json`` with the same config)
-and a finished evaluation (``eval_<set>.json``) are reused, an interrupted run resumes from its latest
-checkpoint (``save_every`` sets how often one is written), and an interrupted evaluation from its last
-finished chunk of generation batches (``eval_<set>.partial.json``), with the same result as an
-uninterrupted one.
+``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds),
+``accuracy.png`` and ``paired.png`` (every paired difference with its interval). Interruptions lose little:
+a finished run (``compare_result.json`` with the same config) and a finished evaluation (``eval_<set>.json``)
+are reused, an interrupted run resumes from its latest checkpoint (``save_every`` sets how often one is
+written), and an interrupted evaluation from its last finished chunk of generation batches
+(``eval_<set>.partial.json``), with the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import shlex
 import time
 from pathlib import Path
 
-from rlfr.eval.plots import plot_accuracy, plot_curves
+from rlfr.eval.plots import plot_accuracy, plot_curves, plot_paired
 from rlfr.eval.stats import compare_arms, format_diff, format_mean_std, mean_std
 
 METHODS = ("rlvr", "rlfr", "entropy")
@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_curves(results["arms"], CURVE_KEYS, out / "learning_curves.png")
     plot_accuracy(results["methods"], out / "accuracy.png")
+    plot_paired(results, out / "paired.png")
     (out / "report.md").write_text(render_report(results))
     print((out / "report.md").read_text())
     return 0
@@ -520,6 +521,7 @@ def render_report(results: dict) -> str:
         "",
         "![held-out accuracy](accuracy.png)",
         "",
+        *(["![paired differences](paired.png)", ""] if "arms" in results else []),
         "Command:",
         "",
         "```",
