@@ -131,3 +131,21 @@ def make_tiny_vl_model_dir(path, num_layers: int = 4, seed: int = 0):
     tok.save_pretrained(path)
     tf.Qwen2VLImageProcessorPil(min_pixels=VL_MIN_PIXELS, max_pixels=VL_MAX_PIXELS).save_pretrained(path)
     return path
+
+
+class ParityVerifier:
+    """Scores a text by the parity of its character codes (so counts vary on a random-init model), records
+    every text it sees, and raises on call ``fail_on`` (1-based) to simulate a killed evaluation."""
+
+    class Killed(Exception):
+        pass
+
+    def __init__(self, fail_on: int | None = None):
+        self.calls, self.texts, self.fail_on = 0, [], fail_on
+
+    def verify_batch(self, texts, answers):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise self.Killed
+        self.texts += texts
+        return [float(sum(map(ord, t)) % 2) for t in texts]

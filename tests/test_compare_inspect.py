@@ -396,3 +396,29 @@ def test_paired_figure_draws_every_comparison_with_its_interval():
     xs = [float(c.lines[0].get_xdata()[0]) for c in ax.containers]  # one errorbar per comparison
     assert xs == pytest.approx([2.0, 4.0])
     plt.close(fig)
+
+
+def test_evaluate_model_resumes_an_interrupted_evaluation(tiny_dir, tmp_path):
+    """``rlfr compare``'s evaluation killed after its greedy part: the rerun reuses eval_x.partial.json (only
+    the sampled part is generated), writes the same result as an uninterrupted evaluation, counts the time of
+    both attempts, and removes the partial file."""
+    from helpers import ParityVerifier
+    from rlfr.config import load_config
+    from rlfr.data import Example
+    from rlfr.schema import TrainConfig
+
+    cfg = load_config(TrainConfig, overrides=[f"model.name_or_path={tiny_dir}", "eval_max_new_tokens=4"])
+    examples = [Example(f"What is {10**i} + 1?", str(10**i + 1), id=f"p{i}") for i in range(6)]
+    whole = compare.evaluate_model(str(tiny_dir), cfg, examples, 2, tmp_path / "whole.json", ParityVerifier())
+
+    path = tmp_path / "eval_x.json"
+    with pytest.raises(ParityVerifier.Killed):  # call 1: greedy (one chunk); call 2: sampled
+        compare.evaluate_model(str(tiny_dir), cfg, examples, 2, path, ParityVerifier(fail_on=2))
+    partial = json.loads((tmp_path / "eval_x.partial.json").read_text())
+    assert len(partial["greedy"]) == 6 and partial["sampled"] == [] and partial["seconds"] > 0
+    rerun_v = ParityVerifier()
+    res = compare.evaluate_model(str(tiny_dir), cfg, examples, 2, path, rerun_v)
+    assert rerun_v.calls == 1  # the greedy part was not redone
+    assert (res["greedy"], res["sampled"]) == (whole["greedy"], whole["sampled"])
+    assert res["seconds"] >= partial["seconds"]
+    assert not (tmp_path / "eval_x.partial.json").exists() and json.loads(path.read_text()) == res

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from helpers import ParityVerifier
 from rlfr.cli import main
 from rlfr.data import Example
 from rlfr.eval.scoring import Completions, evaluate, score_completions
@@ -259,24 +260,6 @@ def test_eval_cli_errors(tiny_dir, tmp_path):
     # --backend vllm without vLLM: tests/test_rollout_engine.py::test_missing_vllm_is_one_clear_error
 
 
-class _ParityVerifier:
-    """Scores a text by the parity of its character codes (so counts vary on a random-init model), records
-    every text it sees, and raises on call ``fail_on`` (1-based) to simulate a killed evaluation."""
-
-    class Killed(Exception):
-        pass
-
-    def __init__(self, fail_on: int | None = None):
-        self.calls, self.texts, self.fail_on = 0, [], fail_on
-
-    def verify_batch(self, texts, answers):
-        self.calls += 1
-        if self.calls == self.fail_on:
-            raise self.Killed
-        self.texts += texts
-        return [float(sum(map(ord, t)) % 2) for t in texts]
-
-
 @pytest.mark.parametrize("samples", [2, 3])
 def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path, samples):
     """Killed in its greedy part, then in its sampled part, and rerun each time, the evaluation regenerates
@@ -297,28 +280,28 @@ def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path,
     kw = dict(samples=samples, seed=3, batch_size=4)  # greedy chunks of 4 problems (calls 1-3)
     sampled_calls = {2: 5, 3: 3}[samples]  # chunks of 4 // gcd(4, samples) problems
 
-    whole_v = _ParityVerifier()
+    whole_v = ParityVerifier()
     whole = held_out_scores(*args, whole_v, **kw)
     assert whole_v.calls == 3 + sampled_calls and len(whole.greedy) == 10 and len(whole.sampled) == 10
     assert 0 < sum(whole.sampled) < 10 * samples  # not a constant: the comparisons below can fail
 
     prompts = [example_prompt("chat", ex, tok) for ex in examples]
-    greedy = evaluate(model, tok, examples, "chat", 5, _ParityVerifier(), batch_size=4)
+    greedy = evaluate(model, tok, examples, "chat", 5, ParityVerifier(), batch_size=4)
     torch.manual_seed(3)
     one_call = hf_completions(model, tok, prompts, samples, 5, temperature=1.0, batch_size=4)
     assert whole_v.texts == [r["completion"] for r in greedy.records] + [t for g in one_call.texts for t in g]
 
     progress = EvalProgress(tmp_path / "eval.partial.json", {"model": "tiny", "n": 10})
-    with pytest.raises(_ParityVerifier.Killed):  # dies in its second greedy chunk
-        held_out_scores(*args, _ParityVerifier(fail_on=2), progress=progress, **kw)
+    with pytest.raises(ParityVerifier.Killed):  # dies in its second greedy chunk
+        held_out_scores(*args, ParityVerifier(fail_on=2), progress=progress, **kw)
     assert len(json.loads(progress.path.read_text())["greedy"]) == 4
-    with pytest.raises(_ParityVerifier.Killed):  # resumed, dies in its second sampled chunk
-        held_out_scores(*args, _ParityVerifier(fail_on=4), progress=progress, **kw)
+    with pytest.raises(ParityVerifier.Killed):  # resumed, dies in its second sampled chunk
+        held_out_scores(*args, ParityVerifier(fail_on=4), progress=progress, **kw)
     saved = json.loads(progress.path.read_text())
     done = 4 // math.gcd(4, samples)
     assert len(saved["greedy"]) == 10 and len(saved["sampled"]) == done and "rng" in saved
 
-    resumed_v = _ParityVerifier()
+    resumed_v = ParityVerifier()
     resumed = held_out_scores(*args, resumed_v, progress=progress, **kw)
     assert resumed_v.calls == sampled_calls - 1  # the sampled chunks left, nothing redone
     assert resumed_v.texts == whole_v.texts[10 + done * samples :]
@@ -329,5 +312,5 @@ def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path,
         fake = EvalProgress(progress.path, key)
         fake.save(dict(n=10, samples=samples, seed=3, batch_size=batch, device="cpu"),
                   {"greedy": [1] * 10, "sampled": [2] * 10, "rng": saved["rng"]})  # fmt: skip
-        again = held_out_scores(*args, _ParityVerifier(), progress=progress, **kw)
+        again = held_out_scores(*args, ParityVerifier(), progress=progress, **kw)
         assert (again.greedy, again.sampled) == (whole.greedy, whole.sampled)

@@ -188,6 +188,8 @@ def plot_demo_pool(pool: dict, path: Path) -> None:
 def plot_paired(results: dict, path: Path) -> None:
     """``rlfr compare``: every paired comparison (``results["paired"]``) with its 95 % interval, one row of
     panels per eval set, greedy and sampled side by side."""
+    if not any(results["paired"].values()):
+        return  # nothing paired (a single arm): no figure
     plt = _plt()
     fig = paired_figure(plt, results)
     fig.savefig(path, dpi=110)

@@ -3,7 +3,7 @@
 ``EvalProgress(path, key)`` keeps one JSON file: the per-problem results so far, the random state after
 them, the settings the chunking depends on, and ``key`` (whatever else the result depends on: the model, the
 problems, the template, ...). ``rlfr.eval.scoring.held_out_scores`` saves it after every chunk and resumes
-from it; the caller removes it (``clear``) once the final result is written. A file with another key or
+from it (``seconds`` adds up the time of every attempt); the caller removes it (``clear``) once the final result is written. A file with another key or
 other settings is a leftover of another evaluation: it is reported and replaced, never reused.
 
 The random state is that of torch's generators only (the CPU one and the sampling device's), base64 in the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,12 @@ import torch
 class EvalProgress:
     def __init__(self, path: str | Path, key: dict):
         self.path, self.key = Path(path), key
+        self._start, self._before = time.time(), 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Time spent on this evaluation so far: this process's and that of the interrupted ones before."""
+        return self._before + time.time() - self._start
 
     def load(self, settings: dict) -> dict | None:
         """The saved state when it has this key and these ``settings``; otherwise None (with a message)."""
@@ -33,9 +40,11 @@ class EvalProgress:
         except json.JSONDecodeError as e:
             print(f"eval: {self.path} is not valid JSON ({e}); starting the evaluation over")
             return None
-        if saved.get("key") != self.key or saved.get("settings") != settings:
-            print(f"eval: {self.path} is from another evaluation (its settings differ); starting over")
-            return None
+        for what, want in (("key", self.key), ("settings", settings)):
+            if saved.get(what) != want:
+                print(f"eval: {self.path} is from another evaluation (its {what} differs); starting over")
+                return None
+        self._before = float(saved.get("seconds", 0.0))
         return saved
 
     def save(self, settings: dict, state: dict) -> None:
@@ -43,7 +52,8 @@ class EvalProgress:
         from rlfr.runtime.checkpoint import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps({"key": self.key, "settings": settings} | state))
+        head = {"key": self.key, "settings": settings, "seconds": round(self.seconds, 1)}
+        atomic_write_text(self.path, json.dumps(head | state))
 
     def clear(self) -> None:
         """Remove the file: the evaluation's final result has been written."""

@@ -5,7 +5,8 @@
   1 - prod_{i=n-c+1}^{n} (1 - k / i) so that no large binomial is ever formed.
 - ``avg_at_k(c, n)``: the expected fraction of correct samples, c / n (avg@k with n = k samples).
 - ``powers_of_two(k_max)``: 1, 2, 4, ... <= k_max (the k reported for pass@k).
-- ``mean_std`` / ``format_mean_std``: sample mean and standard deviation (ddof = 1; 0 for one value).
+- ``mean_std`` / ``format_mean_std``: sample mean and standard deviation (ddof = 1; 0 for one value); the
+  formatter shows one value alone, without a spread.
 - ``auroc(scores, positive)``: probability that a random positive scores higher than a random negative,
   ties counting 1/2 (Mann-Whitney U / (n_pos n_neg)); None when one class is missing.
 - ``token_class(text)``: digits / operators / words / whitespace+punct, for the flow-reward statistics.

@@ -205,15 +205,14 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
         key["pixels"] = [cfg.data.min_pixels, cfg.data.max_pixels]
     if (hit := _cached(path, key, _eval_key_as_now)) is not None:
         return hit
-    t0 = time.time()
+    # an interrupted evaluation continues after its last finished chunk (<name>.partial.json)
+    progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     model = model.to(inference_device(cfg.cpu)).eval()
-    # an interrupted evaluation continues after its last finished chunk (<name>.partial.json)
-    progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key)
     res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
                           cfg.seed, progress=progress)  # fmt: skip
-    result = {"config": key, "greedy": res.greedy, "seconds": round(time.time() - t0, 1)}
+    result = {"config": key, "greedy": res.greedy, "seconds": round(progress.seconds, 1)}
     if res.sampled is not None:
         result["sampled"] = res.sampled
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@
   across machines on network filesystems: give each run its own directory there.)
 - ``claim(out_dir, resume, overwrite)``: a fresh run refuses a directory that already holds a run
   (checkpoints or a metrics log): continue it with ``--resume`` or start over with ``--overwrite``, never a
-  mix of two runs' checkpoints and logs. ``--overwrite`` removes the old checkpoints, logs and plots.
+  mix of two runs' checkpoints and logs. ``--overwrite`` removes the old checkpoints, logs, plots
+  and ``rlfr compare``'s evaluations of the old model (``eval_*.json``, partial ones too).
 - ``StopOnSignal()``: while active, SIGTERM (what a cluster scheduler sends before preemption) and SIGINT
   (Ctrl-C) only set ``requested``: the current step finishes, the caller writes a checkpoint and stops. A
   second Ctrl-C interrupts at once.
