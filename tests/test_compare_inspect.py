@@ -422,3 +422,26 @@ def test_evaluate_model_resumes_an_interrupted_evaluation(tiny_dir, tmp_path):
     assert (res["greedy"], res["sampled"]) == (whole["greedy"], whole["sampled"])
     assert res["seconds"] >= partial["seconds"]
     assert not (tmp_path / "eval_x.partial.json").exists() and json.loads(path.read_text()) == res
+
+
+def test_seed_by_seed_table_by_hand():
+    """The report's seed table: per-seed differences, their t interval, and how many seeds are ahead."""
+    from rlfr.eval.stats import compare_arms
+
+    a = {"0": {"greedy": [1, 1, 0, 0], "sampled": [2, 1, 0, 0]},
+         "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
+         "2": {"greedy": [1, 0, 0, 0], "sampled": [1, 0, 0, 0]}}  # fmt: skip
+    b = {"0": {"greedy": [1, 0, 0, 0], "sampled": [1, 1, 0, 0]},
+         "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
+         "2": {"greedy": [0, 0, 0, 0], "sampled": [0, 0, 0, 0]}}  # fmt: skip
+    lines = compare.render_seed_table({"rlfr - rlvr": compare_arms(a, b, samples=2)}, k=2)
+    assert (
+        "| comparison | greedy per seed | greedy over seeds | avg@2 per seed | avg@2 over seeds |" in lines[2]
+    )
+    assert lines[4] == ("| rlfr - rlvr | +25.0, +0.0, +25.0 | +16.7 [-19.2, +52.5] | +12.5, +0.0, +12.5 "
+                        "| +8.3 [-9.6, +26.3] | 2 of 3 (1 tied) |")  # fmt: skip
+    # one seed, or results of an earlier version without per-seed differences: no table
+    one = compare_arms({"0": a["0"]}, {"0": b["0"]}, samples=2)
+    assert compare.render_seed_table({"rlfr - rlvr": one}, k=2) == []
+    old = {"rlfr - rlvr": {"greedy": {"diff": 0.1, "lo": 0.0, "hi": 0.2, "n": 4}, "mcnemar_greedy": {}}}
+    assert compare.render_seed_table(old, k=0) == []

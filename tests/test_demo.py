@@ -134,6 +134,9 @@ def test_pooling_demo_repeats_by_hand(tmp_path):
     }
     md = render_pool(pool)
     assert "RLFR - SFT greedy +12.5 [" in md and "avg@2 +18.8 [" in md and md.count(f"| {a} |") == 1
+    # the run as the unit: changes +0.25 and 0 -> 0.125 -+ t(0.975, 1) * 0.1768 / sqrt(2) = 0.125 -+ 1.588
+    assert p["greedy"]["per_seed"] == {str(a): 0.25, str(b): 0.0}
+    assert "Over runs" in md and "RLFR - SFT greedy +12.5 [-146.3, +171.3]" in md
     from rlfr.cli import main
 
     assert main(["demo", "--pool", str(a), str(b), "--out", str(tmp_path / "pooled")]) == 0

@@ -16,7 +16,12 @@
 - ``mcnemar(a, b)``: McNemar's exact test on paired 0/1 outcomes: the discordant counts n01 (a wrong, b
   right) and n10, and the two-sided p-value of the binomial test of n10 against Bin(n01 + n10, 1/2).
 - ``format_diff(d)``: a ``{diff, lo, hi}`` difference of proportions as "+x.x [+lo, +hi]" percentage points.
-- ``compare_arms(a, b, samples)``: the two above for two arms evaluated over runs (seeds) on the same N
+- ``t_quantile(p, df)``: the p-quantile of Student's t with ``df`` (a positive integer) degrees of freedom,
+  by bisection on the exact finite series of its distribution function (Abramowitz & Stegun 26.7.3-4).
+- ``seed_interval(diffs, level)``: mean of per-seed differences with a Student-t interval that takes the
+  seed as the unit (mean +- t_{(1+level)/2, n-1} s / sqrt(n)): unlike ``paired_bootstrap`` over problems it
+  covers the spread between seeds; None for fewer than two seeds.
+- ``compare_arms(a, b, samples)``: the above for two arms evaluated over runs (seeds) on the same N
   problems; each arm maps run -> {"greedy": N 0/1 values, "sampled": N correct counts of ``samples``}.
 """
 
@@ -195,6 +200,54 @@ def paired_bootstrap(
     return PairedDiff(mean=sum(d) / n, lo=means[lo_i], hi=means[hi_i], n=n, level=level)
 
 
+def _t_central_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for T ~ Student's t with integer ``df`` >= 1 and t >= 0 (A&S 26.7.3 and 26.7.4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, sin, cos = math.cos(theta) ** 2, math.sin(theta), math.cos(theta)
+    if df % 2 == 0:  # sin(theta) (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
+        term, total = 1.0, 1.0
+        for j in range(1, df // 2):
+            term *= c2 * (2 * j - 1) / (2 * j)
+            total += term
+        return sin * total
+    if df == 1:
+        return 2 * theta / math.pi
+    term, total = 1.0, 1.0  # 2/pi (theta + sin cos (1 + 2/3 cos^2 + ... up to cos^(df-3)))
+    for j in range(1, (df - 1) // 2):
+        term *= c2 * (2 * j) / (2 * j + 1)
+        total += term
+    return 2 / math.pi * (theta + sin * cos * total)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom (0 < p < 1; df a positive integer),
+    e.g. t_quantile(0.975, 2) = 4.303; accurate to about 1e-9."""
+    if not 0 < p < 1 or int(df) != df or df < 1:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and a positive integer df, got p={p}, df={df}")
+    target = abs(2 * p - 1)
+    lo, hi = 0.0, 1.0
+    while _t_central_mass(hi, int(df)) < target:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central_mass(mid, int(df)) < target else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    q = (lo + hi) / 2
+    return q if p >= 0.5 else -q
+
+
+def seed_interval(diffs: Sequence[float], level: float = 0.95) -> dict | None:
+    """Per-seed differences (n,) -> {"diff": mean, "lo", "hi", "n"}: the Student-t interval of the mean with
+    the seed as the unit; None for fewer than two seeds (no spread to estimate)."""
+    vals = [float(d) for d in diffs]
+    if len(vals) < 2:
+        return None
+    m, s = mean_std(vals)
+    half = t_quantile((1 + level) / 2, len(vals) - 1) * s / math.sqrt(len(vals))
+    return {"diff": m, "lo": m - half, "hi": m + half, "n": len(vals)}
+
+
 @dataclass(frozen=True)
 class McNemar:
     """Discordant pairs: n10 = a right and b wrong, n01 = a wrong and b right; exact two-sided p-value."""
@@ -222,9 +275,12 @@ def compare_arms(a: dict[str, dict], b: dict[str, dict], samples: int) -> dict:
     """Arm ``a`` against arm ``b`` on the same N problems; each maps run -> {"greedy": N ints 0/1, "sampled": N
     correct counts out of ``samples``}. -> {"greedy": {diff, lo, hi, n}, "sampled": ... (when ``samples`` > 0),
     "mcnemar_greedy": {run: {n10, n01, p}}}: ``paired_bootstrap`` of the per-problem accuracy averaged over each
-    arm's runs, and ``mcnemar`` per run present in both arms."""
+    arm's runs, and ``mcnemar`` per run present in both arms. Each kind also holds "per_seed" (run -> accuracy
+    of a's run minus b's run of the same name, for the runs in both) and "across_seeds" (``seed_interval`` of
+    those, None for fewer than two)."""
     out = {}
     kinds = [("greedy", 1)] + ([("sampled", samples)] if samples else [])
+    common = sorted(set(a) & set(b))
     for kind, k in kinds:
         va = [[x / k for x in r[kind]] for r in a.values()]
         vb = [[x / k for x in r[kind]] for r in b.values()]
@@ -232,9 +288,11 @@ def compare_arms(a: dict[str, dict], b: dict[str, dict], samples: int) -> dict:
         ma = [sum(v[i] for v in va) / len(va) for i in range(n)]
         mb = [sum(v[i] for v in vb) / len(vb) for i in range(n)]
         d = paired_bootstrap(ma, mb, iters=10000, seed=0)
-        out[kind] = {"diff": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n}
+        per_seed = {s: (sum(a[s][kind]) - sum(b[s][kind])) / (k * n) for s in common}
+        out[kind] = {"diff": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n, "per_seed": per_seed,
+                     "across_seeds": seed_interval(list(per_seed.values()))}  # fmt: skip
     tests = {}
-    for s in sorted(set(a) & set(b)):
+    for s in common:
         m = mcnemar([bool(x) for x in a[s]["greedy"]], [bool(x) for x in b[s]["greedy"]])
         tests[s] = {"n10": m.n10, "n01": m.n01, "p": m.p_value}
     out["mcnemar_greedy"] = tests

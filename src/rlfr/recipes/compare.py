@@ -445,6 +445,41 @@ def render_signals(arms: dict[str, dict]) -> list[str]:
     return lines
 
 
+def render_seed_table(paired: dict[str, dict], k: int) -> list[str]:
+    """Seed by seed: each pair's per-seed differences and their Student-t interval over seeds (markdown
+    lines); nothing when no pair has two seeds in common (results of earlier versions have no per-seed
+    differences)."""
+    if not any(st["greedy"].get("across_seeds") for st in paired.values()):
+        return []
+    kinds = [("greedy", "greedy")] + ([("sampled", f"avg@{k}")] if k else [])
+    lines = [
+        "Seed by seed (each run against the other arm's run of the same seed, percentage points; the mean over "
+        "seeds with a Student-t 95 % interval that takes the seed as the unit, so it covers the spread between "
+        "seeds, which the problem bootstrap above does not):",
+        "",
+        "| comparison | "
+        + " | ".join(f"{lab} per seed | {lab} over seeds" for _, lab in kinds)
+        + " | seeds ahead (greedy) |",
+        "|---|" + "---|---|" * len(kinds) + "---|",
+    ]
+    for pair, st in paired.items():
+        if not st["greedy"].get("across_seeds"):
+            continue
+        cells = []
+        for kind, _ in kinds:
+            per = st[kind]["per_seed"]
+            cells += [
+                ", ".join(f"{100 * v:+.1f}" for v in per.values()),
+                format_diff(st[kind]["across_seeds"]),
+            ]
+        g = list(st["greedy"]["per_seed"].values())
+        ahead = f"{sum(v > 0 for v in g)} of {len(g)}" + (
+            f" ({sum(v == 0 for v in g)} tied)" if 0 in g else ""
+        )
+        lines.append(f"| {pair} | " + " | ".join(cells) + f" | {ahead} |")
+    return lines + [""]
+
+
 def render_report(results: dict) -> str:
     seeds = [str(s) for s in results["seeds"]]
     lines = [
@@ -504,6 +539,7 @@ def render_report(results: dict) -> str:
                 )
                 lines.append(row + f" {tests} |")
             lines.append("")
+            lines += render_seed_table(results["paired"][slug], k)
         lines += [
             "Training signals (per-step curves averaged over seeds, then over the steps named; "
             "A_o is the outcome advantage, the flow reward-to-go is per response token):",

@@ -295,6 +295,10 @@ def render_pool(pool: dict) -> str:
     lines += ["", f"Pooled over {len(pool['runs'])} runs ({p['greedy']['n']} problems, per-problem accuracy averaged "
               f"over the runs, paired bootstrap 95 % interval, percentage points): {m} - SFT greedy "
               f"{ci(p['greedy'])}{sampled}."]  # fmt: skip
+    if p["greedy"].get("across_seeds"):  # the run as the unit: covers the spread between runs
+        sampled = f", avg@{k} {ci(p['sampled']['across_seeds'])}" if k else ""
+        lines += ["", f"Over runs (each run's change as one value, Student-t 95 % interval, so the spread between "
+                  f"runs is covered): {m} - SFT greedy {ci(p['greedy']['across_seeds'])}{sampled}."]  # fmt: skip
     return "\n".join(lines)
 
 
