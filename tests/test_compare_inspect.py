@@ -438,8 +438,15 @@ def test_seed_by_seed_table_by_hand():
     assert (
         "| comparison | greedy per seed | greedy over seeds | avg@2 per seed | avg@2 over seeds |" in lines[2]
     )
-    assert lines[4] == ("| rlfr - rlvr | +25.0, +0.0, +25.0 | +16.7 [-19.2, +52.5] | +12.5, +0.0, +12.5 "
-                        "| +8.3 [-9.6, +26.3] | 2 of 3 (1 tied) |")  # fmt: skip
+    assert lines[3] == "|---|---|---|---|---|---|"
+    assert lines[4] == ("| rlfr - rlvr | 0: +25.0, 1: +0.0, 2: +25.0 | +16.7 [-19.2, +52.5] "
+                        "| 0: +12.5, 1: +0.0, 2: +12.5 | +8.3 [-9.6, +26.3] | 2 of 3 (1 tied) |")  # fmt: skip
+    # runs pair by seed name, not by position; a seed only one arm has is left out
+    b_shuffled = {"9": b["0"], "2": b["2"], "0": b["0"], "1": b["1"]}
+    r = compare_arms(a, b_shuffled, samples=2)
+    assert r["greedy"]["per_seed"] == {"0": 0.25, "1": 0.0, "2": 0.25}
+    many = {str(s): a["0"] for s in range(11)}  # seed 10 stays after seed 9
+    assert list(compare_arms(many, many, samples=0)["greedy"]["per_seed"]) == [str(s) for s in range(11)]
     # one seed, or results of an earlier version without per-seed differences: no table
     one = compare_arms({"0": a["0"]}, {"0": b["0"]}, samples=2)
     assert compare.render_seed_table({"rlfr - rlvr": one}, k=2) == []

@@ -296,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
         for slug, (_, examples) in sets.items():
             path = out / "base" / f"eval_{slug}.json"
             base = evaluate_model(args.start, ref, examples, args.eval_samples, path, verifier)
-            evals["base"][slug] = {str(s): base for s in args.seeds}
+            every_seed = dict.fromkeys(str(s) for _, _, seeds in arm_specs.values() for s in seeds)
+            evals["base"][slug] = {s: base for s in every_seed}  # one model, paired with every run
         for name in arm_specs:
             evals[name] = {slug: {} for slug in sets}
         # seed by seed over the methods first, so that an interrupted study already holds paired runs
@@ -453,7 +454,8 @@ def render_seed_table(paired: dict[str, dict], k: int) -> list[str]:
         return []
     kinds = [("greedy", "greedy")] + ([("sampled", f"avg@{k}")] if k else [])
     lines = [
-        "Seed by seed (each run against the other arm's run of the same seed, percentage points; the mean over "
+        "Seed by seed (each run against the other arm's run of the same seed; seed: percentage points; the mean "
+        "over "
         "seeds with a Student-t 95 % interval that takes the seed as the unit, so it covers the spread between "
         "seeds, which the problem bootstrap above does not):",
         "",
@@ -469,7 +471,7 @@ def render_seed_table(paired: dict[str, dict], k: int) -> list[str]:
         for kind, _ in kinds:
             per = st[kind]["per_seed"]
             cells += [
-                ", ".join(f"{100 * v:+.1f}" for v in per.values()),
+                ", ".join(f"{s}: {100 * v:+.1f}" for s, v in per.items()),
                 format_diff(st[kind]["across_seeds"]),
             ]
         g = list(st["greedy"]["per_seed"].values())
