@@ -395,6 +395,20 @@ def test_paired_figure_draws_every_comparison_with_its_interval():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["rlfr - rlvr", "rlvr - base"]
     xs = [float(c.lines[0].get_xdata()[0]) for c in ax.containers]  # one errorbar per comparison
     assert xs == pytest.approx([2.0, 4.0])
+    from matplotlib.collections import PathCollection
+
+    def crosses(ax):
+        return [c for c in ax.collections if isinstance(c, PathCollection)]
+
+    assert not crosses(ax)  # no per-seed differences given: no seed markers
+    plt.close(fig)
+    # with per-seed differences, each seed is a cross just below its comparison's row
+    results["paired"]["a"]["rlfr - rlvr"]["greedy"]["per_seed"] = {"0": 0.03, "1": -0.01}
+    fig = paired_figure(plt, results)
+    ax = fig.axes[0]
+    assert ax.get_title().endswith("(x: single seeds)")
+    (seeds,) = crosses(ax)
+    assert seeds.get_offsets().tolist() == [[3.0, 0.25], [-1.0, 0.25]]
     plt.close(fig)
 
 

@@ -144,6 +144,19 @@ def test_pooling_demo_repeats_by_hand(tmp_path):
         json.dumps(p)
     )
     assert (tmp_path / "pooled" / "pooled.png").stat().st_size > 1000
+    from rlfr.eval.plots import _plt, pool_figure
+
+    plt = _plt()
+    fig = pool_figure(plt, pool)  # each run, the pooled change, and the change over runs
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+        "seed 0",
+        "seed 0",
+        "pooled",
+        "over runs (t)",
+    ]
+    over = fig.axes[0].containers[3].lines[0].get_xdata()[0]
+    assert over == pytest.approx(12.5)  # the mean of the runs' changes, +25 and 0 points
+    plt.close(fig)
     other = _fake_demo(tmp_path / "c", sft=([1], [1]), rl=([1], [1]), data={"eval_size": 1})
     with pytest.raises(ConfigError, match="held-out data settings differ"):
         pool_demos([a, other])

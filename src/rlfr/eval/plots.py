@@ -152,12 +152,22 @@ def plot_demo_accuracy(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _forest(ax, rows: Sequence[tuple[str, dict]], title: str, colours: Sequence[str]) -> None:
+def _forest(
+    ax, rows: Sequence[tuple[str, dict]], title: str, colours: Sequence[str], seeds: bool = False
+) -> None:
     """Differences with their 95 % intervals (``{"diff", "lo", "hi"}`` fractions, drawn in points), row i at
-    y = i; the caller labels and orders the y axis (shared axes must be inverted once)."""
+    y = i; with ``seeds``, a difference with two or more ``per_seed`` values also shows each seed's as a small
+    cross just below its row. The caller labels and orders the y axis (shared axes must be inverted once)."""
+    seeds_drawn = False
     for i, ((_, d), colour) in enumerate(zip(rows, colours)):
         ax.errorbar(100 * d["diff"], i, xerr=[[100 * (d["diff"] - d["lo"])], [100 * (d["hi"] - d["diff"])]],
                     fmt="o", color=colour, capsize=3)  # fmt: skip
+        per = list(d.get("per_seed", {}).values()) if seeds else []
+        if len(per) >= 2:
+            ax.scatter([100 * v for v in per], [i + 0.25] * len(per), marker="x", s=18, color=colour, lw=1)
+            seeds_drawn = True
+    if seeds_drawn:
+        title += "\n(x: single seeds)"
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("points (95 % interval)")
@@ -165,13 +175,24 @@ def _forest(ax, rows: Sequence[tuple[str, dict]], title: str, colours: Sequence[
 
 
 def plot_demo_pool(pool: dict, path: Path) -> None:
-    """``rlfr demo --pool``: the RL - SFT change of every run and of the pooled runs, with 95 % intervals,
-    greedy and sampled side by side (``pool`` from ``rlfr.recipes.demo.pool_demos``)."""
+    """``rlfr demo --pool``: the RL - SFT change of every run and of the pooled runs (problem bootstrap), and
+    over runs (Student-t, each run one value; with two runs or more), with 95 % intervals, greedy and sampled
+    side by side (``pool`` from ``rlfr.recipes.demo.pool_demos``)."""
     plt = _plt()
+    fig = pool_figure(plt, pool)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pool_figure(plt, pool: dict):
+    """The figure of ``plot_demo_pool``."""
     k = pool["eval_samples"]
     rows = [(f"seed {s['seed']}", s["rl_minus_sft"]) for s in pool["runs"].values()]
     rows.append(("pooled", pool["pooled"]))
-    colours = ["#6a9fd8"] * (len(rows) - 1) + ["#2a8a4a"]
+    if pool["pooled"]["greedy"].get("across_seeds"):  # each run one value: covers the spread between runs
+        rows.append(("over runs (t)", {kind: pool["pooled"][kind]["across_seeds"] for kind in ("greedy", "sampled")
+                                       if kind in pool["pooled"]}))  # fmt: skip
+    colours = ["#6a9fd8"] * len(pool["runs"]) + ["#2a8a4a", "#8a5a2a"]
     kinds = [("greedy", "greedy pass@1")] + ([("sampled", f"sampled avg@{k}")] if k else [])
     fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 0.5 * len(rows) + 1.4), sharey=True,
                              squeeze=False)  # fmt: skip
@@ -181,8 +202,7 @@ def plot_demo_pool(pool: dict, path: Path) -> None:
     axes[0].set_yticks(range(len(rows)), [name for name, _ in rows])
     axes[0].invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plot_paired(results: dict, path: Path) -> None:
@@ -210,7 +230,11 @@ def paired_figure(plt, results: dict):
         for ax, (kind, label) in zip(row, kinds):
             size = results["eval_sets"][slug]["n"]
             _forest(
-                ax, [(name, st[kind]) for name, st in pairs], f"{slug} ({size} problems), {label}", colours
+                ax,
+                [(name, st[kind]) for name, st in pairs],
+                f"{slug} ({size} problems), {label}",
+                colours,
+                seeds=True,
             )
             ax.set_yticks(range(len(pairs)), [name for name, _ in pairs])
             ax.invert_yaxis()
