@@ -369,6 +369,25 @@ def test_learning_curves_keep_one_colour_per_arm():
     assert [t.get_text() for t in flow.get_legend().get_texts()] == ["rlfr"]
     assert len(fig.axes) == 2  # policy/kl: no arm logged it, no panel
     plt.close(fig)
+    # 16 steps or more: pale per-step lines under a bold 2-step (16 // 8) moving average, one legend entry each
+    long = {"rlfr": {"curves": {"reward": [float(i % 2) for i in range(16)], "flow_score/auroc": [0.7] * 16}}}
+    fig = curves_figure(plt, long, ["reward", "flow_score/auroc"])
+    reward, auroc = fig.axes
+    pale, bold = reward.lines
+    assert list(pale.get_ydata()) == [float(i % 2) for i in range(16)] and pale.get_alpha() == 0.3
+    assert list(bold.get_ydata()) == [0.0] + [0.5] * 15  # the first window is cut to step 1 alone
+    assert [t.get_text() for t in reward.get_legend().get_texts()] == ["rlfr"]
+    assert any(list(ln.get_ydata()) == [0.5, 0.5] for ln in auroc.lines)  # chance
+    plt.close(fig)
+
+
+def test_moving_average_by_hand():
+    from rlfr.eval.plots import moving_average
+
+    pts = [(1, 1.0), (2, 2.0), (3, 6.0), (5, 3.0)]
+    assert moving_average(pts, 3) == [(1, 1.5), (2, 3.0), (3, 11 / 3), (5, 4.5)]
+    assert moving_average(pts, 2) == [(1, 1.0), (2, 1.5), (3, 4.0), (5, 4.5)]
+    assert moving_average(pts, 1) == pts
 
 
 def test_paired_figure_draws_every_comparison_with_its_interval():

@@ -58,9 +58,25 @@ def plot_curves(arms_out: dict, curve_keys: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
+def moving_average(points: Sequence[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """(step, value) pairs -> the same steps with the mean of the values of the ``window`` steps centred on
+    each (fewer at the ends: the window is cut, not padded)."""
+    if window <= 1:
+        return list(points)
+    half = window // 2
+    vals = [v for _, v in points]
+    out = []
+    for i, (step, _) in enumerate(points):
+        part = vals[max(0, i - half) : i - half + window]
+        out.append((step, sum(part) / len(part)))
+    return out
+
+
 def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
     """The figure of ``plot_curves``. Each arm keeps one colour in every panel (a panel of flow statistics
-    has no RLVR line, and must not give RLFR RLVR's colour), and every panel has its legend."""
+    has no RLVR line, and must not give RLFR RLVR's colour), and every panel has its legend. Per-step values
+    are thin and pale; with 16 steps or more a centred moving average of steps // 8 steps is drawn over them
+    (per-step statistics of a few dozen rollouts are noisy). The AUROC panel marks chance (0.5)."""
     with_curves = [n for n, a in arms_out.items() if any(v is not None for c in a.get("curves", {}).values()
                                                           for v in c)]  # fmt: skip
     colour = {name: f"C{i}" for i, name in enumerate(with_curves)}
@@ -71,12 +87,20 @@ def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
     cols = min(4, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
+    steps = max((len(c) for a in arms_out.values() for c in a.get("curves", {}).values()), default=0)
+    window = steps // 8 if steps >= 16 else 1
     for ax, key in zip(axes.flat, keys):
         for name in with_curves:
             ys = arms_out[name]["curves"].get(key, [])
             pts = [(i + 1, y) for i, y in enumerate(ys) if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.2, color=colour[name])
+            if not pts:
+                continue
+            if window > 1:
+                ax.plot(*zip(*pts), label=f"_{name} per step", lw=0.8, alpha=0.3, color=colour[name])
+                pts = moving_average(pts, window)
+            ax.plot(*zip(*pts), label=name, lw=1.6 if window > 1 else 1.2, color=colour[name])
+        if key == "flow_score/auroc":
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
@@ -84,6 +108,10 @@ def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
+    if window > 1:
+        fig.suptitle(
+            f"mean over seeds; pale: per step, bold: centred {window}-step moving average", fontsize=10
+        )
     fig.tight_layout()
     return fig
 
