@@ -282,6 +282,10 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
         len(curves["reward"]) == 2 and len(curves["policy/kl"]) == 2 and len(curves["flow_reward/mean"]) == 2
     )
     assert res["arms"]["rlvr"]["curves"]["flow_reward/mean"] == [None, None]
+    times = curves["time/step"]  # training time: the logged step times, not the wall time of the last attempt
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert res["arms"]["rlfr"]["minutes_per_run"] == round(sum(times) / 60, 1)
+    assert res["arms"]["rlfr"]["median_step_seconds"] == round(sum(times) / 2, 1)
     ev = json.loads((out / "rlfr" / "seed_0" / "eval_embedded.json").read_text())
     assert len(ev["greedy"]) == 4 and all(0 <= c <= 2 for c in ev["sampled"])
     assert (out / "paired.png").stat().st_size > 0

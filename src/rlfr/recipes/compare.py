@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ CURVE_KEYS = (
     "response_len",
     "policy/kl",
     "policy/entropy",
+    "time/step",
 )
 
 
@@ -306,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         for name, s in order:
             cfg = configs[(name, s)]
             r = run_one(cfg, progress)
+            r["curves"] = _curves(Path(cfg.out_dir))  # from metrics.jsonl: a cached result may predate a key
             runs[name][str(s)] = r
             for slug, (_, examples) in sets.items():
                 path = Path(cfg.out_dir) / f"eval_{slug}.json"
@@ -335,9 +338,12 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
                 key: curve_mean([runs[name][str(s)]["curves"].get(key, []) for s in seeds])
                 for key in CURVE_KEYS
             }
-            entry["minutes_per_run"] = round(
-                sum(runs[name][str(s)]["seconds"] for s in seeds) / len(seeds) / 60, 1
-            )
+            step_times = [
+                [t for t in runs[name][str(s)]["curves"]["time/step"] if t is not None] for s in seeds
+            ]
+            if all(step_times):  # runs of versions that did not log step times have none
+                entry["minutes_per_run"] = round(sum(sum(t) for t in step_times) / len(seeds) / 60, 1)
+                entry["median_step_seconds"] = round(statistics.median(t for ts in step_times for t in ts), 1)
         for slug in sets:
             per_seed = evals[name][slug]
             e = {"greedy": {s: sum(r["greedy"]) / len(r["greedy"]) for s, r in per_seed.items()}}
@@ -548,8 +554,10 @@ def render_report(results: dict) -> str:
             "",
         ]
         lines += render_signals(results["arms"]) + [""]
-        lines += ["Minutes per run (training, mean over seeds): "
-                  + ", ".join(f"{n} {a['minutes_per_run']}" for n, a in results["arms"].items() if "minutes_per_run" in a), ""]  # fmt: skip
+        lines += ["Training minutes per run (the run's step times summed, mean over seeds; median step in brackets; "
+                  "wall time of the steps, so other work on the machine counts): "
+                  + ", ".join(f"{n} {a['minutes_per_run']} ({a['median_step_seconds']} s)"
+                              for n, a in results["arms"].items() if "median_step_seconds" in a), ""]  # fmt: skip
     lines += ["", "Budget (identical for every RL run):", ""]
     lines += [f"- {k}: {v}" for k, v in results["budget"].items()]
     lines += [
