@@ -282,10 +282,8 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
         len(curves["reward"]) == 2 and len(curves["policy/kl"]) == 2 and len(curves["flow_reward/mean"]) == 2
     )
     assert res["arms"]["rlvr"]["curves"]["flow_reward/mean"] == [None, None]
-    times = curves["time/step"]  # training time: the logged step times, not the wall time of the last attempt
-    assert len(times) == 2 and all(t > 0 for t in times)
-    assert res["arms"]["rlfr"]["minutes_per_run"] == round(sum(times) / 60, 1)
-    assert res["arms"]["rlfr"]["median_step_seconds"] == round(sum(times) / 2, 1)
+    times = curves["time/step"]  # training time: the logged step times (by hand: test_training_time_by_hand)
+    assert len(times) == 2 and all(t > 0 for t in times) and "median_step_seconds" in res["arms"]["rlfr"]
     ev = json.loads((out / "rlfr" / "seed_0" / "eval_embedded.json").read_text())
     assert len(ev["greedy"]) == 4 and all(0 <= c <= 2 for c in ev["sampled"])
     assert (out / "paired.png").stat().st_size > 0
@@ -373,13 +371,17 @@ def test_learning_curves_keep_one_colour_per_arm():
     assert [t.get_text() for t in flow.get_legend().get_texts()] == ["rlfr"]
     assert len(fig.axes) == 2  # policy/kl: no arm logged it, no panel
     plt.close(fig)
-    # 16 steps or more: pale per-step lines under a bold 2-step (16 // 8) moving average, one legend entry each
+    # 16 steps or more: pale per-step lines under a bold 3-step ((16 // 8) | 1) moving average, one legend entry
     long = {"rlfr": {"curves": {"reward": [float(i % 2) for i in range(16)], "flow_score/auroc": [0.7] * 16}}}
     fig = curves_figure(plt, long, ["reward", "flow_score/auroc"])
     reward, auroc = fig.axes
     pale, bold = reward.lines
     assert list(pale.get_ydata()) == [float(i % 2) for i in range(16)] and pale.get_alpha() == 0.3
-    assert list(bold.get_ydata()) == [0.0] + [0.5] * 15  # the first window is cut to step 1 alone
+    # centred on each step: 0,1,0 -> 1/3 and 1,0,1 -> 2/3; the windows of the first and last step are cut to 2
+    assert list(bold.get_ydata()) == pytest.approx(
+        [0.5] + [1 / 3 if i % 2 else 2 / 3 for i in range(1, 15)] + [0.5]
+    )
+    assert "centred 3-step" in fig._suptitle.get_text()
     assert [t.get_text() for t in reward.get_legend().get_texts()] == ["rlfr"]
     assert any(list(ln.get_ydata()) == [0.5, 0.5] for ln in auroc.lines)  # chance
     plt.close(fig)
@@ -489,3 +491,16 @@ def test_seed_by_seed_table_by_hand():
     assert compare.render_seed_table({"rlfr - rlvr": one}, k=2) == []
     old = {"rlfr - rlvr": {"greedy": {"diff": 0.1, "lo": 0.0, "hi": 0.2, "n": 4}, "mcnemar_greedy": {}}}
     assert compare.render_seed_table(old, k=0) == []
+
+
+def test_training_time_by_hand():
+    """Minutes from the logged step times (a missing step time is skipped), the median step over seeds, and
+    the report line, also for results of versions that only held the minutes."""
+    t = compare.training_time([[30.0, 700.0, 40.0, None], [50.0, 60.0]])
+    # seed 0: 770 s, seed 1: 110 s -> 440 s a run = 7.3 min; median of 30, 40, 50, 60, 700 = 50
+    assert t == {"minutes_per_run": 7.3, "median_step_seconds": 50.0}
+    assert compare.training_time([[30.0], [None]]) == {}  # a seed without step times: no figure at all
+    arms = {"base": {}, "rlvr": t, "rlfr": {"minutes_per_run": 35.0}}
+    (line, blank) = compare.render_training_time(arms)
+    assert line.endswith(": rlvr 7.3 (50.0 s), rlfr 35.0") and blank == ""
+    assert compare.render_training_time({"base": {}}) == []

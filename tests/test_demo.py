@@ -148,14 +148,14 @@ def test_pooling_demo_repeats_by_hand(tmp_path):
 
     plt = _plt()
     fig = pool_figure(plt, pool)  # each run, the pooled change, and the change over runs
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
-        "seed 0",
-        "seed 0",
-        "pooled",
-        "over runs (t)",
-    ]
-    over = fig.axes[0].containers[3].lines[0].get_xdata()[0]
-    assert over == pytest.approx(12.5)  # the mean of the runs' changes, +25 and 0 points
+    # both fake runs have seed 0: the rows name their directories
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b", "pooled", "over runs (t)"]
+    bar = fig.axes[0].containers[3]
+    assert bar.lines[0].get_xdata()[0] == pytest.approx(
+        12.5
+    )  # the mean of the runs' changes, +25 and 0 points
+    (segment,) = bar.lines[2][0].get_segments()  # the t interval: 12.5 -+ 12.7062 * 12.5 points
+    assert [x for x, _ in segment] == pytest.approx([-146.328, 171.328], abs=1e-3)  # t(0.975, 1) = 12.7062
     plt.close(fig)
     other = _fake_demo(tmp_path / "c", sft=([1], [1]), rl=([1], [1]), data={"eval_size": 1})
     with pytest.raises(ConfigError, match="held-out data settings differ"):

@@ -59,8 +59,9 @@ def plot_curves(arms_out: dict, curve_keys: Sequence[str], path: Path) -> None:
 
 
 def moving_average(points: Sequence[tuple[int, float]], window: int) -> list[tuple[int, float]]:
-    """(step, value) pairs -> the same steps with the mean of the values of the ``window`` steps centred on
-    each (fewer at the ends: the window is cut, not padded)."""
+    """(step, value) pairs -> the same steps with the mean of the ``window`` values around each, in the order
+    given (centred for an odd window; steps without a value are not in ``points``, so a window spans them);
+    fewer at the ends: the window is cut, not padded."""
     if window <= 1:
         return list(points)
     half = window // 2
@@ -75,7 +76,7 @@ def moving_average(points: Sequence[tuple[int, float]], window: int) -> list[tup
 def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
     """The figure of ``plot_curves``. Each arm keeps one colour in every panel (a panel of flow statistics
     has no RLVR line, and must not give RLFR RLVR's colour), and every panel has its legend. Per-step values
-    are thin and pale; with 16 steps or more a centred moving average of steps // 8 steps is drawn over them
+    are thin and pale; with 16 steps or more a centred moving average over (steps // 8) | 1 steps is drawn over them
     (per-step statistics of a few dozen rollouts are noisy). The AUROC panel marks chance (0.5)."""
     with_curves = [n for n, a in arms_out.items() if any(v is not None for c in a.get("curves", {}).values()
                                                           for v in c)]  # fmt: skip
@@ -88,7 +89,7 @@ def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
     steps = max((len(c) for a in arms_out.values() for c in a.get("curves", {}).values()), default=0)
-    window = steps // 8 if steps >= 16 else 1
+    window = (steps // 8) | 1 if steps >= 16 else 1  # odd, so that it centres on its step
     for ax, key in zip(axes.flat, keys):
         for name in with_curves:
             ys = arms_out[name]["curves"].get(key, [])
@@ -215,7 +216,11 @@ def plot_demo_pool(pool: dict, path: Path) -> None:
 def pool_figure(plt, pool: dict):
     """The figure of ``plot_demo_pool``."""
     k = pool["eval_samples"]
-    rows = [(f"seed {s['seed']}", s["rl_minus_sft"]) for s in pool["runs"].values()]
+    seeds = [s["seed"] for s in pool["runs"].values()]
+    unique = len(set(seeds)) == len(seeds)  # repeats of one seed (other machines) are named by directory
+    rows = [
+        (f"seed {s['seed']}" if unique else Path(d).name, s["rl_minus_sft"]) for d, s in pool["runs"].items()
+    ]
     rows.append(("pooled", pool["pooled"]))
     if pool["pooled"]["greedy"].get("across_seeds"):  # each run one value: covers the spread between runs
         rows.append(("over runs (t)", {kind: pool["pooled"][kind]["across_seeds"] for kind in ("greedy", "sampled")

@@ -265,6 +265,21 @@ def run_one(cfg, progress: bool) -> dict:
     return result
 
 
+def training_time(step_times: list[list[float | None]]) -> dict[str, float]:
+    """Per seed, the logged seconds of each step (None where a step logged none) -> {"minutes_per_run": the
+    steps' seconds summed, mean over seeds; "median_step_seconds": the median step of all seeds}, rounded to
+    0.1; {} when a seed logged no step time (runs of versions before step times were logged). Step times
+    are wall time within a step (other work on the machine, or a paused process, counts; the time between
+    steps does not); a step run twice after a resume counts its last attempt."""
+    logged = [[t for t in ts if t is not None] for ts in step_times]
+    if not logged or not all(logged):
+        return {}
+    return {
+        "minutes_per_run": round(sum(sum(ts) for ts in logged) / len(logged) / 60, 1),
+        "median_step_seconds": round(statistics.median(t for ts in logged for t in ts), 1),
+    }
+
+
 def curve_mean(curves: list[list[float]]) -> list[float]:
     """Mean over seeds per step (over the runs that reached that step and logged a value)."""
     steps = max((len(c) for c in curves), default=0)
@@ -338,12 +353,7 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
                 key: curve_mean([runs[name][str(s)]["curves"].get(key, []) for s in seeds])
                 for key in CURVE_KEYS
             }
-            step_times = [
-                [t for t in runs[name][str(s)]["curves"]["time/step"] if t is not None] for s in seeds
-            ]
-            if all(step_times):  # runs of versions that did not log step times have none
-                entry["minutes_per_run"] = round(sum(sum(t) for t in step_times) / len(seeds) / 60, 1)
-                entry["median_step_seconds"] = round(statistics.median(t for ts in step_times for t in ts), 1)
+            entry |= training_time([runs[name][str(s)]["curves"]["time/step"] for s in seeds])
         for slug in sets:
             per_seed = evals[name][slug]
             e = {"greedy": {s: sum(r["greedy"]) / len(r["greedy"]) for s, r in per_seed.items()}}
@@ -488,6 +498,17 @@ def render_seed_table(paired: dict[str, dict], k: int) -> list[str]:
     return lines + [""]
 
 
+def render_training_time(arms: dict[str, dict]) -> list[str]:
+    """The report's line of training minutes per arm (``training_time``; results of earlier versions hold
+    the minutes alone); nothing when no arm has them."""
+    cells = [f"{n} {a['minutes_per_run']}" + (f" ({a['median_step_seconds']} s)" if "median_step_seconds" in a else "")
+             for n, a in arms.items() if "minutes_per_run" in a]  # fmt: skip
+    if not cells:
+        return []
+    return ["Training minutes per run (the logged step times summed, mean over seeds; the median step in brackets; "
+            "wall time within a step, so other work on the machine counts): " + ", ".join(cells), ""]  # fmt: skip
+
+
 def render_report(results: dict) -> str:
     seeds = [str(s) for s in results["seeds"]]
     lines = [
@@ -554,10 +575,7 @@ def render_report(results: dict) -> str:
             "",
         ]
         lines += render_signals(results["arms"]) + [""]
-        lines += ["Training minutes per run (the run's step times summed, mean over seeds; median step in brackets; "
-                  "wall time of the steps, so other work on the machine counts): "
-                  + ", ".join(f"{n} {a['minutes_per_run']} ({a['median_step_seconds']} s)"
-                              for n, a in results["arms"].items() if "median_step_seconds" in a), ""]  # fmt: skip
+        lines += render_training_time(results["arms"])
     lines += ["", "Budget (identical for every RL run):", ""]
     lines += [f"- {k}: {v}" for k, v in results["budget"].items()]
     lines += [
