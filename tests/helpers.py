@@ -149,3 +149,13 @@ class ParityVerifier:
             raise self.Killed
         self.texts += texts
         return [float(sum(map(ord, t)) % 2) for t in texts]
+
+
+# Two arms over three seeds on four problems (greedy 0/1, sampled: correct of 2), worked by hand in the tests:
+# per-seed differences a - b of +0.25, 0, +0.25 greedy and +0.125, 0, +0.125 sampled.
+SEED_ARMS_A = {"0": {"greedy": [1, 1, 0, 0], "sampled": [2, 1, 0, 0]},
+               "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
+               "2": {"greedy": [1, 0, 0, 0], "sampled": [1, 0, 0, 0]}}  # fmt: skip
+SEED_ARMS_B = {"0": {"greedy": [1, 0, 0, 0], "sampled": [1, 1, 0, 0]},
+               "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
+               "2": {"greedy": [0, 0, 0, 0], "sampled": [0, 0, 0, 0]}}  # fmt: skip

@@ -465,14 +465,10 @@ def test_evaluate_model_resumes_an_interrupted_evaluation(tiny_dir, tmp_path):
 
 def test_seed_by_seed_table_by_hand():
     """The report's seed table: per-seed differences, their t interval, and how many seeds are ahead."""
+    from helpers import SEED_ARMS_A as a
+    from helpers import SEED_ARMS_B as b
     from rlfr.eval.stats import compare_arms
 
-    a = {"0": {"greedy": [1, 1, 0, 0], "sampled": [2, 1, 0, 0]},
-         "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
-         "2": {"greedy": [1, 0, 0, 0], "sampled": [1, 0, 0, 0]}}  # fmt: skip
-    b = {"0": {"greedy": [1, 0, 0, 0], "sampled": [1, 1, 0, 0]},
-         "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
-         "2": {"greedy": [0, 0, 0, 0], "sampled": [0, 0, 0, 0]}}  # fmt: skip
     lines = compare.render_seed_table({"rlfr - rlvr": compare_arms(a, b, samples=2)}, k=2)
     assert (
         "| comparison | greedy per seed | greedy over seeds | avg@2 per seed | avg@2 over seeds |" in lines[2]

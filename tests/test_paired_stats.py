@@ -62,12 +62,9 @@ def test_t_quantile_rejects_bad_arguments():
 def test_seed_interval_and_per_seed_differences_by_hand():
     """Three seeds, four problems: per-seed differences +0.25, 0, +0.25 (mean 1/6, sd 0.1443), so the
     interval is 1/6 -+ 4.303 * 0.1443 / sqrt(3) = 1/6 -+ 0.3586."""
-    a = {"0": {"greedy": [1, 1, 0, 0], "sampled": [2, 1, 0, 0]},
-         "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
-         "2": {"greedy": [1, 0, 0, 0], "sampled": [1, 0, 0, 0]}}  # fmt: skip
-    b = {"0": {"greedy": [1, 0, 0, 0], "sampled": [1, 1, 0, 0]},
-         "1": {"greedy": [1, 1, 1, 0], "sampled": [2, 2, 0, 0]},
-         "2": {"greedy": [0, 0, 0, 0], "sampled": [0, 0, 0, 0]}}  # fmt: skip
+    from helpers import SEED_ARMS_A as a
+    from helpers import SEED_ARMS_B as b
+
     r = compare_arms(a, b, samples=2)
     assert r["greedy"]["per_seed"] == pytest.approx({"0": 0.25, "1": 0.0, "2": 0.25})
     g = r["greedy"]["across_seeds"]

@@ -246,7 +246,7 @@ def run_one(cfg, progress: bool) -> dict:
     path = out / "compare_result.json"
     config = to_dict(cfg)
     if (hit := _cached(path, config, normalized)) is not None:
-        return hit
+        return hit | {"curves": _curves(out)}  # from metrics.jsonl: the cached curves may predate a key
     t0 = time.time()
     # an interrupted run resumes from its checkpoint (run_train refuses one of another config); a run that
     # failed before its first checkpoint starts over
@@ -310,10 +310,10 @@ def run(args: argparse.Namespace) -> int:
     evals: dict[str, dict[str, dict[str, dict]]] = {"base": {}}
     runs: dict[str, dict[str, dict]] = {name: {} for name in arm_specs}
     with Verifier(num_workers=ref.reward.workers, timeout=ref.reward.timeout) as verifier:
+        every_seed = dict.fromkeys(str(s) for _, _, seeds in arm_specs.values() for s in seeds)
         for slug, (_, examples) in sets.items():
             path = out / "base" / f"eval_{slug}.json"
             base = evaluate_model(args.start, ref, examples, args.eval_samples, path, verifier)
-            every_seed = dict.fromkeys(str(s) for _, _, seeds in arm_specs.values() for s in seeds)
             evals["base"][slug] = {s: base for s in every_seed}  # one model, paired with every run
         for name in arm_specs:
             evals[name] = {slug: {} for slug in sets}
@@ -323,7 +323,6 @@ def run(args: argparse.Namespace) -> int:
         for name, s in order:
             cfg = configs[(name, s)]
             r = run_one(cfg, progress)
-            r["curves"] = _curves(Path(cfg.out_dir))  # from metrics.jsonl: a cached result may predate a key
             runs[name][str(s)] = r
             for slug, (_, examples) in sets.items():
                 path = Path(cfg.out_dir) / f"eval_{slug}.json"
@@ -471,8 +470,7 @@ def render_seed_table(paired: dict[str, dict], k: int) -> list[str]:
     kinds = [("greedy", "greedy")] + ([("sampled", f"avg@{k}")] if k else [])
     lines = [
         "Seed by seed (each run against the other arm's run of the same seed; seed: percentage points; the mean "
-        "over "
-        "seeds with a Student-t 95 % interval that takes the seed as the unit, so it covers the spread between "
+        "over seeds with a Student-t 95 % interval that takes the seed as the unit, so it covers the spread between "
         "seeds, which the problem bootstrap above does not):",
         "",
         "| comparison | "
