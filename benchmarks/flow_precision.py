@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="training steps of each copy")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--curves", action="store_true", help="print both loss curves, step by step")
     args = ap.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -74,10 +75,16 @@ def main() -> None:
             loss.backward()
             opts[name].step()
             losses[name].append(loss.item())
-    gap = max(abs(a - b) / a for a, b in zip(losses["f32"], losses["bf16"]))
+    gaps = [abs(a - b) / a for a, b in zip(losses["f32"], losses["bf16"])]
+    worst = max(range(len(gaps)), key=gaps.__getitem__)
     print(f"flow d={args.dim} depth={args.depth}, {args.pairs} pairs, {args.steps} steps on {device}")
     print(f"loss curves: first {losses['f32'][0]:.4f}, final f32 {losses['f32'][-1]:.4f} / bf16 "
-          f"{losses['bf16'][-1]:.4f}, largest relative gap {gap:.4f}")  # fmt: skip
+          f"{losses['bf16'][-1]:.4f}; relative gap median {statistics.median(gaps):.4f}, largest {gaps[worst]:.4f} "
+          f"at step {worst + 1} (f32 {losses['f32'][worst]:.4f}, bf16 {losses['bf16'][worst]:.4f})")  # fmt: skip
+    if args.curves:
+        print("step  f32       bf16")
+        for i, (a, b) in enumerate(zip(losses["f32"], losses["bf16"]), 1):
+            print(f"{i:4d}  {a:8.4f}  {b:8.4f}")
     # scores of the float32-trained field, computed both ways with the same noise
     held = pairs_for(args.pairs, args.dim, gen, device)
     noise = torch.randn((1, args.pairs, args.dim), generator=gen).to(device)

@@ -217,7 +217,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         e = r["estimate"]
         peak = "OOM" if "oom" in r else _gb(r.get("peak_GB", r.get("peak_rss_GB")))
-        reserved = f"{r['reserved_GB']:.2f} GB" if "reserved_GB" in r else "-"
+        reserved = f"{r['reserved_GB']:.2f} GiB" if "reserved_GB" in r else "-"
         secs = f"{r['seconds']:.1f}" if "seconds" in r else "-"
         print(f"{r['size']:5s} {r['mode']:12s} {_count(e['params_B']):>7s} {_count(e['trained_B']):>8s} "
               f"{_gb(e['static_GB']):>11s} {peak:>14s} {reserved:>9s} {secs:>7s}")  # fmt: skip
@@ -228,7 +228,7 @@ def _count(billions: float) -> str:
 
 
 def _gb(gb: float) -> str:
-    return f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1024:.1f} MB"
+    return f"{gb:.1f} GiB" if gb >= 1 else f"{gb * 1024:.1f} MiB"  # GB = 1024**3 bytes
 
 
 if __name__ == "__main__":

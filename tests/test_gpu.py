@@ -128,10 +128,11 @@ def test_flow_trains_and_policy_gets_lm_gradient_only_bf16(cuda_deterministic, r
 
 
 def _cfg(model_dir, out, *extra):
-    """``tiny_run.tiny_train_config`` with cpu=false: accelerate picks the GPU."""
+    """``tiny_run.tiny_train_config`` with cpu=false (accelerate picks the GPU) and the KL to the start model
+    tracked (off by default), so that its reference forward runs on the GPU too."""
     from tiny_run import tiny_train_config
 
-    return tiny_train_config(model_dir, out, "cpu=false", *extra)
+    return tiny_train_config(model_dir, out, "cpu=false", "policy.track_kl=true", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def test_tiny_runs_one_rl_step_per_mode_and_prints_the_table():
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("tiny ")]
     assert [r[1] for r in rows] == ["full-ddp", "lora-gc"]
     for r in rows:
-        assert r[-3] == "MB" or r[-3] == "GB"  # the measured peak, a number with its unit
+        assert r[-3] in ("MiB", "GiB")  # the measured peak, a number with its unit
         assert float(r[-4]) > 0
 
 

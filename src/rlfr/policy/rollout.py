@@ -94,9 +94,12 @@ def generate(
     greedy: bool = False,
     batch_size: int = 64,
     images: Sequence[Sequence] | None = None,
+    device: torch.device | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` responses per prompt; returns the packed layout described above.
-    ``images``: each prompt's images, given exactly when ``tokenizer`` is an ``ImageTextProcessor``."""
+    ``images``: each prompt's images, given exactly when ``tokenizer`` is an ``ImageTextProcessor``.
+    ``device``: where the inputs go (default: the first parameter's device; under FSDP with CPU offload that is
+    the CPU, so the trainer passes the accelerator's device)."""
     eos = eos_ids(tokenizer, model)
     prompt_ids, vision = encode_prompts(tokenizer, prompts, images)
     pad = tokenizer.pad_token_id
@@ -111,7 +114,7 @@ def generate(
         use_cache=True,
         suppress_tokens=tokenizer.suppress_ids if vision is not None else None,
     )
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     expanded = [(g, ids) for g, ids in enumerate(prompt_ids) for _ in range(num_generations)]

@@ -171,7 +171,7 @@ def sample(c: Components, prompts: list[str], examples) -> Rollout:
     if c.engine is None:
         return generate(c.acc.unwrap_model(c.policy), c.tokenizer, prompts, r.num_generations, r.max_new_tokens,
                         r.temperature, r.top_p, batch_size=r.batch_size,
-                        images=images_of(c.tokenizer, examples))  # fmt: skip
+                        images=images_of(c.tokenizer, examples), device=c.acc.device)  # fmt: skip
     # vLLM's sampling seed is drawn from torch's RNG, which is seeded per process and checkpointed
     seed = int(torch.randint(0, 2**31 - 1, ()))
     return c.engine.generate(prompts, r.num_generations, r.max_new_tokens, r.temperature, r.top_p, seed=seed)
