@@ -6,7 +6,8 @@ torch's ``fully_shard`` as on GPUs. Checked: the policy is sharded (each rank ho
 is replicated, the taps capture once per policy forward, checkpoints hold full weights gathered on the main
 process, a run stopped and resumed under FSDP ends bit-identical to an uninterrupted one, checkpoints move
 between FSDP and one process, LoRA (+ gradient checkpointing, + the adapter-disabled reference) and LoRA SFT
-run sharded. ``test_fsdp_on_gpus`` runs the same worker under the real launch (``-m gpu``, 2+ GPUs).
+run sharded. ``test_fsdp_on_gpus`` runs the same worker under the real launch (``-m gpu``: 2 processes on 2+
+GPUs, one process on a single GPU).
 """
 
 from __future__ import annotations

@@ -55,9 +55,8 @@ def evaluate(
     images = images_of(tokenizer, [examples[i] for i in shard])
     records = []
     if shard:
-        ro = generate(
-            model, tokenizer, prompts, 1, max_new_tokens, greedy=True, batch_size=batch_size, images=images
-        )
+        ro = generate(model, tokenizer, prompts, 1, max_new_tokens, greedy=True, batch_size=batch_size,
+                      images=images, device=accelerator.device if accelerator else None)  # fmt: skip
         scores = verifier.verify_batch(ro.completions, [examples[i].answer for i in shard])
         lens = ro.response_lengths.tolist()
         for i, p, c, s, n in zip(shard, prompts, ro.completions, scores, lens):
