@@ -273,8 +273,8 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
                                 "embedded-transfer-3": {"data": "embedded-transfer", "n": 3}}  # fmt: skip
     e = res["arms"]["rlfr"]["eval"]["embedded-transfer-3"]
     assert set(e) >= {"greedy", "sampled", "greedy_mean", "sampled_mean"} and 0 <= e["sampled_mean"] <= 1
-    assert set(res["paired"]["embedded"]) == {"rlfr - rlvr", "frozen - rlvr", "rlvr - base", "rlfr - base",
-                                              "frozen - base"}  # fmt: skip
+    assert set(res["paired"]["embedded"]) == {"rlfr - rlvr", "frozen - rlvr", "frozen - rlfr", "rlvr - base",
+                                              "rlfr - base", "frozen - base"}  # fmt: skip
     p = res["paired"]["embedded"]["rlfr - rlvr"]
     assert p["greedy"]["lo"] <= p["greedy"]["diff"] <= p["greedy"]["hi"] and "0" in p["mcnemar_greedy"]
     curves = res["arms"]["rlfr"]["curves"]

@@ -15,7 +15,8 @@ benchmark or a file, each optionally ``:N`` problems; default ``data.eval_size``
 ``--eval-samples K``, the mean accuracy of K samples at temperature 1 (avg@K), with the correctness of every
 problem kept, so that methods are compared problem by problem: a paired bootstrap 95 % interval of the
 difference of seed-averaged per-problem accuracy (``rlfr.eval.stats.paired_bootstrap``), and McNemar's exact
-test per seed on greedy correctness (``rlfr.eval.stats.mcnemar``).
+test per seed on greedy correctness (``rlfr.eval.stats.mcnemar``). Pairs: every arm against RLVR and against
+the start model, and an ablation against the method it changes (``frozen - rlfr``), on the seeds both ran.
 
 Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics, a training-signals table per
 arm: reward, outcome and flow advantage sizes, flow AUROC, KL, entropy, length; budget, command),
@@ -364,6 +365,8 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
         arms_out[name] = entry
     paired_out: dict[str, dict] = {}
     pairs = [(a, "rlvr") for a in arm_specs if a != "rlvr" and "rlvr" in arm_specs]
+    # an ablation against the method it changes (frozen - rlfr), on the seeds both ran
+    pairs += [(a, m) for a, (m, _, _) in arm_specs.items() if a != m and m != "rlvr" and m in arm_specs]
     pairs += [(a, "base") for a in arm_specs]
     for slug in sets:
         paired_out[slug] = {f"{a} - {b}": compare_arms(evals[a][slug], evals[b][slug], k) for a, b in pairs}
