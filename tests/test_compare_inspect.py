@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rlfr.cli import main
-from rlfr.eval.stats import TOKEN_CLASSES
+from rlfr.eval.stats import TOKEN_CLASSES, auroc
 from rlfr.recipes import compare
 from rlfr.recipes.inspect_flow import compute_stats, render_html
 from tiny_run import make_tiny_model_dir
@@ -74,12 +74,15 @@ def test_inspect_writes_escaped_self_contained_html(tiny_run, tmp_path):
     assert "http" not in page and "src=" not in page and "href=" not in page and "@import" not in page
     assert page.count("class='roll'") == 3 and "class='tok'" in page
     stats = json.loads((out / "stats.json").read_text())
+    rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
     assert stats["rollouts"] == 3 and stats["scored_tokens"] > 0
     assert stats["latents"]["fractions"] == [0.25, 0.5, 0.75] and stats["reward"] == "dense"
-    assert stats["auroc"] is None or 0 <= stats["auroc"] <= 1
+    # the AUROC is the rollouts' own, recomputed here: None exactly when one class is missing
+    rated = [r for r in rollouts if r["mean_deviation"] is not None]
+    want = auroc([-r["mean_deviation"] for r in rated], [r["correct"] for r in rated])
+    assert stats["auroc"] == want and (want is None) == (len({r["correct"] for r in rated}) < 2)
     assert set(stats["tokens"]["by_class"]) == set(TOKEN_CLASSES)
     assert sum(v["count"] for v in stats["tokens"]["by_class"].values()) == stats["scored_tokens"]
-    rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
     for r in rollouts:
         scored = [t for t in r["tokens"] if t["valid"]]
         # dense reward -beta (2x - 1) lies in [-beta, beta]; the shaped one is never positive (one-sided)
@@ -118,10 +121,14 @@ def test_inspect_from_run_dir_with_shaped_reward(tiny_run, tmp_path):
     assert not stats["tokens"]["rewarded"]  # one-sided shaping never rewards
 
 
-def test_inspect_argument_errors(tiny_run, tmp_path):
-    assert main(["inspect", "--out", str(tmp_path)]) == 2
-    assert main(["inspect", "--checkpoint", str(tiny_run), "--model", "x", "--out", str(tmp_path)]) == 2
-    assert main(["inspect", "--checkpoint", str(tmp_path), "--out", str(tmp_path)]) == 2  # no policy/ flow/
+def test_inspect_argument_errors(tiny_run, tmp_path, capsys):
+    def error(argv):
+        assert main(["inspect", *argv, "--out", str(tmp_path)]) == 2
+        return capsys.readouterr().err
+
+    assert "give --checkpoint, or both --model and --flow" in error([])
+    assert "not both" in error(["--checkpoint", str(tiny_run), "--model", "x"])
+    assert f"{tmp_path} is neither a checkpoint" in error(["--checkpoint", str(tmp_path)])
 
 
 def _tok(text, reward, score=1.0, valid=True):

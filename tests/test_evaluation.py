@@ -255,8 +255,11 @@ def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
         assert len(rows) == 8 and [r["sample"] for r in rows] == [0, 1, 2, 3] * 2
 
 
-def test_eval_cli_errors(tiny_dir, tmp_path):
-    assert main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
+def test_eval_cli_errors(tiny_dir, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert main(["eval", "--model", str(tiny_dir), "--data", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlfr eval: error:") and "missing.jsonl" in err
     # --backend vllm without vLLM: tests/test_rollout_engine.py::test_missing_vllm_is_one_clear_error
 
 

@@ -390,3 +390,52 @@ def test_logs_are_cut_to_the_resumed_step_and_a_failed_start_leaves_nothing(tiny
             progress=False,
         )
     assert not fresh.exists()
+
+
+def test_a_row_cut_off_by_a_kill_is_left_out_and_a_damaged_row_is_named(tmp_path):
+    """A kill during the append of ``metrics.jsonl`` leaves a partial last line: it was never logged, so
+    reading (and resuming) leaves it out; an unreadable row anywhere else is an error naming file and line."""
+    from rlfr.runtime.metrics import MetricsLogger, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.25}\n{"step": 3, "rew')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    MetricsLogger(tmp_path, report_to=(), resume_step=2)  # a resume at step 2 rewrites the log whole
+    assert path.read_text() == '{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.25}\n'
+    path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON row"):
+        read_metrics(tmp_path)
+    path.write_text('{"step": 1}\n{"step": 2, "rew\n')  # complete lines (newline-terminated) are not forgiven
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(path)
+
+
+def test_atomic_dir_leaves_the_old_directory_when_a_save_fails(tmp_path):
+    """SFT and export write model directories through ``atomic_dir``: a save that fails midway leaves the
+    previous directory as it was and no temporary one; a save that succeeds replaces it whole."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), ckpt_io.atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    with ckpt_io.atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+
+
+def test_a_damaged_compare_result_is_an_error_naming_it(tmp_path):
+    """``rlfr compare`` resumes from each run's ``compare_result.json`` (written atomically); one damaged by
+    hand is a clear error naming the file, not a JSON traceback."""
+    from rlfr.errors import RlfrError
+    from rlfr.recipes.compare import _cached
+
+    path = tmp_path / "compare_result.json"
+    path.write_text('{"config": {"a": 1}, "model_dir"')
+    with pytest.raises(RlfrError, match=r"compare_result.json is not valid JSON .*delete it"):
+        _cached(path, {"a": 1})
+    path.write_text('{"config": {"a": 1}, "model_dir": "m"}')
+    assert _cached(path, {"a": 1})["model_dir"] == "m" and _cached(path, {"a": 2}) is None

@@ -37,6 +37,7 @@ import statistics
 import time
 from pathlib import Path
 
+from rlfr.errors import RlfrError
 from rlfr.eval.plots import plot_accuracy, plot_curves, plot_paired
 from rlfr.eval.stats import compare_arms, format_diff, format_mean_std, mean_std
 
@@ -148,7 +149,10 @@ def _cached(path: Path, config: dict, normalize=None) -> dict | None:
     """The saved result at ``path`` when it was made with ``config``; ``normalize`` maps the saved config to
     how this version reads it (so that fields added later with their defaults do not invalidate it)."""
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RlfrError(f"{path} is not valid JSON ({e}); delete it and rerun to redo that step") from e
         got = saved.get("config")
         if normalize is not None and isinstance(got, dict):
             got = normalize(got)
@@ -240,7 +244,7 @@ def run_one(cfg, progress: bool) -> dict:
     """Train (or resume, or reuse) one run; -> {"config", "model_dir", "curves", "seconds"}."""
     from rlfr.config import to_dict
     from rlfr.recipes.train import run_train
-    from rlfr.runtime.checkpoint import checkpoint_root, find_checkpoint
+    from rlfr.runtime.checkpoint import atomic_write_text, checkpoint_root, find_checkpoint
     from rlfr.schema import normalized
 
     out = Path(cfg.out_dir)
@@ -262,7 +266,7 @@ def run_one(cfg, progress: bool) -> dict:
         "curves": _curves(out),
         "seconds": round(time.time() - t0, 1),
     }
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))
     return result
 
 

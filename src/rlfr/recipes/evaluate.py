@@ -1,6 +1,6 @@
 """``rlfr eval``: greedy pass@1 (default) or sampled avg@k / pass@k of a model on benchmarks or data files.
 
-    rlfr eval --model runs/demo/rl/policy --data embedded math500 my.jsonl --out runs/eval
+    rlfr eval --model runs/demo/rl/checkpoints/step_000016/policy --data embedded math500 my.jsonl --out runs/eval
     rlfr eval --model smollm2-135m-instruct --data embedded --samples 8 --temperature 1.0
 
 Writes ``OUT/results.json`` (one entry per dataset: n, pass@1 or avg@k and pass@k for k = 1, 2, 4, ...

@@ -31,6 +31,7 @@ from rlfr.policy.rollout import Rollout, encode_solutions
 from rlfr.policy.vision import freeze_vision_tower, is_vision_language
 from rlfr.reward.verifier import Verifier
 from rlfr.runtime import sharding
+from rlfr.runtime.checkpoint import atomic_dir
 from rlfr.runtime.env import make_accelerator, seed_everything
 from rlfr.runtime.metrics import MetricsLogger
 from rlfr.runtime.optim import build_optimizer, optimizer_step
@@ -109,15 +110,20 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     lora = is_lora(unwrapped)
     state = sharding.full_state_dict(acc, model, trainable_only=lora)  # FSDP: gathered on the main process
     given = {} if state is None else {"state_dict": state}
-    if acc.is_main_process:
+    if (
+        acc.is_main_process
+    ):  # each directory appears whole or not at all (a crash mid-save leaves no half-written one)
         if lora:
-            unwrapped.save_pretrained(out / "adapter", safe_serialization=True, **given)
-            tok.save_pretrained(out / "adapter")
+            with atomic_dir(out / "adapter") as tmp:
+                unwrapped.save_pretrained(tmp, safe_serialization=True, **given)
+                tok.save_pretrained(tmp)
             merged = load_model(str(out / "adapter"), cfg.model.dtype, cfg.model.trust_remote_code)
-            merged.save_pretrained(model_dir, safe_serialization=True)
-        else:
-            unwrapped.save_pretrained(model_dir, safe_serialization=True, **given)
-        tok.save_pretrained(model_dir)
+        with atomic_dir(model_dir) as tmp:
+            if lora:
+                merged.save_pretrained(tmp, safe_serialization=True)
+            else:
+                unwrapped.save_pretrained(tmp, safe_serialization=True, **given)
+            tok.save_pretrained(tmp)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     acc.wait_for_everyone()
     result = SFTResult(str(model_dir), losses[0], losses[-1], time.time() - t0)

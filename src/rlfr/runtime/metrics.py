@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _CONSOLE_KEYS = (
     ("reward", "rew", "{:.3f}"),
@@ -213,13 +216,28 @@ def metrics_path(out_dir: str | Path) -> Path:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics log; ``path`` is the file or its run directory."""
+    """The rows of a metrics log; ``path`` is the file or its run directory. A last row cut off by a kill
+    during its append (no newline after it, not valid JSON) was never logged and is left out; any other
+    unreadable row is an error naming the file and line."""
     p = Path(path)
     if p.is_dir():
         p = metrics_path(p)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    text = p.read_text()
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                log.warning("%s: leaving out its last line, cut off by an interrupted write", p)
+                break
+            raise ValueError(f"{p}, line {i}: not a JSON row ({e})") from e
+    return rows
 
 
 class Accum:
