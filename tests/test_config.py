@@ -106,3 +106,16 @@ def test_a_saved_config_without_later_fields_is_not_a_change():
     del saved["policy"]["skip_nonfinite_batches"]  # a checkpoint of a version without this field
     allowed, refused = resume_changes(saved, new)
     assert allowed == {"steps": (4, 5)} and refused == {}
+
+
+def test_flow_settings_under_a_method_without_a_flow_are_named():
+    """``flow.*`` keys mean nothing to rlvr and entropy runs; the ones changed from their defaults are named at
+    the start (train prints them) instead of being dropped silently."""
+    from rlfr.recipes.train import ignored_flow_keys
+
+    given = ["flow.init=runs/flow", "flow.reward.beta=0.05", "flow.warmup_ratio=0.0"]
+    for method in ("rlvr", "entropy"):
+        cfg = load_config(TrainConfig, overrides=[f"method={method}", *given])
+        assert ignored_flow_keys(cfg) == ["flow.init", "flow.reward.beta", "flow.warmup_ratio"]
+    assert ignored_flow_keys(load_config(TrainConfig, overrides=["method=rlvr"])) == []
+    assert ignored_flow_keys(load_config(TrainConfig, overrides=["method=rlfr", *given])) == []

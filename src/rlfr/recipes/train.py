@@ -35,11 +35,11 @@ from rlfr.rl.step import Components, FlowPart, paused, rl_step
 from rlfr.runtime import checkpoint as ckpt_io
 from rlfr.runtime import sharding
 from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything, set_tf32
-from rlfr.runtime.metrics import MetricsLogger, format_step, read_metrics
+from rlfr.runtime.metrics import MetricsLogger, flat_config, format_step, read_metrics
 from rlfr.runtime.optim import build_optimizer
 from rlfr.runtime.rundir import RunLock, StopOnSignal, claim
 from rlfr.runtime.stream import EpochStream, shard
-from rlfr.schema import RESUMABLE_KEYS, TrainConfig, resume_changes
+from rlfr.schema import RESUMABLE_KEYS, FlowConfig, TrainConfig, resume_changes
 
 
 @dataclass
@@ -56,6 +56,15 @@ class RunData:
     train: list
     eval: list
     prompts: list[str]
+
+
+def ignored_flow_keys(cfg: TrainConfig) -> list[str]:
+    """The ``flow.*`` settings changed from their defaults under a method that reads none of them (any but
+    rlfr): said at the start rather than dropped silently (``flow.init`` given to an RLVR run, say)."""
+    if cfg.method == "rlfr":
+        return []
+    given, default = flat_config(to_dict(cfg.flow), "flow."), flat_config(to_dict(FlowConfig()), "flow.")
+    return sorted(k for k, v in given.items() if v != default.get(k))
 
 
 def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
@@ -96,6 +105,8 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
         bundle = build_flow(cfg.flow, policy)
         if not cfg.flow.update:
             bundle.field.requires_grad_(False)
+    elif acc.is_main_process and (ignored := ignored_flow_keys(cfg)):
+        print(f"method={cfg.method} trains and uses no flow field: ignoring {', '.join(ignored)}")
     p, trainable = cfg.policy, [q for q in policy.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
         trainable, p.lr, p.betas, p.weight_decay, cfg.steps * p.ppo_epochs * p.minibatches,
