@@ -425,6 +425,13 @@ def test_atomic_dir_leaves_the_old_directory_when_a_save_fails(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    umask = os.umask(0o022)
+    try:
+        with ckpt_io.atomic_dir(tmp_path / "shared") as tmp:
+            pass
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # as mkdir makes it, not owner-only
 
 
 def test_a_damaged_compare_result_is_an_error_naming_it(tmp_path):

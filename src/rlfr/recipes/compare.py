@@ -151,8 +151,10 @@ def _cached(path: Path, config: dict, normalize=None) -> dict | None:
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RlfrError(f"{path} is not valid JSON ({e}); delete it and rerun to redo that step") from e
+        if not isinstance(saved, dict):
+            raise RlfrError(f"{path} is not a saved result (a JSON object); delete it and rerun that step")
         got = saved.get("config")
         if normalize is not None and isinstance(got, dict):
             got = normalize(got)

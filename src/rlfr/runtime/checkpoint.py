@@ -76,15 +76,20 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     error leaves the old ``path``, or none, never a half-written one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    old = tmp.with_name(tmp.name + "-old")
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # as a plain mkdir would make it (mkdtemp's is owner-only)
         if path.exists():
-            shutil.rmtree(path)
+            path.rename(old)  # moved aside, not deleted, until the new one is in place
         tmp.rename(path)
         _fsync(path.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
