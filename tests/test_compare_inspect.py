@@ -506,3 +506,23 @@ def test_training_time_by_hand():
     (line, blank) = compare.render_training_time(arms)
     assert line.endswith(": rlvr 7.3 (50.0 s), rlfr 35.0") and blank == ""
     assert compare.render_training_time({"base": {}}) == []
+
+
+def test_arm_pairs_put_rlfr_against_rlvr_and_the_entropy_control():
+    """Every arm against RLVR and the start model; RLFR against the entropy arm (shaping without a flow) when
+    both ran; an ablation against the method it changes. Ablations of RLVR pair with RLVR once."""
+    specs = {
+        "rlvr": ("rlvr", [], [0, 1]),
+        "rlfr": ("rlfr", [], [0, 1]),
+        "entropy": ("entropy", [], [0, 1]),
+        "frozen": ("rlfr", ["flow.update=false"], [0]),
+        "kl": ("rlvr", ["policy.kl_coef=0.01"], [0]),
+    }
+    assert compare.arm_pairs(specs) == [
+        ("rlfr", "rlvr"), ("entropy", "rlvr"), ("frozen", "rlvr"), ("kl", "rlvr"), ("rlfr", "entropy"),
+        ("frozen", "rlfr"), ("rlvr", "base"), ("rlfr", "base"), ("entropy", "base"), ("frozen", "base"),
+        ("kl", "base"),
+    ]  # fmt: skip
+    assert compare.arm_pairs({"rlfr": specs["rlfr"], "frozen": specs["frozen"]}) == [
+        ("frozen", "rlfr"), ("rlfr", "base"), ("frozen", "base"),
+    ]  # fmt: skip

@@ -272,6 +272,17 @@ def run_one(cfg, progress: bool) -> dict:
     return result
 
 
+def arm_pairs(arm_specs: dict[str, tuple]) -> list[tuple[str, str]]:
+    """The (a, b) pairs that the report compares as ``a - b``, from ``{arm: (method, overrides, seeds)}``:
+    every arm against RLVR; RLFR against the entropy arm (dense shaping without a flow); an ablation against
+    the method it changes (frozen - rlfr), on the seeds both ran; every arm against the start model."""
+    pairs = [(a, "rlvr") for a in arm_specs if a != "rlvr" and "rlvr" in arm_specs]
+    if "rlfr" in arm_specs and "entropy" in arm_specs:
+        pairs.append(("rlfr", "entropy"))
+    pairs += [(a, m) for a, (m, _, _) in arm_specs.items() if a != m and m != "rlvr" and m in arm_specs]
+    return pairs + [(a, "base") for a in arm_specs]
+
+
 def training_time(step_times: list[list[float | None]]) -> dict[str, float]:
     """Per seed, the logged seconds of each step (None where a step logged none) -> {"minutes_per_run": the
     steps' seconds summed, mean over seeds; "median_step_seconds": the median step of all seeds}, rounded to
@@ -370,10 +381,7 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
             entry["eval"][slug] = e
         arms_out[name] = entry
     paired_out: dict[str, dict] = {}
-    pairs = [(a, "rlvr") for a in arm_specs if a != "rlvr" and "rlvr" in arm_specs]
-    # an ablation against the method it changes (frozen - rlfr), on the seeds both ran
-    pairs += [(a, m) for a, (m, _, _) in arm_specs.items() if a != m and m != "rlvr" and m in arm_specs]
-    pairs += [(a, "base") for a in arm_specs]
+    pairs = arm_pairs(arm_specs)
     for slug in sets:
         paired_out[slug] = {f"{a} - {b}": compare_arms(evals[a][slug], evals[b][slug], k) for a, b in pairs}
     # the first eval set's greedy accuracy per seed, in the layout of earlier versions
