@@ -110,19 +110,16 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     lora = is_lora(unwrapped)
     state = sharding.full_state_dict(acc, model, trainable_only=lora)  # FSDP: gathered on the main process
     given = {} if state is None else {"state_dict": state}
-    if (
-        acc.is_main_process
-    ):  # each directory appears whole or not at all (a crash mid-save leaves no half-written one)
+    # each directory appears whole or not at all: a crash mid-save leaves no half-written one
+    if acc.is_main_process:
+        final, kwargs = unwrapped, given
         if lora:
             with atomic_dir(out / "adapter") as tmp:
                 unwrapped.save_pretrained(tmp, safe_serialization=True, **given)
                 tok.save_pretrained(tmp)
-            merged = load_model(str(out / "adapter"), cfg.model.dtype, cfg.model.trust_remote_code)
+            final, kwargs = load_model(str(out / "adapter"), cfg.model.dtype, cfg.model.trust_remote_code), {}
         with atomic_dir(model_dir) as tmp:
-            if lora:
-                merged.save_pretrained(tmp, safe_serialization=True)
-            else:
-                unwrapped.save_pretrained(tmp, safe_serialization=True, **given)
+            final.save_pretrained(tmp, safe_serialization=True, **kwargs)
             tok.save_pretrained(tmp)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     acc.wait_for_everyone()
