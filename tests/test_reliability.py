@@ -434,6 +434,33 @@ def test_atomic_dir_leaves_the_old_directory_when_a_save_fails(tmp_path):
     assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # as mkdir makes it, not owner-only
 
 
+def test_what_a_kill_inside_atomic_dir_left_is_restored_or_deleted(tmp_path):
+    """A kill between moving the old directory aside and renaming the new one into place leaves no ``model``
+    and a hidden ``.model-XXXXXXXX-old``; a kill while writing leaves a hidden ``.model-XXXXXXXX``. The next
+    save to the same place puts the old one back first and deletes the unfinished one; another target's
+    temporary directory (``.model-x-...``) is not touched."""
+    out = tmp_path / "model"
+    aside = tmp_path / ".model-abcd1234-old"
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
+    unfinished = tmp_path / ".model-efgh_678"
+    unfinished.mkdir()
+    (unfinished / "half.safetensors").write_text("half")
+    other = tmp_path / ".model-x-abcd1234"
+    other.mkdir()
+    done = ckpt_io._recover_atomic_dir(out)
+    assert len(done) == 2 and done[0].startswith(f"restored {out} from .model-abcd1234-old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model-x-abcd1234", "model"]
+    assert (out / "old.txt").read_text() == "old"
+    assert ckpt_io._recover_atomic_dir(out) == []  # nothing left to do
+    unfinished.mkdir()
+    with ckpt_io.atomic_dir(out) as tmp:  # a save cleans up before it starts
+        assert not unfinished.exists()
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model-x-abcd1234", "model"]
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+
+
 def test_a_damaged_compare_result_is_an_error_naming_it(tmp_path):
     """``rlfr compare`` resumes from each run's ``compare_result.json`` (written atomically); one damaged by
     hand is a clear error naming the file, not a JSON traceback."""

@@ -72,9 +72,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary directory beside ``path`` to write into; on success it replaces ``path`` (a crash or an
-    error leaves the old ``path``, or none, never a half-written one)."""
+    """A temporary directory beside ``path`` to write into; on success it replaces ``path`` (an error leaves
+    the old ``path``, or none, never a half-written one). What a kill during an earlier write left beside
+    ``path`` is dealt with first (``_recover_atomic_dir``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_atomic_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     old = tmp.with_name(tmp.name + "-old")
     try:
@@ -90,6 +92,30 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         for leftover in (tmp, old):
             if leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _recover_atomic_dir(path: Path) -> list[str]:
+    """Undo what a kill inside ``atomic_dir(path)`` left: a directory moved aside (``.<name>-XXXXXXXX-old``)
+    whose replacement never landed goes back to ``path`` when ``path`` is missing (the newest, if several);
+    unfinished temporary directories (``.<name>-XXXXXXXX``, a merged 7B model is 15 GB) are deleted.
+    -> what was done, one line each (also logged)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}-[A-Za-z0-9_]{{8}}(-old)?$")
+    stale = sorted(
+        (p for p in path.parent.iterdir() if pattern.match(p.name) and p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    done = []
+    moved_aside = [p for p in stale if p.name.endswith("-old")]
+    if moved_aside and not path.exists():
+        moved_aside[-1].rename(path)
+        done.append(f"restored {path} from {moved_aside[-1].name} (a save into it was killed midway)")
+        stale.remove(moved_aside[-1])
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"deleted {p}, left by a save into {path} that was killed midway")
+    for line in done:
+        log.warning(line)
+    return done
 
 
 def _sha256(path: Path) -> str:
