@@ -54,6 +54,17 @@ def timed(
     return statistics.median(rates)
 
 
+def pool_start(workers: int, runs: int) -> float:
+    """Median seconds from ``Verifier(...)`` to the first answered check (workers started, math-verify imported)."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        with Verifier(num_workers=workers) as v:
+            v.verify_batch(["\\boxed{x+1}"], ["1+x"])
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="verifier throughput")
     parser.add_argument("--n", type=int, default=400, help="number of checks (half right, half wrong)")
@@ -69,6 +80,11 @@ def main() -> None:
         for w in args.workers:
             rate = timed(w, completions, answers, True, fast_path, args.runs)
             print(f"{f'verify_batch, {w} workers':<34}{str(fast_path):>10}{rate:>12.1f}")
+    print()
+    for w in args.workers:
+        print(
+            f"pool start, {w} workers: {pool_start(w, args.runs):.2f} s to the first answered check (median)"
+        )
 
 
 if __name__ == "__main__":

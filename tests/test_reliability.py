@@ -81,29 +81,38 @@ def _cli_train(model_dir, out, *extra) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-        if len(rows) >= step or proc.poll() is not None:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no step {step} within {timeout}s")
+SIGNAL_DURING_STEP = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+from rlfr.recipes import train
+original = train.rl_step
+def rl_step(c, step, *args, **kwargs):
+    if step == 1:  # inside the second step, as a scheduler's SIGTERM or a user's Ctrl-C arrives
+        os.kill(os.getpid(), signal.{sig})
+    return original(c, step, *args, **kwargs)
+train.rl_step = rl_step
+from rlfr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_checkpoints_and_resumes_to_the_same_result(tiny_dir, tmp_path, sig):
+    # the run signals itself inside its second step: where the signal lands does not depend on how fast
+    # the machine is (a signal sent from outside could arrive after the last step on a fast one)
     full = tmp_path / "full"
     run_train(tiny_train_config(tiny_dir, full, "steps=8", "save_every=0"), progress=False)
     out = tmp_path / "run"
-    proc = _cli_train(tiny_dir, out, "steps=8", "save_every=0")
-    _wait_for_step(out, 1, proc)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 75, stderr[-3000:]  # EX_TEMPFAIL: resumable
-    assert "checkpoint" in stderr and "--resume" in stderr
+    args = ["train", f"model.name_or_path={tiny_dir}", *TINY_TRAIN_OVERRIDES, f"out_dir={out}", "steps=8",
+            "save_every=0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = SIGNAL_DURING_STEP.format(here=str(HERE), sig=sig.name)
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+    assert proc.returncode == 75, proc.stderr[-3000:]  # EX_TEMPFAIL: resumable
+    assert "checkpoint" in proc.stderr and "--resume" in proc.stderr
     stopped_at = int(ckpt_io.load_state(ckpt_io.latest_checkpoint(out))["step"])
-    assert 1 <= stopped_at < 8  # with save_every=0 this checkpoint exists only because of the signal
+    assert stopped_at == 2  # the step the signal came in finished; with save_every=0 only the signal saves
     proc = _cli_train(tiny_dir, out, "steps=8", "save_every=0", "--resume")
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
@@ -329,10 +338,8 @@ def test_data_errors_name_file_and_line(tmp_path):
         load_examples(tmp_path / "somedir")
     huge = tmp_path / "huge.jsonl"
     huge.write_text(json.dumps({"problem": "1+" * 5_000_000 + "1", "answer": "1"}) + "\n")
-    t0 = time.time()
     with pytest.raises(DataError, match=r"huge.jsonl, line 1: field 'problem' has 10,000,001 characters"):
         load_examples(huge, max_problem_chars=64 * 512)
-    assert time.time() - t0 < 5
 
 
 def test_data_is_checked_before_the_model_loads(tmp_path):

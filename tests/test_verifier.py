@@ -1,6 +1,7 @@
 """Verifier: extraction, equivalence tables, hostile inputs, timeouts, threads."""
 
 import os
+import sys
 import threading
 import time
 
@@ -82,12 +83,37 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+def _lines_run(fn, *args) -> int:
+    """Python lines executed by ``fn(*args)``: a count of work that does not depend on the machine's speed."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn(*args)
+    finally:
+        sys.settrace(None)
+    return count
+
+
 def test_extract_is_linear():
-    start = time.perf_counter()
+    # hostile shapes are answered (no hang, no recursion) ...
     assert extract_answer("x" * 1_000_000) is None
     assert extract_answer("\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}") == "{" * 5000 + "1" + "}" * 5000
     assert extract_answer("\\boxed{" * 5000 + "1") is None
-    assert time.perf_counter() - start < 2.0
+
+    # ... with work linear in the input: 4x the nesting costs about 4x the lines (quadratic would be 16x).
+    # Counted lines, not seconds, so a slow or loaded machine cannot fail this.
+    def nested(n: int) -> str:
+        return "Thus \\boxed{" + "{" * n + "1" + "}" * n + "}" + " x" * n
+
+    small, big = _lines_run(extract_answer, nested(1000)), _lines_run(extract_answer, nested(4000))
+    assert 3.5 < big / small < 4.5, (small, big)
 
 
 def test_fast_path_decides_plain_numbers():
@@ -117,9 +143,8 @@ HOSTILE = [
 
 
 def _check_hostile(v: Verifier, out: dict) -> None:
-    start = time.perf_counter()
     out["scores"] = v.verify_batch(HOSTILE, ["5"] * len(HOSTILE))
-    out["seconds"] = time.perf_counter() - start
+    out["counts"] = v.last_counts
 
 
 def test_hostile_inputs_main_and_worker_thread(verifier):
@@ -134,17 +159,19 @@ def test_hostile_inputs_main_and_worker_thread(verifier):
     assert not t.is_alive()
     for out in (main, thread):
         assert out["scores"] == [0.0] * len(HOSTILE)
-        # up to 5 checks time out, two workers in parallel, plus worker restarts: generous bound
-        assert out["seconds"] < 3 * TIMEOUT + 3.0
+        # every check was answered: cut off by the per-check timeout or scored, never left running (which
+        # ones time out depends on the machine's speed, so only the total is asserted)
+        assert out["counts"].total == len(HOSTILE)
     assert not os.path.exists("/tmp/rlfr_pwned")
     assert verifier.verify_batch([boxed("x+1")], ["1+x"]) == [1.0]  # the pool is still usable
 
 
 def test_genuine_timeout_then_pool_still_usable(verifier):
     start = time.perf_counter()
-    # sympy tries to evaluate the power tower: a real timeout, the worker is killed
+    # sympy tries to evaluate the power tower, which no machine finishes: a real timeout, the worker is killed
     assert verifier.verify_batch([boxed("10^{10^{10^{10}}}")], ["5"]) == [0.0]
-    assert TIMEOUT * 0.9 < time.perf_counter() - start < TIMEOUT + 3.0
+    assert verifier.last_counts.timeouts == 1
+    assert time.perf_counter() - start >= TIMEOUT * 0.9  # it ran until the timeout (a lower bound only)
     assert verifier.verify_batch([boxed("\\frac{\\pi}{4}")], ["\\frac14\\pi"]) == [1.0]
 
 
@@ -157,11 +184,10 @@ def test_module_level_verify_from_thread():
     assert verify("no answer", "1") == 0.0
 
 
-def test_pool_starts_fast():
-    start = time.perf_counter()
+def test_a_new_pool_verifies_at_once():
+    # its start-up time is measured in benchmarks/verifier.py ("pool start"), not asserted here
     with Verifier(num_workers=2) as v:
         assert v.verify_batch([boxed("x+1")], ["1+x"]) == [1.0]
-    assert time.perf_counter() - start < 10.0
 
 
 def test_bad_arguments(verifier):

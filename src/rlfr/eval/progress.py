@@ -3,8 +3,11 @@
 ``EvalProgress(path, key)`` keeps one JSON file: the per-problem results so far, the random state after
 them, the settings the chunking depends on, and ``key`` (whatever else the result depends on: the model, the
 problems, the template, ...). ``rlfr.eval.scoring.held_out_scores`` saves it after every chunk and resumes
-from it (``seconds`` adds up the time of every attempt); the caller removes it (``clear``) once the final result is written. A file with another key or
-other settings is a leftover of another evaluation: it is reported and replaced, never reused.
+from it (``seconds`` adds up the time of every attempt, stored at full precision: a fast attempt is not rounded to
+zero; round where it is displayed); the caller removes it (``clear``) once the final result is written. A file
+with another key or other settings is a leftover of another evaluation: it is reported and replaced, never reused.
+``clock`` (default ``time.monotonic``) is injectable, so tests of the time bookkeeping do not depend on how fast
+the machine is.
 
 The random state is that of torch's generators only (the CPU one and the sampling device's), base64 in the
 JSON file; a training checkpoint's fuller state (python, numpy, every CUDA device) is
@@ -16,20 +19,21 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 
 class EvalProgress:
-    def __init__(self, path: str | Path, key: dict):
-        self.path, self.key = Path(path), key
-        self._start, self._before = time.time(), 0.0
+    def __init__(self, path: str | Path, key: dict, clock: Callable[[], float] = time.monotonic):
+        self.path, self.key, self._clock = Path(path), key, clock
+        self._start, self._before = clock(), 0.0
 
     @property
     def seconds(self) -> float:
         """Time spent on this evaluation so far: this process's and that of the interrupted ones before."""
-        return self._before + time.time() - self._start
+        return self._before + self._clock() - self._start
 
     def load(self, settings: dict) -> dict | None:
         """The saved state when it has this key and these ``settings``; otherwise None (with a message)."""
@@ -52,7 +56,7 @@ class EvalProgress:
         from rlfr.runtime.checkpoint import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        head = {"key": self.key, "settings": settings, "seconds": round(self.seconds, 1)}
+        head = {"key": self.key, "settings": settings, "seconds": self.seconds}
         atomic_write_text(self.path, json.dumps(head | state))
 
     def clear(self) -> None:

@@ -35,6 +35,7 @@ import json
 import shlex
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rlfr.errors import RlfrError
@@ -191,8 +192,17 @@ def load_eval_examples(name: str, size: int, cfg):
     return load_source(name, fields, size, cfg.data.task_seed, cfg.data.dev_size)
 
 
-def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, verifier) -> dict:
-    """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached."""
+def evaluate_model(
+    model_dir: str,
+    cfg,
+    examples,
+    samples: int,
+    path: Path,
+    verifier,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict:
+    """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached.
+    ``seconds`` is the time of every attempt (``clock``, injectable for tests), at full precision."""
     from rlfr.eval.progress import EvalProgress
     from rlfr.eval.scoring import held_out_scores
     from rlfr.policy.loading import load_model, load_tokenizer
@@ -215,13 +225,13 @@ def evaluate_model(model_dir: str, cfg, examples, samples: int, path: Path, veri
     if (hit := _cached(path, key, _eval_key_as_now)) is not None:
         return hit
     # an interrupted evaluation continues after its last finished chunk (<name>.partial.json)
-    progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key)
+    progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key, clock)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     model = model.to(inference_device(cfg.cpu)).eval()
     res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
                           cfg.seed, progress=progress)  # fmt: skip
-    result = {"config": key, "greedy": res.greedy, "seconds": round(progress.seconds, 1)}
+    result = {"config": key, "greedy": res.greedy, "seconds": progress.seconds}
     if res.sampled is not None:
         result["sampled"] = res.sampled
     path.parent.mkdir(parents=True, exist_ok=True)
