@@ -8,7 +8,7 @@ Sampled evaluation (``rlfr eval --samples K``): a backend returns ``Completions`
 ``hf_completions`` (``rlfr.policy.rollout.generate``, the trainer's sampler) or ``engine_completions`` (the
 trainer's vLLM engine, ``rlfr.policy.vllm_engine``); both go through ``rollout_completions``, so prompts
 and stopping are the same. ``score_completions`` checks them with the verifier and reports avg@K and the
-unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
+unbiased pass@k (``rlfr.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
 
 ``held_out_scores``: per-problem greedy and sampled correctness (``rlfr compare``, the demo), in chunks of
 whole generation batches; with an ``rlfr.eval.progress.EvalProgress`` an interrupted run continues after
@@ -21,12 +21,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+from accelerate.utils import gather_object
+
 from rlfr.data import Example
 from rlfr.data.templates import example_prompt
 from rlfr.eval.progress import EvalProgress, set_torch_rng_state, torch_rng_state
 from rlfr.policy.rollout import Rollout, generate
 from rlfr.policy.vision import images_of
 from rlfr.reward.verifier import Verifier, extract_answer
+from rlfr.stats import pass_at_k, powers_of_two
 
 
 @dataclass
@@ -74,8 +78,6 @@ def evaluate(
                 }
             )
     if world > 1:
-        from accelerate.utils import gather_object
-
         records = gather_object(records)
     records.sort(key=lambda r: r["index"])
     acc = sum(r["correct"] for r in records) / len(records)
@@ -151,8 +153,6 @@ def score_completions(
     examples: Sequence[Example], prompts: Sequence[str], comps: Completions, verifier: Verifier
 ) -> SampledEvalResult:
     """Check every completion and aggregate avg@k and pass@k over problems."""
-    from rlfr.eval.stats import pass_at_k, powers_of_two
-
     if not examples or len(examples) != len(prompts) or len(comps.texts) != len(examples):
         raise ValueError(
             f"{len(examples)} examples, {len(prompts)} prompts, {len(comps.texts)} completion lists"
@@ -230,8 +230,6 @@ def held_out_scores(
     all problems. With ``progress`` the results and the random state are saved after every chunk and a rerun
     continues after the last finished one, with the same result as an uninterrupted evaluation; the caller
     clears ``progress`` once it has stored the result."""
-    import torch
-
     if not examples:
         raise ValueError("held_out_scores() got no examples")
     device = next(model.parameters()).device

