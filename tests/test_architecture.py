@@ -158,18 +158,20 @@ def function_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             out += [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    return list({id(n): n for n in out}.values())  # nested functions: once
+    return sorted({id(n): n for n in out}.values(), key=lambda n: n.lineno)  # nested functions: once
 
 
 def unexplained_imports(source: str, path: str) -> list[str]:
     """Imports inside functions that import rlfr code (which belongs at module level, where the layer and
-    cycle checks see the module's real dependencies) or carry no ``# lazy: <reason>`` comment."""
+    cycle checks see the module's real dependencies) or carry no ``# lazy: <reason>`` comment (on the
+    statement's lines or the line above)."""
     lines = source.splitlines()
     problems = []
     for node in function_imports(ast.parse(source, path)):
         mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or "."]
-        text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
-        if node.__class__ is ast.ImportFrom and node.level or any(m.split(".")[0] == "rlfr" for m in mods):
+        above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+        text = "\n".join([above if above.startswith("#") else "", *lines[node.lineno - 1 : node.end_lineno]])
+        if (isinstance(node, ast.ImportFrom) and node.level) or any(m.split(".")[0] == "rlfr" for m in mods):
             problems.append(f"{path}:{node.lineno} imports rlfr code ({mods}) inside a function")
         elif not re.search(r"# lazy: \S", text):
             problems.append(
@@ -333,6 +335,7 @@ def test_imports_inside_functions_say_why():
     source = (
         "import os\n\n\ndef f():\n    import vllm  # lazy: optional\n    import pandas\n"
         "    from rlfr.flow import store  # lazy: no excuse\n    from . import x\n"
+        "    # lazy: only here\n    from torch.distributed import fsdp\n"
     )
     assert unexplained_imports(source, "m.py") == [
         "m.py:6 imports ['pandas'] inside a function without '# lazy: <reason>'",
@@ -356,3 +359,14 @@ def test_rlfr_help_imports_no_recipe():
 
     assert loaded("--help") == "[]"
     assert loaded("eval", "--help") == "['rlfr.recipes.evaluate', 'torch']"
+
+
+def test_loading_a_config_imports_no_torch():
+    """A config (``rlfr.schema``) loads and is checked, capabilities included, without importing torch."""
+    code = (
+        "import sys\nfrom rlfr.config import load_config\nfrom rlfr.schema import TrainConfig\n"
+        "load_config(TrainConfig, overrides=['rollout.engine=vllm', 'report_to=[tensorboard]'])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]

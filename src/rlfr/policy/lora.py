@@ -58,9 +58,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     Adapter initialisation draws from torch's RNG: seed before calling for a reproducible run."""
     if cfg.rank == 0:
         return model
-    from peft import (
-        LoraConfig as PeftLoraConfig,  # lazy: importing PEFT takes seconds; only rank > 0 needs it
-    )
+    # lazy: importing PEFT takes seconds; only rank > 0 needs it
+    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model  # lazy: as above
 
     targets = cfg.target_modules

@@ -143,9 +143,8 @@ def optimizer_state(accelerator, model: nn.Module, optimizer) -> dict[str, Any]:
     parameter name (gathered on the main process; the others get ``{}``)."""
     if not is_fsdp(accelerator):
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        get_optimizer_state_dict,  # lazy: FSDP only; takes seconds
-    )
+    # lazy: FSDP only; takes seconds
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     state = get_optimizer_state_dict(
         model, _inner(optimizer), options=_options(cpu_offload=_offload(accelerator))
@@ -160,9 +159,8 @@ def load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict[s
     if not is_fsdp(accelerator) and not by_name:
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        set_optimizer_state_dict,  # lazy: FSDP only; takes seconds
-    )
+    # lazy: FSDP only; takes seconds
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     if not by_name:  # ``optimizer.state_dict()`` numbers the parameters in the optimizer's order
         names = {id(p): _clean(n) for n, p in model.named_parameters()}
