@@ -26,9 +26,9 @@ from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import base_model_path, enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
-from rlfr.policy.rollout import eos_ids
+from rlfr.policy.sampler import Sampler, build_sampler
 from rlfr.policy.vision import ImageTextProcessor, freeze_vision_tower, is_vision_language
-from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, check_model_len, require_vllm
+from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
 from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, FlowPart, paused, rl_step
@@ -128,30 +128,34 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
         field_, flow_opt = sharding.prepare_replicated(acc, bundle.field, flow_opt)  # never sharded
         flow = FlowPart(field=field_, opt=flow_opt, sched=flow_sched, tap=tap, norm=bundle.norm,
                         autocast_dtype=flow_autocast(f.precision, acc.device))  # fmt: skip
-    engine = build_engine(cfg, acc, tok, acc.unwrap_model(policy)) if cfg.rollout.engine == "vllm" else None
+    sampler = rollout_sampler(cfg, acc, tok, acc.unwrap_model(policy))
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
     verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
     c = Components(
         cfg=cfg, acc=acc, policy=policy, tokenizer=tok, policy_opt=opt, policy_sched=sched,
         reward=OutcomeReward(cfg.reward.functions, cfg.reward.weights, verifier), ref=ref, flow=flow,
-        engine=engine,
+        sampler=sampler,
     )  # fmt: skip
     return c, RunData(train, evals, prompts)
 
 
-def build_engine(cfg: TrainConfig, acc, tok, policy) -> VLLMEngine:
-    """The colocated vLLM engine of this process, loaded from the start model (for a LoRA adapter directory,
-    its base model; the first rollout pushes the policy's own weights: merged, or a resumed checkpoint's)."""
+def rollout_sampler(cfg: TrainConfig, acc, tok, policy) -> Sampler:
+    """This process's sampler (``rollout.engine``): hf samples the (unwrapped) policy itself; vllm is a
+    colocated engine loaded from the start model (for a LoRA adapter directory, its base model; the first
+    rollout pushes the policy's own weights: merged, or a resumed checkpoint's)."""
     r = cfg.rollout
-    max_len = check_model_len(
-        cfg.data.max_prompt_tokens + r.max_new_tokens, policy.config,
-        "data.max_prompt_tokens + rollout.max_new_tokens",
-    )  # fmt: skip
-    settings = VLLMSettings(
-        dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction, max_model_len=max_len, sleep=r.vllm_sleep,
-        seed=cfg.seed + acc.process_index, distributed=acc.num_processes > 1,
-    )  # fmt: skip
-    return VLLMEngine(base_model_path(cfg.model.name_or_path), tok, eos_ids(tok, policy), settings)
+    vllm = {}
+    if r.engine == "vllm":
+        max_len = check_model_len(
+            cfg.data.max_prompt_tokens + r.max_new_tokens, policy.config,
+            "data.max_prompt_tokens + rollout.max_new_tokens",
+        )  # fmt: skip
+        settings = VLLMSettings(
+            dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction, max_model_len=max_len,
+            sleep=r.vllm_sleep, seed=cfg.seed + acc.process_index, distributed=acc.num_processes > 1,
+        )  # fmt: skip
+        vllm = dict(model_path=base_model_path(cfg.model.name_or_path), vllm=settings)
+    return build_sampler(r.engine, tok, model=policy, device=acc.device, batch_size=r.batch_size, **vllm)
 
 
 def flow_bundle(c: Components) -> FlowBundle:
