@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -77,7 +78,8 @@ from accelerate.utils import gather_object  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
-from rlfr.errors import CheckpointError, ConfigError, NonFiniteError  # noqa: E402
+from rlfr.config import validate_config  # noqa: E402
+from rlfr.errors import CheckpointError, ConfigError, NonFiniteError, PickleRefusedError  # noqa: E402
 from rlfr.flow import LatentNorm  # noqa: E402
 from rlfr.flow.store import FlowBundle, build_flow, load_flow, save_flow  # noqa: E402
 from rlfr.policy.forward import policy_forward, position_ids  # noqa: E402
@@ -120,7 +122,7 @@ def as_flow_config(flow: FlowConfig | str | os.PathLike | None) -> FlowConfig:
         cfg = FlowConfig(init=str(flow))
     else:
         raise TypeError(f"flow must be a FlowConfig, a flow directory or None, got {type(flow).__name__}")
-    cfg.validate()
+    validate_config(cfg, "flow")  # types, ranges (no NaN), and the checks between keys
     if cfg.actor_warmup_steps:
         raise ConfigError(
             "flow.actor_warmup_steps is not supported with TRL (TRL owns the policy's optimizer)"
@@ -226,6 +228,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
             path = Path(checkpoint) / FLOW_OPTIM
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+            except pickle.UnpicklingError:
+                raise PickleRefusedError(path) from None
             except Exception as e:  # noqa: BLE001 - missing, truncated, refused: name the file
                 raise CheckpointError(f"{path} cannot be read ({e}): the flow optimizer cannot resume") from e
             self.flow_opt.load_state_dict(state["flow"])
