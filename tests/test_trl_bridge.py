@@ -305,8 +305,41 @@ def test_the_deprecated_keywords_still_work(tiny_dir, tmp_path):
 
 
 def test_only_the_tested_trl_versions_import():
-    for version in ("1.14.0", "1.15.0", "1.16.0", "1.16.9"):
+    for version in ("1.14.0", "1.14.2", "1.16.0", "1.16.9"):
         check_trl_version(version)
-    for version in ("1.13.2", "1.17.0", "2.0.0"):
-        with pytest.raises(ImportError, match=r"tested with trl>=1.14,<1.17 .* pip install 'rlfr\[trl\]'"):
+    for version in ("1.13.2", "1.15.0", "1.15.1", "1.17.0", "2.0.0"):
+        with pytest.raises(
+            ImportError, match=r"tested with trl>=1.14,<1.17,!=1.15.\* .* pip install 'rlfr\[trl\]'"
+        ):
             check_trl_version(version)
+
+
+# ------------------------------------------------------------------ the example
+
+
+@pytest.mark.slow  # about 35 s on 2 shared cores: a fresh interpreter importing TRL, one step
+def test_the_example_script_trains_one_step_on_the_tiny_model(tiny_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "examples" / "trl_grpo_rlfr.py"), "--model", str(tiny_dir),
+           "--output_dir", str(tmp_path), "--max_steps", "1", "--use_cpu", "--bf16", "false",
+           "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+           "--num_generations", "2", "--num_problems", "8", "--report_to", "none", "--save_strategy", "no",
+           "--log_completions", "false", "--flow_soft_flow", "1.0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
+    assert (
+        len(rows) == 8
+        and rows[0]["prompt"][1]["role"] == "user"
+        and rows[0]["solution"].lstrip("-").isdigit()
+    )
+    flow = FlowConfig()  # the flow it saved is the one its RLFRGRPOConfig defaults describe
+    meta = json.loads((tmp_path / "flow" / "latents.json").read_text())
+    assert meta["fractions"] == list(flow.fractions) and meta["latent_norm"] == "standardize"
+    assert (tmp_path / "flow" / "flow.safetensors").is_file() and (tmp_path / "model.safetensors").is_file()

@@ -59,19 +59,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from packaging.version import Version
+from packaging.specifiers import SpecifierSet
 
-TRL_VERSIONS = (">=1.14", "<1.17")  # keep in step with pyproject.toml's `trl` extra and docs/trl.md
+# Keep in step with pyproject.toml's `trl` extra and docs/trl.md. Not 1.15: its GRPOTrainer computes log-probs
+# with a Triton kernel and no fallback, so it cannot train on CPU-only PyTorch, where the tests run.
+TRL_VERSIONS = ">=1.14,<1.17,!=1.15.*"
 
 
 def check_trl_version(version: str) -> None:
-    """ImportError unless ``version`` is inside ``TRL_VERSIONS``."""
-    low, high = (Version(v.lstrip("<>=")) for v in TRL_VERSIONS)
-    if not low <= Version(version) < high:
+    """ImportError unless ``version`` is one of ``TRL_VERSIONS``."""
+    if not SpecifierSet(TRL_VERSIONS).contains(version, prereleases=True):
         raise ImportError(
-            f"rlfr.integrations.trl is tested with trl{','.join(TRL_VERSIONS)} and overrides private "
-            f"GRPOTrainer methods whose contract changes between releases; found trl {version}. Install a "
-            "tested version with: pip install 'rlfr[trl]'"
+            f"rlfr.integrations.trl is tested with trl{TRL_VERSIONS} and overrides private GRPOTrainer methods "
+            f"whose contract changes between releases; found trl {version}. Install a tested version with: "
+            "pip install 'rlfr[trl]'"
         )
 
 
