@@ -8,13 +8,14 @@ For a TRL user, the flow is configured like any other GRPOTrainer option::
     trainer = RLFRGRPOTrainer(model, reward_funcs=[accuracy, fmt], args=args, train_dataset=ds)
     trainer.train()
 
-``RLFRGRPOConfig`` is ``GRPOConfig`` plus every ``flow.*`` option of ``rlfr train`` as a field ``flow_<key>``
-(the reward shaping's ``flow.reward.*`` too: ``flow_beta`` is ``flow.reward.beta``), so ``TrlParser`` /
-``HfArgumentParser`` read them from the command line (``--flow_init DIR --flow_beta 0.02``). ``flow_init``
-names a flow directory (``rlfr flow-pretrain``, ``rlfr convert-flow``, a checkpoint's ``flow/``; None = a
-fresh flow); ``flow_correctness`` names the reward function whose score >= ``flow_correct_threshold`` means
-"passes the answer check": those completions train the flow. The keywords ``flow=`` (a ``FlowConfig`` or a
-directory) and ``correctness=`` / ``correct_threshold=`` with a plain ``GRPOConfig`` still work, deprecated.
+``RLFRGRPOConfig`` (``rlfr.integrations.trl_config``) is ``GRPOConfig`` plus every ``flow.*`` option of
+``rlfr train`` as a field ``flow_<key>`` (the reward shaping's ``flow.reward.*`` too: ``flow_beta`` is
+``flow.reward.beta``), so ``TrlParser`` / ``HfArgumentParser`` read them from the command line
+(``--flow_init DIR --flow_beta 0.02``). ``flow_init`` names a flow directory (``rlfr flow-pretrain``, ``rlfr
+convert-flow``, a checkpoint's ``flow/``; None = a fresh flow); ``flow_correctness`` names the reward function
+whose score >= ``flow_correct_threshold`` means "passes the answer check": those completions train the flow.
+The keywords ``flow=`` (a ``FlowConfig`` or a directory) and ``correctness=`` / ``correct_threshold=`` with a
+plain ``GRPOConfig`` still work, deprecated.
 
 What is added to GRPOTrainer. After TRL has generated and scored a batch (``_generate_and_score_completions``),
 per micro-batch of ``per_device_train_batch_size`` completions: a no-grad forward of the Hugging Face policy
@@ -50,199 +51,40 @@ docs/trl.md says why), so it refuses to import under a TRL release outside the t
 from __future__ import annotations
 
 import math
-import os
 import time
-import warnings
-from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
-from packaging.specifiers import SpecifierSet
 
-# Keep in step with pyproject.toml's `trl` extra and docs/trl.md. Not 1.15: its GRPOTrainer computes log-probs
-# with a Triton kernel and no fallback, so it cannot train on CPU-only PyTorch, where the tests run.
-TRL_VERSIONS = ">=1.14,<1.17,!=1.15.*"
+# first: refuses a missing or untested TRL, saying how to install a tested one
+from rlfr.integrations.trl_config import (
+    TRL_VERSIONS,
+    UNSET,
+    RLFRGRPOConfig,
+    check_loss,
+    check_trl_version,
+    trainer_settings,
+)
 
+# isort: split
+from accelerate.utils import gather_object
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
-def check_trl_version(version: str) -> None:
-    """ImportError unless ``version`` is one of ``TRL_VERSIONS``."""
-    if not SpecifierSet(TRL_VERSIONS).contains(version, prereleases=True):
-        raise ImportError(
-            f"rlfr.integrations.trl is tested with trl{TRL_VERSIONS} and overrides private GRPOTrainer methods "
-            f"whose contract changes between releases; found trl {version}. Install a tested version with: "
-            "pip install 'rlfr[trl]'"
-        )
+from rlfr.errors import CheckpointError, NonFiniteError
+from rlfr.flow.learner import FlowLearner
+from rlfr.flow.store import build_flow, save_flow
+from rlfr.policy.forward import policy_forward, position_ids
+from rlfr.policy.latents import block_indices, decoder_blocks
+from rlfr.rl.advantages import reward_to_go, token_advantages
+from rlfr.runtime.checkpoint import flow_dir
+from rlfr.runtime.env import flow_autocast
+from rlfr.runtime.metrics import Accum, reduce_stats
+from rlfr.runtime.optim import build_optimizer, optimizer_step
 
-
-try:
-    import trl
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("rlfr.integrations.trl needs TRL: pip install 'rlfr[trl]'") from e
-check_trl_version(trl.__version__)
-
-from accelerate.utils import gather_object  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
-
-from rlfr.config import from_dict  # noqa: E402
-from rlfr.errors import CheckpointError, ConfigError, NonFiniteError  # noqa: E402
-from rlfr.flow.learner import FlowLearner  # noqa: E402
-from rlfr.flow.store import build_flow, save_flow  # noqa: E402
-from rlfr.policy.forward import policy_forward, position_ids  # noqa: E402
-from rlfr.policy.latents import block_indices, decoder_blocks  # noqa: E402
-from rlfr.rl.advantages import reward_to_go, token_advantages  # noqa: E402
-from rlfr.runtime.checkpoint import flow_dir  # noqa: E402
-from rlfr.runtime.env import flow_autocast  # noqa: E402
-from rlfr.runtime.metrics import Accum, reduce_stats  # noqa: E402
-from rlfr.runtime.optim import build_optimizer, optimizer_step  # noqa: E402
-from rlfr.schema import FlowConfig, RewardShapingConfig  # noqa: E402
-
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 FLOW_OPTIM = "flow_optim.pt"  # in a TRL checkpoint, next to its optimizer.pt
-_REWARD_KEYS = {f.name for f in fields(RewardShapingConfig)}
-
-
-def _flow_option(key: str):
-    """A config field mirroring ``rlfr train``'s ``flow.<key>`` (``flow.reward.<key>`` for the shaping keys):
-    its default (lists for tuples, as argument parsers want them) and its help text."""
-    cls = RewardShapingConfig if key in _REWARD_KEYS else FlowConfig
-    src = next(f for f in fields(cls) if f.name == key)
-    default = src.default if src.default is not MISSING else src.default_factory()
-    where = f"flow.reward.{key}" if cls is RewardShapingConfig else f"flow.{key}"
-    meta = {"help": f"{src.metadata['help']} (rlfr train: {where})"}
-    if isinstance(default, tuple):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class RLFRGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the flow: each ``flow_<key>`` is ``rlfr train``'s ``flow.<key>`` (the shaping keys
-    ``flow_beta``, ``flow_eta``, ``flow_top_k``, ``flow_bilateral``, ``flow_gamma``, ``flow_timesteps`` are its
-    ``flow.reward.*``), checked when the config is made; ``flow_correctness`` names the reward function that
-    decides which completions pass the check."""
-
-    flow_init: str | None = _flow_option("init")
-    flow_beta: float = _flow_option("beta")
-    flow_eta: float = _flow_option("eta")
-    flow_top_k: int = _flow_option("top_k")
-    flow_bilateral: bool = _flow_option("bilateral")
-    flow_gamma: float = _flow_option("gamma")
-    flow_timesteps: list[float] = _flow_option("timesteps")
-    flow_fractions: list[float] = _flow_option("fractions")
-    flow_modes: list[str] = _flow_option("modes")
-    flow_shift: int = _flow_option("shift")
-    flow_width: int | None = _flow_option("width")
-    flow_depth: int = _flow_option("depth")
-    flow_eps: float | None = _flow_option("eps")
-    flow_latent_norm: Literal["standardize", "none"] = _flow_option("latent_norm")
-    flow_batch_mul: int = _flow_option("batch_mul")
-    flow_precision: Literal["auto", "float32", "bfloat16"] = _flow_option("precision")
-    flow_update: bool = _flow_option("update")
-    flow_lr: float = _flow_option("lr")
-    flow_betas: list[float] = _flow_option("betas")
-    flow_weight_decay: float = _flow_option("weight_decay")
-    flow_warmup_ratio: float = _flow_option("warmup_ratio")
-    flow_min_lr_ratio: float = _flow_option("min_lr_ratio")
-    flow_soft_flow: float = _flow_option("soft_flow")
-    flow_entropy_quantile: float | None = _flow_option("entropy_quantile")
-    flow_correctness: str | None = field(
-        default=None,
-        metadata={"help": "name of the reward function whose score >= flow_correct_threshold means the completion "
-                  "passes the answer check (those train the flow); required"},
-    )  # fmt: skip
-    flow_correct_threshold: float = field(
-        default=1.0,
-        metadata={"help": "score of the flow_correctness reward from which a completion is correct"},
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.flow_config()  # a bad flow option fails here, not after the model has loaded
-
-    def flow_config(self) -> FlowConfig:
-        """The flow options as ``rlfr train``'s ``FlowConfig``, type-checked and validated."""
-        data: dict = {"reward": {}}
-        for f in fields(FlowConfig) + fields(RewardShapingConfig):
-            if hasattr(self, f"flow_{f.name}"):
-                value = getattr(self, f"flow_{f.name}")
-                (data["reward"] if f.name in _REWARD_KEYS else data)[f.name] = value
-        try:
-            return from_dict(FlowConfig, data)
-        except ConfigError as e:
-            raise ConfigError(
-                f"RLFRGRPOConfig: {e} (the field flow_<key> sets flow.<key> / flow.reward.<key>)"
-            ) from e
-
-
-def check_loss(loss_type: str, importance_sampling_level: str) -> None:
-    """ValueError for a TRL loss where per-token advantages are not meaningful (module docstring)."""
-    if loss_type not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(
-            f"RLFRGRPOTrainer: loss_type={loss_type!r} is not supported: its weight is one per sequence, chosen "
-            f"by the sign of the sequence's advantage, so token-level flow advantages do not fit it. Supported: "
-            f"{', '.join(SUPPORTED_LOSS_TYPES)}"
-        )
-    if importance_sampling_level != "token":
-        raise ValueError(
-            f"RLFRGRPOTrainer: importance_sampling_level={importance_sampling_level!r} gives one ratio per sequence, "
-            "so the gradient sees only the sum of a sequence's token advantages and the flow's per-token credit is "
-            "lost; use importance_sampling_level='token'"
-        )
-
-
-def as_flow_config(flow: FlowConfig | str | os.PathLike | None) -> FlowConfig:
-    """The deprecated ``flow=`` keyword: a ``FlowConfig``, a flow directory or None (a fresh flow)."""
-    if flow is None:
-        cfg = FlowConfig()
-    elif isinstance(flow, FlowConfig):
-        cfg = flow
-    elif isinstance(flow, (str, os.PathLike)):
-        cfg = FlowConfig(init=str(flow))
-    else:
-        raise TypeError(f"flow must be a FlowConfig, a flow directory or None, got {type(flow).__name__}")
-    cfg.validate()
-    if cfg.actor_warmup_steps:
-        raise ConfigError(
-            "flow.actor_warmup_steps is not supported with TRL (TRL owns the policy's optimizer)"
-        )
-    return cfg
-
-
-_UNSET = object()
-
-
-def _settings(args, flow, correctness, correct_threshold) -> tuple[FlowConfig, str, float]:
-    """(flow options, correctness reward's name, its threshold) from an ``RLFRGRPOConfig`` or, deprecated, from
-    the ``flow=`` / ``correctness=`` / ``correct_threshold=`` keywords with a plain ``GRPOConfig``."""
-    legacy = any(v is not _UNSET for v in (flow, correctness, correct_threshold))
-    if isinstance(args, RLFRGRPOConfig):
-        if legacy:
-            raise TypeError(
-                "RLFRGRPOTrainer: give the flow options in RLFRGRPOConfig (flow_init, flow_correctness, ...), not "
-                "also as the keywords flow= / correctness= / correct_threshold="
-            )
-        if args.flow_correctness is None:
-            raise ValueError(
-                "RLFRGRPOConfig.flow_correctness must name the reward function whose score says a completion is "
-                "correct (those completions train the flow)"
-            )
-        return args.flow_config(), args.flow_correctness, args.flow_correct_threshold
-    if correctness is _UNSET:
-        raise TypeError(
-            "RLFRGRPOTrainer needs args=RLFRGRPOConfig(..., flow_correctness=<reward function name>) "
-            f"(got {type(args).__name__}); the flow options are its flow_* fields"
-        )
-    warnings.warn(
-        "RLFRGRPOTrainer(flow=..., correctness=..., correct_threshold=...) is deprecated: use "
-        "args=RLFRGRPOConfig(..., flow_init=..., flow_correctness=..., flow_correct_threshold=...)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    threshold = 1.0 if correct_threshold is _UNSET else float(correct_threshold)
-    return as_flow_config(None if flow is _UNSET else flow), correctness, threshold
+__all__ = ["TRL_VERSIONS", "RLFRGRPOConfig", "RLFRGRPOTrainer", "check_trl_version"]
 
 
 class _TorchClip:
@@ -256,9 +98,9 @@ class RLFRGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` plus flow rewards and online flow updates (module docstring); ``args`` is an
     ``RLFRGRPOConfig``. ``self.flow`` is the ``FlowLearner``."""
 
-    def __init__(self, model, reward_funcs=None, args=None, *, flow=_UNSET, correctness=_UNSET,
-                 correct_threshold=_UNSET, **kwargs):  # fmt: skip
-        flow_cfg, correctness, threshold = _settings(args, flow, correctness, correct_threshold)
+    def __init__(self, model, reward_funcs=None, args=None, *, flow=UNSET, correctness=UNSET,
+                 correct_threshold=UNSET, **kwargs):  # fmt: skip
+        flow_cfg, correctness, threshold = trainer_settings(args, flow, correctness, correct_threshold)
         if args is not None:  # before the model loads
             check_loss(args.loss_type, args.importance_sampling_level)
         super().__init__(model, reward_funcs, args, **kwargs)
