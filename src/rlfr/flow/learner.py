@@ -1,5 +1,5 @@
 """The flow during RL: one object that reads the policy's latents, scores them into token rewards and keeps
-training on the rollouts that pass the check (RLFR_METHOD §4-6). ``rlfr train`` (``rlfr.rl.step``) and the TRL
+training on the rollouts that pass the check (RLFR §4-6). ``rlfr train`` (``rlfr.rl.step``) and the TRL
 bridge (``rlfr.integrations.trl``) both run it; the maths are the pure functions it wires
 (``deviation.token_scores``, ``shaping.shape_flow_rewards``, ``matching.build_pairs``, ``online``).
 
