@@ -130,8 +130,9 @@ def main() -> None:
     trainers = {"rlvr": build("rlvr", args, model, args.engine)}
     t_build = time.perf_counter() - t0
     trainers["rlfr"] = build("rlfr", args, model, "hf")
-    engine = trainers["rlvr"][0].engine
-    trainers["rlfr"][0].engine = engine  # one engine for both (two would hold the memory twice)
+    engine = trainers["rlvr"][0].sampler if args.engine == "vllm" else None
+    if engine is not None:  # one engine for both (two would hold the memory twice)
+        trainers["rlfr"][0].sampler = engine
     device = trainers["rlvr"][0].acc.device
     keys = (
         "step",

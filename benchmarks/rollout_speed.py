@@ -32,8 +32,8 @@ def main() -> None:
 
     from rlfr.data.sources import render_prompts, resolve_data
     from rlfr.policy.loading import load_model, load_tokenizer, resolve_model_path
-    from rlfr.policy.rollout import eos_ids, generate
-    from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings
+    from rlfr.policy.sampler import SamplingParams, build_sampler
+    from rlfr.policy.vllm_engine import VLLMSettings
     from rlfr.schema import DataConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,22 +45,26 @@ def main() -> None:
     t0 = time.perf_counter()
     settings = VLLMSettings(dtype=args.dtype, memory_fraction=args.vllm_memory_fraction,
                             max_model_len=longest + args.max_new_tokens)  # fmt: skip
-    engine = VLLMEngine(str(resolve_model_path(args.model)), tok, eos_ids(tok, model), settings)
+    samplers = {
+        "vllm": build_sampler(
+            "vllm", tok, model=model, model_path=str(resolve_model_path(args.model)), vllm=settings
+        ),
+        "hf": build_sampler("hf", tok, model=model, batch_size=args.prompts * args.n),
+    }
     t_start = time.perf_counter() - t0
     rows: dict[str, list[float]] = {"hf": [], "vllm": [], "sync": [], "hf_len": [], "vllm_len": []}
     for rep in range(args.repeats + 1):
         t = time.perf_counter()
-        engine.sync_weights(model, version=rep)
+        samplers["vllm"].sync_weights(model, version=rep)
         t_sync = time.perf_counter() - t
         for name in ("hf", "vllm") if rep % 2 == 0 else ("vllm", "hf"):
             torch.manual_seed(rep)
             t = time.perf_counter()
-            if name == "hf":
-                ro = generate(
-                    model, tok, prompts, args.n, args.max_new_tokens, batch_size=args.prompts * args.n
-                )
-            else:
-                ro = engine.generate(prompts, args.n, args.max_new_tokens, seed=rep)
+            # hf samples with torch's RNG (seeded above), vllm with its own seed
+            seed = rep if name == "vllm" else None
+            ro = samplers[name].generate(
+                prompts, SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, seed=seed)
+            )
             wall = time.perf_counter() - t
             if rep == 0:
                 continue  # warm-up

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from rlfr.config import ConfigError, describe, from_dict, load_config, parse_overrides, to_dict
+from rlfr.config import ConfigError, Range, describe, from_dict, load_config, parse_overrides, to_dict
+from rlfr.recipes.demo import DemoConfig
 from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -119,3 +121,76 @@ def test_flow_settings_under_a_method_without_a_flow_are_named():
         assert ignored_flow_keys(cfg) == ["flow.init", "flow.reward.beta", "flow.warmup_ratio"]
     assert ignored_flow_keys(load_config(TrainConfig, overrides=["method=rlvr"])) == []
     assert ignored_flow_keys(load_config(TrainConfig, overrides=["method=rlfr", *given])) == []
+
+
+def _numeric_fields(cls, prefix: str = ""):
+    """(dotted key, number type, items, field) of every numeric setting of ``cls``: ints, floats, their Optionals
+    and tuples of them (items: None for a scalar, else how many a list must hold), in nested sections too."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, key + ".")
+            continue
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        items = None
+        if typing.get_origin(tp) is tuple:
+            args = typing.get_args(tp)
+            items, tp = (1 if args[-1] is Ellipsis else len(args)), args[0]
+        if tp in (int, float):
+            yield key, tp, items, f
+
+
+def _outside(rng, tp) -> list[float]:
+    """Values just outside a range (none for an unbounded one)."""
+    step = 1 if tp is int else 0.5
+    out = []
+    if math.isfinite(rng.low):
+        out.append(rng.low - step if rng.low_closed else rng.low)
+    if math.isfinite(rng.high):
+        out.append(rng.high + step if rng.high_closed else rng.high)
+    return out
+
+
+@pytest.mark.parametrize(
+    "cls", [TrainConfig, SFTConfig, FlowPretrainConfig, DemoConfig], ids=lambda c: c.__name__
+)
+def test_every_numeric_setting_has_a_range_that_refuses_nan_inf_and_outside_values(cls):
+    """Every int / float setting of every command declares its range next to its help text; NaN, +-inf and a
+    value just outside the range are refused at load, naming the key and the range (before, NaN or inf passed
+    for kl_coef, beta, temperature, reward.weights, ..., and inf for lr or the verifier timeout)."""
+    fields = list(_numeric_fields(cls))
+    assert len(fields) >= 8
+    for key, tp, items, f in fields:
+        rng = f.metadata.get("range")
+        assert isinstance(rng, Range), f"{cls.__name__}.{key} has no range"
+        assert rng.low < rng.high
+        literal = {math.inf: ".inf", -math.inf: "-.inf"}
+        for bad in (math.nan, math.inf, -math.inf, *_outside(rng, tp)):
+            text = ".nan" if bad != bad else literal.get(bad, repr(bad))
+            value = text if items is None else "[" + ", ".join([text] * items) + "]"
+            with pytest.raises(ConfigError) as err:
+                load_config(cls, overrides=[f"{key}={value}"])
+            msg = str(err.value)
+            assert key in msg and str(rng) in msg and "\n" not in msg, (key, value, msg)
+    # the issue's cases, by hand
+    with pytest.raises(ConfigError, match=r"^reward\.timeout must be > 0 and finite, got inf$"):
+        load_config(TrainConfig, overrides=["reward.timeout=.inf"])  # before: checks ran with no time limit
+    with pytest.raises(ConfigError, match=r"^reward\.weights\[0\] must be a finite number, got nan$"):
+        load_config(TrainConfig, overrides=["reward.weights=[.nan]"])
+
+
+def test_configs_built_in_python_are_checked_the_same_way():
+    from rlfr.config import validate_config
+    from rlfr.schema import FlowConfig, RewardShapingConfig
+
+    validate_config(FlowConfig(), "flow")
+    with pytest.raises(ConfigError, match=r"^flow\.lr must be > 0 and finite, got inf$"):
+        validate_config(FlowConfig(lr=math.inf), "flow")
+    with pytest.raises(ConfigError, match=r"^flow\.reward\.eta must be in \[0, 1\), got 1\.5$"):
+        validate_config(FlowConfig(reward=RewardShapingConfig(eta=1.5)), "flow")

@@ -267,15 +267,16 @@ def test_eval_cli_errors(tiny_dir, tmp_path, capsys):
 def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path, samples):
     """Killed in its greedy part, then in its sampled part, and rerun each time, the evaluation regenerates
     only the missing chunks and gives the same per-problem results (and texts) as an uninterrupted run, which
-    in turn equal one ``evaluate`` call and one seeded ``hf_completions`` call over all problems (the
+    in turn equal one ``evaluate`` call and one seeded ``sampled_completions`` call over all problems (the
     unchunked behaviour). Prompts of different lengths, so that another batching would pad differently;
     samples=3 does not divide the batch size (sampled chunks of 4 problems = 3 batches of 4)."""
     import torch
 
     from rlfr.data.templates import example_prompt
     from rlfr.eval.progress import EvalProgress
-    from rlfr.eval.scoring import held_out_scores, hf_completions
+    from rlfr.eval.scoring import held_out_scores, sampled_completions
     from rlfr.policy.loading import load_model, load_tokenizer
+    from rlfr.policy.sampler import SamplingParams, TransformersSampler
 
     tok, model = load_tokenizer(str(tiny_dir)), load_model(str(tiny_dir)).eval()
     examples = [Example(f"What is {10**i} + {i}?", str(10**i + i), id=f"p{i}") for i in range(10)]
@@ -291,7 +292,8 @@ def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path,
     prompts = [example_prompt("chat", ex, tok) for ex in examples]
     greedy = evaluate(model, tok, examples, "chat", 5, ParityVerifier(), batch_size=4)
     torch.manual_seed(3)
-    one_call = hf_completions(model, tok, prompts, samples, 5, temperature=1.0, batch_size=4)
+    one_call = sampled_completions(TransformersSampler(model, tok, batch_size=4), prompts,
+                                   SamplingParams(n=samples, max_new_tokens=5, temperature=1.0))  # fmt: skip
     assert whole_v.texts == [r["completion"] for r in greedy.records] + [t for g in one_call.texts for t in g]
 
     progress = EvalProgress(tmp_path / "eval.partial.json", {"model": "tiny", "n": 10})

@@ -66,7 +66,7 @@ def test_trainable_parameter_count_by_hand():
 
 
 def test_lora_config_is_checked():
-    with pytest.raises(ConfigError, match="rank >= 0"):
+    with pytest.raises(ConfigError, match="model.lora.rank must be >= 0"):
         load_config(TrainConfig, overrides=["model.lora.rank=-1"])
     with pytest.raises(ConfigError, match="target_modules"):
         load_config(TrainConfig, overrides=["model.lora.rank=4", "model.lora.target_modules=[]"])

@@ -316,7 +316,7 @@ def test_an_encoder_is_not_trained_as_a_causal_lm(tmp_path):
 
 
 def test_numeric_keys_are_checked_at_load():
-    for bad, match in (("reward.workers=0", "workers >= 1"), ("reward.timeout=-1", "timeout > 0"),
+    for bad, match in (("reward.workers=0", "reward.workers must be >= 1"), ("reward.timeout=-1", "reward.timeout must be > 0"),
                        ("flow.lr=-1", "lr must be > 0"), ("policy.max_grad_norm=-1", "max_grad_norm"),
                        ("rollout.batch_size=0", "batch_size")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):

@@ -264,8 +264,12 @@ def test_other_settings_are_refused_with_the_fix(tiny_dir, tmp_path):
     # a bad flow option fails when the config is made, naming the key
     with pytest.raises(ConfigError, match=r"RLFRGRPOConfig: modes\[0\]: 'token_after' is not one of"):
         grpo_args(tmp_path, flow_modes=["token_after"])
-    with pytest.raises(ConfigError, match=r"RLFRGRPOConfig: reward: need beta >= 0"):
+    with pytest.raises(
+        ConfigError, match=r"RLFRGRPOConfig: reward.beta must be >= 0, got -1.0 \(the field flow_"
+    ):
         grpo_args(tmp_path, flow_beta=-1.0)
+    with pytest.raises(ConfigError, match=r"RLFRGRPOConfig: lr must be > 0 and finite, got nan"):
+        grpo_args(tmp_path, flow_lr=float("nan"))
 
 
 def test_flow_options_parse_from_the_command_line(tmp_path):

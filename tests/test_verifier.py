@@ -1,9 +1,11 @@
 """Verifier: extraction, equivalence tables, hostile inputs, timeouts, threads."""
 
 import os
+import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -255,3 +257,83 @@ def test_counts_of_what_scored_zero(verifier):
                           ["5", "1", "7", "1+x"])  # fmt: skip
     c = verifier.last_counts
     assert (c.total, c.no_answer, c.timeouts, c.pooled) == (4, 1, 1, 2)
+
+
+IN_OTHER_PROCESSES = """
+import multiprocessing as mp, sys
+from rlfr.reward.verifier import verify
+
+def check(i):  # x+i == i+x needs math-verify, so a worker process of the verifier's pool
+    return verify("\\\\boxed{x+%d}" % i, "%d+x" % i)
+
+def child(q):
+    q.put(check(1))
+
+if __name__ == "__main__":
+    scenario = sys.argv[1]
+    method = scenario.split("-")[-1]
+    ctx = mp.get_context(method)
+    if scenario.startswith("after-use"):  # the child inherits the parent's pool object
+        print("parent", check(0), flush=True)
+    if scenario.startswith("pool"):
+        with ctx.Pool(2) as pool:  # daemonic workers; leaving the block terminates them
+            print("scores", pool.map(check, range(4)), flush=True)
+    else:
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        print("scores", [q.get(timeout=60)], flush=True)
+        p.join(timeout=60)
+        print("exitcode", p.exitcode, flush=True)
+"""
+
+
+def _alive_with(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (every descendant of a process started with it)."""
+    import glob
+
+    pids = []
+    for f in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            if marker.encode() in Path(f).read_bytes():
+                pids.append(int(f.split("/")[2]))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("scenario", ["process-fork", "process-spawn", "process-forkserver", "after-use-fork",
+                                      "pool-fork", "pool-spawn"])  # fmt: skip
+def test_verify_works_and_exits_cleanly_in_other_processes(tmp_path, scenario):
+    """``verify`` from a multiprocessing child (each start method), a child forked after the parent used it, and
+    ``multiprocessing.Pool`` workers (daemonic; the ``with`` block terminates them): right answers score 1, every
+    process exits, and no verifier worker is left behind. Before: children hung at exit (their pool's workers
+    were never stopped), a Pool worker failed with "daemonic processes are not allowed to have children", and a
+    child forked after use got VerifierError (the parent's pool and forkserver are not the child's)."""
+    import subprocess
+    import uuid
+
+    script = tmp_path / "other_processes.py"
+    script.write_text(IN_OTHER_PROCESSES)
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLFR_TEST_MARKER": marker}
+    try:
+        proc = subprocess.run([sys.executable, str(script), scenario], capture_output=True, text=True,
+                              timeout=120, env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        expected = [1.0] * (4 if scenario.startswith("pool") else 1)
+        assert f"scores {expected}" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+        if scenario.startswith("process") or scenario.startswith("after-use"):
+            assert "exitcode 0" in proc.stdout, proc.stdout
+        if scenario.startswith("after-use"):
+            assert "parent 1.0" in proc.stdout
+        # workers of a terminated Pool worker end when their task pipe closes: give them a moment
+        for _ in range(40):
+            if not (left := _alive_with(marker)):
+                break
+            time.sleep(0.25)
+        assert not left, f"processes left behind: {left}"
+    finally:  # whatever this test started and left (a hung run's children), it ends
+        for pid in _alive_with(marker):
+            os.kill(pid, signal.SIGKILL)

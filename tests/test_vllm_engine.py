@@ -18,10 +18,12 @@ pytest.importorskip("vllm")
 
 from rlfr.policy.forward import policy_forward  # noqa: E402
 from rlfr.policy.rollout import eos_ids, generate  # noqa: E402
+from rlfr.policy.sampler import SamplingParams  # noqa: E402
 from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings  # noqa: E402
 from tiny_run import make_tiny_model_dir  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+GREEDY_16 = SamplingParams(n=1, max_new_tokens=16, greedy=True)
 PROMPTS = ["<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n", "Hi", "7*8=?"]
 
 
@@ -49,7 +51,7 @@ def test_greedy_matches_hf_generate(tiny):
     _, model, tok, engine = tiny
     engine.sync_weights(model, version=0)
     hf = generate(model, tok, PROMPTS, 2, 24, greedy=True)
-    ro = engine.generate(PROMPTS, 2, 24, greedy=True)
+    ro = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=24, greedy=True))
     _same_layout(ro, hf)
     assert len(set(ro.completions)) > 1  # not a degenerate model
     logp, _ = policy_forward(model.eval(), ro.input_ids, ro.attention_mask, ro.response_mask, False)
@@ -61,7 +63,7 @@ def test_greedy_matches_hf_generate(tiny):
 def test_weights_follow_an_optimizer_step(tiny):
     _, model, tok, engine = tiny
     engine.sync_weights(model, version=0)
-    before = engine.generate(PROMPTS, 1, 16, greedy=True)
+    before = engine.generate(PROMPTS, GREEDY_16)
     # one AdamW step that raises the log-prob of a sampled continuation: the greedy output moves
     torch.manual_seed(0)
     target = generate(model, tok, PROMPTS, 1, 16)
@@ -74,9 +76,9 @@ def test_weights_follow_an_optimizer_step(tiny):
     hf_after = generate(model, tok, PROMPTS, 1, 16, greedy=True)
     assert not torch.equal(hf_after.input_ids, before.input_ids)  # the step changed the policy's output
     assert engine.sync_weights(model, version=0) is False  # same version: nothing pushed
-    _same_layout(engine.generate(PROMPTS, 1, 16, greedy=True), before)
+    _same_layout(engine.generate(PROMPTS, GREEDY_16), before)
     assert engine.sync_weights(model, version=1) is True
-    _same_layout(engine.generate(PROMPTS, 1, 16, greedy=True), hf_after)
+    _same_layout(engine.generate(PROMPTS, GREEDY_16), hf_after)
 
 
 def test_lora_policies_push_merged_weights(tiny):
@@ -96,14 +98,14 @@ def test_lora_policies_push_merged_weights(tiny):
     peft.eval()
     hf = generate(peft, tok, PROMPTS, 1, 16, greedy=True)
     engine.sync_weights(peft, version=100)
-    _same_layout(engine.generate(PROMPTS, 1, 16, greedy=True), hf)
+    _same_layout(engine.generate(PROMPTS, GREEDY_16), hf)
 
 
 def test_sampled_layout_eos_and_truncation(tiny):
     _, model, tok, engine = tiny
     engine.sync_weights(model, version=200)  # whatever the earlier tests pushed
     model.eval()
-    ro = engine.generate(PROMPTS, 8, 20, temperature=1.0, seed=3)
+    ro = engine.generate(PROMPTS, SamplingParams(n=8, max_new_tokens=20, temperature=1.0, seed=3))
     assert ro.input_ids.shape[0] == 24 and ro.group.tolist() == [g for g in range(3) for _ in range(8)]
     eos = set(eos_ids(tok, model))
     n_trunc = 0
@@ -124,8 +126,13 @@ def test_sampled_layout_eos_and_truncation(tiny):
     ).all()
     assert not ro.response_mask[:, :p_len].any()
     # seeded: the same seed gives the same rollouts, another seed others
-    _same_layout(engine.generate(PROMPTS, 8, 20, temperature=1.0, seed=3), ro)
-    assert not torch.equal(engine.generate(PROMPTS, 8, 20, temperature=1.0, seed=4).input_ids, ro.input_ids)
+    _same_layout(
+        engine.generate(PROMPTS, SamplingParams(n=8, max_new_tokens=20, temperature=1.0, seed=3)), ro
+    )
+    assert not torch.equal(
+        engine.generate(PROMPTS, SamplingParams(n=8, max_new_tokens=20, temperature=1.0, seed=4)).input_ids,
+        ro.input_ids,
+    )
     logp, _ = policy_forward(model, ro.input_ids, ro.attention_mask, ro.response_mask, False)
     assert (ro.engine_logp - logp).abs()[ro.response_mask].max() < 1e-3
 

@@ -2,8 +2,8 @@
 
 Subcommands are thin: each recipe module (``rlfr.recipes.*``) exposes ``add_arguments(parser)`` and
 ``run(args) -> int``. Stages with a typed config (``sft``, ``flow-pretrain``, ``train``) take
-``--config FILE.yaml`` plus ``key=value`` overrides; ``rlfr <cmd> --show-config`` prints every key with
-its default and help text.
+``--config FILE.yaml`` plus ``key=value`` overrides, before or after the flags, in the order given;
+``rlfr <cmd> --show-config`` prints every key with its default and help text.
 
 Errors: anything rlfr raises on purpose (``rlfr.errors``), and the usual bad-input errors of the standard
 library, are printed as one line naming the file, key or step, with exit status 2; ``--debug`` shows the
@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module.add_arguments(p)
         modules[name] = module
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after flags (`train --resume steps=5`); argparse takes one
+    # positional run only, so the ones after a flag arrive as unknown arguments and are put back here
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -32,6 +32,16 @@ class CheckpointError(RlfrError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or belongs to another model or run."""
 
 
+class PickleRefusedError(RlfrError, ValueError):
+    """A ``.bin`` / ``.pt`` file that holds pickled Python objects beyond plain tensors: never unpickled."""
+
+    def __init__(self, path):
+        super().__init__(
+            f"{path} is not safetensors and holds pickled Python objects besides tensors; refused (rlfr reads "
+            "such files with torch.load(weights_only=True) only, never running their code)"
+        )
+
+
 class FlowMismatchError(RlfrError, ValueError):
     """A flow directory that is incomplete, of another pairing convention, or models other latents."""
 

@@ -1,7 +1,9 @@
 """The config schema of every ``rlfr`` command (frozen dataclasses; see ``rlfr.config`` for loading).
 
 Defaults are the published RLFR settings (RLFR_METHOD.md §4-6) where the paper gives one; the demo
-and the presets in ``configs/`` override what a 135M model on a laptop needs.
+and the presets in ``configs/`` override what a 135M model on a laptop needs. Every numeric field states its
+allowed values next to its help text (``range="(0, inf)"``, checked at load with NaN and infinities refused);
+``validate()`` holds the checks between keys.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ def check_report_to(report_to: tuple[str, ...]) -> None:
 class LoraConfig:
     """LoRA adapters on the policy (PEFT); rank 0 trains every parameter (docs/lora_fsdp.md)."""
 
-    rank: int = field_(0, "LoRA rank r; 0 = no adapters (full fine-tuning)")
-    alpha: float | None = field_(None, "LoRA alpha (the update is scaled by alpha / rank); default: rank")
-    dropout: float = field_(0.0, "dropout on the adapter's input")
+    rank: int = field_(0, "LoRA rank r; 0 = no adapters (full fine-tuning)", range="[0, inf)")
+    alpha: float | None = field_(
+        None, "LoRA alpha (the update is scaled by alpha / rank); default: rank", range="(0, inf)"
+    )
+    dropout: float = field_(0.0, "dropout on the adapter's input", range="[0, 1)")
     target_modules: tuple[str, ...] = field_(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         "names (last parts) of the Linear layers that get adapters, or [all-linear] (PEFT: every Linear "
@@ -43,8 +47,6 @@ class LoraConfig:
     )
 
     def validate(self) -> None:
-        if self.rank < 0 or (self.alpha is not None and not self.alpha > 0) or not 0 <= self.dropout < 1:
-            raise ConfigError("need rank >= 0, alpha > 0 and dropout in [0, 1)")
         if self.rank > 0 and not self.target_modules:
             raise ConfigError("target_modules must name at least one module when rank > 0")
 
@@ -84,30 +86,37 @@ class DataConfig:
         "'image' when a row has one, none = ignore images, or a column name every row must have",
     )
     min_pixels: int | None = field_(
-        None, "vision-language models: resize images to at least this many pixels (default: the processor's)"
+        None,
+        "vision-language models: resize images to at least this many pixels (default: the processor's)",
+        range="[1, inf)",
     )
     max_pixels: int | None = field_(
-        None, "vision-language models: resize images to at most this many pixels (default: the processor's)"
+        None,
+        "vision-language models: resize images to at most this many pixels (default: the processor's)",
+        range="[1, inf)",
     )
     skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
     template: Template = field_("chat", "prompt template")
-    train_size: int = field_(2000, "embedded task: number of training problems")
+    train_size: int = field_(2000, "embedded task: number of training problems", range="[1, inf)")
     task_seed: int = field_(
         0,
         "embedded task: seed of the problem split (kept apart from the run seed so that runs with "
         "different seeds share one train / held-out split)",
+        range="[0, inf)",
     )
-    eval_size: int = field_(64, "embedded task / any eval set: number of held-out problems used (0 = all)")
+    eval_size: int = field_(
+        64, "embedded task / any eval set: number of held-out problems used (0 = all)", range="[0, inf)"
+    )
     dev_size: int = field_(
-        0, "embedded task: problems held out for tuning (data.eval=embedded-dev); training never sees them"
+        0,
+        "embedded task: problems held out for tuning (data.eval=embedded-dev); training never sees them",
+        range="[0, inf)",
     )
-    max_prompt_tokens: int = field_(512, "prompts longer than this are rejected with an error")
+    max_prompt_tokens: int = field_(
+        512, "prompts longer than this are rejected with an error", range="[1, inf)"
+    )
 
     def validate(self) -> None:
-        if self.train_size <= 0 or self.eval_size < 0 or self.max_prompt_tokens <= 0 or self.dev_size < 0:
-            raise ConfigError("train_size and max_prompt_tokens must be > 0, eval_size and dev_size >= 0")
-        if any(v is not None and v <= 0 for v in (self.min_pixels, self.max_pixels)):
-            raise ConfigError("min_pixels and max_pixels must be > 0")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
         if not self.image_field:
@@ -116,31 +125,37 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RewardShapingConfig:
-    beta: float = field_(0.01, "flow reward coefficient (flow_coef): r_k = -beta * x_k")
-    eta: float = field_(0.6, "keep only normalised scores with |x| > eta")
-    top_k: int = field_(15, "keep the top-k tokens per sequence (bilateral: k/2 each side); 0 = all")
+    beta: float = field_(0.01, "flow reward coefficient (flow_coef): r_k = -beta * x_k", range="[0, inf)")
+    eta: float = field_(0.6, "keep only normalised scores with |x| > eta", range="[0, 1)")
+    top_k: int = field_(
+        15, "keep the top-k tokens per sequence (bilateral: k/2 each side); 0 = all", range="[0, inf)"
+    )
     bilateral: bool = field_(False, "map scores to [-1, 1] so that tokens well inside the flow are rewarded")
-    gamma: float = field_(1.0, "power applied to |x|")
-    timesteps: tuple[float, ...] = field_((0.8,), "rewarding timesteps t in (0, 1)")
+    gamma: float = field_(1.0, "power applied to |x|", range="(0, inf)")
+    timesteps: tuple[float, ...] = field_((0.8,), "rewarding timesteps t in (0, 1)", range="(0, 1)")
 
     def validate(self) -> None:
-        if self.beta < 0 or not 0 <= self.eta < 1 or self.top_k < 0 or self.gamma <= 0:
-            raise ConfigError("need beta >= 0, 0 <= eta < 1, top_k >= 0, gamma > 0")
-        if not self.timesteps or any(not 0 < t < 1 for t in self.timesteps):
-            raise ConfigError(f"timesteps must be non-empty and in (0, 1), got {self.timesteps}")
+        if not self.timesteps:
+            raise ConfigError("timesteps must name at least one rewarding timestep")
 
 
 @dataclass(frozen=True)
 class FlowLatentsConfig:
     """Which latents the flow models and its architecture: the keys flow pretraining and RL share."""
 
-    fractions: tuple[float, ...] = field_((0.25, 0.5, 0.75), "hooked block fractions of the policy depth")
+    fractions: tuple[float, ...] = field_(
+        (0.25, 0.5, 0.75), "hooked block fractions of the policy depth", range="[0, 1]"
+    )
     modes: tuple[Mode, ...] = field_(("token_post",), "context modes (mean over modes)")
-    shift: int = field_(1, "context shift s between target and condition tokens (>= 1)")
-    width: int | None = field_(None, "flow network width (default: the policy's hidden size)")
-    depth: int = field_(4, "residual blocks (4 for 1.5B/3B, 6 for 7B/8B in the paper)")
+    shift: int = field_(1, "context shift s between target and condition tokens (>= 1)", range="[1, inf)")
+    width: int | None = field_(
+        None, "flow network width (default: the policy's hidden size)", range="[1, inf)"
+    )
+    depth: int = field_(4, "residual blocks (4 for 1.5B/3B, 6 for 7B/8B in the paper)", range="[1, inf)")
     eps: float | None = field_(
-        None, "RMSNorm epsilon of the flow (default: the policy's rms_norm_eps, as the authors do)"
+        None,
+        "RMSNorm epsilon of the flow (default: the policy's rms_norm_eps, as the authors do)",
+        range="(0, inf)",
     )
     init: str | None = field_(
         None,
@@ -150,7 +165,7 @@ class FlowLatentsConfig:
         "standardize",
         "standardise latents per layer and dimension before the flow (none = raw, as the paper)",
     )
-    batch_mul: int = field_(4, "repeats of each token with fresh (t, eps) in the flow loss")
+    batch_mul: int = field_(4, "repeats of each token with fresh (t, eps) in the flow loss", range="[1, inf)")
     precision: Literal["auto", "float32", "bfloat16"] = field_(
         "auto",
         "flow forward/backward precision: bfloat16 = autocast with float32 master weights; auto = bfloat16 on "
@@ -158,18 +173,8 @@ class FlowLatentsConfig:
     )
 
     def validate(self) -> None:
-        if not self.fractions or any(not 0 <= p <= 1 for p in self.fractions):
-            raise ConfigError(f"fractions must be in [0, 1], got {self.fractions}")
-        if not self.modes:
-            raise ConfigError("modes must name at least one context mode")
-        if self.shift < 1:
-            raise ConfigError(
-                f"shift must be >= 1 (the distance between condition and target), got {self.shift}"
-            )
-        if self.depth < 1 or self.batch_mul < 1 or (self.width is not None and self.width < 1):
-            raise ConfigError("need depth >= 1, batch_mul >= 1 and width >= 1")
-        if self.eps is not None and not self.eps > 0:
-            raise ConfigError(f"eps must be > 0, got {self.eps}")
+        if not self.fractions or not self.modes:
+            raise ConfigError("fractions and modes must name at least one hooked block and context mode")
 
 
 @dataclass(frozen=True)
@@ -178,41 +183,31 @@ class FlowConfig(FlowLatentsConfig):
 
     reward: RewardShapingConfig = field_(RewardShapingConfig(), "flow reward shaping (RLFR §4)")
     update: bool = field_(True, "train the flow online on rollouts that pass the check")
-    lr: float = field_(1e-4, "online flow learning rate")
-    betas: tuple[float, float] = field_((0.9, 0.95), "online flow AdamW betas")
-    weight_decay: float = field_(0.0, "online flow weight decay")
-    warmup_ratio: float = field_(0.03, "online flow warm-up fraction of all steps")
-    min_lr_ratio: float = field_(0.1, "cosine schedule floor, as a fraction of lr")
-    soft_flow: float = field_(0.0, "flow-loss weight of rollouts that fail the check")
-    entropy_quantile: float | None = field_(None, "train the flow only on tokens above this entropy quantile")
-    actor_warmup_steps: int = field_(0, "hold the policy for this many steps while the flow adapts")
+    lr: float = field_(1e-4, "online flow learning rate", range="(0, inf)")
+    betas: tuple[float, float] = field_((0.9, 0.95), "online flow AdamW betas", range="[0, 1)")
+    weight_decay: float = field_(0.0, "online flow weight decay", range="[0, inf)")
+    warmup_ratio: float = field_(0.03, "online flow warm-up fraction of all steps", range="[0, 1)")
+    min_lr_ratio: float = field_(0.1, "cosine schedule floor, as a fraction of lr", range="[0, 1]")
+    soft_flow: float = field_(0.0, "flow-loss weight of rollouts that fail the check", range="[0, inf)")
+    entropy_quantile: float | None = field_(
+        None, "train the flow only on tokens above this entropy quantile", range="[0, 1)"
+    )
+    actor_warmup_steps: int = field_(
+        0, "hold the policy for this many steps while the flow adapts", range="[0, inf)"
+    )
 
     def validate(self) -> None:
         super().validate()
-        if self.entropy_quantile is not None and not 0 <= self.entropy_quantile < 1:
-            raise ConfigError("entropy_quantile must be in [0, 1)")
-        check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
-        if self.soft_flow < 0 or self.actor_warmup_steps < 0:
-            raise ConfigError("soft_flow and actor_warmup_steps must be >= 0")
-
-
-def check_optimizer(lr: float, betas, weight_decay: float, warmup_ratio: float, min_lr_ratio: float) -> None:
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr}")
-    if not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"betas must be in [0, 1), got {betas}")
-    if weight_decay < 0 or not 0 <= warmup_ratio < 1 or not 0 <= min_lr_ratio <= 1:
-        raise ConfigError("need weight_decay >= 0, warmup_ratio in [0, 1) and min_lr_ratio in [0, 1]")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    prompts_per_step: int = field_(128, "prompts per RL step (rollout batch)")
-    num_generations: int = field_(8, "samples per prompt (group size n)")
-    temperature: float = field_(1.0, "sampling temperature")
-    top_p: float = field_(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = field_(1024, "generation limit per response")
-    batch_size: int = field_(64, "sequences generated per generate() call (engine hf)")
+    prompts_per_step: int = field_(128, "prompts per RL step (rollout batch)", range="[1, inf)")
+    num_generations: int = field_(8, "samples per prompt (group size n)", range="[1, inf)")
+    temperature: float = field_(1.0, "sampling temperature", range="(0, inf)")
+    top_p: float = field_(1.0, "nucleus sampling threshold", range="(0, 1]")
+    max_new_tokens: int = field_(1024, "generation limit per response", range="[1, inf)")
+    batch_size: int = field_(64, "sequences generated per generate() call (engine hf)", range="[1, inf)")
     engine: Literal["hf", "vllm"] = field_(
         "hf",
         "sampling engine: hf (transformers generate) or vllm (a colocated vLLM engine, pip install 'rlfr[vllm]'; "
@@ -222,6 +217,7 @@ class RolloutConfig:
         0.3,
         "engine vllm: fraction of the GPU's memory vLLM may use (weights + KV cache; on CPU: of the RAM, "
         "counting the whole training process, or set VLLM_CPU_KVCACHE_SPACE=<GiB>; docs/vllm.md)",
+        range="(0, 1]",
     )
     vllm_sleep: bool = field_(
         False, "engine vllm: offload vLLM's weights and free its KV cache between rollouts (CUDA only)"
@@ -231,17 +227,9 @@ class RolloutConfig:
         "engine vllm: weight each token's policy-gradient term by min(p_hf / p_vllm, vllm_is_cap), the "
         "truncated importance-sampling correction for the engines' numerical mismatch (as TRL)",
     )
-    vllm_is_cap: float = field_(2.0, "engine vllm: cap of the importance weight (>= 1)")
+    vllm_is_cap: float = field_(2.0, "engine vllm: cap of the importance weight (>= 1)", range="[1, inf)")
 
     def validate(self) -> None:
-        if min(self.prompts_per_step, self.num_generations, self.max_new_tokens, self.batch_size) < 1:
-            raise ConfigError("prompts_per_step, num_generations, max_new_tokens and batch_size must be >= 1")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("temperature must be > 0 and top_p in (0, 1]")
-        if not 0 < self.vllm_memory_fraction <= 1:
-            raise ConfigError(f"vllm_memory_fraction must be in (0, 1], got {self.vllm_memory_fraction}")
-        if not self.vllm_is_cap >= 1:
-            raise ConfigError(f"vllm_is_cap must be >= 1, got {self.vllm_is_cap}")
         if self.engine != "vllm":
             for key in ("vllm_sleep", "vllm_is_correction"):
                 if getattr(self, key):
@@ -250,28 +238,40 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    lr: float = field_(1e-6, "actor learning rate")
-    betas: tuple[float, float] = field_((0.9, 0.999), "actor AdamW betas (the authors: 0.9, 0.95)")
-    weight_decay: float = field_(0.0, "actor weight decay")
-    warmup_ratio: float = field_(0.0, "warm-up fraction of all optimizer steps")
-    schedule: Literal["constant", "cosine"] = field_("constant", "lr schedule after warm-up")
-    min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr (the authors: 0.1)")
-    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)")
-    ppo_epochs: int = field_(1, "passes over each rollout batch")
-    minibatches: int = field_(
-        1, "optimizer steps per epoch (the authors: 8 = 1,024 rollouts / train_batch_size 128)"
+    lr: float = field_(1e-6, "actor learning rate", range="(0, inf)")
+    betas: tuple[float, float] = field_(
+        (0.9, 0.999), "actor AdamW betas (the authors: 0.9, 0.95)", range="[0, 1)"
     )
-    micro_batch_size: int = field_(8, "sequences per forward/backward (gradient accumulation)")
-    clip_low: float = field_(0.2, "PPO clip range below 1")
-    clip_high: float = field_(0.2, "PPO clip range above 1 (DAPO clip-higher uses 0.28)")
+    weight_decay: float = field_(0.0, "actor weight decay", range="[0, inf)")
+    warmup_ratio: float = field_(0.0, "warm-up fraction of all optimizer steps", range="[0, 1)")
+    schedule: Literal["constant", "cosine"] = field_("constant", "lr schedule after warm-up")
+    min_lr_ratio: float = field_(
+        0.0, "cosine schedule floor, as a fraction of lr (the authors: 0.1)", range="[0, 1]"
+    )
+    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)", range="(0, inf)")
+    ppo_epochs: int = field_(1, "passes over each rollout batch", range="[1, inf)")
+    minibatches: int = field_(
+        1,
+        "optimizer steps per epoch (the authors: 8 = 1,024 rollouts / train_batch_size 128)",
+        range="[1, inf)",
+    )
+    micro_batch_size: int = field_(
+        8, "sequences per forward/backward (gradient accumulation)", range="[1, inf)"
+    )
+    clip_low: float = field_(0.2, "PPO clip range below 1", range="[0, 1)")
+    clip_high: float = field_(0.2, "PPO clip range above 1 (DAPO clip-higher uses 0.28)", range="[0, inf)")
     ratio_max: float | None = field_(
-        None, "cap on the importance ratio before clipping (the authors' loss.py: 3.0); none = no cap"
+        None,
+        "cap on the importance ratio before clipping (the authors' loss.py: 3.0); none = no cap",
+        range="(1, inf)",
     )
     aggregation: Literal["seq_mean_token_mean", "token_mean"] = field_(
         "seq_mean_token_mean", "loss reduction"
     )
     normalize_std: bool = field_(True, "divide group advantages by the group std")
-    kl_coef: float = field_(0.0, "KL penalty to the initial policy (0 for RLFR; 0.001 for the RLVR baseline)")
+    kl_coef: float = field_(
+        0.0, "KL penalty to the initial policy (0 for RLFR; 0.001 for the RLVR baseline)", range="[0, inf)"
+    )
     kl_estimator: Literal["k1", "k3"] = field_("k3", "KL estimator (kl_mode=loss, and the logged policy/kl)")
     track_kl: bool = field_(
         False, "log policy/kl (KL to the start model) even when kl_coef = 0; loads a reference copy"
@@ -284,49 +284,44 @@ class PolicyConfig:
     accuracy_filter: bool = field_(
         False, "drop groups whose accuracy lies outside [accuracy_lower_bound, accuracy_upper_bound]"
     )
-    accuracy_lower_bound: float = field_(0.0, "accuracy filter: lowest kept group accuracy (inclusive)")
-    accuracy_upper_bound: float = field_(1.0, "accuracy filter: highest kept group accuracy (inclusive)")
-    freezing_filter_steps: int = field_(-1, "accuracy filter: applied only after this many RL steps")
-    skip_nonfinite_batches: int = field_(
-        0, "skip a batch whose loss, gradient or flow scores are NaN/inf, at most this many times (0 = stop)"
+    accuracy_lower_bound: float = field_(
+        0.0, "accuracy filter: lowest kept group accuracy (inclusive)", range="[0, 1]"
     )
-    entropy_alpha: float = field_(0.4, "entropy advantage (method=entropy): alpha")
-    entropy_kappa: float = field_(2.0, "entropy advantage (method=entropy): kappa")
+    accuracy_upper_bound: float = field_(
+        1.0, "accuracy filter: highest kept group accuracy (inclusive)", range="[0, 1]"
+    )
+    freezing_filter_steps: int = field_(
+        -1, "accuracy filter: applied only after this many RL steps", range="[-1, inf)"
+    )
+    skip_nonfinite_batches: int = field_(
+        0,
+        "skip a batch whose loss, gradient or flow scores are NaN/inf, at most this many times (0 = stop)",
+        range="[0, inf)",
+    )
+    entropy_alpha: float = field_(0.4, "entropy advantage (method=entropy): alpha", range="[0, inf)")
+    entropy_kappa: float = field_(2.0, "entropy advantage (method=entropy): kappa", range="(0, inf)")
 
     def validate(self) -> None:
-        check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
-        if self.ppo_epochs < 1 or self.minibatches < 1 or self.micro_batch_size < 1:
-            raise ConfigError("ppo_epochs, minibatches and micro_batch_size must be >= 1")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(
-                f"max_grad_norm must be > 0 (a negative clip flips the gradient), got {self.max_grad_norm}"
-            )
-        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
-            raise ConfigError("need 0 <= clip_low < 1 and clip_high >= 0")
         if self.ratio_max is not None and not self.ratio_max > 1 + self.clip_high:
             raise ConfigError(
                 f"ratio_max must exceed 1 + clip_high = {1 + self.clip_high}, got {self.ratio_max}"
             )
-        if self.kl_coef < 0:
-            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if not 0 <= self.accuracy_lower_bound <= self.accuracy_upper_bound <= 1:
-            raise ConfigError("need 0 <= accuracy_lower_bound <= accuracy_upper_bound <= 1")
+        if self.accuracy_lower_bound > self.accuracy_upper_bound:
+            raise ConfigError(
+                f"accuracy_lower_bound={self.accuracy_lower_bound} > accuracy_upper_bound={self.accuracy_upper_bound}"
+            )
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     functions: tuple[str, ...] = field_(("math",), "reward functions: built-in names or module:function")
-    weights: tuple[float, ...] = field_((1.0,), "one weight per reward function")
-    timeout: float = field_(5.0, "seconds allowed for one answer check")
-    workers: int = field_(2, "verifier worker processes")
+    weights: tuple[float, ...] = field_((1.0,), "one weight per reward function", range="(-inf, inf)")
+    timeout: float = field_(5.0, "seconds allowed for one answer check", range="(0, inf)")
+    workers: int = field_(2, "verifier worker processes", range="[1, inf)")
 
     def validate(self) -> None:
         if len(self.functions) != len(self.weights) or not self.functions:
             raise ConfigError("reward.functions and reward.weights must be non-empty and of equal length")
-        if self.workers < 1 or not self.timeout > 0:
-            raise ConfigError(
-                f"need workers >= 1 and timeout > 0, got workers={self.workers}, timeout={self.timeout}"
-            )
 
 
 @dataclass(frozen=True)
@@ -340,28 +335,30 @@ class TrainConfig:
     policy: PolicyConfig = field_(PolicyConfig(), "policy optimisation")
     flow: FlowConfig = field_(FlowConfig(), "flow field, rewards and online updates")
     reward: RewardConfig = field_(RewardConfig(), "verifiable reward")
-    steps: int = field_(100, "RL steps")
-    seed: int = field_(0, "random seed")
+    steps: int = field_(100, "RL steps", range="[1, inf)")
+    seed: int = field_(0, "random seed", range="[0, 4294967295]")
     out_dir: str = field_("runs/train", "where checkpoints, metrics and plots go")
-    save_every: int = field_(50, "checkpoint every N steps (and at the end); 0 = only at the end")
-    keep_checkpoints: int = field_(2, "checkpoints kept on disk (>= 1: the newest is never deleted)")
-    eval_every: int = field_(0, "held-out greedy accuracy every N steps (0 = only at the end)")
-    eval_max_new_tokens: int = field_(1024, "generation limit for held-out evaluation")
+    save_every: int = field_(
+        50, "checkpoint every N steps (and at the end); 0 = only at the end", range="[0, inf)"
+    )
+    keep_checkpoints: int = field_(
+        2, "checkpoints kept on disk (>= 1: the newest is never deleted)", range="[1, inf)"
+    )
+    eval_every: int = field_(
+        0, "held-out greedy accuracy every N steps (0 = only at the end)", range="[0, inf)"
+    )
+    eval_max_new_tokens: int = field_(1024, "generation limit for held-out evaluation", range="[1, inf)")
     cpu: bool = field_(False, "force CPU even when a GPU is present")
     tf32: bool = field_(True, "allow TF32 matmuls on Ampere+ GPUs for what runs in float32")
     report_to: tuple[Tracker, ...] = field_(("tensorboard",), REPORT_TO_HELP)
     log_samples_every: int = field_(
-        0, "every N steps, log a table of sample completions with their rewards and flow rewards (0 = never)"
+        0,
+        "every N steps, log a table of sample completions with their rewards and flow rewards (0 = never)",
+        range="[0, inf)",
     )
 
     def validate(self) -> None:
         check_report_to(self.report_to)
-        if self.log_samples_every < 0:
-            raise ConfigError(f"log_samples_every must be >= 0, got {self.log_samples_every}")
-        if self.steps < 1 or self.save_every < 0 or self.eval_every < 0:
-            raise ConfigError("steps >= 1, save_every >= 0 and eval_every >= 0 are required")
-        if self.keep_checkpoints < 1 or self.eval_max_new_tokens < 1:
-            raise ConfigError("keep_checkpoints and eval_max_new_tokens must be >= 1")
         if self.method == "rlfr" and self.flow.reward.beta == 0:
             raise ConfigError("method=rlfr with flow.reward.beta=0 is RLVR; use method=rlvr")
         if self.rollout.vllm_sleep:
@@ -376,26 +373,21 @@ class TrainConfig:
 class SFTConfig:
     model: ModelConfig = field_(ModelConfig(), "model to fine-tune")
     data: DataConfig = field_(DataConfig(solution_field="solution"), "worked solutions")
-    lr: float = field_(1e-5, "learning rate")
-    weight_decay: float = field_(0.0, "weight decay")
-    warmup_ratio: float = field_(0.1, "warm-up fraction")
-    batch_size: int = field_(16, "sequences per optimizer step")
-    micro_batch_size: int = field_(16, "sequences per forward/backward")
-    steps: int = field_(100, "optimizer steps")
-    max_grad_norm: float = field_(1.0, "gradient clipping norm")
-    seed: int = field_(0, "random seed")
+    lr: float = field_(1e-5, "learning rate", range="(0, inf)")
+    weight_decay: float = field_(0.0, "weight decay", range="[0, inf)")
+    warmup_ratio: float = field_(0.1, "warm-up fraction", range="[0, 1)")
+    batch_size: int = field_(16, "sequences per optimizer step", range="[1, inf)")
+    micro_batch_size: int = field_(16, "sequences per forward/backward", range="[1, inf)")
+    steps: int = field_(100, "optimizer steps", range="[1, inf)")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm", range="(0, inf)")
+    seed: int = field_(0, "random seed", range="[0, 4294967295]")
     out_dir: str = field_("runs/sft", "output directory (the fine-tuned model is saved in out_dir/model)")
-    eval_max_new_tokens: int = field_(256, "generation limit for held-out evaluation")
+    eval_max_new_tokens: int = field_(256, "generation limit for held-out evaluation", range="[1, inf)")
     cpu: bool = field_(False, "force CPU")
     report_to: tuple[Tracker, ...] = field_(("tensorboard",), REPORT_TO_HELP)
 
     def validate(self) -> None:
         check_report_to(self.report_to)
-        check_optimizer(self.lr, (0.9, 0.999), self.weight_decay, self.warmup_ratio, 0.0)
-        if min(self.batch_size, self.micro_batch_size, self.steps, self.eval_max_new_tokens) < 1:
-            raise ConfigError("batch_size, micro_batch_size, steps and eval_max_new_tokens must be >= 1")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
 @dataclass(frozen=True)
@@ -403,16 +395,18 @@ class FlowPretrainConfig:
     model: ModelConfig = field_(ModelConfig(), "frozen policy whose latents are modelled")
     data: DataConfig = field_(DataConfig(solution_field="solution"), "expert worked solutions")
     flow: FlowLatentsConfig = field_(FlowLatentsConfig(), "flow architecture and the latents it models")
-    lr: float = field_(1e-4, "learning rate")
-    betas: tuple[float, float] = field_((0.9, 0.999), "AdamW betas")
-    weight_decay: float = field_(0.01, "weight decay")
-    warmup_ratio: float = field_(0.1, "warm-up fraction")
-    min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr")
-    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)")
-    epochs: float = field_(2.0, "passes over the expert data")
-    batch_size: int = field_(16, "sequences per step")
-    heldout_fraction: float = field_(0.1, "fraction of sequences kept out to report held-out flow loss")
-    seed: int = field_(0, "random seed")
+    lr: float = field_(1e-4, "learning rate", range="(0, inf)")
+    betas: tuple[float, float] = field_((0.9, 0.999), "AdamW betas", range="[0, 1)")
+    weight_decay: float = field_(0.01, "weight decay", range="[0, inf)")
+    warmup_ratio: float = field_(0.1, "warm-up fraction", range="[0, 1)")
+    min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr", range="[0, 1]")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)", range="(0, inf)")
+    epochs: float = field_(2.0, "passes over the expert data", range="(0, inf)")
+    batch_size: int = field_(16, "sequences per step", range="[1, inf)")
+    heldout_fraction: float = field_(
+        0.1, "fraction of sequences kept out to report held-out flow loss", range="[0, 1)"
+    )
+    seed: int = field_(0, "random seed", range="[0, 4294967295]")
     out_dir: str = field_("runs/flow", "the flow is saved in out_dir/flow")
     cpu: bool = field_(False, "force CPU")
     report_to: tuple[Tracker, ...] = field_(("tensorboard",), REPORT_TO_HELP)
@@ -425,11 +419,6 @@ class FlowPretrainConfig:
                 "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
                 "checkpoint: rlfr export --checkpoint C --merged OUT)"
             )
-        check_optimizer(self.lr, self.betas, self.weight_decay, self.warmup_ratio, self.min_lr_ratio)
-        if self.epochs <= 0 or self.batch_size < 1 or not 0 <= self.heldout_fraction < 1:
-            raise ConfigError("epochs > 0, batch_size >= 1 and heldout_fraction in [0, 1) are required")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
 # Keys that may change when a run is resumed: they steer how the rest of the run is carried out, saved,

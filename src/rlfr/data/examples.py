@@ -7,7 +7,8 @@ Contract
 - ``load_examples(path, ...) -> Examples``: reads .jsonl, .json (a list of objects), .csv, .parquet, or a
   directory written by ``datasets.save_to_disk``. A bad row (invalid JSON, not an object, missing field,
   wrong type, empty problem) raises ``DataError`` naming the file, the 1-based row (and line for text
-  files) and the field. With ``skip_bad_rows=True`` bad rows are skipped, logged with a warning, and
+  files) and the field; so does a row that is valid JSON but too deeply nested or holds an integer too long
+  for Python to read. With ``skip_bad_rows=True`` bad rows are skipped, logged with a warning, and
   counted in the returned list's ``report`` (a ``LoadReport``). ``Examples`` is a plain ``list`` subclass,
   so callers who do not care about the report see a list. CSV cells are read as text (no NaN or number
   guessing), so list answers need .jsonl, .json, .parquet or a dataset directory.
@@ -24,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,50 @@ def _text(path: Path) -> str:
         raise _utf8_error(path, raw, e) from None
 
 
+def _unreadable(e: Exception) -> str:
+    """Why Python's JSON reader gave up on a value that is valid JSON (hostile shapes, not syntax)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply to read; an answer is a string, a number or a flat list of them"
+    if "integer string conversion" in str(e):
+        return "an integer with more digits than Python converts (sys.set_int_max_str_digits); write it as a string"
+    return str(e).splitlines()[0]
+
+
+def _json_items(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """The items of a ``.json`` file's top-level list, read one at a time, so that an item that cannot be
+    read (too deeply nested, an integer too long) is named by its number and line."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"{path}: {_unreadable(e)}") from None
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    pos, item, line, counted = ws.match(text, pos + 1).end(), 0, 1, 0
+    while not text.startswith("]", pos):
+        item += 1
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            row, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"{path}, item {item} (line {line}): {_unreadable(e)}") from None
+        yield f"item {item}", row
+        pos = ws.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+            if text.startswith("]", pos):  # "[1,]" is not JSON
+                raise DataError(f"{path}: invalid JSON: a ',' before the closing ']'")
+        elif not text.startswith("]", pos):
+            raise DataError(f"{path}: invalid JSON after item {item}: expected ',' or ']'")
+    if text[pos + 1 :].strip():
+        raise DataError(f"{path}: invalid JSON: extra data after the top-level list")
+
+
 _DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
 
@@ -137,15 +183,10 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
                     yield f"line {lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
                     yield f"line {lineno}", DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+                except (RecursionError, ValueError) as e:
+                    yield f"line {lineno}", DataError(_unreadable(e))
     elif suffix == ".json":
-        try:
-            data = json.loads(_text(path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        for i, row in enumerate(data, 1):
-            yield f"item {i}", row
+        yield from _json_items(path, _text(path))
     elif suffix in (".csv", ".parquet"):
         try:
             import pandas as pd

@@ -14,13 +14,16 @@ Contract:
 - ``resolve_data(data_cfg, need_solution) -> (train, eval)``: the two sets of a stage's ``DataConfig``
   (eval ``[]`` when ``data.eval`` is ``''``), truncated to ``data.eval_size``;
 - ``render_prompts(examples, template, tokenizer, max_prompt_tokens)``: the prompt strings, refusing any
-  longer than ``max_prompt_tokens`` (naming the example).
+  longer than ``max_prompt_tokens`` (naming the example);
+- ``data_fingerprints(data_cfg)``: the SHA-256 of the data files a ``DataConfig`` names (a resumed run
+  refuses data that changed under the same path).
 The embedded splits depend on ``data.task_seed`` (and ``data.dev_size``) only, never on the run seed, so runs
 with different seeds share one set of problems.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,3 +140,24 @@ def render_prompts(
                 f"{max_prompt_tokens}"
             )
     return prompts
+
+
+def data_fingerprints(data) -> dict[str, str]:
+    """``{"data.train": sha256, "data.eval": sha256}`` of a ``DataConfig``'s specs that are files or saved
+    dataset directories (generated sets and benchmarks are left out): saved with a run's checkpoints, so a
+    resume can tell that a file was rewritten under the same path."""
+    out = {}
+    for key in ("train", "eval"):
+        spec = getattr(data, key)
+        path = Path(spec)
+        if not spec or spec in GENERATED_SETS or spec in BENCHMARKS or not path.exists():
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        out[f"data.{key}"] = h.hexdigest()
+    return out

@@ -4,11 +4,10 @@
 accuracy and one record per example (prompt, completion, extracted answer, correct). Under several
 processes each rank evaluates a shard and the records are gathered, so every rank gets the same result.
 
-Sampled evaluation (``rlfr eval --samples K``): a backend returns ``Completions`` (K texts per prompt):
-``hf_completions`` (``rlfr.policy.rollout.generate``, the trainer's sampler) or ``engine_completions`` (the
-trainer's vLLM engine, ``rlfr.policy.vllm_engine``); both go through ``rollout_completions``, so prompts
-and stopping are the same. ``score_completions`` checks them with the verifier and reports avg@K and the
-unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
+Sampled evaluation (``rlfr eval --samples K``): ``sampled_completions`` returns ``Completions`` (K texts per
+prompt) from any ``rlfr.policy.sampler.Sampler``, the trainer's own (transformers ``generate`` or the vLLM
+engine), so prompts and stopping are those of training. ``score_completions`` checks them with the verifier
+and reports avg@K and the unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
 
 ``held_out_scores``: per-problem greedy and sampled correctness (``rlfr compare``, the demo), in chunks of
 whole generation batches; with an ``rlfr.eval.progress.EvalProgress`` an interrupted run continues after
@@ -24,7 +23,8 @@ from dataclasses import dataclass, field
 from rlfr.data import Example
 from rlfr.data.templates import example_prompt
 from rlfr.eval.progress import EvalProgress, set_torch_rng_state, torch_rng_state
-from rlfr.policy.rollout import Rollout, generate
+from rlfr.policy.rollout import Rollout
+from rlfr.policy.sampler import Sampler, SamplingParams, TransformersSampler
 from rlfr.policy.vision import images_of
 from rlfr.reward.verifier import Verifier, extract_answer
 
@@ -55,8 +55,10 @@ def evaluate(
     images = images_of(tokenizer, [examples[i] for i in shard])
     records = []
     if shard:
-        ro = generate(model, tokenizer, prompts, 1, max_new_tokens, greedy=True, batch_size=batch_size,
-                      images=images, device=accelerator.device if accelerator else None)  # fmt: skip
+        sampler = TransformersSampler(
+            model, tokenizer, batch_size, accelerator.device if accelerator else None
+        )
+        ro = sampler.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, greedy=True), images)
         scores = verifier.verify_batch(ro.completions, [examples[i].answer for i in shard])
         lens = ro.response_lengths.tolist()
         for i, p, c, s, n in zip(shard, prompts, ro.completions, scores, lens):
@@ -113,38 +115,12 @@ def rollout_completions(ro: Rollout, num_prompts: int, samples: int) -> Completi
     return Completions(texts, tokens)
 
 
-def hf_completions(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    batch_size: int = 64,
-    images=None,
+def sampled_completions(
+    sampler: Sampler, prompts: Sequence[str], params: SamplingParams, images=None
 ) -> Completions:
-    """Hugging Face ``generate`` (through ``rlfr.policy.rollout.generate``: same prompts and stopping as training);
-    ``images``: each prompt's images for a vision-language policy."""
-    ro = generate(model, tokenizer, prompts, samples, max_new_tokens, temperature, top_p, greedy=greedy,
-                  batch_size=batch_size, images=images)  # fmt: skip
-    return rollout_completions(ro, len(prompts), samples)
-
-
-def engine_completions(
-    engine,
-    prompts: Sequence[str],
-    samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    seed: int = 0,
-) -> Completions:
-    """A sampling engine's completions (``rlfr.policy.vllm_engine.VLLMEngine.generate``, seeded)."""
-    ro = engine.generate(prompts, samples, max_new_tokens, temperature, top_p, greedy=greedy, seed=seed)
-    return rollout_completions(ro, len(prompts), samples)
+    """``params.n`` completions per prompt from ``sampler``; ``images``: each prompt's images for a
+    vision-language policy."""
+    return rollout_completions(sampler.generate(prompts, params, images), len(prompts), params.n)
 
 
 def score_completions(
@@ -226,10 +202,11 @@ def held_out_scores(
     problem, the RL sampler's setting; the sampling noise is seeded, so every model sees the same.
 
     The problems go in chunks of whole generation batches (``batch_size`` sequences), greedy first, then
-    sampled, so the result equals that of one ``evaluate`` call and one seeded ``hf_completions`` call over
-    all problems. With ``progress`` the results and the random state are saved after every chunk and a rerun
-    continues after the last finished one, with the same result as an uninterrupted evaluation; the caller
-    clears ``progress`` once it has stored the result."""
+    sampled, so the result equals that of one ``evaluate`` call and, after ``torch.manual_seed(seed)``, one
+    ``sampled_completions`` call of a ``TransformersSampler`` over all problems. With ``progress`` the results
+    and the random state are saved after every chunk and a rerun continues after the last finished one, with
+    the same result as an uninterrupted evaluation; the caller clears ``progress`` once it has stored the
+    result."""
     import torch
 
     if not examples:
@@ -248,6 +225,9 @@ def held_out_scores(
     if samples:
         # a chunk of `step` problems is step * samples = lcm(batch_size, samples) sequences: whole batches
         step = batch_size // math.gcd(batch_size, samples)
+        # seed None: the sampler draws from torch's RNG, seeded here (or restored) so that chunks continue it
+        sampler = TransformersSampler(model, tokenizer, batch_size)
+        params = SamplingParams(n=samples, max_new_tokens=max_new_tokens, temperature=1.0)
         if sampled:
             set_torch_rng_state(device, state["rng"])
         else:
@@ -255,8 +235,7 @@ def held_out_scores(
         while len(sampled) < n:
             part = examples[len(sampled) : len(sampled) + step]
             prompts = [example_prompt(template, ex, tokenizer) for ex in part]
-            comps = hf_completions(model, tokenizer, prompts, samples, max_new_tokens, temperature=1.0,
-                                   batch_size=batch_size, images=images_of(tokenizer, part))  # fmt: skip
+            comps = sampled_completions(sampler, prompts, params, images_of(tokenizer, part))
             counts = [0] * len(part)
             for r in score_completions(part, prompts, comps, verifier).records:
                 counts[r["index"]] += int(r["correct"])

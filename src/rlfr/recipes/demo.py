@@ -38,7 +38,9 @@ class DemoConfig:
     sft: SFTConfig = field_(SFTConfig(), "cold-start SFT stage")
     flow: FlowPretrainConfig = field_(FlowPretrainConfig(), "flow pretraining stage")
     train: TrainConfig = field_(TrainConfig(), "RL stage")
-    eval_samples: int = field_(4, "samples per held-out problem for the sampled (temperature 1) accuracy")
+    eval_samples: int = field_(
+        4, "samples per held-out problem for the sampled (temperature 1) accuracy", range="[0, inf)"
+    )
 
 
 _DATA = {"train": "embedded", "eval": "embedded", "train_size": 1024, "eval_size": 128}

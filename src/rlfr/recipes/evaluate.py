@@ -21,7 +21,7 @@ from pathlib import Path
 from rlfr.data.benchmarks import BENCHMARKS
 from rlfr.data.sources import GENERATED_SETS, Fields, load_source
 from rlfr.data.templates import TEMPLATES, example_prompt
-from rlfr.eval.scoring import engine_completions, hf_completions, score_completions
+from rlfr.eval.scoring import sampled_completions, score_completions
 from rlfr.schema import DataConfig
 
 
@@ -97,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         model_config,
         resolve_model_path,
     )
+    from rlfr.policy.sampler import SamplingParams, build_sampler
     from rlfr.policy.vision import ImageTextProcessor, images_of
-    from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, check_model_len, model_eos, require_vllm
+    from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
     from rlfr.reward.verifier import Verifier
     from rlfr.runtime.env import inference_device, seed_everything
 
@@ -129,18 +130,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.model} is a vision-language model; rlfr's vLLM backend is text-only: use --backend hf"
         )
-    model = engine = None
+    model, vllm = None, {}
     if args.backend == "hf":
         model = load_model(args.model, args.dtype).to(inference_device(args.cpu)).eval()
     else:
-        path = resolve_model_path(args.model)
         longest = max(len(tok(example_prompt(args.template, ex, tok), add_special_tokens=False)["input_ids"])
                       for _, rows in sets.values() for ex in rows)  # fmt: skip
         max_len = check_model_len(longest + args.max_new_tokens, model_config(args.model),
                                   f"the longest prompt ({longest} tokens) + --max-new-tokens")  # fmt: skip
         settings = VLLMSettings(dtype=args.dtype, memory_fraction=args.vllm_memory_fraction,
                                 max_model_len=max_len, seed=args.seed)  # fmt: skip
-        engine = VLLMEngine(path, tok, model_eos(path, tok), settings)
+        vllm = dict(model_path=resolve_model_path(args.model), vllm=settings)
+    sampler = build_sampler(args.backend, tok, model=model, batch_size=args.batch_size, **vllm)
+    # hf samples with torch's RNG, seeded once above (each set continues it); vllm seeds every set with --seed
+    seed = args.seed if args.backend == "vllm" else None
+    params = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                            top_p=args.top_p, greedy=greedy, seed=seed)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -159,18 +164,7 @@ def run(args: argparse.Namespace) -> int:
         for slug, (spec, examples) in sets.items():
             t0 = time.time()
             prompts = [example_prompt(args.template, ex, tok) for ex in examples]
-            gen = dict(
-                samples=args.samples,
-                max_new_tokens=args.max_new_tokens,
-                temperature=temperature,
-                top_p=args.top_p,
-                greedy=greedy,
-            )
-            if args.backend == "vllm":
-                comps = engine_completions(engine, prompts, seed=args.seed, **gen)
-            else:
-                images = images_of(tok, examples)
-                comps = hf_completions(model, tok, prompts, batch_size=args.batch_size, images=images, **gen)
+            comps = sampled_completions(sampler, prompts, params, images_of(tok, examples))
             res = score_completions(examples, prompts, comps, verifier)
             path = out / f"samples_{slug}.jsonl"
             with path.open("w") as f:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlfr.config import add_config_arguments, config_from_args, to_dict
-from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.data.sources import data_fingerprints, render_prompts, resolve_data
 from rlfr.errors import ConfigError, Interrupted, NonFiniteError
 from rlfr.eval.plots import plot_metrics
 from rlfr.eval.scoring import evaluate
@@ -28,9 +28,9 @@ from rlfr.flow.store import build_flow
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import base_model_path, enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
-from rlfr.policy.rollout import eos_ids
+from rlfr.policy.sampler import Sampler, build_sampler
 from rlfr.policy.vision import ImageTextProcessor, freeze_vision_tower, is_vision_language
-from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, check_model_len, require_vllm
+from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
 from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, paused, rl_step
@@ -39,7 +39,7 @@ from rlfr.runtime import sharding
 from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything, set_tf32
 from rlfr.runtime.metrics import MetricsLogger, flat_config, format_step, read_metrics
 from rlfr.runtime.optim import build_optimizer, optimizer_step
-from rlfr.runtime.rundir import RunLock, StopOnSignal, claim
+from rlfr.runtime.rundir import RunLock, StopOnSignal, claim, holds_run
 from rlfr.runtime.stream import EpochStream, shard
 from rlfr.schema import RESUMABLE_KEYS, FlowConfig, TrainConfig, resume_changes
 
@@ -58,6 +58,7 @@ class RunData:
     train: list
     eval: list
     prompts: list[str]
+    fingerprints: dict[str, str]  # SHA-256 of the data files (``data_fingerprints``), saved with checkpoints
 
 
 def ignored_flow_keys(cfg: TrainConfig) -> list[str]:
@@ -134,33 +135,37 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
             optimizer_step=partial(optimizer_step, acc), autocast_dtype=flow_autocast(f.precision, acc.device),
         )  # fmt: skip
         flow.attach_optimizer(flow_opt, flow_sched)
-    engine = build_engine(cfg, acc, tok, acc.unwrap_model(policy)) if cfg.rollout.engine == "vllm" else None
+    sampler = rollout_sampler(cfg, acc, tok, acc.unwrap_model(policy))
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
     verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
     c = Components(
         cfg=cfg, acc=acc, policy=policy, tokenizer=tok, policy_opt=opt, policy_sched=sched,
         reward=OutcomeReward(cfg.reward.functions, cfg.reward.weights, verifier), ref=ref, flow=flow,
-        engine=engine,
+        sampler=sampler,
     )  # fmt: skip
-    return c, RunData(train, evals, prompts)
+    return c, RunData(train, evals, prompts, data_fingerprints(cfg.data))
 
 
-def build_engine(cfg: TrainConfig, acc, tok, policy) -> VLLMEngine:
-    """The colocated vLLM engine of this process, loaded from the start model (for a LoRA adapter directory,
-    its base model; the first rollout pushes the policy's own weights: merged, or a resumed checkpoint's)."""
+def rollout_sampler(cfg: TrainConfig, acc, tok, policy) -> Sampler:
+    """This process's sampler (``rollout.engine``): hf samples the (unwrapped) policy itself; vllm is a
+    colocated engine loaded from the start model (for a LoRA adapter directory, its base model; the first
+    rollout pushes the policy's own weights: merged, or a resumed checkpoint's)."""
     r = cfg.rollout
-    max_len = check_model_len(
-        cfg.data.max_prompt_tokens + r.max_new_tokens, policy.config,
-        "data.max_prompt_tokens + rollout.max_new_tokens",
-    )  # fmt: skip
-    settings = VLLMSettings(
-        dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction, max_model_len=max_len, sleep=r.vllm_sleep,
-        seed=cfg.seed + acc.process_index, distributed=acc.num_processes > 1,
-    )  # fmt: skip
-    return VLLMEngine(base_model_path(cfg.model.name_or_path), tok, eos_ids(tok, policy), settings)
+    vllm = {}
+    if r.engine == "vllm":
+        max_len = check_model_len(
+            cfg.data.max_prompt_tokens + r.max_new_tokens, policy.config,
+            "data.max_prompt_tokens + rollout.max_new_tokens",
+        )  # fmt: skip
+        settings = VLLMSettings(
+            dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction, max_model_len=max_len,
+            sleep=r.vllm_sleep, seed=cfg.seed + acc.process_index, distributed=acc.num_processes > 1,
+        )  # fmt: skip
+        vllm = dict(model_path=base_model_path(cfg.model.name_or_path), vllm=settings)
+    return build_sampler(r.engine, tok, model=policy, device=acc.device, batch_size=r.batch_size, **vllm)
 
 
-def save(c: Components, step: int) -> Path:
+def save(c: Components, step: int, data: RunData) -> Path:
     for name, module in (("policy", c.policy), ("flow", c.flow.field if c.flow is not None else None)):
         if module is not None and not sharding.all_finite(c.acc, module):
             raise NonFiniteError(
@@ -177,7 +182,8 @@ def save(c: Components, step: int) -> Path:
     return ckpt_io.save_checkpoint(
         c.cfg.out_dir, step, c.acc, c.acc.unwrap_model(c.policy), c.tokenizer,
         flow=c.flow.bundle() if c.flow is not None else None, optim_state=optim,
-        extra={"config": to_dict(c.cfg), "nonfinite_skipped": c.nonfinite_skipped}, keep=c.cfg.keep_checkpoints,
+        extra={"config": to_dict(c.cfg), "nonfinite_skipped": c.nonfinite_skipped, "data_sha256": data.fingerprints},
+        keep=c.cfg.keep_checkpoints,
         policy_state=sharding.full_state_dict(c.acc, c.policy, trainable_only=is_lora(c.policy)),
     )  # fmt: skip
 
@@ -215,9 +221,12 @@ def run_train(
     final_eval: bool = True,
     overwrite: bool = False,
     force_resume: bool = False,
+    allow_data_change: bool = False,
 ) -> TrainResult:
     """The RL stage. ``resume`` continues from the newest intact checkpoint of ``cfg.out_dir`` (changes to
-    keys outside ``RESUMABLE_KEYS`` are refused unless ``force_resume``); ``overwrite`` replaces a run
+    keys outside ``RESUMABLE_KEYS`` are refused unless ``force_resume``, a data file whose content changed
+    unless ``allow_data_change``, fewer ``steps`` than the checkpoint's always; a run stopped before its first
+    checkpoint starts again from step 0); ``overwrite`` replaces a run
     already in ``cfg.out_dir``; ``stop_after`` ends this process after that many steps (after
     checkpointing), as a preempted job would; ``final_eval=False`` skips the closing held-out evaluation.
     SIGTERM / Ctrl-C finish the step, write a checkpoint and raise ``Interrupted``."""
@@ -227,29 +236,49 @@ def run_train(
     try:
         if acc.is_main_process:
             claim(out, resume, overwrite)
+            for unfinished in ckpt_io.remove_unfinished(out):
+                print(f"removed {unfinished}, a checkpoint whose writing was interrupted")
         acc.wait_for_everyone()
-        return _train(cfg, acc, out, resume, force_resume, progress, stage, stop_after, final_eval)
+        resuming = (force_resume, allow_data_change) if resume else None
+        return _train(cfg, acc, out, resuming, progress, stage, stop_after, final_eval)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _resume(c: Components, out: Path, force: bool) -> int:
+def _resume(c: Components, out: Path, data: RunData, force: bool, allow_data_change: bool) -> int:
     path, notes = ckpt_io.find_checkpoint(out)
     for note in notes:
         print(f"resume: {note}")
+    if path is None and not ckpt_io.step_dirs(ckpt_io.checkpoint_root(out)):
+        why = "the run stopped before its first checkpoint" if holds_run(out) else "nothing ran there yet"
+        print(f"resume: {out} holds no checkpoint ({why}): starting at step 0")
+        return 0
     if path is None:
         raise ckpt_io.CheckpointError(
             f"--resume: no intact checkpoint under {out / 'checkpoints'}"
             + (f" ({'; '.join(notes)})" if notes else "")
+            + "; --overwrite starts the run over"
         )
-    allowed, refused = resume_changes(ckpt_io.load_state(path).get("config", {}), to_dict(c.cfg))
+    state = ckpt_io.load_state(path)
+    if c.cfg.steps < int(state["step"]):
+        raise ConfigError(
+            f"--resume with steps={c.cfg.steps}: the run in {out} is already at step {state['step']} (its model: "
+            f"{ckpt_io.policy_dir(path)}); set steps >= {state['step']} to continue it"
+        )
+    allowed, refused = resume_changes(state.get("config", {}), to_dict(c.cfg))
     if refused and not force:
         raise ConfigError(
             f"--resume from {path}: these settings differ from the run's and would change what it is: "
             + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
             + ". Restore them, start a new out_dir, or pass --force-resume"
         )
+    for key, digest in state.get("data_sha256", {}).items():  # the same path, other content
+        if key not in refused and data.fingerprints.get(key) != digest and not allow_data_change:
+            raise ConfigError(
+                f"--resume: {getattr(c.cfg.data, key.split('.')[1])} ({key}) changed since the run started (its "
+                "SHA-256 differs from the checkpoint's); restore it, start a new out_dir, or pass --allow-data-change"
+            )
     step = restore(c, path)
     parts = [(c.policy_opt, c.policy_sched, c.cfg.policy.lr)]
     if c.flow is not None:
@@ -266,10 +295,11 @@ def _resume(c: Components, out: Path, force: bool) -> int:
     return step
 
 
-def _train(cfg, acc, out, resume, force_resume, progress, stage, stop_after, final_eval) -> TrainResult:
+def _train(cfg, acc, out, resuming, progress, stage, stop_after, final_eval) -> TrainResult:
+    """``resuming``: None for a fresh run, else (force_resume, allow_data_change)."""
     c, data = build_components(cfg, acc)
-    start = _resume(c, out, force_resume) if resume else 0
-    metrics = MetricsLogger(out, acc.is_main_process, cfg.report_to, resume_step=start if resume else None,
+    start = _resume(c, out, data, *resuming) if resuming else 0
+    metrics = MetricsLogger(out, acc.is_main_process, cfg.report_to, resume_step=start if resuming else None,
                             config=to_dict(cfg))  # fmt: skip
     stream = EpochStream(len(data.train), cfg.seed, reseed_each_epoch=True)
     per_step = cfg.rollout.prompts_per_step
@@ -297,7 +327,7 @@ def _train(cfg, acc, out, resume, force_resume, progress, stage, stop_after, fin
                 )
                 stopping = signalled or (stop_after is not None and step + 1 - start >= stop_after)
                 if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or stopping:
-                    path = save(c, step + 1)
+                    path = save(c, step + 1, data)
                 if signalled and step + 1 < cfg.steps:
                     raise Interrupted(
                         f"stopped by {stop.requested or 'a signal on another process'} after step {step + 1}; "
@@ -328,10 +358,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest intact checkpoint in out_dir; these keys may change on resume and "
-        f"are applied: {', '.join(RESUMABLE_KEYS)}; any other change is refused",
+        help="continue from the newest intact checkpoint in out_dir (from step 0 when it has none yet); these "
+        f"keys may change on resume and are applied: {', '.join(RESUMABLE_KEYS)}; any other change is refused",
     )
     p.add_argument("--force-resume", action="store_true", help="resume even though other keys changed")
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: continue although a data file's content changed since the run started (refused "
+        "otherwise)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in out_dir")
 
 
@@ -339,6 +375,6 @@ def run(args) -> int:
     cfg = config_from_args(args, TrainConfig, [f"method={args.method}"] if args.method else [])
     if cfg is not None:
         res = run_train(cfg, resume=args.resume or args.force_resume, overwrite=args.overwrite,
-                        force_resume=args.force_resume)  # fmt: skip
+                        force_resume=args.force_resume, allow_data_change=args.allow_data_change)  # fmt: skip
         print(json.dumps({k: v for k, v in vars(res).items() if k != "history"}, indent=2))
     return 0

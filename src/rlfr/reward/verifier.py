@@ -14,7 +14,8 @@ Contract
   worker). Only a timeout, a missing answer, or an answer math-verify cannot process (it raises, or its
   worker dies on it) scores 0.0; each is counted (``Verifier.last_counts``, logged per RL step). A pool that
   breaks is rebuilt once and the checks retried; if it breaks again, ``VerifierError`` is raised: a broken
-  pool never turns right answers into zeros. Safe to call from any thread.
+  pool never turns right answers into zeros. ``timeout`` must be a finite number of seconds > 0 (an infinite
+  one would let a check run forever). Safe to call from any thread and in any process (see below).
 - ``Verifier``: context manager holding the pool; ``verify_batch(completions, answers) -> list[float]``.
   Module-level ``verify`` / ``verify_batch`` use a lazily created shared ``Verifier``.
 - ``format_reward(completion) -> float``: 1.0 when an answer form is present.
@@ -32,17 +33,32 @@ they only need ``rlfr`` and ``math_verify``, importable from ``sys.path``. ``Ver
 (process-global) forkserver preload to ``math_verify`` so that replacing a killed worker does not re-import
 sympy.
 
+Other processes (a ``multiprocessing`` child of any start method, a ``multiprocessing.Pool`` or DataLoader
+worker, a ``datasets.map(num_proc=...)`` worker): every check still runs in a worker process with a hard
+timeout, never in the caller, so the guarantees above hold everywhere. What differs per process:
+- one pool per process: a ``Verifier`` (the shared one too) that crosses a fork starts its own pool in the
+  child on first use; the parent's copy is left alone (its workers and manager threads are the parent's);
+- a process forked from one that imported this module starts its workers with spawn: a forkserver the parent
+  started is the parent's, and cannot fork children for the child;
+- in a daemonic process (Pool and DataLoader workers) multiprocessing refuses to start children, lest they be
+  orphaned when the daemon is terminated; ours end by themselves when their parent goes (a pebble worker
+  exits when its task pipe closes), so the daemon flag is lifted while one of them starts;
+- cleanup: the pool is stopped by a ``multiprocessing.util.Finalize`` when its ``Verifier`` is collected or
+  at exit, before multiprocessing joins a process's children. That also runs in multiprocessing children,
+  where ``atexit`` handlers do not (before, a child that had used ``verify`` waited forever for its workers).
+
 Departure from the paper / authors' code: the paper's reward is binary 0/1, which is the default here.
 The authors' code gives 0.5 to a boxed-but-wrong answer; ``Verifier(format_score=0.5)`` reproduces it.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
+import math
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.spawn
+import multiprocessing.util
 import os
 import re
 import threading
@@ -235,17 +251,30 @@ def _preparation_data(name):
 multiprocessing.spawn.get_preparation_data = _preparation_data
 
 
-class _CleanProcess(multiprocessing.context.ForkServerProcess):
+class _CleanStart:
+    """``start`` of our worker processes (mixed into a context's Process class)."""
+
     def start(self) -> None:
+        # a daemonic process may not start children; ours end with their parent (module docstring)
+        me = multiprocessing.current_process()
+        daemonic = me.daemon
         _launching.clean = True
         try:
+            if daemonic:
+                me.daemon = False
             super().start()
         finally:
+            if daemonic:
+                me.daemon = True
             _launching.clean = False
 
 
-class _CleanSpawnProcess(multiprocessing.context.SpawnProcess):
-    start = _CleanProcess.start
+class _CleanProcess(_CleanStart, multiprocessing.context.ForkServerProcess):
+    pass
+
+
+class _CleanSpawnProcess(_CleanStart, multiprocessing.context.SpawnProcess):
+    pass
 
 
 class _CleanForkServerContext(multiprocessing.context.ForkServerContext):
@@ -292,25 +321,47 @@ class Verifier:
     ) -> None:
         if mp_context not in ("forkserver", "spawn"):
             raise ValueError(f"mp_context must be 'forkserver' or 'spawn', got {mp_context!r}")
-        if num_workers < 1 or timeout <= 0:
-            raise ValueError(f"need num_workers >= 1 and timeout > 0, got {num_workers}, {timeout}")
-        if mp_context == "forkserver":
-            self._ctx = _CleanForkServerContext()
-            # Workers fork from a server that already imported sympy: a worker killed on timeout is
-            # replaced in milliseconds instead of re-importing sympy (~1 s).
-            self._ctx.set_forkserver_preload(["math_verify"])
-        else:
-            self._ctx = _CleanSpawnContext()
+        if num_workers < 1:
+            raise ValueError(f"need num_workers >= 1, got {num_workers}")
+        _check_timeout(timeout)
+        self.mp_context = mp_context
         self.num_workers = num_workers
         self.timeout = timeout
         self.format_score = format_score
         self.check_fn = check_fn
         self.fast_path = fast_path
         self.last_counts = VerifyCounts()
-        self._pool = self._new_pool()
+        self._pool: ProcessPool | None = None
+        self._pool_pid: int | None = None  # the process whose pool ``_pool`` is
+        self._finalizer: multiprocessing.util.Finalize | None = None
+        self._pool_here()
 
     def _new_pool(self) -> ProcessPool:
-        return ProcessPool(max_workers=self.num_workers, initializer=_warm_up, context=self._ctx)
+        if self.mp_context == "spawn" or _forked:
+            # in a forked child the forkserver, if the parent started one, is the parent's and cannot serve it
+            ctx = _CleanSpawnContext()
+        else:
+            ctx = _CleanForkServerContext()
+            # Workers fork from a server that already imported sympy: a worker killed on timeout is
+            # replaced in milliseconds instead of re-importing sympy (~1 s).
+            ctx.set_forkserver_preload(["math_verify"])
+        return ProcessPool(max_workers=self.num_workers, initializer=_warm_up, context=ctx)
+
+    def _pool_here(self, replace: bool = False) -> ProcessPool:
+        """This process's pool, started on first use in each process (module docstring): a forked child's copy
+        of its parent's pool has neither the parent's worker processes nor its manager threads. ``replace``
+        stops this process's pool and starts another."""
+        with _pool_lock:
+            if replace or self._pool is None or self._pool_pid != os.getpid():
+                if self._finalizer is not None:
+                    self._finalizer()  # stops the old pool; ignored in another process than the one it was made in
+                self._pool, self._pool_pid = self._new_pool(), os.getpid()
+                # runs when the Verifier is collected, or at exit before multiprocessing joins the children (in a
+                # multiprocessing child, where atexit handlers do not run, too), so no process waits for workers
+                self._finalizer = multiprocessing.util.Finalize(
+                    self, _stop_pool, (self._pool,), exitpriority=10
+                )
+            return self._pool
 
     def __enter__(self) -> Verifier:
         return self
@@ -319,9 +370,11 @@ class Verifier:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker processes (idempotent)."""
-        self._pool.stop()
-        self._pool.join()
+        """Stop the worker processes (idempotent; a later check starts a new pool)."""
+        with _pool_lock:
+            if self._finalizer is not None:
+                self._finalizer()
+            self._pool = self._finalizer = None
 
     def _run_pooled(
         self, jobs: dict[int, tuple[str, list[str]]], timeout: float, counts: VerifyCounts
@@ -332,8 +385,9 @@ class Verifier:
         for attempt in range(2):
             pending = {i: job for i, job in jobs.items() if i not in results}
             try:
+                pool = self._pool_here()
                 futures = {
-                    i: self._pool.schedule(self.check_fn, job, timeout=timeout) for i, job in pending.items()
+                    i: pool.schedule(self.check_fn, job, timeout=timeout) for i, job in pending.items()
                 }
                 for i, fut in futures.items():
                     try:
@@ -364,11 +418,7 @@ class Verifier:
                     ) from e
                 logger.warning("verifier: the worker pool broke (%s); rebuilding it and retrying", e)
                 counts.rebuilds += 1
-                try:
-                    self._pool.stop()
-                except Exception:  # noqa: BLE001 - the broken pool may not stop cleanly
-                    pass
-                self._pool = self._new_pool()
+                self._pool_here(replace=True)
         return results
 
     def verify_batch(
@@ -378,7 +428,7 @@ class Verifier:
         ``last_counts`` then says how many checks timed out, had no answer, or could not be processed."""
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self.timeout if timeout is None else _check_timeout(timeout)
         counts = VerifyCounts(total=len(completions))
         correct: list[bool] = [False] * len(completions)
         preds: list[str | None] = [extract_answer(c) for c in completions]
@@ -404,17 +454,42 @@ class Verifier:
         ]
 
 
+def _check_timeout(timeout: float) -> float:
+    if not (timeout > 0 and math.isfinite(timeout)):  # inf would let a check run forever
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout}")
+    return timeout
+
+
+def _stop_pool(pool: ProcessPool) -> None:
+    try:
+        pool.stop()
+        pool.join()
+    except Exception:  # noqa: BLE001 - a broken pool may not stop cleanly; its workers end with their pipes
+        logger.debug("verifier: stopping a pool failed", exc_info=True)
+
+
 _default: Verifier | None = None
 _default_lock = threading.Lock()
+_pool_lock = threading.Lock()
+_forked = False  # this process was forked from one that had imported this module
+
+
+def _after_fork_in_child() -> None:
+    global _forked, _default_lock, _pool_lock
+    _forked = True
+    # a lock another thread held at the fork would stay held forever in the child
+    _default_lock, _pool_lock = threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_verifier() -> Verifier:
-    """The shared module-level Verifier (created on first use, closed at exit)."""
+    """The shared module-level Verifier (created on first use; its pool stops at exit, in every process)."""
     global _default
     with _default_lock:
         if _default is None:
             _default = Verifier(num_workers=max(1, min(4, (os.cpu_count() or 2))))
-            atexit.register(_default.close)
         return _default
 
 

@@ -15,10 +15,11 @@ policy, so the old log-probs are the current ones detached and no extra forward 
 no-grad pass (``score_pass``) first records old log-probs and advantages, which stay fixed over the epochs,
 and trains the flow.
 
-Rollouts come from Hugging Face ``generate`` or, with ``rollout.engine=vllm``, from ``Components.engine``
-(``rlfr.policy.vllm_engine``), which gets the policy's weights before each rollout after an optimizer step;
-the update's log-probs always come from the transformers forward, and ``rollout/logp_diff_*`` log how far the
-engine's log-probs are from them (``rollout.vllm_is_correction`` reweights the loss by their truncated ratio).
+Rollouts come from ``Components.sampler`` (``rlfr.policy.sampler``: Hugging Face ``generate`` on the policy,
+or with ``rollout.engine=vllm`` a colocated vLLM engine, which gets the policy's weights before each rollout
+after an optimizer step); the update's log-probs always come from the transformers forward, and
+``rollout/logp_diff_*`` log how far the engine's log-probs are from them (``rollout.vllm_is_correction``
+reweights the loss by their truncated ratio).
 
 Departures from the authors' code (RLFR_METHOD §8): the flow loss runs outside the hooks under autograd, so
 online flow updates really train the flow (also under gradient checkpointing), on detached latents (no
@@ -38,7 +39,8 @@ from torch import nn
 from rlfr.errors import NonFiniteError
 from rlfr.flow.learner import FlowLearner
 from rlfr.policy.forward import policy_forward
-from rlfr.policy.rollout import Rollout, generate
+from rlfr.policy.rollout import Rollout
+from rlfr.policy.sampler import Sampler, SamplingParams
 from rlfr.policy.vision import images_of
 from rlfr.reward.functions import OutcomeReward
 from rlfr.rl.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
@@ -61,7 +63,8 @@ class Components:
     # the start model, for the KL (kl_coef > 0 or track_kl); with LoRA the policy with its adapters off
     ref: nn.Module | None = None
     flow: FlowLearner | None = None  # method rlfr only: the flow, its tap on the policy and its optimizer
-    engine: object | None = None  # rlfr.policy.vllm_engine.VLLMEngine (rollout.engine=vllm), else None
+    # rollout.engine's sampler (rlfr.policy.sampler.build_sampler); None only for components that never sample
+    sampler: Sampler | None = None
     nonfinite_skipped: int = 0  # batches skipped for NaN / inf so far (policy.skip_nonfinite_batches)
 
 
@@ -92,7 +95,7 @@ def rl_step(
     cfg, n, t0 = c.cfg, c.cfg.rollout.num_generations, time.time()
     # 1. rollout (latent capture paused: generate() runs the model once per new token)
     with paused(c):
-        pushed = sync_engine(c)
+        pushed = sync_sampler(c)
         t_sync = time.time()
         ro = sample(c, prompts, examples)
     t_roll = time.time()
@@ -125,7 +128,7 @@ def rl_step(
         "time/step": time.time() - t0,
         "rollout_tokens_per_s": lens.sum().item() / max(t_roll - t_sync, 1e-9),
     }
-    if c.engine is not None:
+    if c.sampler.holds_weights:
         stats |= {"time/weight_sync": t_sync - t0, "rollout/weights_pushed": float(pushed)}
     if keep is not None:
         stats["filter/kept_frac"] = keep.float().mean().item()
@@ -141,25 +144,19 @@ def rl_step(
     return reduce_stats(c.acc, stats)
 
 
-def sync_engine(c: Components) -> bool:
-    """Push the policy's weights to the sampling engine if an optimizer step changed them since the last
-    push (the scheduler's step count is the weights' version); -> whether it pushed."""
-    if c.engine is None:
-        return False
-    return c.engine.sync_weights(c.acc.unwrap_model(c.policy), version=c.policy_sched.last_epoch)
+def sync_sampler(c: Components) -> bool:
+    """Give the sampler the policy's weights (the scheduler's step count is their version): a sampler with its
+    own copy pushes them if an optimizer step changed them since the last push; -> whether it pushed."""
+    return c.sampler.sync_weights(c.acc.unwrap_model(c.policy), version=c.policy_sched.last_epoch)
 
 
 def sample(c: Components, prompts: list[str], examples) -> Rollout:
-    """``num_generations`` rollouts per prompt from the configured engine (images from ``examples`` for a
-    vision-language policy; the vLLM engine is text-only and refused for those at start-up)."""
+    """``num_generations`` rollouts per prompt (images from ``examples`` for a vision-language policy). No
+    seed: the sampler draws from torch's RNG, which is seeded per process and checkpointed."""
     r = c.cfg.rollout
-    if c.engine is None:
-        return generate(c.acc.unwrap_model(c.policy), c.tokenizer, prompts, r.num_generations, r.max_new_tokens,
-                        r.temperature, r.top_p, batch_size=r.batch_size,
-                        images=images_of(c.tokenizer, examples), device=c.acc.device)  # fmt: skip
-    # vLLM's sampling seed is drawn from torch's RNG, which is seeded per process and checkpointed
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    return c.engine.generate(prompts, r.num_generations, r.max_new_tokens, r.temperature, r.top_p, seed=seed)
+    params = SamplingParams(n=r.num_generations, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                            top_p=r.top_p)  # fmt: skip
+    return c.sampler.generate(prompts, params, images=images_of(c.tokenizer, examples))
 
 
 def update(c: Components, batch: Batch, step: int, log: Accum) -> None:

@@ -15,22 +15,27 @@ A checkpoint is a directory ``<out>/checkpoints/step_XXXXXX/`` holding:
 
 It is written under ``step_XXXXXX.tmp``, every file and directory is flushed to disk (fsync), then the
 folder is renamed and ``latest`` (a one-line text file) replaced atomically, so a run killed at any moment,
-or a machine that loses power, leaves the last complete checkpoint intact. Old checkpoints beyond ``keep``
+or a machine that loses power, leaves the last complete checkpoint intact. A write that fails removes its
+``.tmp`` folder (on a full disk the error names the directory and the space a checkpoint needs); the ``.tmp``
+folders that kills left are removed when the next run on the directory starts (``remove_unfinished``). Old checkpoints beyond ``keep``
 (>= 1) are deleted, oldest step first, only after the new one is in place.
 
 Reading: ``find_checkpoint(out_dir)`` returns the newest checkpoint whose manifest checks out, and the
 reasons it skipped newer ones (a truncated weights file, a deleted ``policy/``, garbage in ``latest`` or
-``state.json``, a deleted ``latest``); ``load_*`` errors name the file. Nothing is unpickled: tensors are
+``state.json``, a deleted ``latest``, a manifest that is not an object of well-formed entries or leaves out a
+file); ``load_*`` errors name the file. Nothing is unpickled: tensors are
 safetensors, and ``optim.pt`` / ``rng_rank*.pt`` are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,12 +47,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlfr.errors import CheckpointError
+from rlfr.errors import CheckpointError, PickleRefusedError
 from rlfr.flow.store import FlowBundle, save_flow
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_UNFINISHED = ".tmp"  # suffix of a checkpoint folder being written
 
 
 def _fsync(path: Path) -> None:
@@ -137,8 +143,33 @@ def write_manifest(ckpt: Path) -> None:
     atomic_write_text(ckpt / MANIFEST, json.dumps(files, indent=1))
 
 
+# what every checkpoint holds, whatever the run (a flow, more ranks' RNG states and a policy's other files vary)
+_REQUIRED = ("state.json", "optim.pt", "rng_rank0.pt")
+
+
+def _manifest_problems(manifest: Path, files: Any) -> list[str]:
+    """What makes a parsed manifest unusable: not an object of ``{relative path: {"size": int, "sha256":
+    str}}``, or one that does not list what every checkpoint holds."""
+    if not isinstance(files, dict):
+        return [f"{manifest} is not a JSON object of files (it holds {type(files).__name__})"]
+    for rel, meta in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return [f"{manifest} names {rel!r}, a path outside the checkpoint"]
+        if not (
+            isinstance(meta, dict) and type(meta.get("size")) is int and isinstance(meta.get("sha256"), str)
+        ):
+            return [f'{manifest}: the entry of {rel!r} is not {{"size": int, "sha256": str}}']
+    missing = [rel for rel in _REQUIRED if rel not in files]
+    if not any(rel.startswith("policy/") and rel.endswith(".safetensors") for rel in files):
+        missing.append("policy/*.safetensors")
+    if missing:
+        return [f"{manifest} does not list {', '.join(missing)} (incomplete or edited)"]
+    return []
+
+
 def verify_checkpoint(ckpt: Path) -> list[str]:
-    """What is wrong with a checkpoint directory, file by file ([] = intact)."""
+    """What is wrong with a checkpoint directory, file by file ([] = intact). The manifest must be a
+    well-formed object that lists every file of the checkpoint (a file it leaves out is not vouched for)."""
     manifest = ckpt / MANIFEST
     if not ckpt.is_dir():
         return [f"{ckpt} does not exist"]
@@ -148,9 +179,11 @@ def verify_checkpoint(ckpt: Path) -> list[str]:
         ]
     try:
         files = json.loads(manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
         return [f"{manifest} is not valid JSON ({e})"]
-    problems = []
+    problems = _manifest_problems(manifest, files)
+    if problems:
+        return problems
     for rel, meta in files.items():
         f = ckpt / rel
         if not f.is_file():
@@ -159,6 +192,12 @@ def verify_checkpoint(ckpt: Path) -> list[str]:
             problems.append(f"{f} has {f.stat().st_size} bytes, {meta['size']} were written (truncated?)")
         elif _sha256(f) != meta["sha256"]:
             problems.append(f"{f} does not match its checksum (corrupted)")
+    unlisted = sorted(
+        rel for f in ckpt.rglob("*") if f.is_file() and (rel := str(f.relative_to(ckpt))) not in files
+    )
+    unlisted.remove(MANIFEST)
+    if unlisted:
+        problems.append(f"{manifest} does not list {', '.join(unlisted[:3])} (incomplete or edited)")
     return problems
 
 
@@ -218,35 +257,92 @@ def save_checkpoint(
     policy's full weights when the model in memory is sharded (FSDP, ``runtime.sharding.full_state_dict``)."""
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
+    tmp = root / f"step_{step:06d}{_UNFINISHED}"
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            given = {} if policy_state is None else {"state_dict": policy_state}
+            policy.save_pretrained(tmp / "policy", safe_serialization=True, **given)
+            tokenizer.save_pretrained(tmp / "policy")
+            if flow is not None:  # written inside the not-yet-renamed folder, through the flow store
+                save_flow(tmp / "flow", flow)
+            torch.save(optim_state or {}, tmp / "optim.pt")
+            state = {"step": step, "identity": model_identity(policy), **(extra or {})}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(root)
+            atomic_write_text(root / "latest", final.name + "\n")
+    except Exception as e:
+        if not accelerator.is_main_process:
+            raise
+        needed = _nbytes(policy_state or policy.state_dict()) + _nbytes(optim_state)
+        needed += _nbytes(flow.field.state_dict()) if flow is not None else 0
+        free = shutil.disk_usage(root).free  # before the unfinished folder is removed: what the write saw
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write must not leave gigabytes behind
+        if not _disk_full(e, free, needed):
+            raise
+        kept = step_dirs(root)
+        raise CheckpointError(
+            f"no space left on the device of {root} to write the checkpoint of step {step}: it needs about "
+            f"{_mb(needed)}, {_mb(free)} were free. The unfinished {tmp.name} was removed; "
+            + (f"{kept[-1].name} is kept" if kept else "there is no earlier checkpoint")
+            + ". Free some space (or move out_dir), then continue with --resume"
+        ) from e
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        given = {} if policy_state is None else {"state_dict": policy_state}
-        policy.save_pretrained(tmp / "policy", safe_serialization=True, **given)
-        tokenizer.save_pretrained(tmp / "policy")
-        if flow is not None:  # written inside the not-yet-renamed folder, through the flow store
-            save_flow(tmp / "flow", flow)
-        torch.save(optim_state or {}, tmp / "optim.pt")
-        state = {"step": step, "identity": model_identity(policy), **(extra or {})}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        atomic_write_text(root / "latest", final.name + "\n")
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (the newest checkpoint is never deleted), got {keep}")
         for old in step_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what writing it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def _disk_full(error: BaseException, free: int, needed: int) -> bool:
+    """Whether a failed write ran out of space: ENOSPC from Python, or the text of it in the generic errors
+    safetensors (Rust) and torch (C++) raise, or less room left than the checkpoint needs."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if e is not None and any(
+            s in str(e) for s in ("No space left on device", "StorageFull", "os error 28")
+        ):
+            return True
+    return free < needed
+
+
+def remove_unfinished(out_dir: str | Path) -> list[Path]:
+    """Delete the ``step_N.tmp`` folders that runs killed while writing a checkpoint left (never a complete
+    checkpoint: those are renamed to ``step_N``); call with the run's lock held. -> what was removed."""
+    root = checkpoint_root(out_dir)
+    stale = sorted(p for p in root.glob(f"step_*{_UNFINISHED}") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        log.warning("removed %s, the unfinished checkpoint of a run that was stopped while writing it", p)
+    return stale
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -428,7 +524,9 @@ def flow_dir(ckpt: Path) -> Path:
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:  # noqa: BLE001 - truncated zip, refused pickle...: name the file
+    except pickle.UnpicklingError:  # torch's refusal runs to several lines of advice to unpickle anyway
+        raise PickleRefusedError(path) from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, missing file...: name the file
         raise CheckpointError(f"{path} cannot be read: {e}") from e
 
 
