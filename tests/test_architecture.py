@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "rlfr"
 STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export")
 COMPOSERS = ("demo", "compare")
 MATHS = (
-    "rl/shaping.py",
+    "flow/shaping.py",
     "rl/advantages.py",
     "rl/losses.py",
     "flow/matching.py",
