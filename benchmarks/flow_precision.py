@@ -22,7 +22,7 @@ import time
 import torch
 
 from rlfr.flow import FlowField, FlowPairs, flow_matching_loss, velocity_deviation
-from rlfr.rl.shaping import shape_flow_rewards
+from rlfr.flow.shaping import shape_flow_rewards
 
 
 def pairs_for(n: int, d: int, gen: torch.Generator, device) -> FlowPairs:

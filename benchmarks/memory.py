@@ -30,6 +30,7 @@ child process); without CUDA and without ``--tiny`` the script refuses to run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -84,16 +85,17 @@ def run_one(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from rlfr.config import load_config
+    from rlfr.flow.learner import FlowLearner
     from rlfr.flow.store import build_flow
     from rlfr.policy.latents import LatentTap
     from rlfr.policy.loading import enable_gradient_checkpointing
     from rlfr.policy.lora import apply_lora
     from rlfr.policy.rollout import Rollout
     from rlfr.rl.advantages import group_advantages
-    from rlfr.rl.step import Batch, Components, FlowPart, update
+    from rlfr.rl.step import Batch, Components, update
     from rlfr.runtime.env import make_accelerator
     from rlfr.runtime.metrics import Accum
-    from rlfr.runtime.optim import build_optimizer
+    from rlfr.runtime.optim import build_optimizer, optimizer_step
     from rlfr.schema import TrainConfig
 
     dims = dict(SIZES[args.size])
@@ -127,10 +129,14 @@ def run_one(args: argparse.Namespace) -> dict:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{args.port}",
                                world_size=1, rank=0)  # fmt: skip
         policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[0] if cuda else None)
-    field = bundle.field.to(device)
-    flow_opt, flow_sched = build_optimizer(field.parameters(), 1e-4, (0.9, 0.95), 0.0, 10, 0.0, "cosine")
+    bundle.field.to(device)
+    flow = FlowLearner(cfg.flow, bundle, tap, reduce=acc.reduce, backward=acc.backward,
+                       optimizer_step=functools.partial(optimizer_step, acc))  # fmt: skip
+    flow.attach_optimizer(
+        *build_optimizer(bundle.field.parameters(), 1e-4, (0.9, 0.95), 0.0, 10, 0.0, "cosine")
+    )
     c = Components(cfg=cfg, acc=acc, policy=policy, tokenizer=None, policy_opt=opt, policy_sched=sched,
-                   reward=None, flow=FlowPart(field=field, opt=flow_opt, sched=flow_sched, tap=tap))  # fmt: skip
+                   reward=None, flow=flow)  # fmt: skip
     b, p_len, r_len = args.rollouts, args.prompt, args.response
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, dims["vocab_size"], (b, p_len + r_len), generator=g)

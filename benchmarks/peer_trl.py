@@ -2,7 +2,7 @@
 
 Reproduce:
     .venv/bin/python benchmarks/peer_trl.py                      # SmolLM2-135M, 8 prompts x 4, 64 new tokens
-    .venv/bin/python benchmarks/peer_trl.py --model runs/demo/sft/model --flow runs/demo/flow/flow --steps 8
+    .venv/bin/python benchmarks/peer_trl.py --model runs/demo/sft/model --flow runs/demo/flow_pretrain/flow --steps 8
 
 The same work for all three, in one process: the same start model (loaded afresh for each), the same
 prompts in the same order (the embedded task's training prompts, rendered by rlfr's template; no shuffling),
@@ -95,7 +95,7 @@ def run_trl(args, examples, prompts, bridge: bool) -> list[dict]:
             self.ends.append(time.perf_counter())
 
     n = args.prompts * args.n
-    config = GRPOConfig(
+    options = dict(
         output_dir=tempfile.mkdtemp(prefix="peer-trl-"), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=n // args.micro_batch, num_generations=args.n,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -104,18 +104,17 @@ def run_trl(args, examples, prompts, bridge: bool) -> list[dict]:
         logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
     )  # fmt: skip
     ds = Dataset.from_dict({"prompt": prompts, "answer": [ex.answer for ex in examples]})
-    kw = dict(model=load_model(args.model), reward_funcs=[accuracy], args=config, train_dataset=ds,
+    kw = dict(model=load_model(args.model), reward_funcs=[accuracy], train_dataset=ds,
               processing_class=load_tokenizer(args.model))  # fmt: skip
     clock = Clock()
-    if bridge:
-        from rlfr.config import load_config
-        from rlfr.integrations.trl import RLFRGRPOTrainer
-        from rlfr.schema import FlowConfig
+    if bridge:  # the same flow options as rlfr train's (flow_overrides)
+        from rlfr.integrations.trl import RLFRGRPOConfig, RLFRGRPOTrainer
 
-        flow = load_config(FlowConfig, overrides=flow_overrides(args))
-        trainer = RLFRGRPOTrainer(**kw, flow=flow, correctness="accuracy", callbacks=[clock])
+        config = RLFRGRPOConfig(**options, flow_init=args.flow, flow_soft_flow=args.soft_flow,
+                                flow_correctness="accuracy")  # fmt: skip
+        trainer = RLFRGRPOTrainer(**kw, args=config, callbacks=[clock])
     else:
-        trainer = GRPOTrainer(**kw, callbacks=[clock])
+        trainer = GRPOTrainer(**kw, args=GRPOConfig(**options), callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # the table below is the output
     try:
         trainer.train()

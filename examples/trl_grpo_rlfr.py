@@ -1,105 +1,100 @@
-"""GRPO with flow rewards inside TRL: the demo's SmolLM2 arithmetic task, trained by TRL's GRPOTrainer.
+"""GRPO with flow rewards inside TRL: short arithmetic problems, trained by TRL's GRPOTrainer plus a flow.
 
     pip install 'rlfr[trl]'
-    rlfr demo --quick                                   # or your own `rlfr sft` + `rlfr flow-pretrain` runs
-    python examples/trl_grpo_rlfr.py --model runs/demo/sft/model --flow runs/demo/flow/flow --out runs/trl
-    python examples/trl_grpo_rlfr.py --report-to wandb  # any tracker TRL's report_to knows
+    rlfr demo --quick            # an SFT model (runs/demo/sft/model) and its pretrained flow (runs/demo/flow_pretrain/flow)
+    python examples/trl_grpo_rlfr.py --model runs/demo/sft/model --flow_init runs/demo/flow_pretrain/flow \\
+        --output_dir runs/trl --use_cpu --bf16 false
+    python examples/trl_grpo_rlfr.py --config recipe.yaml         # TrlParser: any option from a YAML file too
 
-Everything TRL-specific is as in any GRPOTrainer script (GRPOConfig, a dataset with a "prompt" column, reward
-functions, vLLM / PEFT / DeepSpeed options); the RLFR part is the trainer class, the flow and the name of
-the reward that says "correct" (those completions keep training the flow). ``--flow`` is a flow directory
-from ``rlfr flow-pretrain`` / ``rlfr convert-flow``; without it a fresh flow is trained online from the
-first step. Prompts and the answer check are rlfr's, so the run is comparable with ``rlfr train``.
+A TRL script like any other: a dataset loaded with ``datasets`` (written here to a small JSONL file), reward
+functions, and ``TrlParser`` for the options. The RLFR part is the config and trainer class: every option of
+``RLFRGRPOConfig`` (GRPOConfig's, plus ``--flow_init``, ``--flow_beta``, ``--flow_soft_flow``, ...; see
+``--help``) and ``--flow_correctness``, the reward that says "correct" (those completions keep training the
+flow). Without ``--flow_init`` a fresh flow is trained online from the first step. The problems are the demo's
+kind (reasoning-gym ``basic_arithmetic`` and ``chain_sum``) with the demo's system prompt, so the demo's SFT
+model answers them in the format the answer check reads (``\\boxed{...}``).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from datasets import Dataset
-from trl import GRPOConfig
+import datasets
+import reasoning_gym
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+from trl.rewards import accuracy_reward
 
-from rlfr.config import load_config
-from rlfr.data.sources import render_prompts, resolve_data
-from rlfr.integrations.trl import RLFRGRPOTrainer
-from rlfr.policy.loading import load_model, load_tokenizer
-from rlfr.reward.verifier import Verifier, format_reward
-from rlfr.schema import DataConfig, FlowConfig
+from rlfr.integrations.trl import RLFRGRPOConfig, RLFRGRPOTrainer
+
+SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+TASKS = {  # as the demo's embedded task
+    "basic_arithmetic": dict(
+        min_terms=2,
+        max_terms=2,
+        min_digits=1,
+        max_digits=2,
+        operators=("+", "-", "*"),
+        allow_parentheses=False,
+        allow_negation=False,
+    ),  # fmt: skip
+    "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+}
+
+
+@dataclass
+class ExampleArguments:
+    model: str = field(
+        default="runs/demo/sft/model", metadata={"help": "policy: a model directory or hub name"}
+    )
+    num_problems: int = field(default=256, metadata={"help": "training problems (half from each task)"})
+    task_seed: int = field(default=0, metadata={"help": "seed of the problems"})
+
+
+def write_problems(path: Path, n: int, seed: int) -> Path:
+    """A JSONL file of conversational prompts with their answers (TRL passes ``solution`` to the rewards)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for (name, cfg), size in zip(TASKS.items(), (n - n // 2, n // 2)):
+            for item in reasoning_gym.create_dataset(name, size=size, seed=seed, **cfg):
+                prompt = [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": item["question"]},
+                ]
+                f.write(json.dumps({"prompt": prompt, "solution": str(item["answer"])}) + "\n")
+    return path
+
+
+def boxed(completions, **_):
+    """1 for a completion with a ``\\boxed{...}`` answer, the format the answer check reads (weighted 0.1)."""
+    return [float(bool(re.search(r"\\boxed\{[^}]*\}", c[0]["content"]))) for c in completions]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--model", default="smollm2-135m-instruct", help="hub name, local directory or rlfr's default"
-    )
-    ap.add_argument("--flow", default=None, help="flow directory (default: a fresh flow)")
-    ap.add_argument("--out", default="runs/trl")
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    ap.add_argument("--n", type=int, default=4, help="completions per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--beta", type=float, default=0.01, help="flow reward coefficient (flow.reward.beta)")
-    ap.add_argument("--report-to", nargs="*", default=["tensorboard"], help="TRL trackers: wandb trackio ...")
-    ap.add_argument("--cpu", action="store_true")
-    args = ap.parse_args()
-
-    # the data: the embedded arithmetic task, rendered with the model's chat template as `rlfr train` does
-    data = load_config(DataConfig, overrides=[f"train_size={args.steps * args.prompts}"])
-    examples, _ = resolve_data(data)
-    tokenizer = load_tokenizer(args.model)
-    prompts = render_prompts(examples, data.template, tokenizer, data.max_prompt_tokens)
-    dataset = Dataset.from_dict({"prompt": prompts, "answer": [ex.answer for ex in examples]})
-
-    # rewards: TRL passes the dataset's columns (here `answer`) as keyword arguments
-    verifier = Verifier(num_workers=2, timeout=5.0)
-
-    def accuracy(completions, answer, **_):
-        return [float(s >= 1.0) for s in verifier.verify_batch(completions, answer)]
-
-    def boxed(completions, **_):
-        return [format_reward(c) for c in completions]
-
-    config = GRPOConfig(
-        output_dir=args.out,
-        max_steps=args.steps,
-        num_generations=args.n,
-        per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.prompts
-        * args.n
-        // args.micro_batch,  # one step per generation batch
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        learning_rate=1e-6,
-        lr_scheduler_type="constant",
-        loss_type="grpo",
-        reward_weights=[1.0, 0.1],
-        logging_steps=1,
-        save_steps=8,
-        report_to=args.report_to,
-        log_completions=True,  # the completions table gets a flow_reward column
-        use_cpu=args.cpu,
-        bf16=not args.cpu,
-    )
-    # the flow: every `rlfr train` flow.* option (FlowConfig), e.g. reward.beta, soft_flow, latent_norm
-    flow = load_config(
-        FlowConfig, overrides=[f"reward.beta={args.beta}"] + ([f"init={args.flow}"] if args.flow else [])
+    parser = TrlParser((ExampleArguments, RLFRGRPOConfig))
+    parser.set_defaults(  # one optimizer step per generation batch of 8 prompts x 4 completions
+        output_dir="runs/trl", max_steps=16, num_generations=4, per_device_train_batch_size=16,
+        gradient_accumulation_steps=2, max_completion_length=256, learning_rate=1e-6, lr_scheduler_type="constant",
+        loss_type="grpo", reward_weights=[1.0, 0.1], logging_steps=1, save_steps=8, log_completions=True,
+        flow_correctness="accuracy_reward",  # completions whose accuracy_reward is >= 1 train the flow
+    )  # fmt: skip
+    example, args = parser.parse_args_and_config()
+    problems = write_problems(
+        Path(args.output_dir) / "problems.jsonl", example.num_problems, example.task_seed
     )
     trainer = RLFRGRPOTrainer(
-        model=load_model(args.model),
-        reward_funcs=[accuracy, boxed],
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        flow=flow,
-        correctness="accuracy",  # completions whose `accuracy` is >= 1 train the flow
+        model=AutoModelForCausalLM.from_pretrained(example.model),
+        reward_funcs=[accuracy_reward, boxed],
+        args=args,
+        train_dataset=datasets.load_dataset("json", data_files=str(problems), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(example.model),
     )
-    try:
-        trainer.train()
-    finally:
-        verifier.close()
-    trainer.save_model(args.out)  # the policy, and the flow in <out>/flow
-    print(f"saved the policy to {args.out} and the flow to {args.out}/flow")
+    trainer.train()
+    trainer.save_model(args.output_dir)  # the policy, and the flow in <output_dir>/flow
+    print(f"saved the policy to {args.output_dir} and the flow to {args.output_dir}/flow")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ LAYERS = (
 STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export")
 COMPOSERS = ("demo", "compare")
 MATHS = (
-    "rl/shaping.py",
+    "flow/shaping.py",
     "rl/advantages.py",
     "rl/losses.py",
     "flow/matching.py",

@@ -357,18 +357,18 @@ def test_data_is_checked_before_the_model_loads(tmp_path):
 def test_a_nonfinite_loss_names_the_quantity_and_step_and_keeps_the_checkpoint(
     tiny_dir, tmp_path, monkeypatch
 ):
-    from rlfr.rl import step as rl_step
+    from rlfr.flow import learner
 
     out = tmp_path / "run"
     run_train(tiny_train_config(tiny_dir, out, "steps=2"), progress=False)
-    real = rl_step.token_scores
+    real = learner.token_scores
 
     def nan_scores(*a, **k):
         s = real(*a, **k)
         s.scores[s.valid] = float("nan")
         return s
 
-    monkeypatch.setattr(rl_step, "token_scores", nan_scores)
+    monkeypatch.setattr(learner, "token_scores", nan_scores)
     with pytest.raises(NonFiniteError, match="a flow score is not finite at step 3"):
         run_train(tiny_train_config(tiny_dir, out, "steps=4"), progress=False, resume=True)
     assert ckpt_io.find_checkpoint(out)[0].name == "step_000002"  # the last finite checkpoint is kept

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlfr.rl.shaping import minmax_normalize, shape_flow_rewards
+from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
 
 T = True
 F = False

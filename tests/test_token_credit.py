@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from rlfr.flow import FlowField, build_pairs, pair_counts, token_scores
+from rlfr.flow.shaping import shape_flow_rewards
 from rlfr.rl.advantages import token_advantages
-from rlfr.rl.shaping import shape_flow_rewards
 
 J = 5  # the outlier's position in row 0
 CONTEXT = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)

@@ -1,13 +1,15 @@
 """RLFR inside TRL's GRPOTrainer (``rlfr.integrations.trl``), on the tiny offline model and CPU.
 
-What must hold: training moves both the flow and the policy (also with a PEFT adapter); with flow beta 0 the
-advantages are plain GRPOTrainer's; the token rewards TRL receives are the ones ``rlfr train`` computes from
-the same latents; a run resumed from a checkpoint ends where the uninterrupted run ends; losses where token
-advantages mean nothing, and untested TRL versions, are refused with a clear error."""
+What must hold: the flow is configured as TRL options (``RLFRGRPOConfig``, also from the command line);
+training moves both the flow and the policy (also with a PEFT adapter); with flow beta 0 the advantages are
+plain GRPOTrainer's; the token rewards TRL receives are the ones ``rlfr train`` computes from the same latents;
+a run resumed from a checkpoint ends where the uninterrupted run ends; losses where token advantages mean
+nothing, and untested TRL versions, are refused with a clear error. (The flow's own behaviour, e.g. when its
+latent statistics are fitted, is ``tests/test_flow_learner.py``'s.)"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,9 @@ datasets = pytest.importorskip("datasets")
 from safetensors.torch import load_file  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from rlfr.integrations.trl import RLFRGRPOTrainer, check_trl_version  # noqa: E402
-from rlfr.schema import FlowConfig, RewardShapingConfig  # noqa: E402
+from rlfr.errors import ConfigError  # noqa: E402
+from rlfr.integrations.trl import RLFRGRPOConfig, RLFRGRPOTrainer, check_trl_version  # noqa: E402
+from rlfr.schema import FlowConfig  # noqa: E402
 from tiny_run import make_tiny_model_dir  # noqa: E402
 
 GEN = 2  # completions per prompt
@@ -47,23 +50,27 @@ def dataset():
     return datasets.Dataset.from_dict({"prompt": rows})
 
 
-def grpo_args(out: Path, **kw) -> GRPOConfig:
-    base = dict(
-        output_dir=str(out), per_device_train_batch_size=BATCH, num_generations=GEN, max_completion_length=6,
-        max_steps=2, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", learning_rate=1e-3,
-        bf16=False, seed=0, disable_tqdm=True,
-    )  # fmt: skip
-    return GRPOConfig(**(base | kw))
+BASE = dict(
+    per_device_train_batch_size=BATCH, num_generations=GEN, max_completion_length=6, max_steps=2, use_cpu=True,
+    report_to=[], logging_steps=1, save_strategy="no", learning_rate=1e-3, bf16=False, seed=0, disable_tqdm=True,
+)  # fmt: skip
 
 
-def trainer(tiny_dir, out, flow=None, cls=RLFRGRPOTrainer, peft_config=None, correctness="has_digit", **args):
+def grpo_args(out: Path, cls=RLFRGRPOConfig, **kw) -> GRPOConfig:
+    """The tests' TRL options; ``RLFRGRPOConfig`` (flow_* options, flow_correctness='has_digit' by default)."""
+    if cls is RLFRGRPOConfig:
+        kw = {"flow_correctness": "has_digit"} | kw
+    return cls(output_dir=str(out), **(BASE | kw))
+
+
+def trainer(tiny_dir, out, cls=RLFRGRPOTrainer, peft_config=None, **args):
+    """A trainer on the tiny model; ``args``: GRPOConfig options and (RLFRGRPOTrainer) the flow_* options."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = dict(flow=flow, correctness=correctness) if cls is RLFRGRPOTrainer else {}
+    config = grpo_args(out, **args) if cls is RLFRGRPOTrainer else grpo_args(out, GRPOConfig, **args)
     return cls(
-        model=AutoModelForCausalLM.from_pretrained(tiny_dir), reward_funcs=[has_digit, length],
-        args=grpo_args(out, **args), train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_dir),
-        peft_config=peft_config, **kw,
+        model=AutoModelForCausalLM.from_pretrained(tiny_dir), reward_funcs=[has_digit, length], args=config,
+        train_dataset=dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_dir), peft_config=peft_config,
     )  # fmt: skip
 
 
@@ -80,11 +87,7 @@ def changed(a: dict, b: dict) -> list[str]:
 
 @pytest.mark.parametrize(
     "peft,flow",
-    [
-        (False, FlowConfig()),
-        (True, FlowConfig()),
-        (False, FlowConfig(entropy_quantile=0.5, latent_norm="none")),
-    ],
+    [(False, {}), (True, {}), (False, dict(flow_entropy_quantile=0.5, flow_latent_norm="none"))],
     ids=["full", "lora", "entropy-quantile-raw-latents"],
 )
 def test_two_steps_change_the_flow_and_the_policy(tiny_dir, tmp_path, peft, flow):
@@ -93,12 +96,12 @@ def test_two_steps_change_the_flow_and_the_policy(tiny_dir, tmp_path, peft, flow
         from peft import LoraConfig
 
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    t = trainer(tiny_dir, tmp_path, flow=flow, peft_config=lora)
+    t = trainer(tiny_dir, tmp_path, peft_config=lora, **flow)
     policy = {k: v for k, v in weights(t.model).items() if not peft or "lora_" in k}
     assert policy, "no trainable weights found"
-    before = weights(t.flow_field)
+    before = weights(t.flow.module)
     t.train()
-    assert changed(before, weights(t.flow_field)), "the flow did not change"
+    assert changed(before, weights(t.flow.module)), "the flow did not change"
     after = weights(t.model)
     assert changed(policy, {k: after[k] for k in policy}), "the policy did not change"
     logs = [r for r in t.state.log_history if "flow_reward/mean" in r]
@@ -122,23 +125,23 @@ def _batch(t, seed: int = 0) -> dict:
 
 def test_completions_masked_by_trl_get_no_flow_reward(tiny_dir, tmp_path):
     # TRL's mask_truncated_completions empties the masks of completions without EOS: they are neither scored
-    # nor trained on, and a fresh flow fits its latent statistics at the first micro-batch with tokens left
-    t = trainer(tiny_dir, tmp_path, flow=FlowConfig(soft_flow=1.0))
+    # nor trained on (when a fresh flow fits its statistics then: tests/test_flow_learner.py)
+    t = trainer(tiny_dir, tmp_path, flow_soft_flow=1.0)
     out = _batch(trainer(tiny_dir, tmp_path / "p", cls=GRPOTrainer))
     masked = out | {"completion_mask": torch.zeros_like(out["completion_mask"])}
     adv = t.flow_advantages(masked, torch.ones(BATCH, dtype=torch.bool), train=False)
-    assert t.flow_norm is None and not adv.any()
+    assert not adv.any()
     adv = t.flow_advantages(out, torch.ones(BATCH, dtype=torch.bool), train=False)
-    assert t.flow_norm is not None and adv[out["completion_mask"].bool()].ne(out["advantages"][:, None]).any()
-    t = trainer(tiny_dir, tmp_path / "t", flow=FlowConfig(soft_flow=1.0), mask_truncated_completions=True)
+    assert adv[out["completion_mask"].bool()].ne(out["advantages"][:, None]).any()
+    t = trainer(tiny_dir, tmp_path / "t", flow_soft_flow=1.0, mask_truncated_completions=True)
     t.train()  # trains whatever the masks leave
     assert len([r for r in t.state.log_history if "flow_reward/mean" in r]) == 2
 
 
 def test_beta_zero_gives_plain_grpo_advantages(tiny_dir, tmp_path):
     plain = _batch(trainer(tiny_dir, tmp_path / "p", cls=GRPOTrainer))
-    zero = _batch(trainer(tiny_dir, tmp_path / "z", flow=FlowConfig(reward=RewardShapingConfig(beta=0.0), update=False)))  # fmt: skip
-    flow = _batch(trainer(tiny_dir, tmp_path / "f", flow=FlowConfig(update=False)))
+    zero = _batch(trainer(tiny_dir, tmp_path / "z", flow_beta=0.0, flow_update=False))
+    flow = _batch(trainer(tiny_dir, tmp_path / "f", flow_update=False))
     assert torch.equal(plain["completion_ids"], zero["completion_ids"])  # the same batch
     mask = plain["completion_mask"].bool()
     expanded = plain["advantages"][:, None].expand(mask.shape)
@@ -151,6 +154,7 @@ def test_beta_zero_gives_plain_grpo_advantages(tiny_dir, tmp_path):
 def test_token_rewards_equal_rlfr_trainers_for_the_same_latents(tiny_dir, tmp_path):
     from accelerate import Accelerator
 
+    from rlfr.flow.learner import FlowLearner
     from rlfr.policy.latents import LatentTap
     from rlfr.policy.rollout import Rollout
     from rlfr.rl import step
@@ -158,8 +162,8 @@ def test_token_rewards_equal_rlfr_trainers_for_the_same_latents(tiny_dir, tmp_pa
     from rlfr.runtime.metrics import Accum
     from rlfr.schema import PolicyConfig, TrainConfig
 
-    f = FlowConfig(update=False, reward=RewardShapingConfig(beta=0.05, eta=0.3, top_k=3))
-    t = trainer(tiny_dir, tmp_path, flow=f, cls=RLFRGRPOTrainer)
+    t = trainer(tiny_dir, tmp_path, flow_update=False, flow_beta=0.05, flow_eta=0.3, flow_top_k=3)
+    f = t.flow.cfg
     out = _batch(trainer(tiny_dir, tmp_path / "p", cls=GRPOTrainer))  # TRL's batch with (B,) advantages
     correct = torch.tensor([True, False, False, True])
     torch.manual_seed(7)  # the flow scores draw noise
@@ -176,7 +180,7 @@ def test_token_rewards_equal_rlfr_trainers_for_the_same_latents(tiny_dir, tmp_pa
     cfg = TrainConfig(flow=f, policy=PolicyConfig(micro_batch_size=BATCH))
     c = step.Components(
         cfg=cfg, acc=Accelerator(cpu=True), policy=t.model, tokenizer=None, policy_opt=None, policy_sched=None,
-        reward=None, flow=step.FlowPart(field=t.flow_field, opt=None, sched=None, tap=tap, norm=t.flow_norm),
+        reward=None, flow=FlowLearner(f, t.flow.bundle(), tap),  # the same field and latent statistics
     )  # fmt: skip
     batch = step.Batch(ro, torch.zeros(BATCH), correct, out["advantages"])
     with torch.no_grad():
@@ -199,38 +203,33 @@ def _flow_and_policy(ckpt: Path) -> dict:
 
 
 def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tiny_dir, tmp_path):
-    save, f = dict(save_strategy="steps", save_steps=1), FlowConfig(soft_flow=1.0)  # a flow step every step
-    full = trainer(tiny_dir, tmp_path / "full", flow=f, **save)
+    save = dict(save_strategy="steps", save_steps=1, flow_soft_flow=1.0)  # a flow step every step
+    full = trainer(tiny_dir, tmp_path / "full", **save)
     full.train()
     first, last = tmp_path / "full" / "checkpoint-1", tmp_path / "full" / "checkpoint-2"
     assert (first / "flow" / "latents.json").is_file() and (first / "flow_optim.pt").is_file()
-    resumed = trainer(tiny_dir, tmp_path / "resumed", flow=f, **save)
+    resumed = trainer(tiny_dir, tmp_path / "resumed", **save)
     resumed.train(resume_from_checkpoint=str(first))
-    assert resumed.flow_sched.last_epoch == 2  # one flow step restored, one taken
-    assert resumed.flow_opt.state_dict()["state"][0]["step"] == 2
+    assert resumed.flow.sched.last_epoch == 2  # one flow step restored, one taken
+    assert resumed.flow.opt.state_dict()["state"][0]["step"] == 2
     a, b = _flow_and_policy(last), _flow_and_policy(tmp_path / "resumed" / "checkpoint-2")
     assert a.keys() == b.keys() and not changed(a, b)
     assert changed(_flow_and_policy(first), a)  # step 2 did move them
 
     (first / "flow_optim.pt").unlink()
-    broken = trainer(tiny_dir, tmp_path / "broken", flow=f, **save)
+    broken = trainer(tiny_dir, tmp_path / "broken", **save)
     with pytest.raises(RuntimeError, match="flow_optim.pt cannot be read"):
         broken.train(resume_from_checkpoint=str(first))
 
 
 def test_a_trained_flow_directory_loads_as_flow_init(tiny_dir, tmp_path):
-    t = trainer(tiny_dir, tmp_path / "a", flow=FlowConfig(update=False), max_steps=1)
+    t = trainer(tiny_dir, tmp_path / "a", flow_update=False, max_steps=1)
     t.train()
     t.save_model(str(tmp_path / "final"))
-    again = trainer(tiny_dir, tmp_path / "b", flow=str(tmp_path / "final" / "flow"))
-    assert not changed(weights(t.flow_field), weights(again.flow_field))
-    assert torch.equal(again.flow_norm.mean, t.flow_norm.mean)
+    again = trainer(tiny_dir, tmp_path / "b", flow_init=str(tmp_path / "final" / "flow"))
+    assert not changed(weights(t.flow.module), weights(again.flow.module))
     with pytest.raises(ValueError, match="trained on other latents"):
-        trainer(
-            tiny_dir,
-            tmp_path / "c",
-            flow=replace(FlowConfig(), init=str(tmp_path / "final" / "flow"), shift=2),
-        )
+        trainer(tiny_dir, tmp_path / "c", flow_init=str(tmp_path / "final" / "flow"), flow_shift=2)
 
 
 # ------------------------------------------------------------------ refusals
@@ -249,23 +248,102 @@ def test_a_trained_flow_directory_loads_as_flow_init(tiny_dir, tmp_path):
 def test_losses_without_token_credit_are_refused_before_the_model_loads(tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
         RLFRGRPOTrainer(model=str(tmp_path / "not-loaded"), reward_funcs=[has_digit], args=grpo_args(tmp_path, **args),
-                        train_dataset=dataset(), correctness="has_digit")  # fmt: skip
+                        train_dataset=dataset())  # fmt: skip
 
 
 def test_other_settings_are_refused_with_the_fix(tiny_dir, tmp_path):
     with pytest.raises(
         ValueError, match=r"names no reward function; the names are \['has_digit', 'length'\]"
     ):
-        trainer(tiny_dir, tmp_path, flow=FlowConfig(), correctness="accuracy")
-    with pytest.raises(ValueError, match="actor_warmup_steps"):
-        trainer(tiny_dir, tmp_path, flow=FlowConfig(actor_warmup_steps=2))
+        trainer(tiny_dir, tmp_path, flow_correctness="accuracy")
+    with pytest.raises(ValueError, match="flow_correctness must name the reward function"):
+        trainer(tiny_dir, tmp_path, flow_correctness=None)
     # 4 blocks: fractions 0.25 and 0.3 both round to block 1, refused when the trainer is built
     with pytest.raises(ValueError, match=r"duplicate block indices \[1, 1\] for 4 blocks"):
-        trainer(tiny_dir, tmp_path, flow=FlowConfig(fractions=(0.25, 0.3)))
+        trainer(tiny_dir, tmp_path, flow_fractions=[0.25, 0.3])
+    # a bad flow option fails when the config is made, naming the key
+    with pytest.raises(ConfigError, match=r"RLFRGRPOConfig: modes\[0\]: 'token_after' is not one of"):
+        grpo_args(tmp_path, flow_modes=["token_after"])
+    with pytest.raises(
+        ConfigError, match=r"RLFRGRPOConfig: reward.beta must be >= 0, got -1.0 \(the field flow_"
+    ):
+        grpo_args(tmp_path, flow_beta=-1.0)
+    with pytest.raises(ConfigError, match=r"RLFRGRPOConfig: lr must be > 0 and finite, got nan"):
+        grpo_args(tmp_path, flow_lr=float("nan"))
+
+
+def test_flow_options_parse_from_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(RLFRGRPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--flow_beta", "0.02", "--flow_init", "DIR", "--flow_correctness",
+         "accuracy", "--flow_timesteps", "0.6", "0.8", "--no_flow_update", "--flow_latent_norm", "none"]
+    )  # fmt: skip
+    f = args.flow_config()
+    assert (args.flow_beta, f.reward.beta, f.init, args.flow_correctness) == (0.02, 0.02, "DIR", "accuracy")
+    assert f.reward.timesteps == (0.6, 0.8) and f.update is False and f.latent_norm == "none"
+    assert f.fractions == FlowConfig().fractions and f.reward.eta == FlowConfig().reward.eta  # the defaults
+    helps = {f.name: f.metadata.get("help", "") for f in fields(RLFRGRPOConfig)}
+    assert (
+        helps["flow_beta"].endswith("(rlfr train: flow.reward.beta)") and "r_k = -beta" in helps["flow_beta"]
+    )
+
+
+def test_the_deprecated_keywords_still_work(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with pytest.warns(DeprecationWarning, match="use args=RLFRGRPOConfig"):
+        t = RLFRGRPOTrainer(model, [has_digit, length], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
+                            flow=FlowConfig(soft_flow=0.5), correctness="length", correct_threshold=0.5)  # fmt: skip
+    assert (t.flow.cfg.soft_flow, t.correct_index, t.correct_threshold) == (0.5, 1, 0.5)
+    with pytest.raises(ValueError, match="actor_warmup_steps"), pytest.warns(DeprecationWarning):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
+                        flow=FlowConfig(actor_warmup_steps=2), correctness="has_digit")  # fmt: skip
+    with pytest.raises(TypeError, match="not also as the keywords"):
+        RLFRGRPOTrainer(
+            model, [has_digit], grpo_args(tmp_path), train_dataset=dataset(), correctness="has_digit"
+        )
+    with pytest.raises(TypeError, match="needs args=RLFRGRPOConfig"):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset())
 
 
 def test_only_the_tested_trl_versions_import():
-    check_trl_version("1.16.0")
-    for version in ("1.15.2", "1.17.0", "2.0.0"):
-        with pytest.raises(ImportError, match=r"tested with trl>=1.16,<1.17 .* pip install 'rlfr\[trl\]'"):
+    for version in ("1.14.0", "1.14.2", "1.16.0", "1.16.9"):
+        check_trl_version(version)
+    for version in ("1.13.2", "1.15.0", "1.15.1", "1.17.0", "2.0.0"):
+        with pytest.raises(
+            ImportError, match=r"tested with trl>=1.14,<1.17,!=1.15.\* .* pip install 'rlfr\[trl\]'"
+        ):
             check_trl_version(version)
+
+
+# ------------------------------------------------------------------ the example
+
+
+@pytest.mark.slow  # about 35 s on 2 shared cores: a fresh interpreter importing TRL, one step
+def test_the_example_script_trains_one_step_on_the_tiny_model(tiny_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "examples" / "trl_grpo_rlfr.py"), "--model", str(tiny_dir),
+           "--output_dir", str(tmp_path), "--max_steps", "1", "--use_cpu", "--bf16", "false",
+           "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+           "--num_generations", "2", "--num_problems", "8", "--report_to", "none", "--save_strategy", "no",
+           "--log_completions", "false", "--flow_soft_flow", "1.0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
+    assert (
+        len(rows) == 8
+        and rows[0]["prompt"][1]["role"] == "user"
+        and rows[0]["solution"].lstrip("-").isdigit()
+    )
+    flow = FlowConfig()  # the flow it saved is the one its RLFRGRPOConfig defaults describe
+    meta = json.loads((tmp_path / "flow" / "latents.json").read_text())
+    assert meta["fractions"] == list(flow.fractions) and meta["latent_norm"] == "standardize"
+    assert (tmp_path / "flow" / "flow.safetensors").is_file() and (tmp_path / "model.safetensors").is_file()

@@ -187,8 +187,8 @@ def test_packed_vl_logprobs_equal_unpadded_single_sample_forward(vl):
 def test_image_tokens_get_no_flow_reward(vl):
     from rlfr.flow import build_pairs, token_scores
     from rlfr.flow.field import FlowField
+    from rlfr.flow.shaping import shape_flow_rewards
     from rlfr.policy.latents import LatentTap
-    from rlfr.rl.shaping import shape_flow_rewards
 
     tok, model = vl
     ro = _rollout(vl)

@@ -1,6 +1,7 @@
 """The flow field and everything around it (RLFR_METHOD §2-§4, §6): the velocity network, flow-matching
-pairs and loss, velocity-deviation scores, latent standardisation, online updates, and the flow directory
-on disk (``store``: the only reader and writer)."""
+pairs and loss, velocity-deviation scores, their shaping into token rewards, latent standardisation, online
+updates, the flow directory on disk (``store``: the only reader and writer), and the learner that wires them
+during RL (``learner.FlowLearner``: ``rlfr train`` and the TRL bridge both use it)."""
 
 from rlfr.flow.deviation import TokenScores, token_scores, velocity_deviation
 from rlfr.flow.field import FlowField
@@ -15,6 +16,7 @@ from rlfr.flow.matching import (
     sample_timesteps,
 )
 from rlfr.flow.norm import LatentNorm
+from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
 from rlfr.flow.store import FlowBundle, FlowMeta, FlowMismatchError, build_flow, load_flow, save_flow
 
 __all__ = [
@@ -31,10 +33,12 @@ __all__ = [
     "flow_matching_loss",
     "flow_matching_loss_per_pair",
     "load_flow",
+    "minmax_normalize",
     "pair_counts",
     "per_sequence_mean",
     "sample_timesteps",
     "save_flow",
+    "shape_flow_rewards",
     "token_scores",
     "velocity_deviation",
 ]

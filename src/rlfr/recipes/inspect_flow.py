@@ -14,7 +14,7 @@ scores each response token with ``rlfr.flow.token_scores`` and writes ``OUT/insp
 Token rewards. ``--reward dense`` (default) colours every scored token by -beta * (2x - 1), x = the
 per-sequence min-max normalised deviation: the bilateral reward before the eta threshold and top-k, so
 every token's position relative to the flow is visible. ``--reward shaped`` uses exactly the run's
-shaping (``rlfr.rl.shaping.shape_flow_rewards``: sparse, and never positive unless bilateral). Shaping
+shaping (``rlfr.flow.shaping.shape_flow_rewards``: sparse, and never positive unless bilateral). Shaping
 parameters and rewarding timesteps come from the checkpoint's config (defaults with ``--model/--flow``).
 
 Sequence score: mean deviation over a rollout's scored tokens. The AUROC is the probability that a
@@ -34,6 +34,7 @@ from rlfr.data.sources import GENERATED_SETS, load_source
 from rlfr.data.templates import example_prompt
 from rlfr.eval.results import FlowTokenStats, InspectResult
 from rlfr.flow import token_scores
+from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
 from rlfr.flow.store import check_meta, load_flow, meta_for
 from rlfr.policy.forward import model_inputs
 from rlfr.policy.latents import LatentTap
@@ -41,7 +42,6 @@ from rlfr.policy.loading import load_model, load_tokenizer
 from rlfr.policy.rollout import generate
 from rlfr.policy.vision import images_of
 from rlfr.reward.verifier import Verifier
-from rlfr.rl.shaping import minmax_normalize, shape_flow_rewards
 from rlfr.runtime import checkpoint as ckpt_io
 from rlfr.runtime.env import inference_device, seed_everything
 from rlfr.schema import DataConfig, RewardShapingConfig

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from rlfr.data.sources import data_fingerprints, render_prompts, resolve_data
 from rlfr.errors import ConfigError, Interrupted, NonFiniteError
 from rlfr.eval.plots import plot_metrics
 from rlfr.eval.scoring import evaluate
-from rlfr.flow.store import FlowBundle, build_flow, load_flow, meta_for
+from rlfr.flow.learner import FlowLearner
+from rlfr.flow.store import build_flow
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import base_model_path, enable_gradient_checkpointing, load_model, load_tokenizer
 from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
@@ -31,12 +33,12 @@ from rlfr.policy.vision import ImageTextProcessor, freeze_vision_tower, is_visio
 from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
 from rlfr.reward.functions import OutcomeReward
 from rlfr.reward.verifier import Verifier
-from rlfr.rl.step import Components, FlowPart, paused, rl_step
+from rlfr.rl.step import Components, paused, rl_step
 from rlfr.runtime import checkpoint as ckpt_io
 from rlfr.runtime import sharding
 from rlfr.runtime.env import flow_autocast, make_accelerator, seed_everything, set_tf32
 from rlfr.runtime.metrics import MetricsLogger, flat_config, format_step, read_metrics
-from rlfr.runtime.optim import build_optimizer
+from rlfr.runtime.optim import build_optimizer, optimizer_step
 from rlfr.runtime.rundir import RunLock, StopOnSignal, claim, holds_run
 from rlfr.runtime.stream import EpochStream, shard
 from rlfr.schema import RESUMABLE_KEYS, FlowConfig, TrainConfig, resume_changes
@@ -127,8 +129,12 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
             f.min_lr_ratio,
         )  # fmt: skip
         field_, flow_opt = sharding.prepare_replicated(acc, bundle.field, flow_opt)  # never sharded
-        flow = FlowPart(field=field_, opt=flow_opt, sched=flow_sched, tap=tap, norm=bundle.norm,
-                        autocast_dtype=flow_autocast(f.precision, acc.device))  # fmt: skip
+        bundle.field = acc.unwrap_model(field_)  # moved to the device by prepare
+        flow = FlowLearner(
+            f, bundle, tap, field=field_, reduce=acc.reduce, backward=acc.backward,
+            optimizer_step=partial(optimizer_step, acc), autocast_dtype=flow_autocast(f.precision, acc.device),
+        )  # fmt: skip
+        flow.attach_optimizer(flow_opt, flow_sched)
     sampler = rollout_sampler(cfg, acc, tok, acc.unwrap_model(policy))
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
     verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
@@ -159,13 +165,6 @@ def rollout_sampler(cfg: TrainConfig, acc, tok, policy) -> Sampler:
     return build_sampler(r.engine, tok, model=policy, device=acc.device, batch_size=r.batch_size, **vllm)
 
 
-def flow_bundle(c: Components) -> FlowBundle:
-    f = c.cfg.flow
-    policy = c.acc.unwrap_model(c.policy)
-    meta = meta_for(policy, f.fractions, f.modes, f.shift, f.latent_norm)
-    return FlowBundle(c.acc.unwrap_model(c.flow.field), meta, c.flow.norm)
-
-
 def save(c: Components, step: int, data: RunData) -> Path:
     for name, module in (("policy", c.policy), ("flow", c.flow.field if c.flow is not None else None)):
         if module is not None and not sharding.all_finite(c.acc, module):
@@ -179,10 +178,10 @@ def save(c: Components, step: int, data: RunData) -> Path:
         "policy_sched": c.policy_sched.state_dict(),
     }
     if c.flow is not None:
-        optim |= {"flow": c.flow.opt.state_dict(), "flow_sched": c.flow.sched.state_dict()}
+        optim |= c.flow.optimizer_state()
     return ckpt_io.save_checkpoint(
         c.cfg.out_dir, step, c.acc, c.acc.unwrap_model(c.policy), c.tokenizer,
-        flow=flow_bundle(c) if c.flow is not None else None, optim_state=optim,
+        flow=c.flow.bundle() if c.flow is not None else None, optim_state=optim,
         extra={"config": to_dict(c.cfg), "nonfinite_skipped": c.nonfinite_skipped, "data_sha256": data.fingerprints},
         keep=c.cfg.keep_checkpoints,
         policy_state=sharding.full_state_dict(c.acc, c.policy, trainable_only=is_lora(c.policy)),
@@ -196,16 +195,8 @@ def restore(c: Components, path: Path) -> int:
     optim = ckpt_io.load_optim_state(path)
     sharding.load_optimizer_state(c.acc, c.policy, c.policy_opt, optim["policy"])
     c.policy_sched.load_state_dict(optim["policy_sched"])
-    if c.flow is not None:
-        f = c.cfg.flow
-        # the same checks as a fresh run's flow.init: a checkpoint's flow must model this run's latents
-        bundle = load_flow(
-            ckpt_io.flow_dir(path), meta_for(policy, f.fractions, f.modes, f.shift, f.latent_norm)
-        )
-        c.acc.unwrap_model(c.flow.field).load_state_dict(bundle.field.state_dict())
-        c.flow.norm = bundle.norm
-        c.flow.opt.load_state_dict(optim["flow"])
-        c.flow.sched.load_state_dict(optim["flow_sched"])
+    if c.flow is not None:  # checked as a fresh run's flow.init: it must model this run's latents
+        c.flow.load(ckpt_io.flow_dir(path), optim)
     ckpt_io.load_rng(path, c.acc.process_index)
     state = ckpt_io.load_state(path)
     c.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

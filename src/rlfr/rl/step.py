@@ -5,9 +5,10 @@ outcome advantages (-> accuracy filter) -> update -> log. The update, per micro-
 log-probs, entropies and (through the tap) latents -> flow scores -> shaped flow rewards -> token advantages
 -> PPO loss -> backward -> flow-matching loss on the detached latents of rollouts that pass the check ->
 backward; then the optimizer steps. Every long-lived object is in ``Components`` (built by
-``rlfr.recipes.train``); everything of one step is a local passed explicitly. The flow parts
-(``shaped_flow_rewards``, ``online_flow_backward``, ``flow_weight``) take tensors and the ``FlowConfig``
-rather than ``Components``, so the TRL bridge (``rlfr.integrations.trl``) runs this very code.
+``rlfr.recipes.train``); everything of one step is a local passed explicitly. Everything about the flow
+(latents, their statistics, scores, shaped rewards, the online update and its optimizer) is the
+``rlfr.flow.learner.FlowLearner`` in ``Components.flow``, which the TRL bridge (``rlfr.integrations.trl``)
+runs too; this module only says when.
 
 When each rollout batch is used once (``ppo_epochs = minibatches = 1``) the rollout policy *is* the current
 policy, so the old log-probs are the current ones detached and no extra forward is needed; otherwise a
@@ -22,7 +23,7 @@ reweights the loss by their truncated ratio).
 
 Departures from the authors' code (RLFR_METHOD §8): the flow loss runs outside the hooks under autograd, so
 online flow updates really train the flow (also under gradient checkpointing), on detached latents (no
-gradient reaches the policy); rewards are binary by default.
+gradient reaches the policy; ``rlfr.flow.learner``); rewards are binary by default.
 """
 
 from __future__ import annotations
@@ -36,34 +37,18 @@ import torch
 from torch import nn
 
 from rlfr.errors import NonFiniteError
-from rlfr.flow import LatentNorm, build_pairs, pair_counts, per_sequence_mean, token_scores
-from rlfr.flow.online import above_quantile, online_flow_loss, rollout_weights
+from rlfr.flow.learner import FlowLearner
 from rlfr.policy.forward import policy_forward
-from rlfr.policy.latents import LatentTap
 from rlfr.policy.rollout import Rollout
 from rlfr.policy.sampler import Sampler, SamplingParams
 from rlfr.policy.vision import images_of
 from rlfr.reward.functions import OutcomeReward
 from rlfr.rl.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
 from rlfr.rl.losses import kl_penalty, policy_loss, truncated_is_weights
-from rlfr.rl.shaping import shape_flow_rewards
 from rlfr.runtime.metrics import Accum, reduce_stats
 from rlfr.runtime.optim import optimizer_step
 from rlfr.runtime.sharding import root_gathered
-from rlfr.schema import FlowConfig, TrainConfig
-
-
-@dataclass
-class FlowPart:
-    """The flow of an RLFR run: the field (as prepared by accelerate), its optimizer, the latent statistics
-    (fitted at the first step for a fresh flow with ``latent_norm=standardize``) and the tap on the policy."""
-
-    field: nn.Module
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    tap: LatentTap
-    norm: LatentNorm | None = None
-    autocast_dtype: torch.dtype | None = None  # flow.precision resolved for the device (None = float32)
+from rlfr.schema import TrainConfig
 
 
 @dataclass
@@ -77,7 +62,7 @@ class Components:
     reward: OutcomeReward
     # the start model, for the KL (kl_coef > 0 or track_kl); with LoRA the policy with its adapters off
     ref: nn.Module | None = None
-    flow: FlowPart | None = None  # method rlfr only
+    flow: FlowLearner | None = None  # method rlfr only: the flow, its tap on the policy and its optimizer
     # rollout.engine's sampler (rlfr.policy.sampler.build_sampler); None only for components that never sample
     sampler: Sampler | None = None
     nonfinite_skipped: int = 0  # batches skipped for NaN / inf so far (policy.skip_nonfinite_batches)
@@ -120,7 +105,7 @@ def rl_step(
     reward_t = torch.tensor(reward, dtype=torch.float32, device=c.acc.device)
     correct_t = torch.tensor(correct, dtype=torch.bool, device=c.acc.device)
     t_verify = time.time()
-    if c.flow is not None and c.flow.norm is None and cfg.flow.latent_norm == "standardize":
+    if c.flow is not None and c.flow.needs_norm:
         fit_norm(c, ro)
     # 3. outcome advantages, group-normalised over the n samples of each prompt; the accuracy filter
     #    empties the response mask of groups without outcome signal
@@ -191,7 +176,7 @@ def update(c: Components, batch: Batch, step: int, log: Accum) -> None:
         c.nonfinite_skipped += 1
         c.policy_opt.zero_grad(set_to_none=True)
         if c.flow is not None:
-            c.flow.opt.zero_grad(set_to_none=True)
+            c.flow.zero_grad()
         log.add("update/skipped_nonfinite", 1.0)
         print(f"step {step + 1}: {quantity} is not finite; batch skipped "
               f"({c.nonfinite_skipped} of {c.cfg.policy.skip_nonfinite_batches} allowed)")  # fmt: skip
@@ -204,7 +189,7 @@ def _update(c: Components, batch: Batch, step: int, log: Accum) -> None:
         log.add("update/skipped", 1.0)  # step on zero gradients would still move the weights
         return
     hold_actor = step < c.cfg.flow.actor_warmup_steps
-    flow_total = flow_weight_total(c, batch)  # known before any forward: accumulation = full-batch mean
+    flow_total = flow_weight_total(c, batch)
     single_pass = p.ppo_epochs == 1 and p.minibatches == 1
     fixed = None if single_pass else score_pass(c, batch, flow_total, log)
     t_upd = time.time()
@@ -229,17 +214,8 @@ def _update(c: Components, batch: Batch, step: int, log: Accum) -> None:
                 log.add("policy/grad_norm", norm)
     log.add("time/update", time.time() - t_upd)
     log.add("policy/lr", c.policy_sched.get_last_lr()[0])
-    if c.flow is not None and c.cfg.flow.update:
-        # nothing passed the check anywhere (and soft_flow = 0): nothing to learn, and an AdamW step on zero
-        # gradients would still move the flow through momentum and weight decay
-        if float(c.acc.reduce(flow_total.to(c.acc.device), "sum")) > 0:
-            f = c.flow
-            log.add(
-                "flow/grad_norm",
-                optimizer_step(c.acc, f.field, f.opt, f.sched, p.max_grad_norm, "flow", step + 1),
-            )
-        else:
-            c.flow.opt.zero_grad(set_to_none=True)
+    if c.flow is not None:
+        c.flow.step(flow_total, p.max_grad_norm, step + 1, log)
 
 
 def micro_step(c, batch: Batch, rows, fixed: Fixed | None, flow_total, norms, hold_actor: bool, log: Accum):
@@ -327,107 +303,30 @@ def advantages(c, batch: Batch, rows, ro: Rollout, ent, logp, ref_logp, log: Acc
 
 
 def flow_rewards(c: Components, batch: Batch, rows, ro: Rollout, log: Accum) -> torch.Tensor:
-    """Score the latents of the latest forward against the flow and shape the scores: -> (b, T) rewards."""
+    """The flow rewards of the latest forward's latents: -> (b, T); the magnitude of their reward-to-go (the
+    flow's part of the token advantages) is logged as ``adv/flow_abs``."""
     mask = ro.response_mask
-    rewards = shaped_flow_rewards(
-        c.acc.unwrap_model(c.flow.field), latents(c, mask), c.flow.tap.layer_values, mask,
-        ro.attention_mask.bool(), correct=batch.correct[rows], f=c.cfg.flow, log=log,
-        autocast_dtype=c.flow.autocast_dtype,
-    )  # fmt: skip
-    log.put_rows("flow_reward", torch.as_tensor(rows), rewards.sum(1))  # read only for the sample tables
-    return rewards
-
-
-def shaped_flow_rewards(
-    field, lat, layer_values, mask, context_mask, *, correct, f: FlowConfig, log: Accum, autocast_dtype=None
-):  # fmt: skip
-    """Flow scores of b sequences' latents shaped into token rewards (RLFR §4), their statistics in ``log``.
-
-    lat: (L, b, T, d) (standardised when the flow is); layer_values: (L,); mask: (b, T) bool response tokens;
-    context_mask: (b, T) bool non-padding; correct: (b,) bool (labels of the flow-score AUROC) -> (b, T).
-    ``rlfr train`` and the TRL bridge (``rlfr.integrations.trl``) both score through here. No host sync:
-    statistics and non-finite flags stay on the device until the end of the step."""
-    log.flag_nonfinite("a latent (the output of a hooked block)", ~torch.isfinite(lat).all())
-    scores = token_scores(
-        field, lat, layer_values.to(mask.device), mask, f.modes, f.shift, f.reward.timesteps,
-        context_mask=context_mask, autocast_dtype=autocast_dtype,
-    )  # fmt: skip
-    r = f.reward
-    finite = torch.isfinite(scores.scores) | ~scores.valid
-    log.flag_nonfinite("a flow score", ~finite.all())
-    clean = torch.where(finite, scores.scores, 0.0)  # shaped without a host sync; NaN put back below
-    rewards = shape_flow_rewards(clean, scores.valid, r.beta, r.eta, r.top_k, r.bilateral, r.gamma,
-                                 check_finite=False)  # fmt: skip
-    # a non-finite score makes its row's rewards NaN, so the loss and the all-reduced gradients are NaN on
-    # every process and the optimizer step stops the run (naming the flow score, flagged first)
-    rewards = torch.where(finite.all(1, keepdim=True), rewards, torch.where(mask, torch.nan, 0.0))
+    rewards = c.flow.score(mask, ro.attention_mask.bool(), batch.correct[rows], log)
     n_tok = mask.sum().clamp(min=1)
-    n_valid = scores.valid.sum()
-    log.add("flow_reward/mean", rewards.sum() / n_tok)
-    log.add("flow_reward/nonzero_frac", (rewards != 0).sum() / n_tok)
-    log.add("flow_score/mean", (clean * scores.valid).sum() / n_valid.clamp(min=1), weight=n_valid)
     log.add("adv/flow_abs", reward_to_go(rewards, mask).abs().sum() / n_tok, weight=n_tok)
-    has = scores.valid.any(1)  # the sequence score: the mean deviation over its scored tokens
-    seq = (clean * scores.valid).sum(1) / scores.valid.sum(1).clamp(min=1)
-    log.add_samples("flow_score/auroc", -seq, correct, keep=has)
+    log.put_rows("flow_reward", torch.as_tensor(rows), rewards.sum(1))  # read only for the sample tables
     return rewards
 
 
 def flow_backward(c: Components, batch: Batch, rows, ro: Rollout, ent, flow_total, log: Accum) -> None:
     """Online flow update (rejection sampling, RLFR §6) on this micro-batch's detached latents."""
-    if c.flow is None or not c.cfg.flow.update:
-        return
-    online_flow_backward(
-        c.flow.field, latents(c, ro.response_mask), c.flow.tap.layer_values, ro.response_mask,
-        ro.attention_mask.bool(), entropy=ent, correct=batch.correct[rows], total=flow_total, f=c.cfg.flow,
-        log=log, backward=c.acc.backward, log_field=c.acc.unwrap_model(c.flow.field),
-        autocast_dtype=c.flow.autocast_dtype,
-    )  # fmt: skip
-
-
-def online_flow_backward(
-    field, lat, layer_values, mask, context_mask, *, entropy, correct, total, f: FlowConfig, log: Accum,
-    backward, log_field=None, autocast_dtype=None,
-) -> None:  # fmt: skip
-    """Back-propagate the online flow loss of b sequences (the rollouts that pass the check, weight 1; the
-    others ``soft_flow``) into ``field`` with ``backward(loss)``; per-correctness losses go to ``log``.
-
-    lat: (L, b, T, d) detached latents; mask, context_mask: (b, T) bool; entropy: (b, T) or None (needed with
-    ``entropy_quantile``); correct: (b,) bool; total: () the whole batch's weight (``flow_weight``)."""
-    t0 = time.time()
-    if f.entropy_quantile is not None:
-        mask = mask & above_quantile(entropy, mask, f.entropy_quantile)
-    pairs = build_pairs(lat, layer_values.to(mask.device), mask, f.modes, f.shift, context_mask=context_mask)
-    w = rollout_weights(correct, f.soft_flow)[pairs.batch_index]
-    log.total("flow/pairs", float(len(w)))  # a shape, no host sync; the FLOP floor of benchmarks/rl_step.py
-    log.add("flow/trained_pair_frac", (w > 0).float().sum() / max(len(w), 1), weight=len(w))
-    out = online_flow_loss(field, pairs, w, total, f.batch_mul, log_field, autocast_dtype)
-    log.flag_nonfinite("the online flow loss", ~torch.isfinite(out.loss))
-    backward(out.loss)
-    seq = per_sequence_mean(out.per_pair, pairs.batch_index, len(correct))
-    has = torch.bincount(pairs.batch_index, minlength=len(correct)) > 0
-    for name, sel in (("flow/loss_correct", correct & has), ("flow/loss_wrong", ~correct & has)):
-        n_sel = sel.sum()
-        log.add(name, (seq * sel).sum() / n_sel.clamp(min=1), weight=n_sel)
-    log.total("time/flow", time.time() - t0)
+    if c.flow is not None:
+        mask = ro.response_mask
+        c.flow.backward(mask, ro.attention_mask.bool(), batch.correct[rows], flow_total, log, entropy=ent)
 
 
 def flow_weight_total(c: Components, batch: Batch) -> torch.Tensor:
-    """The whole batch's flow-loss weight (``flow_weight``), known before any forward."""
+    """The whole batch's flow-loss weight (``FlowLearner.total_weight``), known before any forward, so the
+    micro-batch losses sum to the full-batch mean."""
     if c.flow is None:
         return torch.zeros(())
     ro = batch.rollout
-    return flow_weight(batch.correct, ro.response_mask, ro.attention_mask.bool(), c.cfg.flow)
-
-
-def flow_weight(correct, response_mask, context_mask, f: FlowConfig) -> torch.Tensor:
-    """Sum over rollouts of (1 if correct else soft_flow) x pair count: correct (B,), masks (B, T) -> ().
-
-    Known before any forward, so summing the micro-batch losses gives the full-batch weighted mean; it counts
-    all response pairs: with ``entropy_quantile`` the trained pairs are a subset and the loss is scaled down
-    by the same factor for every micro-batch."""
-    counts = pair_counts(response_mask, context_mask, f.modes, f.shift, len(f.fractions))
-    return (rollout_weights(correct, f.soft_flow) * counts).sum()
+    return c.flow.total_weight(batch.correct, ro.response_mask, ro.attention_mask.bool())
 
 
 def accuracy_filter(correct: torch.Tensor, n: int, cfg: TrainConfig, step: int) -> torch.Tensor | None:
@@ -457,24 +356,14 @@ def ref_forward(c: Components, ro: Rollout) -> torch.Tensor | None:
         return forward(c.ref, ro, need_entropy=False)[0]
 
 
-def latents(c: Components, mask: torch.Tensor) -> torch.Tensor:
-    """The tapped latents of the latest forward, standardised per layer when configured: (L, b, T, d)."""
-    lat = c.flow.tap.latents()
-    if c.cfg.flow.latent_norm == "none":
-        return lat
-    if c.flow.norm is None:
-        raise RuntimeError("latent_norm=standardize but no statistics: fit_norm() runs at the first step")
-    return c.flow.norm(lat)
-
-
 def fit_norm(c: Components, ro: Rollout) -> None:
     """Latent statistics of a flow trained from scratch during RL: the first micro-batch of the first
     rollouts (before any filtering), averaged over processes so that every rank uses the same."""
     first = ro.select(torch.arange(min(len(ro.completions), c.cfg.policy.micro_batch_size)))
     with torch.no_grad():
         forward(c.policy, first, need_entropy=False)
-    fitted = LatentNorm.fit(c.flow.tap.latents(), first.response_mask)
-    c.flow.norm = LatentNorm(c.acc.reduce(fitted.mean, "mean"), c.acc.reduce(fitted.std, "mean"))
+    if not c.flow.fit_norm(first.response_mask):
+        raise RuntimeError("the first rollouts hold no response token to fit the latent statistics on")
 
 
 @contextlib.contextmanager
