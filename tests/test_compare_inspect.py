@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
 from rlfr.cli import main
-from rlfr.eval.stats import TOKEN_CLASSES
+from rlfr.errors import RlfrError
+from rlfr.eval.results import CompareResult, InspectResult, ModelEval
 from rlfr.recipes import compare
 from rlfr.recipes.inspect_flow import compute_stats, render_html
+from rlfr.stats import TOKEN_CLASSES
 from tiny_run import make_tiny_model_dir
 
 TINY = [
@@ -175,23 +178,19 @@ def test_inspect_stats_and_html_escaping_without_a_model():
     ]
     stats = compute_stats(rollouts, "dense", min_count=1)
     # -deviation: correct -1, -3 vs wrong -2 -> pairs (win, loss) -> AUROC 0.5
-    assert stats["auroc"] == 0.5 and stats["scored_tokens"] == 4 and stats["accuracy"] == pytest.approx(2 / 3)
-    stats |= {
-        "policy": "<pol>",
-        "flow": "f",
-        "latents": {"modes": ["<m>"]},
-        "shaping": {"beta": 0.01},
-        "reward": "dense",
-    }
-    page = render_html(rollouts, stats)
+    assert stats.auroc == 0.5 and stats.scored_tokens == 4 and stats.accuracy == pytest.approx(2 / 3)
+
+    def inspected(stats, policy="p", latents=None):
+        return InspectResult(stats=stats, policy=policy, flow="f", latents=latents or {}, shaping={"beta": 0.01},
+                             reward="dense", template="chat", data="d", n_prompts=1, num_generations=3,
+                             temperature=1.0)  # fmt: skip
+
+    page = render_html(rollouts, inspected(stats, "<pol>", {"modes": ["<m>"]}))
     assert evil not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "<code><b></code>" not in page and "<code>&lt;b&gt;</code>" in page
     assert "&lt;pol&gt;" in page and "http" not in page
     one_class = compute_stats(rollouts[:1], "dense", min_count=1)
-    assert one_class["auroc"] is None and "n/a" in render_html(
-        rollouts[:1],
-        one_class | {"policy": "p", "flow": "f", "latents": {}, "shaping": {"beta": 0.01}, "reward": "dense"},
-    )
+    assert one_class.auroc is None and "n/a" in render_html(rollouts[:1], inspected(one_class))
 
 
 def test_compare_configs_report_and_curves(tmp_path):
@@ -224,7 +223,7 @@ def test_compare_configs_report_and_curves(tmp_path):
         "budget": {"steps": 3},
         "methods": {"base": {"seeds": {"0": 0.25, "1": 0.75}}, "rlvr": {"seeds": {"0": 0.5, "1": 0.5}}},
     }
-    md = compare.render_report(results)
+    md = compare.render_report(CompareResult.from_dict(results))  # the layout of earlier versions
     assert "| base | 50.0 ± 35.4 | 25.0 | 75.0 |" in md and "| rlvr | 50.0 ± 0.0 | 50.0 | 50.0 |" in md
     assert "rlfr compare --start m --flow flowdir" in md and "- steps: 3" in md
     assert md.startswith("# base vs rlvr (2 seeds)\n")
@@ -353,7 +352,7 @@ def test_cached_eval_from_an_older_version_is_reused(tmp_path):
     old_model_cfg = {k: v for k, v in to_dict(cfg.model).items() if k != "lora"}
     path = tmp_path / "eval_x.json"
     path.write_text(json.dumps({"config": key | {"model_cfg": old_model_cfg}, "greedy": [1]}))
-    assert compare.evaluate_model("/nonexistent", cfg, examples, 0, path, None)["greedy"] == [1]
+    assert compare.evaluate_model("/nonexistent", cfg, examples, 0, path, None).greedy == [1]
     path.write_text(json.dumps({"config": key | {"model_cfg": old_model_cfg | {"dtype": "bfloat16"}}}))
     with pytest.raises(Exception, match="nonexistent"):
         compare.evaluate_model("/nonexistent", cfg, examples, 0, path, None)
@@ -473,9 +472,9 @@ def test_evaluate_model_resumes_an_interrupted_evaluation(tiny_dir, tmp_path):
     rerun_v = ParityVerifier()
     res = compare.evaluate_model(str(tiny_dir), cfg, examples, 2, path, rerun_v, clock=_clock(50.0, 52.0))
     assert rerun_v.calls == 1  # the greedy part was not redone
-    assert (res["greedy"], res["sampled"]) == (whole["greedy"], whole["sampled"])
-    assert res["seconds"] == 3.0 + 2.0  # the interrupted attempt's time added to the rerun's
-    assert not (tmp_path / "eval_x.partial.json").exists() and json.loads(path.read_text()) == res
+    assert (res.greedy, res.sampled) == (whole.greedy, whole.sampled)
+    assert res.seconds == 3.0 + 2.0  # the interrupted attempt's time added to the rerun's
+    assert not (tmp_path / "eval_x.partial.json").exists() and json.loads(path.read_text()) == res.to_dict()
 
 
 def test_eval_progress_keeps_a_fast_attempts_time(tmp_path):
@@ -492,7 +491,7 @@ def test_seed_by_seed_table_by_hand():
     """The report's seed table: per-seed differences, their t interval, and how many seeds are ahead."""
     from helpers import SEED_ARMS_A as a
     from helpers import SEED_ARMS_B as b
-    from rlfr.eval.stats import compare_arms
+    from rlfr.stats import compare_arms
 
     lines = compare.render_seed_table({"rlfr - rlvr": compare_arms(a, b, samples=2)}, k=2)
     assert (
@@ -545,3 +544,52 @@ def test_arm_pairs_put_rlfr_against_rlvr_and_the_entropy_control():
     assert compare.arm_pairs({"rlfr": specs["rlfr"], "frozen": specs["frozen"]}) == [
         ("frozen", "rlfr"), ("rlfr", "base"), ("frozen", "base"),
     ]  # fmt: skip
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+@pytest.mark.parametrize(
+    "path", sorted(RESULTS.rglob("results.json")), ids=lambda p: str(p.relative_to(RESULTS))
+)
+def test_saved_compare_results_read_back_unchanged(path):
+    """Every ``results.json`` of ``rlfr compare`` in docs/results, the layout before eval sets (compare/) and the
+    current one (study/), reads into ``CompareResult`` and writes back the same JSON, key order included."""
+    saved = json.loads(path.read_text())
+    result = CompareResult.from_dict(saved, str(path))
+    assert json.dumps(result.to_dict(), indent=2) == json.dumps(saved, indent=2)
+    assert (result.arms is None) == ("arms" not in saved) and result.seeds == saved["seeds"]
+
+
+@pytest.mark.parametrize("study", ["study", "study/token_pre_seeds"])
+def test_saved_study_report_renders_from_the_typed_result(study):
+    """The report of a saved study, rendered again from its results.json, is the report.md stored with it."""
+    d = RESULTS / study
+    result = CompareResult.from_dict(json.loads((d / "results.json").read_text()))
+    assert compare.render_report(result) == (d / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(RESULTS.rglob("stats.json")), ids=lambda p: str(p.relative_to(RESULTS))
+)
+def test_saved_inspect_stats_read_back_unchanged(path):
+    saved = json.loads(path.read_text())
+    result = InspectResult.from_dict(saved, str(path))
+    assert json.dumps(result.to_dict(), indent=2) == json.dumps(saved, indent=2)
+    assert result.stats.auroc == saved["auroc"] and result.latents == saved["latents"]
+
+
+def test_results_with_a_missing_or_unknown_key_are_refused():
+    old = {"command": "c", "start": "m", "flow": None, "seeds": [0], "budget": {}, "methods": {}}
+    assert CompareResult.from_dict(old).to_dict() == old  # flow None stays; absent optional keys stay absent
+    with pytest.raises(RlfrError, match=r"x.json is not a CompareResult file: missing keys \['budget'\], unknown "
+                                         r"keys \['extra'\]"):  # fmt: skip
+        CompareResult.from_dict({k: v for k, v in old.items() if k != "budget"} | {"extra": 1}, "x.json")
+    with pytest.raises(RlfrError, match="stats.json: expected a JSON object"):
+        InspectResult.from_dict([1], "stats.json")
+    ev = ModelEval.from_dict({"config": {"model": "m"}, "greedy": [1, 0]})
+    assert (
+        ev.seconds is None
+        and ev.sampled is None
+        and ev.to_dict() == {"config": {"model": "m"}, "greedy": [1, 0]}
+    )

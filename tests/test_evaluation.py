@@ -12,8 +12,10 @@ import pytest
 from helpers import ParityVerifier
 from rlfr.cli import main
 from rlfr.data import Example
+from rlfr.eval.results import EvaluateResult
 from rlfr.eval.scoring import Completions, evaluate, score_completions
-from rlfr.eval.stats import (
+from rlfr.reward.verifier import Verifier
+from rlfr.stats import (
     TOKEN_CLASSES,
     auroc,
     avg_at_k,
@@ -24,7 +26,6 @@ from rlfr.eval.stats import (
     token_class,
     token_reward_stats,
 )
-from rlfr.reward.verifier import Verifier
 from tiny_run import make_tiny_model_dir
 
 
@@ -195,6 +196,19 @@ def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
     res = json.loads((out / "results.json").read_text())
     entry = res["datasets"]["tiny"]
     assert res["greedy"] and entry["n"] == 3 and entry["samples"] == 1 and 0 <= entry["pass@1"] <= 1
+    # the file's keys, in order, as every version wrote them; the typed result reads it back unchanged
+    assert list(res) == ["model", "backend", "template", "greedy", "samples", "temperature", "top_p",
+                         "max_new_tokens", "seed", "datasets"]  # fmt: skip
+    assert list(entry) == [
+        "data",
+        "n",
+        "samples",
+        "mean_response_tokens",
+        "seconds",
+        "samples_file",
+        "pass@1",
+    ]
+    assert EvaluateResult.from_dict(res).to_dict() == res and res["temperature"] is None
     rows = _rows(out / entry["samples_file"])
     assert [r["index"] for r in rows] == [0, 1, 2] and [r["answer"] for r in rows] == ["2", "5", "8"]
     assert "What is 2+3?" in rows[1]["prompt"]
@@ -248,8 +262,11 @@ def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["datasets"]) == {"tiny", "embedded"} and not res["greedy"]
+    typed = EvaluateResult.from_dict(res)
+    assert typed.to_dict() == res and typed.datasets["tiny"].avg == res["datasets"]["tiny"]["avg@4"]
     for entry in res["datasets"].values():
         assert entry["n"] == 2 and set(entry["pass@k"]) == {"1", "2", "4"} and "avg@4" in entry
+        assert list(entry)[-2:] == ["avg@4", "pass@k"] and "pass@1" not in entry
         assert entry["pass@k"]["1"] == pytest.approx(entry["avg@4"])
         rows = _rows(out / entry["samples_file"])
         assert len(rows) == 8 and [r["sample"] for r in rows] == [0, 1, 2, 3] * 2

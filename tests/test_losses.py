@@ -5,13 +5,8 @@ import math
 import pytest
 import torch
 
-from rlfr.rl.losses import (
-    entropy_from_logits,
-    kl_penalty,
-    logprobs_from_logits,
-    policy_loss,
-    truncated_is_weights,
-)
+from rlfr.policy.forward import entropy_from_logits, logprobs_from_logits
+from rlfr.rl.losses import kl_penalty, policy_loss, truncated_is_weights
 
 T = True
 F = False

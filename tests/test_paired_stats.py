@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rlfr.eval.stats import compare_arms, mcnemar, paired_bootstrap, seed_interval, t_quantile
+from rlfr.stats import compare_arms, mcnemar, paired_bootstrap, seed_interval, t_quantile
 
 
 def test_mcnemar_hand_worked():

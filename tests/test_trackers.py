@@ -12,8 +12,8 @@ import time
 import pytest
 from accelerate.tracking import GeneralTracker
 
+from rlfr import capabilities
 from rlfr.config import ConfigError, load_config
-from rlfr.runtime import metrics as metrics_mod
 from rlfr.runtime.metrics import MetricsLogger, read_metrics
 from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
 from tiny_run import make_tiny_model_dir, tiny_train_config
@@ -105,7 +105,7 @@ def test_resume_cuts_the_log_and_purges_tensorboard_after_the_checkpoint(tmp_pat
 
 
 def test_a_missing_tracker_package_is_a_config_error_naming_the_extra(monkeypatch):
-    monkeypatch.setitem(metrics_mod.TRACKER_PACKAGES, "mlflow", ("no_such_module_rlfr", "mlflow"))
+    monkeypatch.setitem(capabilities.TRACKER_PACKAGES, "mlflow", ("no_such_module_rlfr", "mlflow"))
     for cls in (TrainConfig, SFTConfig, FlowPretrainConfig):
         with pytest.raises(ConfigError, match=r"report_to=mlflow needs .* pip install 'rlfr\[mlflow\]'"):
             load_config(cls, overrides=["report_to=[tensorboard,mlflow]"])

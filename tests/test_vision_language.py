@@ -177,7 +177,7 @@ def test_packed_vl_logprobs_equal_unpadded_single_sample_forward(vl):
             input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids(ro.attention_mask),
             use_cache=False, **extra,
         ).logits  # fmt: skip
-    from rlfr.rl.losses import logprobs_from_logits
+    from rlfr.policy.forward import logprobs_from_logits
 
     wrong = logprobs_from_logits(flat[:, :-1], ro.input_ids[:, 1:])
     m = ro.response_mask[:, 1:]

@@ -8,6 +8,9 @@ Subcommands are thin: each recipe module (``rlfr.recipes.*``) exposes ``add_argu
 Errors: anything rlfr raises on purpose (``rlfr.errors``), and the usual bad-input errors of the standard
 library, are printed as one line naming the file, key or step, with exit status 2; ``--debug`` shows the
 traceback instead. A run stopped by SIGTERM / Ctrl-C after writing its checkpoint exits with 75 (resumable).
+
+Only the chosen command's recipe module is imported (and with it torch, transformers, ...): ``rlfr --help``
+imports no recipe, ``rlfr train --help`` only ``rlfr.recipes.train``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import importlib
 import logging
 import sys
+
+from rlfr.errors import EXIT_ERROR, EXIT_RESUMABLE, Interrupted, RlfrError
 
 _COMMANDS = {
     "demo": ("rlfr.recipes.demo", "the whole pipeline on the embedded model and task (the main job)"),
@@ -34,6 +39,8 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)  # the options before it take no value
     parser = argparse.ArgumentParser(
         prog="rlfr", description="RL for language models with flow rewards (RLFR)"
     )
@@ -44,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     modules = {}
     for name, (mod, help_text) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        if name != chosen:
+            continue
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -69,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command not in modules:
         parser.error(f"'{args.command}' is not available in this installation")
-    from rlfr.errors import EXIT_ERROR, EXIT_RESUMABLE, Interrupted, RlfrError
-
     try:
         return int(modules[args.command].run(args) or 0)
     except Interrupted as e:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlfr.config import ConfigError, field_
+from rlfr.capabilities import check_trackers, sleep_mode_unavailable
+from rlfr.config import ConfigError, field_, from_dict, to_dict
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Mode = Literal["token_post", "token_pre", "identity"]
 Template = Literal["chat", "qwen_math_box", "llama_box", "r1"]
-# experiment trackers (accelerate's tracker classes); rlfr.runtime.metrics.check_trackers names the pip extra
+# experiment trackers (accelerate's tracker classes); rlfr.capabilities.check_trackers names the pip extra
 Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml"]
 REPORT_TO_HELP = (
     "experiment trackers to log to (tensorboard, wandb, trackio, mlflow, comet_ml; [] = none; the run's metrics "
@@ -26,8 +27,6 @@ REPORT_TO_HELP = (
 
 def check_report_to(report_to: tuple[str, ...]) -> None:
     """Refuse a tracker whose package is missing at load time, naming the pip extra (not after model loading)."""
-    from rlfr.runtime.metrics import check_trackers
-
     check_trackers(report_to)
 
 
@@ -362,8 +361,6 @@ class TrainConfig:
         if self.method == "rlfr" and self.flow.reward.beta == 0:
             raise ConfigError("method=rlfr with flow.reward.beta=0 is RLVR; use method=rlvr")
         if self.rollout.vllm_sleep:
-            from rlfr.policy.vllm_engine import sleep_mode_unavailable
-
             reason = "cpu=true is set" if self.cpu else sleep_mode_unavailable()
             if reason is not None:
                 raise ConfigError(f"rollout.vllm_sleep=true: vLLM's sleep mode needs a CUDA GPU ({reason})")
@@ -447,8 +444,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def normalized(saved: dict) -> dict:
     """A saved ``TrainConfig`` dict as this version reads it: keys added since then take their defaults, so
     that a new field does not count as a change. (A key this version no longer knows stays as saved.)"""
-    from rlfr.config import from_dict, to_dict
-
     try:
         return to_dict(from_dict(TrainConfig, saved))
     except ConfigError:

@@ -21,6 +21,7 @@ Contract
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -157,7 +158,7 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
                 f"{list(_DATASET_MARKERS)}); give a .jsonl, .json, .csv or .parquet file"
             )
         try:
-            import datasets
+            import datasets  # lazy: optional (rlfr[data]); only a saved dataset directory needs it
         except ImportError as e:
             raise DataError(f"{path}: loading a saved dataset needs `pip install datasets`") from e
         ds = datasets.load_from_disk(str(path))
@@ -189,13 +190,11 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
         yield from _json_items(path, _text(path))
     elif suffix in (".csv", ".parquet"):
         try:
-            import pandas as pd
+            import pandas as pd  # lazy: optional (rlfr[data]); only .csv / .parquet files need it
         except ImportError as e:
             raise DataError(f"{path}: loading {suffix} needs `pip install pandas pyarrow`") from e
         if suffix == ".csv":
             # Everything as text and no NaN guessing, so "007" stays "007" and an empty cell is "".
-            import io
-
             df = pd.read_csv(io.StringIO(_text(path)), dtype=str, keep_default_na=False)
             offset = 1  # the header is line 1
         else:

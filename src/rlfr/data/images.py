@@ -24,21 +24,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from rlfr.errors import DataError
 
 IMAGE_FIELDS = ("images", "image")  # the columns data.image_field=auto looks for, in this order
 
 
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - Pillow is a dependency
-        raise DataError("reading images needs Pillow: pip install pillow") from e
-    return Image
-
-
 def _open(data: bytes | Path, what: str):
-    Image = _pil()
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             return im.convert("RGB")  # decodes now: a truncated file fails here, not during training
@@ -50,7 +43,6 @@ def _open(data: bytes | Path, what: str):
 
 def read_image(value: Any, base_dir: Path):
     """One image (see the module docstring) -> an RGB ``PIL.Image.Image``."""
-    Image = _pil()
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if isinstance(value, (bytes, bytearray)):

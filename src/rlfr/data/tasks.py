@@ -117,7 +117,7 @@ def _gsm_example(row: dict, ex_id: str) -> Example | None:
 
 
 def _generate(gen: str, n: int, seed: int, exclude: set[str], split: str, config: dict) -> list[Example]:
-    import reasoning_gym
+    import reasoning_gym  # lazy: its import takes seconds; only the embedded task needs it
 
     if gen not in DEFAULT_CONFIGS:
         raise ValueError(f"unsupported generator {gen!r}; supported: {', '.join(DEFAULT_CONFIGS)}")

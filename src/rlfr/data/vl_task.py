@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import random
 
+from PIL import Image, ImageDraw, ImageFont
+
 from rlfr.data.examples import Example
 from rlfr.data.tasks import TaskSplits, _fmt, arithmetic_steps
 
@@ -34,8 +36,6 @@ _OPS = ("+", "-", "*")
 
 def render_problem(text: str, rng: random.Random):
     """An RGB image of ``text`` (black-ish on white, position jittered by ``rng``)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     img = Image.new("RGB", IMAGE_SIZE, "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=18) if hasattr(ImageFont, "load_default") else None

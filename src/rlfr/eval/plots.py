@@ -7,12 +7,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from rlfr.stats import format_diff
+
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: only a plot needs matplotlib, whose import takes seconds
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above, after the backend is chosen
 
     return plt
 
@@ -166,8 +168,6 @@ def plot_demo_accuracy(summary: dict, path: Path) -> None:
     ax.set_ylabel(f"held-out accuracy ({summary['eval_problems']} problems)")
     change = summary.get("rl_minus_sft")
     if change:
-        from rlfr.eval.stats import format_diff
-
         parts = [f"{label} {format_diff(change[kind])}"
                  for kind, label in (("greedy", "greedy"), ("sampled", f"avg@{summary['eval_samples']}"))
                  if kind in change]  # fmt: skip

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from rlfr.runtime.checkpoint import atomic_write_text
+
 
 class EvalProgress:
     def __init__(self, path: str | Path, key: dict, clock: Callable[[], float] = time.monotonic):
@@ -53,8 +55,6 @@ class EvalProgress:
 
     def save(self, settings: dict, state: dict) -> None:
         """Write ``state`` (JSON-able) atomically, with the key and ``settings``."""
-        from rlfr.runtime.checkpoint import atomic_write_text
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         head = {"key": self.key, "settings": settings, "seconds": self.seconds}
         atomic_write_text(self.path, json.dumps(head | state))

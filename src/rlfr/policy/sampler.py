@@ -26,45 +26,23 @@ one that samples the live policy (``TransformersSampler``) has nothing to do and
 
 Implementations: ``TransformersSampler`` (Hugging Face ``generate``, ``rollout.engine=hf``) and
 ``rlfr.policy.vllm_engine.VLLMEngine`` (``rollout.engine=vllm``); ``build_sampler`` picks one by name.
+``SamplingParams`` lives with ``Rollout`` in ``rlfr.policy.rollout`` (what goes in and what comes out of every
+sampler), so that an engine needs no import of this module, which builds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from rlfr.policy.rollout import Rollout, eos_ids, generate
+from rlfr.policy.rollout import Rollout, SamplingParams, eos_ids, generate
 from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, model_eos
 
 ENGINES = ("hf", "vllm")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample: one value per field, checked on creation."""
-
-    n: int = 1  # completions per prompt
-    max_new_tokens: int = 256  # response length limit (EOS included)
-    temperature: float = 1.0  # softmax temperature (> 0); unused when greedy
-    top_p: float = 1.0  # nucleus threshold in (0, 1]; unused when greedy
-    greedy: bool = False  # argmax decoding: no randomness, n identical copies
-    seed: int | None = None  # None: torch's global RNG; an int: reproducible, global RNG untouched
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingParams: n and max_new_tokens must be >= 1, got {self.n}, {self.max_new_tokens}"
-            )
-        if not self.greedy and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise ValueError(
-                f"SamplingParams: temperature must be > 0 and top_p in (0, 1] (got {self.temperature}, "
-                f"{self.top_p}); use greedy=True for argmax decoding"
-            )
 
 
 @runtime_checkable

@@ -224,7 +224,7 @@ def load_processor(
     path: str, tokenizer, config, min_pixels: int | None = None, max_pixels: int | None = None
 ):
     """The ``ImageTextProcessor`` of the vision-language model at ``path`` (config: its ``AutoConfig``)."""
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # lazy: its import takes seconds; only VL models need it
 
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     try:

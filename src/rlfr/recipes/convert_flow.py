@@ -28,8 +28,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from rlfr.errors import PickleRefusedError
+from rlfr.flow.field import FlowField
+from rlfr.flow.matching import MODES
+from rlfr.flow.store import FlowBundle, meta_for, rms_norm_eps, save_flow
+from rlfr.policy.loading import resolve_model_path
 
 _SEARCH = ("flow_model.bin", "flow.safetensors", "model.safetensors", "pytorch_model.bin")
 
@@ -44,8 +50,6 @@ def read_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], Path]:
     elif not src.is_file():
         raise FileNotFoundError(f"{src} does not exist")
     if src.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(src)), src
     if src.suffix not in (".bin", ".pt", ".pth"):
         raise ValueError(
@@ -102,13 +106,6 @@ def convert(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write an rlfr flow directory at ``out`` from the authors' weights at ``src`` (module docstring)."""
-    from transformers import AutoConfig
-
-    from rlfr.flow.field import FlowField
-    from rlfr.flow.matching import MODES
-    from rlfr.flow.store import FlowBundle, meta_for, rms_norm_eps, save_flow
-    from rlfr.policy.loading import resolve_model_path
-
     bad = [m for m in modes if m not in MODES]
     if bad or shift < 1:
         raise ValueError(f"modes must be in {list(MODES)} and shift >= 1, got {list(modes)}, {shift}")

@@ -30,7 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlfr.config import field_, from_dict, merge_dicts, parse_overrides, to_dict
+from rlfr.data.sources import resolve_data
+from rlfr.errors import ConfigError
+from rlfr.eval.plots import plot_demo_accuracy, plot_demo_pool, plot_flow_losses, plot_metrics
+from rlfr.eval.scoring import held_out_scores
+from rlfr.policy.loading import load_model, load_tokenizer
+from rlfr.recipes.flow_pretrain import run_flow_pretrain
+from rlfr.recipes.sft import run_sft
+from rlfr.recipes.train import run_train
+from rlfr.reward.verifier import Verifier
 from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
+from rlfr.stats import compare_arms, format_diff
 
 
 @dataclass(frozen=True)
@@ -118,11 +128,6 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
 def held_out(model_name: str, cfg: TrainConfig, samples: int):
     """Per-problem greedy and (``samples`` > 0) sampled results at temperature 1 (the RL sampler) on the
     held-out split: -> ``rlfr.eval.scoring.HeldOut``."""
-    from rlfr.data.sources import resolve_data
-    from rlfr.eval.scoring import held_out_scores
-    from rlfr.policy.loading import load_model, load_tokenizer
-    from rlfr.reward.verifier import Verifier
-
     _, evals = resolve_data(cfg.data)
     tok, model = load_tokenizer(model_name), load_model(model_name)
     with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as v:
@@ -135,7 +140,6 @@ def paired_change(after, before, samples: int) -> dict:
     """``after`` - ``before`` on the same problems (``HeldOut`` each): the mean difference with its paired
     bootstrap 95 % interval (greedy, and sampled when both have samples) and McNemar's exact test on greedy
     correctness."""
-    from rlfr.eval.stats import compare_arms
 
     def record(h):
         return {"greedy": h.greedy} | ({"sampled": h.sampled} if h.sampled is not None else {})
@@ -146,8 +150,6 @@ def paired_change(after, before, samples: int) -> dict:
 
 
 def _fmt_change(name: str, ch: dict) -> str:
-    from rlfr.eval.stats import format_diff
-
     parts = [f"{kind} {format_diff(ch[kind])}" for kind in ("greedy", "sampled") if kind in ch]
     m = ch["mcnemar_greedy"]
     return (f"{name}, paired over {ch['greedy']['n']} problems (percentage points, bootstrap 95 % interval): "
@@ -156,11 +158,6 @@ def _fmt_change(name: str, ch: dict) -> str:
 
 
 def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
-    from rlfr.eval.plots import plot_demo_accuracy, plot_flow_losses, plot_metrics
-    from rlfr.recipes.flow_pretrain import run_flow_pretrain
-    from rlfr.recipes.sft import run_sft
-    from rlfr.recipes.train import run_train
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     seconds, t0 = {}, time.time()
@@ -239,9 +236,6 @@ def pool_demos(dirs: list[Path]) -> dict:
     paired RL - SFT change, and the pooled change (per-problem accuracy averaged over the runs, paired
     bootstrap 95 % interval; McNemar per run). Runs must have evaluated alike (held-out data settings,
     generation limit, samples per problem, RL method); a run given twice is refused."""
-    from rlfr.errors import ConfigError
-    from rlfr.eval.stats import compare_arms
-
     runs, first, seen = {}, None, set()
     for d in dirs:
         try:
@@ -275,9 +269,7 @@ def pool_demos(dirs: list[Path]) -> dict:
 def render_pool(pool: dict) -> str:
     """Markdown: one row per run, then the pooled RL - SFT change."""
     k, m = pool["eval_samples"], pool["method"].upper()
-
-    from rlfr.eval.stats import format_diff as ci
-
+    ci = format_diff
     cols = [("SFT greedy", lambda s: f"{s['accuracy_after_sft']:.3f}")]
     cols += [(f"SFT avg@{k}", lambda s: f"{s['sampled_accuracy_after_sft']:.3f}")] if k else []
     cols += [(f"{m} greedy", lambda s: f"{s['accuracy_after']:.3f}")]
@@ -329,8 +321,6 @@ def run(args) -> int:
         (out / "pooled.json").write_text(json.dumps(pool, indent=2))
         md = render_pool(pool)
         (out / "pooled.md").write_text(md + "\n")
-        from rlfr.eval.plots import plot_demo_pool
-
         plot_demo_pool(pool, out / "pooled.png")
         print(md)
         return 0

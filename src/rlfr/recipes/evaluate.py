@@ -3,11 +3,11 @@
     rlfr eval --model runs/demo/rl/checkpoints/step_000016/policy --data embedded math500 my.jsonl --out runs/eval
     rlfr eval --model smollm2-135m-instruct --data embedded --samples 8 --temperature 1.0
 
-Writes ``OUT/results.json`` (one entry per dataset: n, pass@1 or avg@k and pass@k for k = 1, 2, 4, ...
-<= K, mean response length) and ``OUT/samples_<dataset>.jsonl`` (one row per sample: prompt, completion,
+Writes ``OUT/results.json`` (``rlfr.eval.results.EvaluateResult``, also what ``run_evaluate`` returns: one
+entry per dataset: n, pass@1 or avg@k and pass@k for k = 1, 2, 4, ... <= K, mean response length) and ``OUT/samples_<dataset>.jsonl`` (one row per sample: prompt, completion,
 extracted answer, correct), and prints a table. ``--data embedded`` is the embedded task's held-out
 split exactly as ``rlfr train`` builds it (``--eval-size``/``--seed`` as ``data.eval_size``/``seed``).
-pass@k is the unbiased estimator of Chen et al. 2021 (``rlfr.eval.stats.pass_at_k``).
+pass@k is the unbiased estimator of Chen et al. 2021 (``rlfr.stats.pass_at_k``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,20 @@ import re
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from rlfr.data.benchmarks import BENCHMARKS
 from rlfr.data.sources import GENERATED_SETS, Fields, load_source
 from rlfr.data.templates import TEMPLATES, example_prompt
+from rlfr.eval.results import DatasetResult, EvaluateResult
 from rlfr.eval.scoring import sampled_completions, score_completions
+from rlfr.policy.loading import is_adapter_dir, load_model, load_tokenizer, model_config, resolve_model_path
+from rlfr.policy.sampler import SamplingParams, build_sampler
+from rlfr.policy.vision import ImageTextProcessor, images_of
+from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
+from rlfr.reward.verifier import Verifier
+from rlfr.runtime.env import inference_device, seed_everything
 from rlfr.schema import DataConfig
 
 
@@ -90,19 +100,14 @@ def dataset_slug(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlfr.policy.loading import (
-        is_adapter_dir,
-        load_model,
-        load_tokenizer,
-        model_config,
-        resolve_model_path,
-    )
-    from rlfr.policy.sampler import SamplingParams, build_sampler
-    from rlfr.policy.vision import ImageTextProcessor, images_of
-    from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
-    from rlfr.reward.verifier import Verifier
-    from rlfr.runtime.env import inference_device, seed_everything
+    result = run_evaluate(args)
+    print_table(result)
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
 
+
+def run_evaluate(args: argparse.Namespace) -> EvaluateResult:
+    """The whole command (module docstring) -> what ``OUT/results.json`` holds."""
     if args.samples < 1 or args.max_new_tokens < 1:
         raise ValueError("--samples and --max-new-tokens must be >= 1")
     greedy = args.samples == 1 and args.temperature is None
@@ -148,18 +153,7 @@ def run(args: argparse.Namespace) -> int:
                             top_p=args.top_p, greedy=greedy, seed=seed)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {
-        "model": args.model,
-        "backend": args.backend,
-        "template": args.template,
-        "greedy": greedy,
-        "samples": args.samples,
-        "temperature": None if greedy else temperature,
-        "top_p": args.top_p,
-        "max_new_tokens": args.max_new_tokens,
-        "seed": args.seed,
-        "datasets": {},
-    }
+    datasets = {}
     with Verifier(num_workers=args.workers) as verifier:
         for slug, (spec, examples) in sets.items():
             t0 = time.time()
@@ -170,49 +164,52 @@ def run(args: argparse.Namespace) -> int:
             with path.open("w") as f:
                 for r in res.records:
                     f.write(json.dumps(r) + "\n")
-            entry = {
-                "data": spec,
-                "n": res.n,
-                "samples": res.samples,
-                "mean_response_tokens": res.mean_response_tokens,
-                "seconds": round(time.time() - t0, 2),
-                "samples_file": path.name,
-            }
-            if greedy:
-                entry["pass@1"] = res.avg
-            else:
-                entry[f"avg@{res.samples}"] = res.avg
-                entry["pass@k"] = {str(k): v for k, v in res.pass_at.items()}
-            results["datasets"][slug] = entry
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-    print(f"wrote {out / 'results.json'}")
-    return 0
+            datasets[slug] = DatasetResult(
+                data=spec,
+                n=res.n,
+                samples=res.samples,
+                mean_response_tokens=res.mean_response_tokens,
+                seconds=round(time.time() - t0, 2),
+                samples_file=path.name,
+                pass_at_1=res.avg if greedy else None,
+                avg=None if greedy else res.avg,
+                pass_at_k=None if greedy else {str(k): v for k, v in res.pass_at.items()},
+            )
+    result = EvaluateResult(
+        model=args.model,
+        backend=args.backend,
+        template=args.template,
+        greedy=greedy,
+        samples=args.samples,
+        temperature=None if greedy else temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        datasets=datasets,
+    )
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
 
 
-def print_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    mode = "greedy" if results["greedy"] else f"T={results['temperature']}"
-    title = f"{results['model']} ({mode})"
-    table = Table(title=title)
+def print_table(result: EvaluateResult) -> None:
+    mode = "greedy" if result.greedy else f"T={result.temperature}"
+    table = Table(title=f"{result.model} ({mode})")
     table.add_column("data")
     table.add_column("n", justify="right")
     cols: list[str] = []
-    for e in results["datasets"].values():
+    for e in result.datasets.values():
         keys = (
             ["pass@1"]
-            if "pass@1" in e
-            else [k for k in e if k.startswith("avg@")] + [f"pass@{k}" for k in e["pass@k"]]
+            if e.pass_at_1 is not None
+            else [f"avg@{e.samples}"] + [f"pass@{k}" for k in e.pass_at_k]
         )
         cols += [k for k in keys if k not in cols]
     for c in cols:
         table.add_column(c, justify="right")
     table.add_column("resp. tokens", justify="right")
-    for slug, e in results["datasets"].items():
-        vals = {"pass@1": e.get("pass@1")} | {k: v for k, v in e.items() if k.startswith("avg@")}
-        vals |= {f"pass@{k}": v for k, v in e.get("pass@k", {}).items()}
+    for slug, e in result.datasets.items():
+        vals = {"pass@1": e.pass_at_1, f"avg@{e.samples}": e.avg}
+        vals |= {f"pass@{k}": v for k, v in (e.pass_at_k or {}).items()}
         cells = [f"{100 * vals[c]:.1f}" if vals.get(c) is not None else "" for c in cols]
-        table.add_row(slug, str(e["n"]), *cells, f"{e['mean_response_tokens']:.0f}")
+        table.add_row(slug, str(e.n), *cells, f"{e.mean_response_tokens:.0f}")
     Console().print(table)

@@ -7,8 +7,9 @@ Samples ``--num-generations`` responses for each of ``--n-prompts`` problems, ru
 every rollout with a ``LatentTap`` at the flow's own block fractions (``latents.json``: fractions, modes,
 shift, and ``latent_norm``: latents standardised with the flow's ``latent_norm.safetensors`` when set),
 scores each response token with ``rlfr.flow.token_scores`` and writes ``OUT/inspect.html``
-(self-contained: inline CSS, no script, no external resource; all model and data text is escaped) and
-``OUT/stats.json``.
+(self-contained: inline CSS, no script, no external resource; all model and data text is escaped),
+``OUT/rollouts.jsonl`` (every rollout with its tokens) and ``OUT/stats.json``
+(``rlfr.eval.results.InspectResult``, also what ``run_inspect`` returns).
 
 Token rewards. ``--reward dense`` (default) colours every scored token by -beta * (2x - 1), x = the
 per-sequence min-max normalised deviation: the bilateral reward before the eta threshold and top-k, so
@@ -27,8 +28,24 @@ import html
 import json
 from pathlib import Path
 
-from rlfr.eval.stats import auroc, token_reward_stats
+import torch
+
+from rlfr.data.sources import GENERATED_SETS, load_source
+from rlfr.data.templates import example_prompt
+from rlfr.eval.results import FlowTokenStats, InspectResult
+from rlfr.flow import token_scores
+from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
+from rlfr.flow.store import check_meta, load_flow, meta_for
+from rlfr.policy.forward import model_inputs
+from rlfr.policy.latents import LatentTap
+from rlfr.policy.loading import load_model, load_tokenizer
+from rlfr.policy.rollout import generate
+from rlfr.policy.vision import images_of
+from rlfr.reward.verifier import Verifier
 from rlfr.runtime import checkpoint as ckpt_io
+from rlfr.runtime.env import inference_device, seed_everything
+from rlfr.schema import DataConfig, RewardShapingConfig
+from rlfr.stats import auroc, token_reward_stats
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,22 +93,12 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, Path, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    run_inspect(args)
+    return 0
 
-    from rlfr.data.sources import GENERATED_SETS, load_source
-    from rlfr.data.templates import example_prompt
-    from rlfr.flow import token_scores
-    from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
-    from rlfr.flow.store import check_meta, load_flow, meta_for
-    from rlfr.policy.forward import model_inputs
-    from rlfr.policy.latents import LatentTap
-    from rlfr.policy.loading import load_model, load_tokenizer
-    from rlfr.policy.rollout import generate
-    from rlfr.policy.vision import images_of
-    from rlfr.reward.verifier import Verifier
-    from rlfr.runtime.env import inference_device, seed_everything
-    from rlfr.schema import DataConfig, RewardShapingConfig
 
+def run_inspect(args: argparse.Namespace) -> InspectResult:
+    """The whole command (module docstring) -> what ``OUT/stats.json`` holds."""
     policy_path, flow_dir, config = resolve_inputs(args)
     bundle = load_flow(flow_dir)  # checks the pairing convention and the statistics file
     meta = bundle.meta.to_json()
@@ -191,46 +198,44 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     stats = compute_stats(rollouts, args.reward, args.min_count)
-    stats |= {
-        "policy": policy_path,
-        "flow": str(flow_dir),
-        "latents": meta,
-        "shaping": shaping,
-        "reward": args.reward,
-        "template": template,
-        "data": args.data,
-        "n_prompts": len(examples),
-        "num_generations": args.num_generations,
-        "temperature": args.temperature,
-    }
+    result = InspectResult(
+        stats=stats,
+        policy=policy_path,
+        flow=str(flow_dir),
+        latents=meta,
+        shaping=shaping,
+        reward=args.reward,
+        template=template,
+        data=args.data,
+        n_prompts=len(examples),
+        num_generations=args.num_generations,
+        temperature=args.temperature,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (out / "stats.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     (out / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
-    (out / "inspect.html").write_text(render_html(rollouts, stats))
-    auc = stats["auroc"]
+    (out / "inspect.html").write_text(render_html(rollouts, result))
+    auc = stats.auroc
     print(
-        f"{len(rollouts)} rollouts, {stats['scored_tokens']} scored tokens, accuracy {stats['accuracy']:.3f}, "
+        f"{len(rollouts)} rollouts, {stats.scored_tokens} scored tokens, accuracy {stats.accuracy:.3f}, "
         f"AUROC {'n/a' if auc is None else f'{auc:.3f}'}; wrote {out / 'inspect.html'} and {out / 'stats.json'}"
     )
-    return 0
+    return result
 
 
-def compute_stats(rollouts: list[dict], reward: str, min_count: int) -> dict:
+def compute_stats(rollouts: list[dict], reward: str, min_count: int) -> FlowTokenStats:
     toks = [t for r in rollouts for t in r["tokens"] if t["valid"]]
     scored = [r for r in rollouts if r["mean_deviation"] is not None]
     # lower deviation should mean correct: score = -mean deviation, positive class = correct
     auc = auroc([-r["mean_deviation"] for r in scored], [r["correct"] for r in scored]) if scored else None
-    return {
-        "rollouts": len(rollouts),
-        "accuracy": sum(r["correct"] for r in rollouts) / max(len(rollouts), 1),
-        "scored_tokens": len(toks),
-        "auroc": auc,
-        "auroc_note": "P(mean deviation of a correct rollout < that of a wrong one); null = one class only",
-        "tokens": token_reward_stats(
-            [t["text"] for t in toks], [t[reward] for t in toks], min_count=min_count
-        ),
-    }
+    return FlowTokenStats(
+        rollouts=len(rollouts),
+        accuracy=sum(r["correct"] for r in rollouts) / max(len(rollouts), 1),
+        scored_tokens=len(toks),
+        auroc=auc,
+        tokens=token_reward_stats([t["text"] for t in toks], [t[reward] for t in toks], min_count=min_count),
+    )
 
 
 _CSS = """
@@ -269,23 +274,23 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(rollouts: list[dict], stats: dict) -> str:
+def render_html(rollouts: list[dict], result: InspectResult) -> str:
     """A self-contained page: inline CSS only, every piece of text escaped."""
-    reward = stats["reward"]
+    reward, stats = result.reward, result.stats
     vals = [t[reward] for r in rollouts for t in r["tokens"] if t["valid"]]
     devs = [t["score"] for r in rollouts for t in r["tokens"] if t["valid"]]
     rscale, dscale = max((abs(v) for v in vals), default=0.0), max(devs, default=0.0)
-    ts = stats["tokens"]
-    auc = "n/a (one class)" if stats["auroc"] is None else f"{stats['auroc']:.3f}"
+    ts = stats.tokens
+    auc = "n/a (one class)" if stats.auroc is None else f"{stats.auroc:.3f}"
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>rlfr inspect</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Flow rewards per token</h1>",
-        f"<p>policy <code>{_e(stats['policy'])}</code>, flow <code>{_e(stats['flow'])}</code>; "
-        f"latents {_e(json.dumps(stats['latents']))}; reward shown: <b>{_e(reward)}</b> "
-        f"(beta {_e(stats['shaping']['beta'])}). Red = penalised, green = rewarded; hover a token for its reward, "
+        f"<p>policy <code>{_e(result.policy)}</code>, flow <code>{_e(result.flow)}</code>; "
+        f"latents {_e(json.dumps(result.latents))}; reward shown: <b>{_e(reward)}</b> "
+        f"(beta {_e(result.shaping['beta'])}). Red = penalised, green = rewarded; hover a token for its reward, "
         "normalised deviation x and raw deviation score.</p>",
-        f"<p>{stats['rollouts']} rollouts, accuracy {stats['accuracy']:.3f}, {stats['scored_tokens']} scored tokens. "
+        f"<p>{stats.rollouts} rollouts, accuracy {stats.accuracy:.3f}, {stats.scored_tokens} scored tokens. "
         f"AUROC of the sequence flow score (lower mean deviation = correct): <b>{_e(auc)}</b></p>",
         "<input type='radio' name='m' id='by-rew' checked><label for='by-rew'>colour by reward</label> "
         "<input type='radio' name='m' id='by-dev'><label for='by-dev'>colour by raw deviation</label>",

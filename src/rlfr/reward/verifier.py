@@ -203,8 +203,8 @@ def fast_check(pred: str, golds: Sequence[str]) -> bool | None:
 # ------------------------------------------------------------------------------------- worker process
 def math_verify_check(pred: str, golds: list[str]) -> bool:
     """Runs in a worker process: math-verify equivalence of ``pred`` against any of ``golds``."""
-    from math_verify import LatexExtractionConfig, parse
-    from math_verify import verify as mv_verify
+    from math_verify import LatexExtractionConfig, parse  # lazy: only the worker processes import math-verify
+    from math_verify import verify as mv_verify  # lazy: as above
 
     config = [LatexExtractionConfig(boxed_match_priority=0)]
     target = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)

@@ -1,12 +1,10 @@
-"""Policy-gradient losses, KL estimators, log-probs and entropies (RLFR_METHOD §5).
+"""Policy-gradient losses and KL estimators (RLFR_METHOD §5).
 
-Alignment (the trainer relies on it): every per-token tensor is (B, T) aligned with ``input_ids``;
-``logp[b, k] = log p(input_ids[b, k] | input_ids[b, :k])``, so position 0 is never scored (0 there), and
-``entropy[b, k]`` is the entropy of the distribution that produced token k.
+Alignment (the trainer relies on it): every per-token tensor is (B, T) aligned with ``input_ids``, as
+``rlfr.policy.forward`` computes log-probs and entropies: ``logp[b, k] = log p(input_ids[b, k] |
+input_ids[b, :k])``, so position 0 is never scored (0 there).
 
 Contract:
-- ``logprobs_from_logits(logits (B, T, V), input_ids (B, T)) -> (B, T)`` float32.
-- ``entropy_from_logits(logits (B, T, V)) -> (B, T)`` float32.
 - ``kl_penalty(logp, ref_logp, estimator) -> (B, T)``: k1 = log(p / p_ref), k3 = r - 1 - log r with
   r = p_ref / p (Schulman, "Approximating KL divergence", 2020).
 - ``policy_loss(logp, old_logp, advantages, mask, ...) -> PolicyLossOutput``: the PPO clipped objective
@@ -38,43 +36,6 @@ import torch
 # Log-ratios are clamped before exp() in the KL estimators: a token the reference finds ~impossible would
 # otherwise give inf. |log r| = 20 is far beyond anything a healthy run produces.
 _LOG_RATIO_CLAMP = 20.0
-
-
-def _check_logits(logits: torch.Tensor, chunk_size: int) -> None:
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be (B, T, V), got {tuple(logits.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-
-def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
-    """(B, T, V), (B, T) long -> (B, T) float32 with out[:, 0] = 0 and out[:, k] = log p(ids[k] | ids[:k]).
-
-    Computed as gather - logsumexp in float32, ``chunk_size`` rows at a time, so no (B, T, V) float32
-    log-softmax is materialised at once. Differentiable.
-    """
-    _check_logits(logits, chunk_size)
-    if input_ids.shape != logits.shape[:2]:
-        raise ValueError(f"input_ids must be {tuple(logits.shape[:2])}, got {tuple(input_ids.shape)}")
-    rows = []
-    for start in range(0, logits.shape[0], chunk_size):
-        lg = logits[start : start + chunk_size, :-1].float()
-        ids = input_ids[start : start + chunk_size, 1:]
-        picked = lg.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
-        rows.append(torch.nn.functional.pad(picked, (1, 0)))
-    return torch.cat(rows)
-
-
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
-    """(B, T, V) -> (B, T) float32: out[:, k] = H(softmax(logits[:, k - 1])), out[:, 0] = 0."""
-    _check_logits(logits, chunk_size)
-    rows = []
-    for start in range(0, logits.shape[0], chunk_size):
-        lg = logits[start : start + chunk_size, :-1].float()
-        # H = logsumexp(z) - sum softmax(z) * z
-        ent = torch.logsumexp(lg, dim=-1) - (torch.softmax(lg, dim=-1) * lg).sum(dim=-1)
-        rows.append(torch.nn.functional.pad(ent, (1, 0)))
-    return torch.cat(rows)
 
 
 def kl_penalty(

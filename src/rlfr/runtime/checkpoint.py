@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from rlfr.errors import CheckpointError, PickleRefusedError
 from rlfr.flow.store import FlowBundle, save_flow
@@ -429,8 +430,6 @@ def read_policy_weights(ckpt: Path, model) -> dict[str, torch.Tensor]:
     """The weights in ``ckpt/policy``, named as ``model`` (the unwrapped policy) names its parameters and
     checked against them: the whole model's, or a LoRA run's adapter (PEFT's file names, which drop the
     adapter's name, mapped back). Tied weights may be absent on disk."""
-    from safetensors.torch import load_file
-
     check_identity(ckpt, model)
     pdir = policy_dir(ckpt)
     adapter, peft = (pdir / "adapter_config.json").is_file(), hasattr(model, "peft_config")
@@ -475,7 +474,7 @@ def _saved_names(model) -> dict[str, str]:
     reverts its load-time renamings when saving, e.g. Qwen2.5-VL's ``model.language_model.layers.*`` is saved
     as ``model.layers.*``); empty where transformers renames nothing."""
     try:
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers 5 only
     except ImportError:  # transformers 4 saves the model's own names
         return {}
     out = {}

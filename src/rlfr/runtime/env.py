@@ -19,14 +19,13 @@ import random
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from rlfr.errors import ConfigError
 
 
 def make_accelerator(cpu: bool = False):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
     acc = Accelerator(cpu=cpu)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
         acc.distributed_type != DistributedType.FSDP

@@ -11,7 +11,6 @@ resume) is known only here, and ``Accelerator.end_training`` would also tear dow
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -19,6 +18,14 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+from accelerate.utils import gather_object
+
+from rlfr.capabilities import check_trackers
+from rlfr.stats import auroc
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +54,7 @@ def format_step(step: int, metrics: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-# tracker name -> (the module accelerate imports for it, the rlfr extra that installs it)
-TRACKER_PACKAGES = {
-    "tensorboard": ("tensorboard", None),  # a core dependency
-    "wandb": ("wandb", "wandb"),
-    "trackio": ("trackio", "trackio"),
-    "mlflow": ("mlflow", "mlflow"),
-    "comet_ml": ("comet_ml", "comet"),
-}
 PROJECT = "rlfr"  # the tracker project (wandb / trackio / comet project, MLflow experiment)
-
-
-def check_trackers(names: Sequence[str]) -> None:
-    """Raise ``ConfigError`` for an unknown tracker or one whose package is not installed, naming the pip extra."""
-    from rlfr.errors import ConfigError
-
-    for name in names:
-        if name not in TRACKER_PACKAGES:
-            raise ConfigError(f"report_to: unknown tracker {name!r}; valid: {', '.join(TRACKER_PACKAGES)}")
-        module, extra = TRACKER_PACKAGES[name]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(
-                f"report_to={name} needs the {module!r} package, which is not installed: "
-                f"pip install 'rlfr[{extra}]' (or pip install {module}), or drop {name} from report_to"
-            )
 
 
 def make_tracker(name: str, out_dir: Path, run_name: str, resume_step: int | None):
@@ -78,8 +62,6 @@ def make_tracker(name: str, out_dir: Path, run_name: str, resume_step: int | Non
     TensorBoard writes ``out_dir/tensorboard`` and, on resume, purges the events after ``resume_step``;
     wandb keeps its files in ``out_dir/wandb`` (``WANDB_MODE=offline`` works); the others log to their
     server or local store under project ``PROJECT`` (or ``$WANDB_PROJECT`` / ``$MLFLOW_EXPERIMENT_NAME``)."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
     check_trackers([name])
     cls = LOGGER_TYPE_TO_CLASS[name]
     if name == "tensorboard":
@@ -144,8 +126,6 @@ class MetricsLogger:
 
     def _trackers(self) -> list:
         if self.trackers is None:
-            from accelerate import PartialState
-
             PartialState()  # accelerate's trackers log through its logger, which needs the (singleton) state
             self.trackers = [
                 make_tracker(t, self.out_dir, self.run_name, self.resume_step) if isinstance(t, str) else t
@@ -297,8 +277,6 @@ class Accum:
 
     def means(self) -> dict[str, float]:
         """Weighted means, totals, and the AUROC of each sample key that has both classes."""
-        from rlfr.eval.stats import auroc
-
         out = {}
         for k, total in self.sums.items():
             w = float(self.weights[k])
@@ -329,9 +307,6 @@ def reduce_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:
     the key sets are unioned first: a collective over mismatched keys would hang or mix up values."""
     if accelerator.num_processes == 1:
         return {k: float(v) for k, v in stats.items()}
-    import torch
-    from accelerate.utils import gather_object
-
     keys = sorted(set().union(*gather_object([sorted(stats)])))
     vals = torch.tensor(
         [float(stats.get(k, math.nan)) for k in keys], dtype=torch.float64, device=accelerator.device

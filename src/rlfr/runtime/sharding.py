@@ -29,12 +29,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
+
+from rlfr.errors import ConfigError
 
 
 def is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.FSDP
 
 
@@ -45,7 +46,7 @@ def _offload(accelerator) -> bool:
 
 
 def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions  # lazy: FSDP only; takes seconds
 
     return StateDictOptions(full_state_dict=True, **kw)
 
@@ -73,8 +74,6 @@ def finish_prepare(accelerator, model: nn.Module, tap=None) -> None:
     wrapper prefix) and Hugging Face gradient checkpointing of adapted blocks fails its recomputation check."""
     if not is_fsdp(accelerator):
         return
-    from rlfr.errors import ConfigError
-
     if not accelerator.is_fsdp2 and any(hasattr(m, "peft_config") for m in model.modules()):
         raise ConfigError(
             "LoRA under FSDP needs fsdp_version: 2 (configs/accelerate/fsdp.yaml); with FSDP1 PEFT saves empty "
@@ -105,7 +104,7 @@ def root_gathered(accelerator, model: nn.Module) -> Iterator[None]:
         finally:
             model.reshard()
         return
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel  # lazy: FSDP1 only; takes seconds
 
     with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
         yield
@@ -116,7 +115,7 @@ def full_state_dict(accelerator, model: nn.Module, trainable_only: bool = False)
     ``trainable_only`` only the parameters that train (a LoRA run's adapters). None without FSDP."""
     if not is_fsdp(accelerator):
         return None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict  # lazy: FSDP only; takes seconds
 
     state = get_model_state_dict(
         model, options=_options(cpu_offload=_offload(accelerator), ignore_frozen_params=trainable_only)
@@ -144,6 +143,7 @@ def optimizer_state(accelerator, model: nn.Module, optimizer) -> dict[str, Any]:
     parameter name (gathered on the main process; the others get ``{}``)."""
     if not is_fsdp(accelerator):
         return optimizer.state_dict()
+    # lazy: FSDP only; takes seconds
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     state = get_optimizer_state_dict(
@@ -159,6 +159,7 @@ def load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict[s
     if not is_fsdp(accelerator) and not by_name:
         optimizer.load_state_dict(state)
         return
+    # lazy: FSDP only; takes seconds
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     if not by_name:  # ``optimizer.state_dict()`` numbers the parameters in the optimizer's order
@@ -181,7 +182,7 @@ def load_model_state(accelerator, model: nn.Module, state: dict[str, torch.Tenso
     if not is_fsdp(accelerator):
         accelerator.unwrap_model(model).load_state_dict(state, strict=False)
         return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict  # lazy: FSDP only; takes seconds
 
     set_model_state_dict(model, state, options=_options(strict=False))
 

@@ -1,4 +1,6 @@
-"""Statistics shared by ``rlfr eval``, ``rlfr compare`` and ``rlfr inspect`` (pure functions, no models).
+"""Statistics shared by ``rlfr eval``, ``rlfr compare``, ``rlfr inspect`` and the training log (the flow
+score's AUROC per step, ``runtime.metrics.Accum``): pure functions of numbers, no models, no rlfr imports,
+so every layer may use them.
 
 - ``pass_at_k(n, c, k)``: the unbiased pass@k estimator of Chen et al. 2021 ("Evaluating Large Language
   Models Trained on Code", eq. 1 and their numpy snippet): 1 - C(n-c, k) / C(n, k), computed as
