@@ -10,7 +10,7 @@ from rlfr.reward.verifier import Verifier
 
 @pytest.fixture(scope="module")
 def verifier():
-    with Verifier(num_workers=1, timeout=2.0) as v:
+    with Verifier(num_workers=1, timeout=120.0) as v:  # a limit no loaded machine reaches
         yield v
 
 

@@ -11,11 +11,21 @@ import pytest
 
 from rlfr.reward.verifier import Verifier, extract_answer, fast_check, format_reward, verify
 
-TIMEOUT = 1.0  # per-check timeout for the shared pool; hostile inputs are bounded by this
+TIMEOUT = 1.0  # per-check timeout of the `short` pool: hostile inputs are cut off by it
+# Checks whose answer the tests assert get a timeout no loaded machine reaches: a 1 s limit turned a right
+# answer into a timeout once at load average 6 (a test must not depend on the machine's speed or load).
+LONG = 120.0
 
 
 @pytest.fixture(scope="module")
 def verifier():
+    with Verifier(num_workers=2, timeout=LONG) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def short():
+    """A pool with a 1 s per-check timeout, for the checks that must be cut off."""
     with Verifier(num_workers=2, timeout=TIMEOUT) as v:
         yield v
 
@@ -149,15 +159,15 @@ def _check_hostile(v: Verifier, out: dict) -> None:
     out["counts"] = v.last_counts
 
 
-def test_hostile_inputs_main_and_worker_thread(verifier):
+def test_hostile_inputs_main_and_worker_thread(short):
     if os.path.exists("/tmp/rlfr_pwned"):
         os.remove("/tmp/rlfr_pwned")
     main: dict = {}
-    _check_hostile(verifier, main)
+    _check_hostile(short, main)
     thread: dict = {}
-    t = threading.Thread(target=_check_hostile, args=(verifier, thread))
+    t = threading.Thread(target=_check_hostile, args=(short, thread))
     t.start()
-    t.join(timeout=60)
+    t.join(timeout=600)  # a hang guard
     assert not t.is_alive()
     for out in (main, thread):
         assert out["scores"] == [0.0] * len(HOSTILE)
@@ -165,16 +175,16 @@ def test_hostile_inputs_main_and_worker_thread(verifier):
         # ones time out depends on the machine's speed, so only the total is asserted)
         assert out["counts"].total == len(HOSTILE)
     assert not os.path.exists("/tmp/rlfr_pwned")
-    assert verifier.verify_batch([boxed("x+1")], ["1+x"]) == [1.0]  # the pool is still usable
+    assert short.verify_batch([boxed("x+1")], ["1+x"], timeout=LONG) == [1.0]  # the pool is still usable
 
 
-def test_genuine_timeout_then_pool_still_usable(verifier):
+def test_genuine_timeout_then_pool_still_usable(short):
     start = time.perf_counter()
     # sympy tries to evaluate the power tower, which no machine finishes: a real timeout, the worker is killed
-    assert verifier.verify_batch([boxed("10^{10^{10^{10}}}")], ["5"]) == [0.0]
-    assert verifier.last_counts.timeouts == 1
+    assert short.verify_batch([boxed("10^{10^{10^{10}}}")], ["5"]) == [0.0]
+    assert short.last_counts.timeouts == 1
     assert time.perf_counter() - start >= TIMEOUT * 0.9  # it ran until the timeout (a lower bound only)
-    assert verifier.verify_batch([boxed("\\frac{\\pi}{4}")], ["\\frac14\\pi"]) == [1.0]
+    assert short.verify_batch([boxed("\\frac{\\pi}{4}")], ["\\frac14\\pi"], timeout=LONG) == [1.0]
 
 
 def test_module_level_verify_from_thread():
@@ -252,11 +262,15 @@ def test_a_broken_pool_is_rebuilt_or_an_error(monkeypatch):
             v.verify_batch([boxed("2\\sqrt{2}")], ["\\sqrt{8}"])
 
 
-def test_counts_of_what_scored_zero(verifier):
-    verifier.verify_batch([boxed("10^{10^{10^{10}}}"), "no answer here", boxed("7"), boxed("x+1")],
-                          ["5", "1", "7", "1+x"])  # fmt: skip
+def test_counts_of_what_scored_zero(short, verifier):
+    # a timeout (no machine finishes the power tower), a missing answer, a fast-path answer
+    short.verify_batch([boxed("10^{10^{10^{10}}}"), "no answer here", boxed("7")], ["5", "1", "7"])
+    c = short.last_counts
+    assert (c.total, c.no_answer, c.timeouts, c.pooled) == (3, 1, 1, 1)
+    # an answer only math-verify decides, under a limit no loaded machine reaches
+    verifier.verify_batch([boxed("x+1")], ["1+x"])
     c = verifier.last_counts
-    assert (c.total, c.no_answer, c.timeouts, c.pooled) == (4, 1, 1, 2)
+    assert (c.total, c.no_answer, c.timeouts, c.pooled) == (1, 0, 0, 1)
 
 
 IN_OTHER_PROCESSES = """
