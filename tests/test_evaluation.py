@@ -177,21 +177,9 @@ def _rows(path):
 def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ev"
     rc = main(
-        [
-            "eval",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(data_file),
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "5",
-            "--workers",
-            "1",
-            "--cpu",
-        ]
-    )
+        ["eval", f"model={tiny_dir}", f"data.eval={data_file}", f"out={out}", "max_new_tokens=5", "workers=1",
+         "cpu=true", "dtype=float32"]
+    )  # fmt: skip
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     entry = res["datasets"]["tiny"]
@@ -235,30 +223,9 @@ def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
 def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ev"
     rc = main(
-        [
-            "eval",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(data_file),
-            "embedded",
-            "--eval-size",
-            "2",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "4",
-            "--workers",
-            "1",
-            "--samples",
-            "4",
-            "--limit",
-            "2",
-            "--temperature",
-            "1.0",
-            "--cpu",
-        ]
-    )
+        ["eval", f"model={tiny_dir}", f"data.eval=[{data_file},embedded]", "data.eval_size=2", f"out={out}",
+         "max_new_tokens=4", "workers=1", "samples=4", "limit=2", "temperature=1.0", "cpu=true"]
+    )  # fmt: skip
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["datasets"]) == {"tiny", "embedded"} and not res["greedy"]
@@ -274,10 +241,12 @@ def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
 
 def test_eval_cli_errors(tiny_dir, tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
-    assert main(["eval", "--model", str(tiny_dir), "--data", str(missing)]) == 2
+    assert main(["eval", f"model={tiny_dir}", f"data.eval={missing}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rlfr eval: error:") and "missing.jsonl" in err
-    # --backend vllm without vLLM: tests/test_rollout_engine.py::test_missing_vllm_is_one_clear_error
+    assert main(["eval", f"model={tiny_dir}"]) == 2  # nothing to evaluate on
+    assert "needs model=MODEL and data.eval=SET" in capsys.readouterr().err
+    # backend=vllm without vLLM: tests/test_rollout_engine.py::test_missing_vllm_is_one_clear_error
 
 
 @pytest.mark.parametrize("samples", [2, 3])

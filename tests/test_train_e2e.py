@@ -94,7 +94,10 @@ def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
 
 def test_resume_from_another_model_fails_clearly(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    run_train(_cfg(tiny_dir, out, "steps=1", "method=rlvr", "flow.reward.beta=0.05"), progress=False)
+    run_train(
+        _cfg(tiny_dir, out, "steps=1", "method=rlvr", "flow.init=null", "flow.reward.beta=0.05"),
+        progress=False,
+    )
     assert "method=rlvr trains and uses no flow field: ignoring flow.reward.beta" in capsys.readouterr().out
     other = make_tiny_model_dir(tmp_path / "other", num_layers=6)
     from rlfr.runtime.checkpoint import CheckpointError
