@@ -117,6 +117,23 @@ def test_a_saved_config_without_later_fields_is_not_a_change():
     assert allowed == {"steps": (4, 5)} and refused == {}
 
 
+def test_a_run_saved_under_the_old_defaults_resumes_under_the_auto_ones():
+    """``data.eval`` and ``model.dtype`` default to ``auto`` now; a checkpoint saved with what they mean on this
+    machine (``embedded`` for the embedded task, ``float32`` on a CPU) is the same run, not a change."""
+    from rlfr.schema import canonical, resume_changes
+
+    new = to_dict(load_config(TrainConfig, overrides=["cpu=true"]))
+    saved = to_dict(
+        load_config(TrainConfig, overrides=["cpu=true", "data.eval=embedded", "model.dtype=float32"])
+    )
+    assert resume_changes(saved, new) == ({}, {})
+    assert canonical(new)["data"]["eval"] == "embedded" and canonical(new)["model"]["dtype"] == "float32"
+    bf16 = to_dict(load_config(TrainConfig, overrides=["cpu=true", "model.dtype=bfloat16"]))
+    assert resume_changes(bf16, new) == ({}, {"model.dtype": ("bfloat16", "float32")})
+    mine = to_dict(load_config(TrainConfig, overrides=["data.train=mine.jsonl"]))
+    assert canonical(mine)["data"]["eval"] == "auto"  # rows held out of the user's file: no other spelling
+
+
 def test_flow_settings_under_a_method_without_a_flow_are_named():
     """``flow.*`` keys mean nothing to rlvr and entropy runs; the ones changed from their defaults are named at
     the start (train prints them) instead of being dropped silently."""

@@ -121,7 +121,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         elif "=" in word and not word.startswith("="):
             ns.overrides.append(word)
         else:
-            raise UsageError(f"{word!r} is neither a key=value setting nor a flag (rlfr {ns.command} --help)")
+            raise UsageError(
+                f"override {word!r} must look like key=value, or be a flag (rlfr {ns.command} --help)"
+            )
     return ns
 
 
@@ -131,11 +133,10 @@ def _missing(flag: str) -> str:
 
 def _bad_flag(flag: str, command: str | None, allowed) -> str:
     key = flag.lstrip("-").replace("-", "_")
-    if command is not None and key in {k.rpartition(".")[2] for k in _keys(command)}:
-        full = next(k for k in _keys(command) if k.rpartition(".")[2] == key)
-        return (
-            f"{flag} is not a flag: settings are key=value words, e.g. {full}=VALUE (rlfr {command} --help)"
-        )
+    leaves = {k.rpartition(".")[2]: k for k in reversed(_keys(command))} if command is not None else {}
+    if key in leaves or (key.startswith("no_") and key[3:] in leaves):  # --quick, --no-progress, --eval-sets
+        value = f"{leaves[key]}=VALUE" if key in leaves else f"{leaves[key[3:]]}=false"
+        return f"{flag} is not a flag: settings are key=value words, e.g. {value} (rlfr {command} --help)"
     valid = [*_COMMON, *allowed]
     return f"unknown flag {flag}{_suggest(flag, valid)} (flags{f' of rlfr {command}' if command else ''}: {', '.join(valid)})"
 

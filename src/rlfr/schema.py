@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlfr.capabilities import check_trackers, sleep_mode_unavailable
+from rlfr.capabilities import check_trackers, resolve_dtype, sleep_mode_unavailable
 from rlfr.config import ConfigError, field_, from_dict, to_dict
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -423,7 +423,7 @@ class FlowPretrainConfig:
             raise ConfigError(
                 "model.lora: flow-pretrain keeps the policy frozen; to model the latents of a LoRA policy, "
                 "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
-                "checkpoint: rlfr export --checkpoint C --merged OUT)"
+                "checkpoint: rlfr export checkpoint=C merged=OUT)"
             )
 
 
@@ -470,10 +470,30 @@ def normalized(saved: dict) -> dict:
         return saved
 
 
+def canonical(config: dict) -> dict:
+    """A ``TrainConfig`` dict with its ``auto`` values spelt as what they are on this machine: ``data.eval=auto``
+    on a generated training task is that task's held-out split (``embedded``), ``model.dtype=auto`` the dtype
+    ``rlfr.capabilities.resolve_dtype`` gives. A run or result saved before those defaults (``data.eval:
+    embedded``, ``model.dtype: float32`` on a CPU) is then the same experiment as one of this version."""
+    data, model = config.get("data"), config.get("model")
+    out = dict(config)
+    if (
+        isinstance(data, dict)
+        and data.get("eval") == "auto"
+        and data.get("train") in ("embedded", "embedded-vl")
+    ):
+        out["data"] = {**data, "eval": data["train"]}
+    if isinstance(model, dict) and model.get("dtype") == "auto":
+        device = "cpu" if config.get("cpu") else "cuda"  # resolve_dtype falls back to float32 without a GPU
+        out["model"] = {**model, "dtype": resolve_dtype("auto", device)}
+    return out
+
+
 def resume_changes(saved: dict, new: dict) -> tuple[dict, dict]:
-    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form), split into
-    (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key -> (saved, new)."""
-    a, b = _flat(normalized(saved)), _flat(new)
+    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form, compared as
+    ``canonical`` spells them), split into (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key ->
+    (saved, new)."""
+    a, b = _flat(canonical(normalized(saved))), _flat(canonical(new))
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     allowed = {k: v for k, v in diff.items() if k in RESUMABLE_KEYS}
     return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_KEYS}

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+from rlfr.capabilities import resolve_dtype
 from rlfr.errors import ModelLoadError
 from rlfr.policy.vision import is_vision_language, load_processor
 
@@ -170,18 +171,6 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
-def resolve_dtype(dtype: str, device: torch.device | str) -> str:
-    """``model.dtype`` as the name of a torch dtype, for a model that will run on ``device``: ``auto`` is
-    bfloat16 on a CUDA device that supports it and float32 elsewhere (a CPU, or an older GPU, where float16
-    would need loss scaling); any other name is returned as it is. The one place ``auto`` is resolved."""
-    if dtype != "auto":
-        return dtype
-    cuda = (
-        torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    )
-    return "bfloat16" if cuda else "float32"
-
-
 def load_model(
     name_or_path: str,
     dtype: str = "float32",
@@ -189,7 +178,8 @@ def load_model(
     device: torch.device | str = "cpu",
 ):
     """A causal LM in train-ready form (no hub download is attempted for local paths); ``dtype`` may be
-    ``auto`` (``resolve_dtype`` for ``device``, where the caller will run it; the model is loaded on the CPU).
+    ``auto`` (``rlfr.capabilities.resolve_dtype`` for ``device``, where the caller will run it; the model is
+    loaded on the CPU).
 
     A PEFT adapter directory (a LoRA checkpoint's ``policy/``) gives its base model (the
     ``base_model_name_or_path`` PEFT recorded) with the adapters merged in: a plain Hugging Face model."""

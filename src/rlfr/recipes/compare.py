@@ -50,13 +50,13 @@ from rlfr.eval.plots import plot_accuracy, plot_curves, plot_paired
 from rlfr.eval.progress import EvalProgress
 from rlfr.eval.results import CompareResult, ModelEval, RunResult
 from rlfr.eval.scoring import held_out_scores
-from rlfr.policy.loading import load_model, load_tokenizer
+from rlfr.policy.loading import load_model, load_tokenizer, resolve_dtype
 from rlfr.recipes.train import run_train
 from rlfr.reward.verifier import Verifier
 from rlfr.runtime.checkpoint import atomic_write_text, checkpoint_root, find_checkpoint
 from rlfr.runtime.env import inference_device
 from rlfr.runtime.metrics import read_metrics
-from rlfr.schema import TrainConfig, normalized, require_flow_init
+from rlfr.schema import TrainConfig, canonical, normalized, require_flow_init
 from rlfr.stats import compare_arms, format_diff, format_mean_std, mean_std
 
 METHODS = ("rlvr", "rlfr", "entropy")
@@ -141,9 +141,13 @@ EVAL_MODEL_FIELDS = ("dtype", "trust_remote_code")  # the ModelConfig fields tha
 
 def _eval_key_as_now(saved: dict) -> dict:
     """A saved evaluation key as this version writes it: its model settings cut to ``EVAL_MODEL_FIELDS``
-    (older versions saved the whole ModelConfig, whose other fields do not change an evaluation)."""
+    (older versions saved the whole ModelConfig, whose other fields do not change an evaluation), its dtype
+    resolved (``auto``: what it means on this machine)."""
     if isinstance(saved.get("model_cfg"), dict):
-        saved = saved | {"model_cfg": {k: saved["model_cfg"].get(k) for k in EVAL_MODEL_FIELDS}}
+        model = {k: saved["model_cfg"].get(k) for k in EVAL_MODEL_FIELDS}
+        if model.get("dtype") == "auto":
+            model["dtype"] = resolve_dtype("auto", inference_device(False))
+        saved = saved | {"model_cfg": model}
     return saved
 
 
@@ -197,6 +201,7 @@ def evaluate_model(
         "seed": cfg.seed,
         "model_cfg": {k: getattr(cfg.model, k) for k in EVAL_MODEL_FIELDS},
     }
+    key["model_cfg"]["dtype"] = resolve_dtype(cfg.model.dtype, inference_device(cfg.cpu))  # what it ran in
     if (
         cfg.data.min_pixels is not None or cfg.data.max_pixels is not None
     ):  # images resized: part of the result
@@ -206,8 +211,8 @@ def evaluate_model(
     # an interrupted evaluation continues after its last finished chunk (<name>.partial.json)
     progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key, clock)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
-    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
-    model = model.to(inference_device(cfg.cpu)).eval()
+    device = inference_device(cfg.cpu)
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code, device).to(device).eval()
     res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
                           cfg.seed, progress=progress)  # fmt: skip
     result = ModelEval(config=key, greedy=res.greedy, seconds=progress.seconds, sampled=res.sampled)
@@ -232,7 +237,8 @@ def run_one(cfg, progress: bool) -> RunResult:
     out = Path(cfg.out_dir)
     path = out / "compare_result.json"
     config = to_dict(cfg)
-    if (hit := _cached(path, config, normalized)) is not None:
+    # a run saved before the auto defaults (data.eval, model.dtype) with what they mean here is the same run
+    if (hit := _cached(path, canonical(config), lambda saved: canonical(normalized(saved)))) is not None:
         # the curves from metrics.jsonl: the cached ones may predate a key
         return dataclasses.replace(RunResult.from_dict(hit, str(path)), curves=_curves(out))
     t0 = time.time()
