@@ -230,3 +230,19 @@ def test_cli_startup_benchmark_prints_its_table():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["python -c pass", "rlfr --help", "rlfr train --help",
                                                "rlfr train --show-config"]  # fmt: skip
+
+
+def test_a_command_that_parses_its_own_arguments_still_runs(tmp_path, monkeypatch, capsys):
+    """An entry of the commands table without a config class hands its words to the module's own parser
+    (``add_arguments`` / ``run(args)``, with ``rlfr.config.add_config_arguments`` and ``config_from_args``)."""
+    (tmp_path / "own_cmd.py").write_text(
+        "from rlfr.config import add_config_arguments, config_from_args\n"
+        "from rlfr.commands import ExportConfig\n"
+        "def add_arguments(p):\n    add_config_arguments(p, 'dtype=float32')\n"
+        "def run(args):\n    cfg = config_from_args(args, ExportConfig)\n"
+        "    print('ran', cfg.dtype) if cfg is not None else None\n    return 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(_COMMANDS, "own", ("own_cmd", None, "a command with its own parser", ()))
+    assert _out(capsys, ["own", "dtype=float16"]).strip() == "ran float16"
+    assert "dtype: bfloat16" in _out(capsys, ["own", "--show-config", "dtype=bfloat16"])

@@ -355,3 +355,22 @@ def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str]]:
         note = f.metadata.get("help", "") + (f" ({f.metadata['range']})" if "range" in f.metadata else "")
         rows.append((key, yaml_value(to_dict(value)), note))
     return rows
+
+
+def add_config_arguments(parser, example: str) -> None:
+    """For a command that still parses its own arguments (an entry of ``rlfr.cli._COMMANDS`` without a config
+    class): ``--config`` (repeatable), ``--show-config`` and the ``key=value`` words."""
+    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    parser.add_argument(
+        "--show-config", action="store_true", help="print the resolved configuration and exit"
+    )
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+
+
+def config_from_args(args, cls: type[T], extra_overrides: typing.Iterable[str] = ()) -> T | None:
+    """The config of such a command; with ``--show-config`` print it (``to_yaml``) and return None."""
+    cfg = load_config(cls, args.config, [*args.overrides, *extra_overrides])
+    if args.show_config:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg

@@ -22,6 +22,7 @@ from huggingface_hub import ModelCardData
 
 from rlfr import __version__
 from rlfr.runtime.metrics import read_metrics
+from rlfr.schema import canonical
 
 CITATION = """@article{zhang2025rlfr,
   title={RLFR: Extending Reinforcement Learning for LLMs with Flow Environment},
@@ -104,9 +105,14 @@ def model_card(config: dict, checkpoint: Path, results: dict[str, float], lora: 
             f"timesteps {shaping.get('timesteps')}; flow started from `{flow.get('init')}`, online updates "
             f"{'on' if flow.get('update', True) else 'off'})"
         )
+    held = canonical(config).get("data", {}).get("eval")
+    held = (
+        f"{data.get('eval_size')} rows held out of it"
+        if held == "auto"
+        else f"`{held}` ({data.get('eval_size')} problems)"
+    )
     lines += [
-        f"- **Training data:** `{data.get('train')}` (template `{data.get('template')}`); held-out data: "
-        f"`{data.get('eval')}` ({data.get('eval_size')} problems)",
+        f"- **Training data:** `{data.get('train')}` (template `{data.get('template')}`); held-out data: {held}",
         f"- **Steps:** {config.get('steps')} RL steps of {config.get('rollout', {}).get('prompts_per_step')} prompts "
         f"x {config.get('rollout', {}).get('num_generations')} samples; seed {config.get('seed')}",
         "",
