@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from rlfr import __version__
-from rlfr.cli import _COMMANDS, OnceFilter, main
+from rlfr.cli import _COMMANDS, OnceFilter, _logging, main
 from tiny_run import TINY_TRAIN_OVERRIDES, make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +140,24 @@ def test_once_filter_lets_each_warning_through_once():
                                   (logging.INFO, "i"), (logging.INFO, "i"), (logging.ERROR, "a"))]  # fmt: skip
     once = OnceFilter()
     assert [once.filter(r) for r in records] == [True, False, True, True, True, True]
+
+
+def test_each_handler_sees_each_warning_once_and_keeps_its_filters():
+    """One filter shared by every root handler let a warning through the first handler only, and ``main()`` left it
+    on the caller's handlers: after any in-process CLI test, pytest's caplog saw no warnings (CI failed on this)."""
+    root = logging.getLogger()
+    first, second = (logging.handlers.BufferingHandler(100) for _ in range(2))
+    root.addHandler(first), root.addHandler(second)
+    try:
+        with _logging(verbose=False):
+            for _ in range(3):
+                logging.getLogger("rlfr.test").warning("twice said")
+        assert [len(h.buffer) for h in (first, second)] == [1, 1]
+        assert first.filters == [] and second.filters == []
+        logging.getLogger("rlfr.test").warning("twice said")  # outside a command run: nothing filters it
+        assert [len(h.buffer) for h in (first, second)] == [2, 2]
+    finally:
+        root.removeHandler(first), root.removeHandler(second)
 
 
 def test_each_warning_once(tmp_path):

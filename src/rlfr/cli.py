@@ -24,10 +24,12 @@ the command runs. (``benchmarks/cli_startup.py`` measures it.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import logging
 import sys
+from collections.abc import Iterator
 
 from rlfr import __version__
 from rlfr.config import describe, load_config, to_yaml, valid_keys
@@ -202,8 +204,12 @@ class OnceFilter(logging.Filter):
         return first
 
 
-def _setup_logging(verbose: bool) -> None:
-    """INFO logging on stderr (DEBUG with -v); each warning once, transformers' own handler included."""
+@contextlib.contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """INFO logging on stderr (DEBUG with -v) while a command runs; each warning once per handler, transformers'
+    own handler included. Every handler gets its own filter (one shared filter would let a warning through the
+    first handler only), and the filters come off again when the command ends, so a caller that runs ``main()``
+    in its own process (a test, a notebook) keeps its handlers as they were."""
     import transformers.utils.logging as hf_logging  # lazy: the recipe about to run imports transformers anyway
 
     logging.basicConfig(
@@ -211,11 +217,16 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    once = OnceFilter()  # a fresh one per command run (main() may run several times in one process)
+    added = []
     for handler in [*logging.getLogger().handlers, *hf_logging.get_logger().handlers]:
-        for old in [f for f in handler.filters if isinstance(f, OnceFilter)]:
-            handler.removeFilter(old)
+        once = OnceFilter()
         handler.addFilter(once)
+        added.append((handler, once))
+    try:
+        yield
+    finally:
+        for handler, once in added:
+            handler.removeFilter(once)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlfr {__version__}")
         return 0
     if ns.rest is not None:  # a command that parses its own arguments (module.add_arguments, run(args))
-        _setup_logging(ns.verbose)
-        return _run_legacy(ns.command, _COMMANDS[ns.command][0], ns.rest)
+        with _logging(ns.verbose):
+            return _run_legacy(ns.command, _COMMANDS[ns.command][0], ns.rest)
     if ns.help or ns.command is None:
         print_help(ns.command)
         return 0 if ns.help else EXIT_ERROR
@@ -243,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                 end="",
             )
             return 0
-        _setup_logging(ns.verbose)
-        module = importlib.import_module(module_name)
-        flags = {
-            f[2:].replace("-", "_"): ns.flags.get(f, False if _FLAGS[f][0] is None else None) for f in own
-        }
-        return int(module.run(cfg, **flags) or 0)
+        with _logging(ns.verbose):
+            module = importlib.import_module(module_name)
+            flags = {
+                f[2:].replace("-", "_"): ns.flags.get(f, False if _FLAGS[f][0] is None else None) for f in own
+            }
+            return int(module.run(cfg, **flags) or 0)
     except Interrupted as e:
         print(f"rlfr {ns.command}: {e}", file=sys.stderr)
         return EXIT_RESUMABLE
