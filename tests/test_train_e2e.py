@@ -162,7 +162,15 @@ def test_method_variants_train(tiny_dir, tmp_path, extra):
     out = tmp_path / "run"
     # a dense custom reward (through the module:function interface) gives non-zero advantages
     res = run_train(
-        _cfg(tiny_dir, out, "steps=1", "reward.functions=[tiny_run:digit_reward]", *extra), progress=False
+        _cfg(
+            tiny_dir,
+            out,
+            "steps=1",
+            "reward.funcs=[tiny_run:digit_reward]",
+            "reward.correct_if=verifier",
+            *extra,
+        ),
+        progress=False,
     )
     row = res.history[0]
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
@@ -280,7 +288,7 @@ def test_rl_climbs_a_dense_reward(tiny_dir, tmp_path, method):
     # raise it well above where it started. A flipped advantage or log-probs scored one position off
     # leave it flat or push it down.
     res = run_train(
-        _cfg(tiny_dir, tmp_path / "run", "steps=20", f"method={method}", "reward.functions=[tiny_run:digit_reward]",
+        _cfg(tiny_dir, tmp_path / "run", "steps=20", f"method={method}", "reward.funcs=[tiny_run:digit_reward]", "reward.correct_if=verifier",
              "rollout.prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=8",
              "policy.micro_batch_size=16", "policy.lr=1e-2", "save_every=0"),
         progress=False,

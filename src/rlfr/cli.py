@@ -31,6 +31,10 @@ _COMMANDS = {
         "turn the authors' released flow weights into an rlfr flow directory",
     ),
     "train": ("rlfr.recipes.train", "RL: --method rlfr | rlvr | entropy"),
+    "data": (
+        "rlfr.recipes.data",
+        "data download: benchmarks into the datasets cache; data prepare: flow-pretraining data from solutions",
+    ),
     "export": ("rlfr.recipes.export", "a checkpoint's policy as a Hugging Face model (LoRA adapters merged)"),
     "eval": ("rlfr.recipes.evaluate", "greedy pass@1 / sampled pass@k on benchmarks or the embedded split"),
     "compare": ("rlfr.recipes.compare", "base vs RLVR vs RLFR vs entropy shaping (and ablations) over seeds"),

@@ -21,8 +21,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rlfr.data.benchmarks import BENCHMARKS
-from rlfr.data.sources import GENERATED_SETS, Fields, load_source
+from rlfr.data.benchmarks import BENCHMARKS, benchmark_name
+from rlfr.data.examples import Fields
+from rlfr.data.sources import GENERATED_SETS, load_source
 from rlfr.data.templates import TEMPLATES, example_prompt
 from rlfr.eval.results import DatasetResult, EvaluateResult
 from rlfr.eval.scoring import sampled_completions, score_completions
@@ -41,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         nargs="+",
         required=True,
-        help="'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', 'embedded-vl', a benchmark "
-        f"({', '.join(BENCHMARKS)}) or a data file",
+        help="'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', 'embedded-vl', benchmark:NAME "
+        f"({', '.join(BENCHMARKS)}; rlfr data download NAME), a data file, a dataset directory or a Hub dataset id",
     )
     p.add_argument("--out", default="runs/eval", help="output directory")
     p.add_argument("--template", default="chat", choices=TEMPLATES, help="prompt template")
@@ -95,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def dataset_slug(spec: str) -> str:
-    name = spec if spec.startswith("embedded") or spec in BENCHMARKS else Path(spec).stem
+    name = spec if spec.startswith("embedded") else benchmark_name(spec) or Path(spec).stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
 
 
@@ -126,7 +127,7 @@ def run_evaluate(args: argparse.Namespace) -> EvaluateResult:
     sets = {}
     for spec in args.data:  # load every set first: a bad path fails before the model loads
         size = args.eval_size if spec in GENERATED_SETS else 0  # files and benchmarks: all rows (--limit)
-        fields = Fields(problem=args.problem_field, answer=args.answer_field, image=args.image_field)
+        fields = Fields(prompt=args.problem_field, answer=args.answer_field, image=args.image_field)
         rows = load_source(spec, fields, size, task_seed=args.seed, dev_size=args.dev_size)
         sets[dataset_slug(spec)] = (spec, rows[: args.limit] if args.limit > 0 else rows)
     seed_everything(args.seed)
