@@ -50,8 +50,11 @@ def test_download_offline_names_the_dataset_and_how_to_use_a_local_file():
         in err
     )
     assert "point at a local copy: a .jsonl / .parquet file" in err and "data.eval" in err
-    bad = _cli("data", "download", "gsm8k", env=env)
-    assert bad.returncode == 2 and "benchmarks[0]: 'gsm8k' is not one of ['aime24', 'aime25'" in bad.stderr
+
+
+def test_download_refuses_an_unknown_benchmark(capsys):
+    assert main(["data", "download", "gsm8k"]) == 2
+    assert "benchmarks[0]: 'gsm8k' is not one of ['aime24', 'aime25'" in capsys.readouterr().err
 
 
 def test_download_fetches_each_benchmark_through_datasets(tmp_path, monkeypatch, capsys):
@@ -166,8 +169,11 @@ def test_prepare_runs_from_the_command_line_on_a_local_file(tiny_dir, tmp_path):
     written = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert written[0] == {"id": "sol-0", "messages": [{"role": "user", "content": "1+1"},
                                                       {"role": "assistant", "content": "1+1=2"}]}  # fmt: skip
-    bad = _cli("data", "prepare", "math500")
-    assert bad.returncode == 2 and "rlfr data prepare takes key=value settings, got ['math500']" in bad.stderr
+
+
+def test_prepare_takes_only_settings(capsys):
+    assert main(["data", "prepare", "math500"]) == 2
+    assert "rlfr data prepare takes key=value settings, got ['math500']" in capsys.readouterr().err
 
 
 def test_percentile_by_hand():

@@ -11,7 +11,8 @@ Contract
   from this function for this rollout" (a function that only applies to some rows).
 - ``load_reward_fn(spec, verifier=None, outcome="binary")``: a built-in name (``"math"``: the answer check,
   scored as ``outcome`` says; ``"format"``: 1.0 when a final-answer form is present) or ``"module:function"``
-  (imported; a missing module or function or a non-callable raises ``ValueError`` naming both).
+  (imported from the current directory or ``PYTHONPATH``; a missing module or function or a non-callable raises
+  ``ValueError`` naming both).
 - ``CombinedReward([(fn, weight), ...])``: ``total_i = sum_k weight_k * fn_k(...)_i`` over the functions that
   scored rollout i (a ``None`` is left out of the sum, as TRL's ``nansum``); a rollout that no function scored is
   an error naming it (a silent 0 would be a reward nobody chose). Every function's output is checked for length
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,6 +94,8 @@ def load_reward_fn(spec: str, verifier: Verifier | None = None, outcome: str = "
     if ":" not in spec:
         raise ValueError(f"unknown reward {spec!r}: use one of {BUILTINS} or 'package.module:function'")
     module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # the rlfr script, unlike python, does not add it
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
