@@ -375,3 +375,19 @@ def test_data_system_prompt_sets_the_system_turn(tmp_path):
     assert row.system == "Answer in one word."
     with pytest.raises(ValueError, match="template 'r1' has no system turn"):
         render_prompts([row], "r1", tok, 512)
+
+
+def test_a_run_saved_with_the_old_key_names_resumes_unchanged():
+    """data.problem_field is now data.prompt_field and reward.functions reward.funcs: a checkpoint's config that
+    says the old names is the same experiment, not a change the resume would refuse."""
+    from rlfr.config import load_config, to_dict
+    from rlfr.schema import TrainConfig, resume_changes
+
+    overrides = ["data.prompt_field=question", "reward.funcs=[math,format]", "reward.weights=[1.0,0.5]"]
+    new = to_dict(load_config(TrainConfig, overrides=overrides))
+    old = json.loads(json.dumps(new))
+    old["data"]["problem_field"] = old["data"].pop("prompt_field")
+    old["reward"]["functions"] = old["reward"].pop("funcs")
+    assert resume_changes(old, new) == ({}, {})
+    old["data"]["problem_field"] = "other"
+    assert resume_changes(old, new)[1] == {"data.prompt_field": ("other", "question")}
