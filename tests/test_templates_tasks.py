@@ -225,3 +225,14 @@ def test_dev_split_and_transfer_task():
         assert ex.solution.count(" = ") >= 2 and ex.solution.endswith(f"\\boxed{{{ex.answer}}}")
     with pytest.raises(ValueError, match="unknown embedded set"):
         embedded_set("embedded-hard", 5, 0)
+
+
+def test_a_system_prompt_for_a_template_without_one_is_refused_at_load():
+    from rlfr.config import ConfigError, load_config
+    from rlfr.data.templates import _PLAIN
+    from rlfr.schema import NO_SYSTEM_TURN, DataConfig
+
+    assert NO_SYSTEM_TURN == tuple(k for k, t in _PLAIN.items() if t.system_turn is None)
+    with pytest.raises(ConfigError, match="template r1 has no system turn for system_prompt"):
+        load_config(DataConfig, overrides=["template=r1", "system_prompt=Be brief."])
+    assert load_config(DataConfig, overrides=["template=r1", "system_prompt=''"]).system_prompt == ""

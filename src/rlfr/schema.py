@@ -22,6 +22,7 @@ Mode = Literal["token_post", "token_pre", "identity"]
 Template = Literal[
     "chat", "qwen_math_box", "llama_box", "r1", "authors_llama3", "authors_flow_qwen", "authors_flow_llama3"
 ]
+NO_SYSTEM_TURN = ("llama_box", "r1")  # templates that refuse a system prompt (rlfr.data.templates)
 # rlfr.data.benchmarks.BENCHMARKS (tests/test_data.py checks that both list the same names)
 BenchmarkName = Literal["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
 # experiment trackers (accelerate's tracker classes); rlfr.capabilities.check_trackers names the pip extra
@@ -151,6 +152,10 @@ class DataConfig:
             raise ConfigError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
         if not self.image_field:
             raise ConfigError("image_field must be auto, none or a column name")
+        if self.system_prompt and self.template in NO_SYSTEM_TURN:
+            raise ConfigError(
+                f"template {self.template} has no system turn for system_prompt; use chat or one with a system turn"
+            )
 
 
 @dataclass(frozen=True)

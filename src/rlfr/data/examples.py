@@ -16,10 +16,9 @@ Contract
   prompt) raises ``DataError`` naming the source, the 1-based row (and line for text files) and the column; so
   does a row that is valid JSON but too deeply nested or holds an integer too long for Python to read. With
   ``skip_bad_rows`` bad rows are skipped, logged with a warning, and counted in the returned list's ``report``.
-- Chat rows: a prompt column holding a list of ``{"role", "content"}`` messages (``data.prompt_field=messages``):
-  the user turn(s) are the prompt (several are joined by a blank line), a system turn is the row's ``system`` (over ``data.system_prompt``),
-  a last assistant turn is the solution (then ``data.solution_field`` is not read); an assistant turn before
-  the last user turn (a multi-turn conversation) is refused.
+- Chat rows: a prompt column holding a list of ``{"role", "content"}`` messages (``data.prompt_field=messages``,
+  ``rlfr.data.chat``): the user turn(s) are the prompt, a system turn is the row's ``system`` (over
+  ``data.system_prompt``), a last assistant turn is the solution (then ``data.solution_field`` is not read).
 - Images (multimodal rows): ``image_field="auto"`` reads the column ``images`` or ``image`` when a row has one
   (both in one row is an error), ``"none"`` ignores images, any other name must be present in every row. What a
   cell may hold: ``rlfr.data.images``; paths are relative to the data file.
@@ -34,13 +33,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rlfr.data.chat import is_chat, parse_chat
 from rlfr.data.images import IMAGE_FIELDS, read_images
 from rlfr.data.jsonfiles import JSON_SUFFIXES, json_rows
 from rlfr.data.tables import open_table
 from rlfr.errors import DataError
 
 logger = logging.getLogger(__name__)
-MESSAGE_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -105,56 +104,6 @@ def _to_answer(value: Any) -> str | tuple[str, ...]:
             raise TypeError("nested lists are not answers")
         return forms
     raise TypeError(f"expected a string, number or non-empty list, got {type(value).__name__} {value!r}")
-
-
-def is_chat(value: Any) -> bool:
-    """A list of messages (dicts with a role), as a chat column holds."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    return (
-        isinstance(value, (list, tuple))
-        and bool(value)
-        and all(isinstance(m, dict) and "role" in m for m in value)
-    )
-
-
-def _text_of(message: dict, i: int) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)) and all(
-        isinstance(p, dict) and p.get("type") == "text" for p in content
-    ):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise DataError(
-        f"message {i} ({message.get('role')}): content must be a string or a list of text parts, got {content!r:.80}"
-        " (images go in the image column, data.image_field)"
-    )
-
-
-def parse_chat(messages: Any, column: str) -> tuple[str, str | None, str | None]:
-    """(prompt, system or None, solution or None) of a chat cell (module docstring)."""
-    if hasattr(messages, "tolist"):
-        messages = messages.tolist()
-    roles = [m.get("role") for m in messages]
-    bad = [r for r in roles if r not in MESSAGE_ROLES]
-    if bad:
-        raise DataError(f"column {column!r}: role {bad[0]!r} is not one of {list(MESSAGE_ROLES)}")
-    solution = None
-    if roles[-1] == "assistant":
-        solution, messages, roles = _text_of(messages[-1], len(roles)), messages[:-1], roles[:-1]
-    if "assistant" in roles:
-        raise DataError(
-            f"column {column!r}: an assistant turn before the last user turn (a multi-turn conversation); rlfr "
-            "trains single-turn prompts: keep one exchange per row"
-        )
-    systems = [_text_of(m, i + 1) for i, m in enumerate(messages) if m["role"] == "system"]
-    users = [_text_of(m, i + 1) for i, m in enumerate(messages) if m["role"] == "user"]
-    if len(systems) > 1:
-        raise DataError(f"column {column!r}: {len(systems)} system turns; keep one")
-    if not users:
-        raise DataError(f"column {column!r}: no user turn (roles {roles})")
-    return "\n\n".join(users), (systems[0] if systems else None), solution
 
 
 def _missing(name: str, key: str, row: dict) -> DataError:
