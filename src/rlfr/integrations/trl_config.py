@@ -3,8 +3,9 @@
 ``flow.reward.*`` too: ``flow_beta`` is ``flow.reward.beta``), each with its default and help text taken from
 ``rlfr.schema``, so ``TrlParser`` / ``HfArgumentParser`` read them from the command line or a YAML file like
 any other TRL option; ``flow_correctness`` says which completions pass the check (a reward function's name and
-``flow_correct_threshold``, or ``NAME OP NUMBER`` as ``rlfr train``'s ``reward.correct_if``). Also here: the TRL releases the bridge is tested with (importing this under another one fails), the
-losses it refuses, and the deprecated keywords (``flow=``, ``correctness=``, ``correct_threshold=``).
+``flow_correct_threshold``, or ``NAME OP NUMBER`` as ``rlfr train``'s ``reward.correct_if``). Also here: the TRL
+releases the bridge is tested with (importing this under another one fails), the losses it refuses, and the
+deprecated keywords (``flow=``, ``correctness=``, ``correct_threshold=``).
 """
 
 from __future__ import annotations

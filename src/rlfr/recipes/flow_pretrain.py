@@ -67,9 +67,8 @@ class FlowPretrainResult:
 def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPretrainResult:
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
-    train, _ = resolve_data(
-        cfg.data, need_solution=True, need_answer=False
-    )  # data errors surface before the model loads
+    # data errors surface before the model loads; flow pretraining reads no answers
+    train, _ = resolve_data(cfg.data, need_solution=True, need_answer=False)
     tok = load_tokenizer(
         cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
     )
