@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlfr.cli import main
+from rlfr.commands import DownloadConfig, PrepareConfig
 from rlfr.config import ConfigError, load_config
 from rlfr.data import load_examples
 from rlfr.data.benchmarks import BENCHMARKS, Benchmark
@@ -20,7 +21,6 @@ from rlfr.data.templates import render_prompt, response_end
 from rlfr.policy.loading import load_tokenizer
 from rlfr.policy.rollout import encode_solutions
 from rlfr.recipes.data import run_prepare
-from rlfr.schema import DownloadConfig, PrepareConfig
 from tiny_run import make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]

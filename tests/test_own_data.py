@@ -26,7 +26,7 @@ SMALL = {
     "train": "steps=2 save_every=2 rollout.prompts_per_step=2 rollout.num_generations=2 rollout.max_new_tokens=6 "
     "policy.micro_batch_size=2 eval_max_new_tokens=4 data.eval_size=2 reward.workers=1 report_to=[]",
     "export": "",
-    "eval": "--max-new-tokens 4 --limit 2 --workers 1 --cpu",
+    "eval": "max_new_tokens=4 limit=2 workers=1 cpu=true",
 }
 
 

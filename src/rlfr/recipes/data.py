@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from rlfr.config import add_config_arguments, config_from_args, load_config
+from rlfr.commands import DownloadConfig, PrepareConfig
+from rlfr.config import add_config_arguments, load_config, to_yaml
 from rlfr.data.benchmarks import BENCHMARKS, download
 from rlfr.data.examples import Fields, read_examples
 from rlfr.data.prepare import prepare_flow_data, write_prepared
 from rlfr.errors import ConfigError
 from rlfr.policy.loading import load_tokenizer
-from rlfr.schema import DownloadConfig, PrepareConfig
 
 ACTIONS = {"download": DownloadConfig, "prepare": PrepareConfig}
 
@@ -49,6 +49,10 @@ def run_download(cfg: DownloadConfig) -> dict[str, int]:
 def run_prepare(cfg: PrepareConfig):
     """Read, measure, cut, split and write (module docstring); -> ``rlfr.data.prepare.Prepared``."""
     d = cfg.data
+    if not d.train:
+        raise ConfigError(
+            "rlfr data prepare needs data.train: the expert solutions (a file, a directory or a Hub id)"
+        )
     fields = Fields(prompt=d.prompt_field, solution=d.solution_field, skip_bad_rows=d.skip_bad_rows, image="none",
                     need_answer=False, system_prompt=d.system_prompt)  # fmt: skip
     examples = read_examples(d.train, fields, subset=d.subset, split=d.split)  # before the tokenizer loads
@@ -73,17 +77,17 @@ def run_prepare(cfg: PrepareConfig):
 
 
 def run(args) -> int:
-    if args.show_config:
-        config_from_args(args, ACTIONS[args.action])
-        return 0
     words = [w for w in args.overrides if "=" not in w]
     settings = [w for w in args.overrides if "=" in w]
-    if args.action == "download":
-        if words:
-            settings.append(f"benchmarks=[{','.join(words)}]")
-        run_download(load_config(DownloadConfig, args.config, settings))
+    if args.action == "download" and words:
+        settings.append(f"benchmarks=[{','.join(words)}]")
     elif words:
         raise ConfigError(f"rlfr data prepare takes key=value settings, got {words}")
+    cfg = load_config(ACTIONS[args.action], args.config, settings)
+    if args.show_config:
+        print(to_yaml(cfg), end="")
+    elif args.action == "download":
+        run_download(cfg)
     else:
-        run_prepare(load_config(PrepareConfig, args.config, settings))
+        run_prepare(cfg)
     return 0
