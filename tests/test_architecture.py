@@ -32,7 +32,7 @@ LAYERS = (
     ("recipes",),
     ("cli", "integrations"),
 )
-STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export")
+STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export", "data")
 COMPOSERS = ("demo", "compare")
 MATHS = (
     "flow/shaping.py",
@@ -271,7 +271,7 @@ def test_maths_modules_are_pure(path):
                                            ("metrics.jsonl", "runtime/metrics.py")])  # fmt: skip
 def test_one_module_owns_each_file_format(literal, owner):
     # the same name in another format: a dataset saved by the datasets library has its own state.json
-    others = {"state.json": ("data/examples.py",)}.get(literal, ())
+    others = {"state.json": ("data/tables.py",)}.get(literal, ())
     users = [f"{path}:{line}" for path, tree in MODULES.items() for line, s in _strings(tree)
              if literal in s and path not in others]  # fmt: skip
     assert users and all(u.startswith(owner + ":") for u in users), users

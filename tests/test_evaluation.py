@@ -220,6 +220,30 @@ def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
     assert [r["completion"] for r in ref.records] == [r["completion"] for r in rows]
 
 
+def test_eval_reads_a_benchmark_by_name_and_a_hub_style_directory(tiny_dir, tmp_path, monkeypatch):
+    """benchmark:NAME is the benchmark (here its local copy, RLFR_BENCHMARK_DIR); a dataset directory laid out as
+    on the Hub is read through datasets like a Hub id."""
+    rows = [{"id": f"b{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(3)]
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "copies" / "aime24.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("RLFR_BENCHMARK_DIR", str(tmp_path / "copies"))
+    import datasets
+
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows[:2]).to_parquet(
+        str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    )
+    out = tmp_path / "ev"
+    args = ["eval", f"model={tiny_dir}", f"data.eval=[benchmark:aime24,{tmp_path / 'hub'}]", f"out={out}",
+            "max_new_tokens=3", "workers=1", "limit=2", "cpu=true"]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())["datasets"]
+    assert {k: (v["data"], v["n"]) for k, v in res.items()} == {
+        "aime24": ("benchmark:aime24", 2), "hub": (str(tmp_path / "hub"), 2)
+    }  # fmt: skip
+    assert [r["answer"] for r in _rows(out / res["aime24"]["samples_file"])] == ["1", "2"]
+
+
 def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ev"
     rc = main(

@@ -160,7 +160,7 @@ def lora_runs(tiny_dir, tmp_path_factory):
     """A 4-step LoRA run, and the same run stopped after 2 steps and resumed."""
     root = tmp_path_factory.mktemp("lora")
     extra = ("steps=4", "model.lora.rank=4", "model.lora.alpha=8", "policy.track_kl=true",
-             "reward.functions=[tiny_run:digit_reward]", "policy.lr=5e-3")  # fmt: skip
+             "reward.funcs=[tiny_run:digit_reward]", "reward.correct_if=verifier", "policy.lr=5e-3")  # fmt: skip
     full = root / "full"
     run_train(tiny_train_config(tiny_dir, full, *extra), progress=False, final_eval=False)
     part = root / "part"

@@ -403,7 +403,9 @@ def test_logs_are_cut_to_the_resumed_step_and_a_failed_start_leaves_nothing(tiny
     fresh = tmp_path / "never"
     with pytest.raises(ValueError, match="reward"):
         run_train(
-            tiny_train_config(tiny_dir, fresh, "steps=1", "reward.functions=[no_such_module:fn]"),
+            tiny_train_config(
+                tiny_dir, fresh, "steps=1", "reward.funcs=[no_such_module:fn]", "reward.correct_if=verifier"
+            ),
             progress=False,
         )
     assert not fresh.exists()

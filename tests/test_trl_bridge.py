@@ -23,7 +23,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rlfr.errors import ConfigError  # noqa: E402
 from rlfr.integrations.trl import RLFRGRPOConfig, RLFRGRPOTrainer, check_trl_version  # noqa: E402
-from rlfr.schema import FlowConfig  # noqa: E402
+from rlfr.integrations.trl_config import correctness_rule  # noqa: E402
+from rlfr.schema import OPS, FlowConfig, Threshold  # noqa: E402
 from tiny_run import make_tiny_model_dir  # noqa: E402
 
 GEN = 2  # completions per prompt
@@ -272,6 +273,19 @@ def test_other_settings_are_refused_with_the_fix(tiny_dir, tmp_path):
         grpo_args(tmp_path, flow_lr=float("nan"))
 
 
+def test_flow_correctness_takes_rlfr_trains_rule(tiny_dir, tmp_path):
+    """flow_correctness is a reward name with flow_correct_threshold, or the rule in one string as rlfr train's
+    reward.correct_if; a NaN score (a reward function's None) never passes."""
+    assert correctness_rule("accuracy", 1.0) == Threshold("accuracy", ">=", 1.0)
+    assert correctness_rule("accuracy>0.5", 1.0) == Threshold("accuracy", ">", 0.5)
+    with pytest.raises(ValueError, match="holds its threshold; flow_correct_threshold=0.5 would be a second"):
+        correctness_rule("accuracy>=1", 0.5)
+    t = trainer(tiny_dir, tmp_path, flow_correctness="length<0.2")
+    assert (t.correct_index, t.correct_rule) == (1, Threshold("length", "<", 0.2))
+    scores = torch.tensor([0.1, 0.2, float("nan"), 0.3])
+    assert OPS[t.correct_rule.op](scores, t.correct_rule.value).tolist() == [True, False, False, False]
+
+
 def test_flow_options_parse_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 
@@ -297,7 +311,7 @@ def test_the_deprecated_keywords_still_work(tiny_dir, tmp_path):
         t = RLFRGRPOTrainer(model, [has_digit, length], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
                             flow=FlowConfig(init="random", soft_flow=0.5), correctness="length",
                             correct_threshold=0.5)  # fmt: skip
-    assert (t.flow.cfg.soft_flow, t.correct_index, t.correct_threshold) == (0.5, 1, 0.5)
+    assert (t.flow.cfg.soft_flow, t.correct_index, t.correct_rule) == (0.5, 1, Threshold("length", ">=", 0.5))
     with pytest.raises(ValueError, match="actor_warmup_steps"), pytest.warns(DeprecationWarning):
         RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
                         flow=FlowConfig(actor_warmup_steps=2), correctness="has_digit")  # fmt: skip

@@ -310,7 +310,7 @@ def test_vl_baselines_train(vl_dir, tmp_path, method):
     rl = [o for o in TINY_TRAIN_OVERRIDES if not o.startswith("data.")]
     cfg = load_config(TrainConfig, overrides=_overrides(vl_dir, tmp_path / method, *rl, "steps=1", "data.eval=",
                       f"method={method}", "policy.minibatches=2", "policy.ppo_epochs=2",
-                      "reward.functions=[tiny_run:digit_reward]"))  # fmt: skip
+                      "reward.funcs=[tiny_run:digit_reward]", "reward.correct_if=verifier"))  # fmt: skip
     # a dense toy reward gives non-zero advantages; 2 minibatches x 2 epochs select rows in random order, so
     # the image inputs follow their rows through Rollout.select
     res = run_train(cfg, progress=False)

@@ -71,9 +71,9 @@ def make_tiny_model_dir(
     return path
 
 
-def digit_reward(completions: list[str], answers: list) -> list[float]:
+def digit_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
     """A dense toy reward (fraction of digits in the completion), so a random-init policy sees non-zero
-    advantages; plugged in as ``reward.functions=[tiny_run:digit_reward]``."""
+    advantages; plugged in as ``reward.funcs=[tiny_run:digit_reward] reward.correct_if=verifier``."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 

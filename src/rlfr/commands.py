@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from rlfr.config import ConfigError, field_, from_dict, merge_dicts, to_dict
 from rlfr.config_files import leaves
-from rlfr.schema import Dtype, FlowPretrainConfig, Mode, SFTConfig, Template, TrainConfig
+from rlfr.schema import BenchmarkName, Dtype, FlowPretrainConfig, Mode, SFTConfig, Template, TrainConfig
 
 Method = Literal["rlvr", "rlfr", "entropy"]
 SEED_RANGE = "[0, 4294967295]"
@@ -31,11 +31,19 @@ class EvalDataConfig:
     eval: tuple[str, ...] = field_(
         (),
         "the sets to evaluate (required): 'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', "
-        "'embedded-vl', a benchmark or a data file; a list for several",
+        "'embedded-vl', benchmark:NAME (rlfr data download NAME), a data file, a dataset directory or a Hub "
+        "dataset id; a list for several",
     )
+    subset: str | None = field_(None, "dataset directories and Hub ids: the subset (configuration) to load")
+    split: str = field_("train", "dataset directories and Hub ids: the split to evaluate on")
     template: Template = field_("chat", "prompt template")
-    problem_field: str = field_("problem", "data files: field holding the problem")
-    answer_field: str = field_("answer", "data files: field holding the answer")
+    system_prompt: str | None = field_(
+        None, "the system turn (a chat row's own wins): none = the template's default, '' = no system turn"
+    )
+    prompt_field: str = field_(
+        "problem", "data files and datasets: column holding the prompt (text or a chat)"
+    )
+    answer_field: str = field_("answer", "data files and datasets: column holding the answer")
     image_field: str = field_("auto", "data files: image column (auto: images or image; none)")
     eval_size: int = field_(
         64, "embedded held-out problems (as data.eval_size in training)", range="[0, inf)"
@@ -233,3 +241,71 @@ class DemoConfig:
                     )
             data[section][name] = merge_dicts(data[section][name], values)
         return data
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """``rlfr data download``: benchmarks into the ``datasets`` cache (``rlfr.data.benchmarks``)."""
+
+    benchmarks: tuple[BenchmarkName, ...] = field_(
+        ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"),
+        "benchmarks to fetch (also given as plain words: rlfr data download math500 aime24)",
+    )
+
+    def validate(self) -> None:
+        if not self.benchmarks:
+            raise ConfigError("name at least one benchmark")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    name_or_path: str = field_(
+        "smollm2-135m-instruct",
+        "the model whose tokenizer measures the sequences (the policy of flow pretraining)",
+    )
+    trust_remote_code: bool = field_(False, "allow tokenizer code from the hub (off: never run unknown code)")
+
+
+@dataclass(frozen=True)
+class PrepareDataConfig:
+    """The input of ``rlfr data prepare``: the ``data.*`` keys of the other commands that it reads."""
+
+    train: str | None = field_(
+        None, "expert solutions (required): a data file, a dataset directory or a Hub dataset id"
+    )
+    subset: str | None = field_(None, "dataset directories and Hub ids: the subset (configuration) to load")
+    split: str = field_("train", "dataset directories and Hub ids: the split to load")
+    prompt_field: str = field_(
+        "problem", "column holding the prompt: text, or a chat (the user turn is the prompt)"
+    )
+    solution_field: str = field_(
+        "solution", "column holding the expert solution (a chat's last assistant turn is used instead)"
+    )
+    system_prompt: str | None = field_(
+        None, "the system turn (a chat row's own wins): none = the template's default, '' = no system turn"
+    )
+    template: Template = field_("chat", "prompt template, as data.template of rlfr flow-pretrain")
+    skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``rlfr data prepare``: expert solutions -> flow-pretraining input (``rlfr.data.prepare``)."""
+
+    model: TokenizerConfig = field_(TokenizerConfig(), "tokenizer")
+    data: PrepareDataConfig = field_(PrepareDataConfig(), "the expert solutions")
+    max_length: int = field_(
+        8192, "cutoff in tokens of a whole sequence, prompt + solution + end of turn (the authors: 8192)",
+        range="[2, inf)",
+    )  # fmt: skip
+    over_length: Literal["truncate", "drop"] = field_(
+        "truncate", "longer sequences: truncate the solution (as LLaMA-Factory's cutoff_len) or drop the row"
+    )
+    heldout_fraction: float = field_(
+        0.0, "fraction of the rows written to a held-out split (the authors: none)", range="[0, 1)"
+    )
+    seed: int = field_(0, "seed of the held-out draw", range=SEED_RANGE)
+    out_dir: str = field_("data/flow", "where train.jsonl (and heldout.jsonl) or the saved dataset go")
+    format: Literal["jsonl", "dataset"] = field_(
+        "jsonl", "jsonl files, or a DatasetDict written with save_to_disk"
+    )

@@ -8,6 +8,8 @@ allowed values next to its help text (``range="(0, inf)"``, checked at load with
 
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +18,13 @@ from rlfr.config import ConfigError, field_, from_dict, to_dict
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["token_post", "token_pre", "identity"]
-Template = Literal["chat", "qwen_math_box", "llama_box", "r1"]
+# rlfr.data.templates.TEMPLATES (tests/test_templates_tasks.py checks that both list the same names)
+Template = Literal[
+    "chat", "qwen_math_box", "llama_box", "r1", "authors_llama3", "authors_flow_qwen", "authors_flow_llama3"
+]
+NO_SYSTEM_TURN = ("llama_box", "r1")  # templates that refuse a system prompt (rlfr.data.templates)
+# rlfr.data.benchmarks.BENCHMARKS (tests/test_data.py checks that both list the same names)
+BenchmarkName = Literal["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
 # experiment trackers (accelerate's tracker classes); rlfr.capabilities.check_trackers names the pip extra
 Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml"]
 REPORT_TO_HELP = (
@@ -72,17 +80,36 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = field_("embedded", "'embedded' (reasoning-gym task), a benchmark name, or a data file")
+    train: str = field_(
+        "embedded",
+        "'embedded' (reasoning-gym task), benchmark:NAME, a data file (.jsonl, .json, .csv, .parquet), a dataset "
+        "directory (save_to_disk, or laid out as on the Hub) or a Hub dataset id (owner/name)",
+    )
     eval: str = field_(
         "auto",
         "held-out set: auto (the embedded task's held-out split when training on the embedded task, else "
         "data.eval_size rows held out of data.train, which no stage then trains on), 'embedded' (held-out "
-        "split), 'embedded-dev' (tuning split), 'embedded-transfer' (longer problems), a benchmark name, a "
-        "file, or '' for none",
+        "split), 'embedded-dev' (tuning split), 'embedded-transfer' (longer problems), benchmark:NAME (aime24, "
+        "aime25, amc23, math500, minerva, olympiadbench), a data file, a dataset directory, a Hub dataset id, or '' "
+        "for none",
     )
-    problem_field: str = field_("problem", "field holding the problem text")
-    answer_field: str = field_("answer", "field holding the ground-truth answer (string or list)")
-    solution_field: str | None = field_(None, "field holding a worked solution (SFT / flow pretraining)")
+    subset: str | None = field_(None, "dataset directories and Hub ids: the subset (configuration) to load")
+    split: str = field_("train", "dataset directories and Hub ids: the split of data.train")
+    eval_split: str | None = field_(
+        None, "dataset directories and Hub ids: the split of data.eval (default: split)"
+    )
+    prompt_field: str = field_(
+        "problem",
+        "column holding the prompt: text, or a chat (a list of {role, content} messages: the user turn is the "
+        "prompt, a system turn the system prompt, a last assistant turn the solution)",
+    )
+    answer_field: str = field_("answer", "column holding the ground-truth answer (string, number or list)")
+    solution_field: str | None = field_(None, "column holding a worked solution (SFT / flow pretraining)")
+    system_prompt: str | None = field_(
+        None,
+        "the system turn of every prompt (a chat row's own system turn wins): none = the template's default, "
+        "'' = no system turn",
+    )
     image_field: str = field_(
         "auto",
         "field holding a row's image(s) (path relative to the data file, bytes, or a list): auto = 'images' or "
@@ -99,7 +126,12 @@ class DataConfig:
         range="[1, inf)",
     )
     skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
-    template: Template = field_("chat", "prompt template")
+    template: Template = field_(
+        "chat",
+        "prompt template: chat (the tokenizer's), qwen_math_box, llama_box, r1, or the authors' authors_llama3 (their "
+        "Llama-3.1 RL prompt), authors_flow_qwen / authors_flow_llama3 (their flow-pretraining data, LLaMA-Factory's "
+        "qwen / llama3 templates)",
+    )
     train_size: int = field_(2000, "embedded task: number of training problems", range="[1, inf)")
     task_seed: int = field_(
         0,
@@ -127,6 +159,10 @@ class DataConfig:
             raise ConfigError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
         if not self.image_field:
             raise ConfigError("image_field must be auto, none or a column name")
+        if self.system_prompt and self.template in NO_SYSTEM_TURN:
+            raise ConfigError(
+                f"template {self.template} has no system turn for system_prompt; use chat or one with a system turn"
+            )
 
 
 @dataclass(frozen=True)
@@ -321,15 +357,84 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class Threshold:
+    """``reward.correct_if=NAME OP NUMBER``: correct when reward NAME's own score passes (None never does)."""
+
+    name: str
+    op: str
+    value: float
+
+    def __call__(self, score: float | None) -> bool:
+        return score is not None and OPS[self.op](score, self.value)
+
+
+OPS = {">=": operator.ge, ">": operator.gt, "==": operator.eq, "<=": operator.le, "<": operator.lt}
+_THRESHOLD = re.compile(r"\s*([\w.:]+?)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+
+
+def parse_threshold(text: str) -> Threshold | None:
+    """``"NAME OP NUMBER"`` -> ``Threshold`` (NAME as written), or None when ``text`` is not of that form."""
+    m = _THRESHOLD.fullmatch(text)
+    return Threshold(m[1], m[2], float(m[3])) if m else None
+
+
+def parse_correct_if(text: str, funcs: tuple[str, ...]) -> str | Threshold:
+    """``reward.correct_if`` (``rlfr.reward.outcome``) -> ``"verifier"``, a ``Threshold`` on one of ``funcs`` (by
+    its function name, ``"pkg.mod:fn"`` -> ``"fn"``), or a ``module:function`` spec; ``auto`` is ``verifier`` when
+    ``funcs`` hold ``math``. ConfigError says what is wrong and what would fit."""
+    text, short = text.strip(), {f.rpartition(":")[2]: f for f in funcs}
+    if text == "verifier" or (text == "auto" and "math" in funcs):
+        return "verifier"
+    if text == "auto":
+        raise ConfigError(
+            f"reward.correct_if=auto needs math in reward.funcs (got {list(funcs)}): say which rollouts are correct "
+            f"(they train the flow): reward.correct_if=NAME>=THRESHOLD on a reward (e.g. {next(iter(short))}>=1), "
+            "module:function, or verifier (the answer check)"
+        )
+    if t := parse_threshold(text):
+        if t.name not in short and t.name not in funcs:
+            raise ConfigError(
+                f"reward.correct_if={text}: no reward {t.name!r} in reward.funcs; the names are {list(short)}"
+            )
+        return Threshold(t.name.rpartition(":")[2], t.op, t.value)
+    if ":" in text and not re.search(r"[<>=\s]", text):
+        return text
+    raise ConfigError(
+        f"reward.correct_if={text!r}: expected verifier, NAME OP NUMBER (my_reward>=1; OP one of {', '.join(OPS)}) "
+        "or module:function"
+    )
+
+
+@dataclass(frozen=True)
 class RewardConfig:
-    functions: tuple[str, ...] = field_(("math",), "reward functions: built-in names or module:function")
+    funcs: tuple[str, ...] = field_(
+        ("math",),
+        "reward functions, each called as f(prompts, completions, **columns) -> list[float | None] like a TRL "
+        "reward function: built-in math (the answer check) or format, or module:function",
+    )
     weights: tuple[float, ...] = field_((1.0,), "one weight per reward function", range="(-inf, inf)")
+    outcome: Literal["binary", "authors"] = field_(
+        "binary",
+        "how the built-in math reward scores: binary 1/0 (the paper), or authors: 1 / 0.5 for a boxed but wrong "
+        "answer / 0 (the authors' code)",
+    )
+    correct_if: str = field_(
+        "auto",
+        "which rollouts are correct (they train the flow online; accuracy counts them): verifier (the answer "
+        "check), NAME OP NUMBER on a reward's score (my_reward>=1), or module:function; auto = verifier when "
+        "funcs include math",
+    )
     timeout: float = field_(5.0, "seconds allowed for one answer check", range="(0, inf)")
     workers: int = field_(2, "verifier worker processes", range="[1, inf)")
 
     def validate(self) -> None:
-        if len(self.functions) != len(self.weights) or not self.functions:
-            raise ConfigError("reward.functions and reward.weights must be non-empty and of equal length")
+        if len(self.funcs) != len(self.weights) or not self.funcs:
+            raise ConfigError("reward.funcs and reward.weights must be non-empty and of equal length")
+        if self.outcome != "binary" and "math" not in self.funcs:
+            raise ConfigError(
+                f"reward.outcome={self.outcome} scores the built-in math reward; add math to reward.funcs"
+            )
+        parse_correct_if(self.correct_if, self.funcs)
 
 
 @dataclass(frozen=True)
@@ -461,9 +566,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+RENAMED_KEYS = {"data": {"problem_field": "prompt_field"}, "reward": {"functions": "funcs"}}
+
+
 def normalized(saved: dict) -> dict:
-    """A saved ``TrainConfig`` dict as this version reads it: keys added since then take their defaults, so
-    that a new field does not count as a change. (A key this version no longer knows stays as saved.)"""
+    """A saved ``TrainConfig`` dict as this version reads it: renamed keys under their new names, and keys added
+    since then with their defaults, so that neither counts as a change. (A key this version no longer knows
+    stays as saved.)"""
+    saved = {
+        k: {RENAMED_KEYS[k].get(kk, kk): vv for kk, vv in v.items()}
+        if k in RENAMED_KEYS and isinstance(v, dict)
+        else v
+        for k, v in saved.items()
+    }
     try:
         return to_dict(from_dict(TrainConfig, saved))
     except ConfigError:

@@ -2,9 +2,10 @@
 ``GRPOConfig`` plus every ``flow.*`` option of ``rlfr train`` as a field ``flow_<key>`` (the reward shaping's
 ``flow.reward.*`` too: ``flow_beta`` is ``flow.reward.beta``), each with its default and help text taken from
 ``rlfr.schema``, so ``TrlParser`` / ``HfArgumentParser`` read them from the command line or a YAML file like
-any other TRL option; ``flow_correctness`` names the reward function that decides which completions pass the
-check. Also here: the TRL releases the bridge is tested with (importing this under another one fails), the
-losses it refuses, and the deprecated keywords (``flow=``, ``correctness=``, ``correct_threshold=``).
+any other TRL option; ``flow_correctness`` says which completions pass the check (a reward function's name and
+``flow_correct_threshold``, or ``NAME OP NUMBER`` as ``rlfr train``'s ``reward.correct_if``). Also here: the TRL
+releases the bridge is tested with (importing this under another one fails), the losses it refuses, and the
+deprecated keywords (``flow=``, ``correctness=``, ``correct_threshold=``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from trl import GRPOConfig  # noqa: E402
 
 from rlfr.config import from_dict, validate_config  # noqa: E402
 from rlfr.errors import ConfigError  # noqa: E402
-from rlfr.schema import FlowConfig, RewardShapingConfig  # noqa: E402
+from rlfr.schema import FlowConfig, RewardShapingConfig, Threshold, parse_threshold  # noqa: E402
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 _REWARD_KEYS = {f.name for f in fields(RewardShapingConfig)}
@@ -93,8 +94,9 @@ class RLFRGRPOConfig(GRPOConfig):
     flow_entropy_quantile: float | None = _flow_option("entropy_quantile")
     flow_correctness: str | None = field(
         default=None,
-        metadata={"help": "name of the reward function whose score >= flow_correct_threshold means the completion "
-                  "passes the answer check (those train the flow); required"},
+        metadata={"help": "which completions are correct (those train the flow): the name of a reward function, "
+                  "correct when its score >= flow_correct_threshold, or NAME OP NUMBER (accuracy>=1; OP one of >=, "
+                  ">, ==, <=, <) as rlfr train's reward.correct_if; required"},
     )  # fmt: skip
     flow_correct_threshold: float = field(
         default=1.0,
@@ -118,6 +120,19 @@ class RLFRGRPOConfig(GRPOConfig):
             raise ConfigError(
                 f"RLFRGRPOConfig: {e} (the field flow_<key> sets flow.<key> / flow.reward.<key>)"
             ) from e
+
+
+def correctness_rule(correctness: str, threshold: float) -> Threshold:
+    """``flow_correctness`` as a ``Threshold`` (``rlfr.schema``, what ``rlfr train``'s ``reward.correct_if`` takes):
+    ``"accuracy"`` is ``accuracy >= flow_correct_threshold``; ``"accuracy>=1"`` says it in one string."""
+    rule = parse_threshold(correctness)
+    if rule is None:
+        return Threshold(correctness, ">=", float(threshold))
+    if threshold != 1.0:
+        raise ValueError(
+            f"flow_correctness={correctness!r} holds its threshold; flow_correct_threshold={threshold} would be a second"
+        )
+    return rule
 
 
 def check_loss(loss_type: str, importance_sampling_level: str) -> None:

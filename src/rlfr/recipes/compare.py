@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
 import statistics
 import time
@@ -44,7 +45,7 @@ from pathlib import Path
 
 from rlfr.commands import CompareConfig
 from rlfr.config import from_dict, merge_dicts, overrides_from, parse_overrides, to_dict
-from rlfr.data.sources import Fields, auto_eval, load_source, resolve_data
+from rlfr.data.sources import auto_eval, fields_of, load_source, resolve_data
 from rlfr.errors import ConfigError, RlfrError
 from rlfr.eval.plots import plot_accuracy, plot_curves, plot_paired
 from rlfr.eval.progress import EvalProgress
@@ -152,18 +153,22 @@ def _eval_key_as_now(saved: dict) -> dict:
 
 
 def parse_eval_set(spec: str, default_size: int) -> tuple[str, str, int]:
-    """'NAME' or 'NAME:N' -> (slug, name, size)."""
-    name, _, size = spec.partition(":")
+    """'NAME' or 'NAME:N' -> (slug, name, size); NAME may hold a colon itself (``benchmark:math500:100``)."""
+    m = re.fullmatch(r"(.+):(-?\d+)", spec)
+    name, size = (m[1], m[2]) if m else (spec, "")
     n = int(size) if size else default_size
     if n < 0:
         raise ValueError(f"eval_sets: {spec}: the size must be >= 0")
-    slug = (Path(name).stem if Path(name).suffix else name) + (f"-{n}" if size else "")
+    base = Path(name).stem if Path(name).suffix else name.removeprefix("benchmark:")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", base) + (f"-{n}" if size else "")
     return slug, name, n
 
 
 def load_eval_examples(name: str, size: int, cfg):
-    fields = Fields(cfg.data.problem_field, cfg.data.answer_field)
-    return load_source(name, fields, size, cfg.data.task_seed, cfg.data.dev_size)
+    d = cfg.data
+    return load_source(
+        name, fields_of(d), size, d.task_seed, d.dev_size, subset=d.subset, split=d.eval_split or d.split
+    )
 
 
 def eval_set(spec: str, cfg: TrainConfig) -> tuple[str, str, list]:

@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from rlfr.commands import EvalConfig
-from rlfr.data.benchmarks import BENCHMARKS
-from rlfr.data.sources import GENERATED_SETS, Fields, load_source
+from rlfr.data.benchmarks import benchmark_name
+from rlfr.data.examples import Fields
+from rlfr.data.sources import GENERATED_SETS, load_source
 from rlfr.data.templates import example_prompt
 from rlfr.errors import ConfigError
 from rlfr.eval.results import DatasetResult, EvaluateResult
@@ -43,7 +44,7 @@ from rlfr.runtime.env import inference_device, seed_everything
 
 
 def dataset_slug(spec: str) -> str:
-    name = spec if spec.startswith("embedded") or spec in BENCHMARKS else Path(spec).stem
+    name = spec if spec.startswith("embedded") else benchmark_name(spec) or Path(spec).stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
 
 
@@ -73,8 +74,12 @@ def run_evaluate(cfg: EvalConfig) -> EvaluateResult:
     sets = {}
     for spec in d.eval:  # load every set first: a bad path fails before the model loads
         size = d.eval_size if spec in GENERATED_SETS else 0  # files and benchmarks: all rows (limit)
-        fields = Fields(problem=d.problem_field, answer=d.answer_field, image=d.image_field)
-        rows = load_source(spec, fields, size, task_seed=cfg.seed, dev_size=d.dev_size)
+        fields = Fields(
+            prompt=d.prompt_field, answer=d.answer_field, image=d.image_field, system_prompt=d.system_prompt
+        )
+        rows = load_source(
+            spec, fields, size, task_seed=cfg.seed, dev_size=d.dev_size, subset=d.subset, split=d.split
+        )
         sets[dataset_slug(spec)] = (spec, rows[: cfg.limit] if cfg.limit > 0 else rows)
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.model, min_pixels=d.min_pixels, max_pixels=d.max_pixels)

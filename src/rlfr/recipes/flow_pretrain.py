@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rlfr.config import to_dict
 from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.data.templates import response_end
 from rlfr.flow import build_pairs, flow_matching_loss
 from rlfr.flow.norm import LatentNorm
 from rlfr.flow.store import FlowBundle, build_flow, save_flow
@@ -65,7 +66,8 @@ class FlowPretrainResult:
 def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPretrainResult:
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
-    train, _ = resolve_data(cfg.data, need_solution=True)  # data errors surface before the model loads
+    # data errors surface before the model loads; flow pretraining reads no answers
+    train, _ = resolve_data(cfg.data, need_solution=True, need_answer=False)
     tok = load_tokenizer(
         cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
     )
@@ -78,7 +80,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     tap = LatentTap(policy, cfg.flow.fractions)
     bundle = build_flow(cfg.flow, policy)
     flow, norm = bundle.field, bundle.norm
-    solutions = encode_solutions(tok, train, prompts)
+    solutions = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_held = int(round(cfg.heldout_fraction * len(train)))
     held, fit = perm[:n_held], perm[n_held:]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from rlfr.config import to_dict
 from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.data.templates import response_end
 from rlfr.eval.scoring import evaluate
 from rlfr.policy.forward import policy_forward
 from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
@@ -71,7 +72,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     if cfg.model.freeze_vision and is_vision_language(model.config):
         freeze_vision_tower(model)
     model = apply_lora(model, cfg.model.lora)  # unchanged at rank 0
-    solutions = encode_solutions(tok, train, prompts)
+    solutions = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
     trainable = [q for q in model.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
         trainable, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0

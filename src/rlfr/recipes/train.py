@@ -37,7 +37,7 @@ from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_cou
 from rlfr.policy.sampler import Sampler, build_sampler
 from rlfr.policy.vision import ImageTextProcessor, freeze_vision_tower, is_vision_language
 from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
-from rlfr.reward.functions import OutcomeReward
+from rlfr.reward.outcome import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, paused, rl_step
 from rlfr.runtime import checkpoint as ckpt_io
@@ -148,10 +148,11 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
         flow.attach_optimizer(flow_opt, flow_sched)
     sampler = rollout_sampler(cfg, acc, tok, acc.unwrap_model(policy))
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
-    verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
+    r = cfg.reward
+    verifier = Verifier(num_workers=r.workers, timeout=r.timeout)
     c = Components(
         cfg=cfg, acc=acc, policy=policy, tokenizer=tok, policy_opt=opt, policy_sched=sched,
-        reward=OutcomeReward(cfg.reward.functions, cfg.reward.weights, verifier), ref=ref, flow=flow,
+        reward=OutcomeReward(r.funcs, r.weights, verifier, r.outcome, r.correct_if), ref=ref, flow=flow,
         sampler=sampler,
     )  # fmt: skip
     return c, RunData(train, evals, prompts, data_fingerprints(cfg.data))
