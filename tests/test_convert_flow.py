@@ -91,8 +91,8 @@ def test_convert_and_match_the_reference(model_dir, tmp_path):
                  "flow_context_mode": "token_post", "flow_shift": "1"}  # fmt: skip
     (tmp_path / "flow_config_3B.json").write_text(json.dumps(their_cfg))
     out = tmp_path / "converted"
-    rc = main(["convert-flow", str(tmp_path / "ckpt"), "--model", str(model_dir), "--out", str(out),
-               "--flow-config", str(tmp_path / "flow_config_3B.json")])  # fmt: skip
+    rc = main(["convert-flow", f"src={tmp_path / 'ckpt'}", f"model={model_dir}", f"out={out}",
+               f"flow_config={tmp_path / 'flow_config_3B.json'}"])  # fmt: skip
     assert rc == 0
     meta = json.loads((out / "latents.json").read_text())
     assert meta == {"fractions": [0.25, 0.5, 0.75], "modes": ["token_post"], "shift": 1, "latent_norm": "none",
@@ -123,24 +123,17 @@ def test_flow_prefix_and_mixed_checkpoints(model_dir, tmp_path):
 
     save_file(sd, str(tmp_path / "model.safetensors"))
     out = tmp_path / "c"
-    assert main(["convert-flow", str(tmp_path / "model.safetensors"), "--model", str(model_dir),
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["convert-flow", f"src={tmp_path / 'model.safetensors'}", f"model={model_dir}", f"out={out}"])
+        == 0
+    )
     assert load_flow(out).field.depth == DEPTH
 
 
 def test_bad_sources_fail_clearly(model_dir, tmp_path, capsys):
     torch.save({"w": object()}, tmp_path / "evil.bin")
     assert (
-        main(
-            [
-                "convert-flow",
-                str(tmp_path / "evil.bin"),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+        main(["convert-flow", f"src={tmp_path / 'evil.bin'}", f"model={model_dir}", f"out={tmp_path / 'o'}"])
         == 2
     )
     assert "weights_only" in capsys.readouterr().err
@@ -148,16 +141,7 @@ def test_bad_sources_fail_clearly(model_dir, tmp_path, capsys):
     wrong["model.input_proj.weight"] = torch.zeros(W, D + 1)
     torch.save(wrong, tmp_path / "wrong.bin")
     assert (
-        main(
-            [
-                "convert-flow",
-                str(tmp_path / "wrong.bin"),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+        main(["convert-flow", f"src={tmp_path / 'wrong.bin'}", f"model={model_dir}", f"out={tmp_path / 'o'}"])
         == 2
     )
     assert "mis-shaped" in capsys.readouterr().err

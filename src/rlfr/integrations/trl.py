@@ -12,8 +12,10 @@ For a TRL user, the flow is configured like any other GRPOTrainer option::
 ``rlfr train`` as a field ``flow_<key>`` (the reward shaping's ``flow.reward.*`` too: ``flow_beta`` is
 ``flow.reward.beta``), so ``TrlParser`` / ``HfArgumentParser`` read them from the command line
 (``--flow_init DIR --flow_beta 0.02``). ``flow_init`` names a flow directory (``rlfr flow-pretrain``, ``rlfr
-convert-flow``, a checkpoint's ``flow/``; None = a fresh flow); ``flow_correctness`` names the reward function
-whose score >= ``flow_correct_threshold`` means "passes the answer check": those completions train the flow.
+convert-flow``, a checkpoint's ``flow/``; ``'random'`` = a fresh flow; required, as ``rlfr train``'s
+``flow.init``: unset, the trainer stops); ``flow_correctness`` names the reward function whose score >=
+``flow_correct_threshold`` means "passes the answer check" (or says it in one string, ``accuracy>=1``, the syntax
+of ``rlfr train``'s ``reward.correct_if``): those completions train the flow.
 The keywords ``flow=`` (a ``FlowConfig`` or a directory) and ``correctness=`` / ``correct_threshold=`` with a
 plain ``GRPOConfig`` still work, deprecated.
 
@@ -65,6 +67,7 @@ from rlfr.integrations.trl_config import (
     RLFRGRPOConfig,
     check_loss,
     check_trl_version,
+    correctness_rule,
     trainer_settings,
 )
 
@@ -83,6 +86,7 @@ from rlfr.runtime.checkpoint import flow_dir
 from rlfr.runtime.env import flow_autocast
 from rlfr.runtime.metrics import Accum, reduce_stats
 from rlfr.runtime.optim import build_optimizer, optimizer_step
+from rlfr.schema import OPS
 
 FLOW_OPTIM = "flow_optim.pt"  # in a TRL checkpoint, next to its optimizer.pt
 __all__ = ["TRL_VERSIONS", "RLFRGRPOConfig", "RLFRGRPOTrainer", "check_trl_version"]
@@ -106,11 +110,12 @@ class RLFRGRPOTrainer(GRPOTrainer):
             check_loss(args.loss_type, args.importance_sampling_level)
         super().__init__(model, reward_funcs, args, **kwargs)
         check_loss(self.args.loss_type, self.args.importance_sampling_level)
-        if correctness not in self.reward_func_names:
+        rule = correctness_rule(correctness, threshold)
+        if rule.name not in self.reward_func_names:
             raise ValueError(
                 f"flow_correctness={correctness!r} names no reward function; the names are {self.reward_func_names}"
             )
-        self.correct_index, self.correct_threshold = self.reward_func_names.index(correctness), threshold
+        self.correct_index, self.correct_rule = self.reward_func_names.index(rule.name), rule
         policy, acc = self.accelerator.unwrap_model(self.model), self.accelerator
         # hooked blocks checked now, not at the first batch (fractions that collide on a shallow model)
         block_indices(len(decoder_blocks(policy)), flow_cfg.fractions)
@@ -151,7 +156,7 @@ class RLFRGRPOTrainer(GRPOTrainer):
             )
         b, rank = out["completion_ids"].shape[0], self.accelerator.process_index
         mine = rewards[rank * b : (rank + 1) * b, self.correct_index]
-        correct = mine >= self.correct_threshold  # a NaN score (no reward) is not correct
+        correct = OPS[self.correct_rule.op](mine, self.correct_rule.value)  # a NaN score (no reward) never is
         out["advantages"] = self.flow_advantages(out, correct, train=self.model.training)
         return out
 

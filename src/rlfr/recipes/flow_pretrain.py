@@ -12,7 +12,6 @@ fractions, context modes and shift (the authors' configs silently mixed ``token_
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -22,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.config import to_dict
 from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.data.templates import response_end
 from rlfr.flow import build_pairs, flow_matching_loss
 from rlfr.flow.norm import LatentNorm
 from rlfr.flow.store import FlowBundle, build_flow, save_flow
@@ -66,18 +66,21 @@ class FlowPretrainResult:
 def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPretrainResult:
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
-    train, _ = resolve_data(cfg.data, need_solution=True)  # data errors surface before the model loads
+    # data errors surface before the model loads; flow pretraining reads no answers
+    train, _ = resolve_data(cfg.data, need_solution=True, need_answer=False)
     tok = load_tokenizer(
         cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
     )
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
-    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+    policy = load_model(
+        cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, acc.device
+    ).eval()
     policy.requires_grad_(False)
     policy.to(acc.device)
     tap = LatentTap(policy, cfg.flow.fractions)
     bundle = build_flow(cfg.flow, policy)
     flow, norm = bundle.field, bundle.norm
-    solutions = encode_solutions(tok, train, prompts)
+    solutions = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_held = int(round(cfg.heldout_fraction * len(train)))
     held, fit = perm[:n_held], perm[n_held:]
@@ -168,13 +171,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     )  # fmt: skip
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "model.name_or_path=runs/sft/model epochs=1")
-
-
-def run(args) -> int:
-    cfg = config_from_args(args, FlowPretrainConfig)
-    if cfg is not None:
-        res = run_flow_pretrain(cfg)
-        print(json.dumps({k: v for k, v in vars(res).items() if k != "train_losses"}, indent=2))
+def run(cfg: FlowPretrainConfig) -> int:
+    res = run_flow_pretrain(cfg)
+    print(json.dumps({k: v for k, v in vars(res).items() if k != "train_losses"}, indent=2))
     return 0
