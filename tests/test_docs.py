@@ -1,0 +1,140 @@
+"""The documentation (issue 30): the generated configuration reference lists every key of every command with its
+type, default, range and help; README, docs, CONTRIBUTING.md, configs and the package cite no file outside the
+repository and no machine's absolute path; README stays short and starts with install and a data example."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from rlfr.cli import _COMMANDS, _config_class
+from rlfr.config import valid_keys
+from rlfr.recipes.data import ACTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_reference():
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", ROOT / "scripts" / "config_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def page() -> str:
+    return _load_reference().render()
+
+
+def _sections(page: str) -> dict[str, dict[str, list[str]]]:
+    """'## rlfr CMD' -> {key: its table cells (type, default, range, help)}, read back from the Markdown."""
+    out, current = {}, None
+    for line in page.splitlines():
+        if line.startswith("## rlfr "):
+            current = out.setdefault(line.removeprefix("## rlfr "), {})
+        elif current is not None and line.startswith(("| `", "| **`")):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            current[cells[0].strip("*`")] = cells[1:]
+    return out
+
+
+def _expected() -> dict[str, type]:
+    """Every configurable command, read from the CLI itself (not from the generator)."""
+    out = {name: _config_class(name) for name, entry in _COMMANDS.items() if entry[1] is not None}
+    out |= {f"data {action}": cls for action, cls in ACTIONS.items()}
+    return out
+
+
+def test_config_reference_lists_every_key_of_every_command(page):
+    sections, expected = _sections(page), _expected()
+    assert set(sections) == set(expected), (
+        f"commands missing from the reference: {set(expected) - set(sections)}"
+    )
+    for name, cls in expected.items():
+        keys = valid_keys(cls)  # settings and sections, nested ones included
+        missing = [k for k in keys if k not in sections[name]]
+        assert not missing, f"rlfr {name}: keys missing from the configuration reference: {missing}"
+        assert set(sections[name]) == set(keys), (
+            f"rlfr {name}: keys that do not exist: {set(sections[name]) - set(keys)}"
+        )
+    assert len(sections["train"]) > 100  # the nested sections are really expanded
+
+
+def test_config_reference_rows_carry_type_default_range_and_help(page):
+    train, sft, demo = (_sections(page)[c] for c in ("train", "sft", "demo"))
+    # TrainConfig.steps = field_(100, "RL steps", range="[1, inf)")
+    assert train["steps"] == ["`int`", "`100`", "`[1, inf)`", "RL steps"]
+    assert train["method"][0] == '`"rlfr" \\| "rlvr" \\| "entropy"`'
+    assert train["method"][1] == "`rlfr`"
+    assert train["seed"][2] == "`[0, 4294967295]`"
+    assert train["flow"] == ["section", "", "", "flow field, rewards and online updates"]
+    # a nested section's default comes from the command's own instance: SFT data reads the solution column
+    assert sft["data.solution_field"][:2] == ["`str \\| None`", "`solution`"]
+    assert train["data.solution_field"][1] == "`null`"
+    assert demo["seed"][:3] == ["`int \\| None`", "`null`", "`[0, 4294967295]`"]
+    # a field without a range has an empty range cell, and every setting has a help text
+    assert train["out_dir"][2] == ""
+    for name, rows in _sections(page).items():
+        empty = [k for k, cells in rows.items() if not cells[-1]]
+        assert not empty, f"rlfr {name}: keys without a help text: {empty}"
+
+
+def test_mkdocs_builds_the_generated_reference():
+    cfg = (ROOT / "mkdocs.yml").read_text()
+    assert "scripts/config_reference.py" in cfg.split("hooks:")[1].split("\n")[1]
+    assert "reference/config.md" in cfg and "reference/api.md" in cfg
+    assert "mkdocs build --strict" in (ROOT / "scripts" / "test.sh").read_text()
+
+
+# Paths that exist only beside the development checkout or on one machine.
+DEV_PATH = re.compile(r"/work/|\.\./shared|/check/|/root/|/home/")
+SCANNED = ("README.md", "CONTRIBUTING.md", "CHANGELOG.md", "CITATION.cff", "docs", "configs", "src")
+
+
+def dev_paths(root: Path) -> list[str]:
+    """'file:line: text' of every line under ``root``'s user-facing files that names a development path."""
+    hits = []
+    for name in SCANNED:
+        base = root / name
+        for path in [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue  # images and other binary files
+            for i, line in enumerate(text.splitlines(), 1):
+                if DEV_PATH.search(line):
+                    hits.append(f"{path.relative_to(root)}:{i}: {line.strip()[:120]}")
+    return hits
+
+
+def test_no_development_paths_in_user_facing_files():
+    hits = dev_paths(ROOT)
+    assert not hits, "paths outside the repository:\n" + "\n".join(hits[:20])
+
+
+def test_the_path_scan_finds_a_planted_path(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("fine\nsee ../shared/CONVENTIONS.md\n")
+    (tmp_path / "docs" / "b.json").write_text(json.dumps({"model": "/work/runs/x"}))
+    (tmp_path / "docs" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    (tmp_path / "README.md").write_text("runs/demo is relative\n")
+    assert dev_paths(tmp_path) == [
+        "docs/a.md:2: see ../shared/CONVENTIONS.md",
+        'docs/b.json:1: {"model": "/work/runs/x"}',
+    ]
+
+
+def test_readme_is_short_and_starts_with_install_and_data():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines (at most 200; move details to docs/)"
+    head = "\n".join(lines[:100])
+    assert "bash scripts/setup.sh" in head and "pip install" in head and "git+https://" in head
+    row = next(line for line in lines[:100] if line.startswith('{"problem"'))
+    assert {"problem", "answer", "solution"} <= set(json.loads(row))
+    assert "bash scripts/demo.sh" in head and "bash scripts/test.sh" in head
