@@ -399,7 +399,26 @@ class FlowPretrainConfig:
     min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr", range="[0, 1]")
     max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)", range="(0, inf)")
     epochs: float = field_(2.0, "passes over the expert data", range="(0, inf)")
-    batch_size: int = field_(16, "sequences per step", range="[1, inf)")
+    batch_size: int = field_(
+        16, "sequences per optimizer step, over all processes (the authors: 128)", range="[1, inf)"
+    )
+    micro_batch_size: int | None = field_(
+        None,
+        "sequences each process sends through the policy at once; their flow gradients accumulate up to "
+        "batch_size, weighted so that the step's gradient is the full batch's. Memory grows with micro_batch_size "
+        "x max_length, not with batch_size; none = a process's whole share of a step at once",
+        range="[1, inf)",
+    )
+    max_length: int | None = field_(
+        8192,
+        "longest prompt + solution, in tokens (the authors' cutoff_len 8192); none = no limit",
+        range="[2, inf)",
+    )
+    overlong: Literal["truncate", "drop"] = field_(
+        "truncate",
+        "rows longer than max_length: truncate (keep the prompt, cut the solution's end, as LLaMA-Factory's "
+        "cutoff_len does for prompts under half of it) or drop; how many is printed",
+    )
     heldout_fraction: float = field_(
         0.1, "fraction of sequences kept out to report held-out flow loss", range="[0, 1)"
     )
@@ -415,6 +434,11 @@ class FlowPretrainConfig:
                 "model.lora: flow-pretrain keeps the policy frozen; to model the latents of a LoRA policy, "
                 "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
                 "checkpoint: rlfr export --checkpoint C --merged OUT)"
+            )
+        if self.max_length is not None and self.max_length <= self.data.max_prompt_tokens:
+            raise ConfigError(
+                f"max_length={self.max_length} must exceed data.max_prompt_tokens={self.data.max_prompt_tokens}: "
+                "a prompt may be that long and at least one solution token must fit after it"
             )
 
 
