@@ -406,12 +406,12 @@ class FlowPretrainConfig:
         None,
         "sequences each process sends through the policy at once; their flow gradients accumulate up to "
         "batch_size, weighted so that the step's gradient is the full batch's. Memory grows with micro_batch_size "
-        "x max_length, not with batch_size; none = a process's whole share of a step at once",
+        "x max_length, not with batch_size; null = a process's whole share of a step at once",
         range="[1, inf)",
     )
     max_length: int | None = field_(
         8192,
-        "longest prompt + solution, in tokens (the authors' cutoff_len 8192); none = no limit",
+        "longest prompt + solution, in tokens (the authors' cutoff_len 8192); null = no limit",
         range="[2, inf)",
     )
     overlong: Literal["truncate", "drop"] = field_(

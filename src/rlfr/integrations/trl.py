@@ -50,6 +50,7 @@ docs/trl.md says why), so it refuses to import under a TRL release outside the t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import time
@@ -69,7 +70,7 @@ from rlfr.integrations.trl_config import (
 )
 
 # isort: split
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
@@ -235,7 +236,9 @@ class RLFRGRPOTrainer(GRPOTrainer):
 
     def latent_forward(self, ids, attn, resp) -> torch.Tensor | None:
         """The policy's no-grad forward that fills the tap (positions skip left padding, as in ``rlfr train``);
-        -> (b, T) entropies when the flow's update needs them, else None (and only one logit is computed)."""
+        -> (b, T) entropies when the flow's update needs them, else None. Without entropies the forward stops
+        after the deepest hooked block (``LatentTap.latents_only``: no later block, no logits), except under
+        DeepSpeed or FSDP, whose sharded modules must finish their forward (there only one logit is computed)."""
         model = self.model
         with (
             torch.no_grad(),
@@ -244,6 +247,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
         ):
             if self.flow.needs_entropy:
                 return policy_forward(model, ids, attn, resp, need_entropy=True)[1]
-            model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
-                  logits_to_keep=1)  # fmt: skip
+            sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+            with contextlib.nullcontext() if sharded else self.flow.tap.latents_only():
+                model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
+                      logits_to_keep=1)  # fmt: skip
         return None

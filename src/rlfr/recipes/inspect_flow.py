@@ -138,7 +138,7 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
                 ro.response_mask[sl].to(device),
             )
             vision = None if ro.vision is None else ro.vision.select(sl).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), tap.latents_only():  # the latents only: no later block, no logits
                 model(**model_inputs(ids, att, vision), use_cache=False)
             lat = tap.latents() if norm is None else norm(tap.latents())
             sc = token_scores(
