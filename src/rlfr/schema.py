@@ -194,6 +194,12 @@ class FlowConfig(FlowLatentsConfig):
     actor_warmup_steps: int = field_(
         0, "hold the policy for this many steps while the flow adapts", range="[0, inf)"
     )
+    allow_mode_mismatch: bool = field_(
+        False,
+        "use flow.init although its latents.json records another pairing (modes, shift) than flow.modes / "
+        "flow.shift: this run's pairs are scored and trained with it; true reproduces the authors' setup (their "
+        "flows are pretrained with token_pre, their RL pairs token_post); the flow keeps its record",
+    )
 
     def validate(self) -> None:
         super().validate()

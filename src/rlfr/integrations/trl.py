@@ -76,7 +76,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from rlfr.errors import CheckpointError, NonFiniteError, PickleRefusedError
 from rlfr.flow.learner import FlowLearner
-from rlfr.flow.store import build_flow, save_flow
+from rlfr.flow.store import build_flow, pairing_note, save_flow
 from rlfr.policy.forward import policy_forward, position_ids
 from rlfr.policy.latents import block_indices, decoder_blocks
 from rlfr.rl.advantages import reward_to_go, token_advantages
@@ -118,6 +118,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
         with torch.random.fork_rng(devices=[]):  # the same fresh flow on every process; TRL's RNG untouched
             torch.manual_seed(self.args.seed)
             bundle = build_flow(flow_cfg, policy)
+        if acc.is_main_process and (note := pairing_note(bundle.meta, flow_cfg.modes, flow_cfg.shift)):
+            print(note)
         bundle.field.to(acc.device).requires_grad_(flow_cfg.update)
         self.flow = FlowLearner(
             flow_cfg, bundle, reduce=acc.reduce, optimizer_step=partial(optimizer_step, _TorchClip),
