@@ -332,7 +332,7 @@ class RewardConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     method: Literal["rlfr", "rlvr", "entropy"] = field_(
-        "rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al."
+        "rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al. 2025 (rlfr's implementation)"
     )
     model: ModelConfig = field_(ModelConfig(), "policy model")
     data: DataConfig = field_(DataConfig(), "training / held-out data")
