@@ -196,9 +196,9 @@ class FlowConfig(FlowLatentsConfig):
     )
     allow_mode_mismatch: bool = field_(
         False,
-        "use flow.init although its latents.json records another pairing (modes, shift) than flow.modes / "
-        "flow.shift: this run's pairs are scored and trained with it; true reproduces the authors' setup (their "
-        "flows are pretrained with token_pre, their RL pairs token_post); the flow keeps its record",
+        "use flow.init although the pairing it was trained with (modes, shift: its flow directory records them) "
+        "differs from flow.modes / flow.shift: this run's pairs are scored and trained with it; true reproduces the "
+        "authors' setup (their flows are pretrained with token_pre, their RL pairs token_post)",
     )
 
     def validate(self) -> None:

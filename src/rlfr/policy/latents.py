@@ -33,19 +33,15 @@ that was not called (see "Wrapped models"). In transformers 5 the checkpoint wra
 ``GradientCheckpointingLayer``, so module hooks already stay outside it and the re-run never reaches us;
 the dedupe is kept for every other setup.
 
-Why stop the forward early (``latents_only``). Where only the latents are needed (flow pretraining, flow
-scoring outside the RL loss, ``rlfr inspect``), everything after the deepest hooked block is wasted, and the
-LM head is the expensive part: its (B, T, vocabulary) logits are 2.5 GB per 8,192-token sequence at a 152k
-vocabulary in bf16, more than the hooked blocks' outputs. Inside ``latents_only()`` the deepest hooked block's
-forward hook raises a private exception right after its capture, and the context manager swallows that
-exception (and only that one). This works for any architecture without re-implementing its forward (no
-copy of a model's embedding, rotary positions, attention masks or vision merging to keep in step with
-transformers), and the captured latents are bit-identical to those of a full forward: the same modules ran
-on the same inputs. The alternative, running the embedding and the first k blocks by hand, would need
-that copy for every family (Qwen2.5-VL's 3-D positions, Gemma3's sliding windows). Not for sharded models:
-an aborted forward skips FSDP's post-forward (resharding) of the units it leaves, so ``latents_only``
-refuses a model that holds FSDP modules; and the RL update, which needs the log-probs, runs the full
-forward.
+Why stop the forward early (``latents_only``). Where only latents are needed (flow pretraining, ``rlfr inspect``,
+the TRL bridge's latent forward) everything after the deepest hooked block is wasted, the LM head most of all: its
+logits are 2.5 GB per 8,192-token sequence at a 152k vocabulary in bf16. Inside ``latents_only()`` that block's hook
+raises a private exception right after its capture and the context manager swallows it (only it). This works for
+any architecture without re-implementing its forward (embeddings, rotary or 3-D positions, masks, vision merging:
+running "embedding + first k blocks" by hand would need a copy of each family's forward), and the latents are
+bit-identical to a full forward's: the same modules ran on the same inputs. An aborted forward would skip FSDP's
+post-forward (resharding), so a model holding FSDP modules is refused; the RL update, which needs log-probs, runs
+the full forward.
 
 Wrapped models. Blocks are found through DDP/DeepSpeed ``.module``, ``torch.compile``'s ``._orig_mod`` and
 PEFT's ``base_model.model``. The session pre-hook goes on the module you pass. Pass the unwrapped Hugging
