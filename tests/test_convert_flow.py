@@ -91,8 +91,8 @@ def test_convert_and_match_the_reference(model_dir, tmp_path):
                  "flow_context_mode": "token_post", "flow_shift": "1"}  # fmt: skip
     (tmp_path / "flow_config_3B.json").write_text(json.dumps(their_cfg))
     out = tmp_path / "converted"
-    rc = main(["convert-flow", str(tmp_path / "ckpt"), "--model", str(model_dir), "--out", str(out),
-               "--flow-config", str(tmp_path / "flow_config_3B.json")])  # fmt: skip
+    rc = main(["convert-flow", f"src={tmp_path / 'ckpt'}", f"model={model_dir}", f"out={out}",
+               f"flow_config={tmp_path / 'flow_config_3B.json'}"])  # fmt: skip
     assert rc == 0
     meta = json.loads((out / "latents.json").read_text())
     # their RL config's flow_context_mode token_post is how their RL *used* the flow; the weights were trained
@@ -125,24 +125,17 @@ def test_flow_prefix_and_mixed_checkpoints(model_dir, tmp_path):
 
     save_file(sd, str(tmp_path / "model.safetensors"))
     out = tmp_path / "c"
-    assert main(["convert-flow", str(tmp_path / "model.safetensors"), "--model", str(model_dir),
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["convert-flow", f"src={tmp_path / 'model.safetensors'}", f"model={model_dir}", f"out={out}"])
+        == 0
+    )
     assert load_flow(out).field.depth == DEPTH
 
 
 def test_bad_sources_fail_clearly(model_dir, tmp_path, capsys):
     torch.save({"w": object()}, tmp_path / "evil.bin")
     assert (
-        main(
-            [
-                "convert-flow",
-                str(tmp_path / "evil.bin"),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+        main(["convert-flow", f"src={tmp_path / 'evil.bin'}", f"model={model_dir}", f"out={tmp_path / 'o'}"])
         == 2
     )
     assert "weights_only" in capsys.readouterr().err
@@ -150,16 +143,7 @@ def test_bad_sources_fail_clearly(model_dir, tmp_path, capsys):
     wrong["model.input_proj.weight"] = torch.zeros(W, D + 1)
     torch.save(wrong, tmp_path / "wrong.bin")
     assert (
-        main(
-            [
-                "convert-flow",
-                str(tmp_path / "wrong.bin"),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+        main(["convert-flow", f"src={tmp_path / 'wrong.bin'}", f"model={model_dir}", f"out={tmp_path / 'o'}"])
         == 2
     )
     assert "mis-shaped" in capsys.readouterr().err
@@ -197,8 +181,8 @@ def test_an_authors_flow_is_refused_by_token_post_rl_unless_the_mismatch_is_allo
     torch.save(_authors_state_dict(), tmp_path / "flow_model.bin")
     (tmp_path / "flow.yaml").write_text(AUTHORS_PRETRAIN_YAML)
     out = tmp_path / "authors"
-    assert main(["convert-flow", str(tmp_path / "flow_model.bin"), "--model", str(model_dir), "--out", str(out),
-                 "--flow-config", str(tmp_path / "flow.yaml")]) == 0  # fmt: skip
+    assert main(["convert-flow", f"src={tmp_path / 'flow_model.bin'}", f"model={model_dir}", f"out={out}",
+                 f"flow_config={tmp_path / 'flow.yaml'}"]) == 0  # fmt: skip
     assert "a flow trained with modes=['token_pre'] shift=1" in capsys.readouterr().out
     meta = json.loads((out / "latents.json").read_text())
     assert (meta["modes"], meta["shift"], meta["fractions"]) == (["token_pre"], 1, [0.25, 0.5, 0.75])
@@ -232,8 +216,8 @@ def test_an_authors_flow_is_refused_by_token_post_rl_unless_the_mismatch_is_allo
 
     used, real = [], inspect_flow.token_scores
     monkeypatch.setattr(inspect_flow, "token_scores", lambda *a, **k: used.append(a[4:6]) or real(*a, **k))
-    assert main(["inspect", "--checkpoint", str(tmp_path / "allowed"), "--n-prompts", "1", "--num-generations",
-                 "2", "--max-new-tokens", "4", "--out", str(tmp_path / "inspect")]) == 0  # fmt: skip
+    assert main(["inspect", f"checkpoint={tmp_path / 'allowed'}", "n_prompts=1", "num_generations=2",
+                 "max_new_tokens=4", f"out={tmp_path / 'inspect'}"]) == 0  # fmt: skip
     assert used == [(["token_post"], 1)]
     # any other difference is still refused, option or not
     with pytest.raises(FlowMismatchError, match=r"fractions: flow \[0.25, 0.5, 0.75\] vs run \[0.5\]"):

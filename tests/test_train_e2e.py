@@ -94,7 +94,10 @@ def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
 
 def test_resume_from_another_model_fails_clearly(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    run_train(_cfg(tiny_dir, out, "steps=1", "method=rlvr", "flow.reward.beta=0.05"), progress=False)
+    run_train(
+        _cfg(tiny_dir, out, "steps=1", "method=rlvr", "flow.init=null", "flow.reward.beta=0.05"),
+        progress=False,
+    )
     assert "method=rlvr trains and uses no flow field: ignoring flow.reward.beta" in capsys.readouterr().out
     other = make_tiny_model_dir(tmp_path / "other", num_layers=6)
     from rlfr.runtime.checkpoint import CheckpointError
@@ -291,3 +294,26 @@ def test_rl_climbs_a_dense_reward(tiny_dir, tmp_path, method):
     rewards = [row["reward"] for row in res.history]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.15 and last > first + 0.15, rewards
+
+
+def test_a_run_on_the_users_data_evaluates_on_rows_held_out_of_it(tiny_dir, tmp_path, capsys):
+    """Before, ``rlfr train data.train=mine.jsonl`` evaluated on the embedded arithmetic task; the held-out set now
+    follows the data: data.eval_size rows of the user's file, which the run never trains on."""
+    from rlfr.recipes.train import build_components
+    from rlfr.runtime.env import make_accelerator
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(
+        "".join(json.dumps({"problem": f"{i} + {i} = ?", "answer": str(2 * i)}) + "\n" for i in range(12))
+    )
+    cfg = _cfg(tiny_dir, tmp_path / "run", f"data.train={mine}", "steps=1")
+    c, data = build_components(cfg, make_accelerator(cpu=True))
+    c.reward.verifier.close()
+    assert (
+        "evaluating on 4 rows held out of" in capsys.readouterr().out
+    )  # data.eval_size=4 (TINY_TRAIN_OVERRIDES)
+    held = {e.problem for e in data.eval}
+    assert len(held) == 4 and held <= {f"{i} + {i} = ?" for i in range(12)}
+    assert len(data.train) == 8 and not held & {e.problem for e in data.train}
+    res = run_train(cfg, progress=False)
+    assert res.final_accuracy is not None

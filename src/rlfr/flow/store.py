@@ -13,9 +13,10 @@ A flow directory holds
 
 Contract:
 - ``save_flow(directory, FlowBundle)`` writes all of it (each file atomically);
-- ``build_flow(flow_cfg, model) -> FlowBundle``: a new flow for a policy (statistics None until fitted), or
-  the one ``flow_cfg.init`` names, loaded and checked against the run's latents and architecture keys;
-  ``pairing_note(meta, modes, shift)``: the line a run prints when it pairs latents otherwise, on purpose;
+- ``build_flow(flow_cfg, model) -> FlowBundle``: a new flow for a policy (``flow_cfg.init`` None or ``random``;
+  statistics None until fitted), or the one ``flow_cfg.init`` names, loaded and checked against the run's
+  latents and architecture keys; ``pairing_note(meta, modes, shift)``: the line a run prints when it pairs
+  latents otherwise, on purpose;
 - ``load_flow(directory, expected=None, allow_mode_mismatch=None) -> FlowBundle`` reads it, refuses a directory
   written under another pairing convention or without ``latents.json``, and, given the ``FlowMeta`` a run
   expects, refuses a flow trained on other latents (``FlowMismatchError`` naming every differing key). ``rlfr
@@ -191,7 +192,7 @@ def load_flow(
     if not meta_file.is_file():
         raise FlowMismatchError(
             f"{meta_file} is missing: cannot tell which latents the flow models. For the authors' weights run "
-            "`rlfr convert-flow SRC --model POLICY --out DIR`"
+            "`rlfr convert-flow src=SRC model=POLICY out=DIR`"
         )
     try:
         meta = FlowMeta.from_json(json.loads(meta_file.read_text()), meta_file)
@@ -211,7 +212,10 @@ def load_flow(
 def build_flow(flow_cfg, model) -> FlowBundle:
     """The flow for ``model`` under a ``FlowLatentsConfig`` (module docstring)."""
     expected = meta_for(model, flow_cfg.fractions, flow_cfg.modes, flow_cfg.shift, flow_cfg.latent_norm)
-    if flow_cfg.init is None:
+    if flow_cfg.init in (
+        None,
+        "random",
+    ):  # a fresh flow (rlfr train requires the choice: schema.require_flow_init)
         eps = flow_cfg.eps if flow_cfg.eps is not None else rms_norm_eps(model)
         field = FlowField(dim=expected.hidden_size, width=flow_cfg.width, depth=flow_cfg.depth, eps=eps)
         return FlowBundle(field=field, meta=expected, norm=None)

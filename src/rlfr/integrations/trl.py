@@ -12,7 +12,8 @@ For a TRL user, the flow is configured like any other GRPOTrainer option::
 ``rlfr train`` as a field ``flow_<key>`` (the reward shaping's ``flow.reward.*`` too: ``flow_beta`` is
 ``flow.reward.beta``), so ``TrlParser`` / ``HfArgumentParser`` read them from the command line
 (``--flow_init DIR --flow_beta 0.02``). ``flow_init`` names a flow directory (``rlfr flow-pretrain``, ``rlfr
-convert-flow``, a checkpoint's ``flow/``; None = a fresh flow); ``flow_correctness`` names the reward function
+convert-flow``, a checkpoint's ``flow/``; ``'random'`` = a fresh flow; required, as ``rlfr train``'s
+``flow.init``: unset, the trainer stops); ``flow_correctness`` names the reward function
 whose score >= ``flow_correct_threshold`` means "passes the answer check": those completions train the flow.
 The keywords ``flow=`` (a ``FlowConfig`` or a directory) and ``correctness=`` / ``correct_threshold=`` with a
 plain ``GRPOConfig`` still work, deprecated.

@@ -138,9 +138,10 @@ def check_loss(loss_type: str, importance_sampling_level: str) -> None:
 
 
 def as_flow_config(flow: FlowConfig | str | os.PathLike | None) -> FlowConfig:
-    """The deprecated ``flow=`` keyword: a ``FlowConfig``, a flow directory or None (a fresh flow)."""
+    """The deprecated ``flow=`` keyword: a ``FlowConfig``, a flow directory or None (a fresh flow, as
+    ``init='random'``)."""
     if flow is None:
-        cfg = FlowConfig()
+        cfg = FlowConfig(init="random")
     elif isinstance(flow, FlowConfig):
         cfg = flow
     elif isinstance(flow, (str, os.PathLike)):
@@ -152,10 +153,22 @@ def as_flow_config(flow: FlowConfig | str | os.PathLike | None) -> FlowConfig:
         raise ConfigError(
             "flow.actor_warmup_steps is not supported with TRL (TRL owns the policy's optimizer)"
         )
+    return require_flow(cfg, "flow=FlowConfig(init=...)")
+
+
+def require_flow(cfg: FlowConfig, where: str) -> FlowConfig:
+    """``cfg`` when its flow is chosen: a flow directory or ``random``; as ``rlfr train`` (``require_flow_init``),
+    the bridge never starts from a random flow it was not asked for."""
+    if cfg.init is None:
+        raise ConfigError(
+            f"RLFRGRPOTrainer: {where} is not set: give a flow directory that models expert latents (make one with "
+            "`rlfr flow-pretrain`, or `rlfr convert-flow` for the authors' released flows), or 'random' for a flow "
+            "trained from scratch during RL (an ablation: its rewards are noise until it has learned)"
+        )
     return cfg
 
 
-UNSET = object()  # a keyword not given (None is a value: a fresh flow)
+UNSET = object()  # a keyword not given (None is a value: a fresh flow, flow_init='random')
 
 
 def trainer_settings(args, flow, correctness, correct_threshold) -> tuple[FlowConfig, str, float]:
@@ -173,7 +186,11 @@ def trainer_settings(args, flow, correctness, correct_threshold) -> tuple[FlowCo
                 "RLFRGRPOConfig.flow_correctness must name the reward function whose score says a completion is "
                 "correct (those completions train the flow)"
             )
-        return args.flow_config(), args.flow_correctness, args.flow_correct_threshold
+        return (
+            require_flow(args.flow_config(), "flow_init"),
+            args.flow_correctness,
+            args.flow_correct_threshold,
+        )
     if correctness is UNSET:
         raise TypeError(
             "RLFRGRPOTrainer needs args=RLFRGRPOConfig(..., flow_correctness=<reward function name>) "
@@ -186,4 +203,9 @@ def trainer_settings(args, flow, correctness, correct_threshold) -> tuple[FlowCo
         stacklevel=3,  # the caller of RLFRGRPOTrainer(...)
     )
     threshold = 1.0 if correct_threshold is UNSET else float(correct_threshold)
-    return as_flow_config(None if flow is UNSET else flow), correctness, threshold
+    if flow is UNSET:
+        raise ConfigError(
+            "RLFRGRPOTrainer(flow=...) is not set: give a flow directory (`rlfr flow-pretrain` makes one), or "
+            "flow=None for a flow trained from scratch (an ablation); better: args=RLFRGRPOConfig(flow_init=...)"
+        )
+    return as_flow_config(flow), correctness, threshold

@@ -21,7 +21,6 @@ mean over all N pairs (the one-shot batch) whatever the micro-batch size. ``max_
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.config import to_dict
 from rlfr.data.sources import render_prompts, resolve_data
 from rlfr.flow import build_pairs, flow_matching_loss
 from rlfr.flow.matching import pair_counts
@@ -143,7 +142,9 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
         print(
             f"flow-pretrain: {overlong} of {len(train)} rows are longer than max_length={cfg.max_length}: {done}"
         )
-    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+    policy = load_model(
+        cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, acc.device
+    ).eval()
     policy.requires_grad_(False)
     policy.to(acc.device)
     tap = LatentTap(policy, cfg.flow.fractions)
@@ -236,13 +237,7 @@ def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPre
     )  # fmt: skip
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "model.name_or_path=runs/sft/model epochs=1")
-
-
-def run(args) -> int:
-    cfg = config_from_args(args, FlowPretrainConfig)
-    if cfg is not None:
-        res = run_flow_pretrain(cfg)
-        print(json.dumps({k: v for k, v in vars(res).items() if k != "train_losses"}, indent=2))
+def run(cfg: FlowPretrainConfig) -> int:
+    res = run_flow_pretrain(cfg)
+    print(json.dumps({k: v for k, v in vars(res).items() if k != "train_losses"}, indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""The RL step shared by ``--method rlfr | rlvr | entropy`` (RLFR_METHOD §5-6).
+"""The RL step shared by ``method=rlfr | rlvr | entropy`` (RLFR_METHOD §5-6).
 
 ``rl_step(c, step, examples, prompts) -> dict[str, float]`` reads top to bottom: rollout -> verify ->
 outcome advantages (-> accuracy filter) -> update -> log. The update, per micro-batch: one forward gives
