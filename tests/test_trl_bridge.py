@@ -233,6 +233,26 @@ def test_a_trained_flow_directory_loads_as_flow_init(tiny_dir, tmp_path):
         trainer(tiny_dir, tmp_path / "c", flow_init=str(tmp_path / "final" / "flow"), flow_shift=2)
 
 
+def test_a_flow_of_another_pairing_needs_flow_allow_mode_mismatch(tiny_dir, tmp_path, capsys):
+    pre = trainer(
+        tiny_dir, tmp_path / "a", flow_modes=["token_pre"], flow_latent_norm="none"
+    )  # as the authors'
+    pre.save_model(str(tmp_path / "pre"))
+    flow = dict(
+        flow_init=str(tmp_path / "pre" / "flow"), flow_latent_norm="none"
+    )  # TRL's default: token_post
+    with pytest.raises(ValueError, match=r"modes=\['token_pre'\] shift=1, this run pairs latents with modes="
+                       r"\['token_post'\] shift=1.*flow_allow_mode_mismatch=True"):  # fmt: skip
+        trainer(tiny_dir, tmp_path / "b", **flow)
+    t = trainer(tiny_dir, tmp_path / "c", flow_allow_mode_mismatch=True, **flow)
+    assert t.flow.meta.modes == ("token_pre",) and t.flow.cfg.modes == ("token_post",)  # it keeps its record
+    assert not changed(weights(pre.flow.module), weights(t.flow.module))
+    assert (
+        "flow.allow_mode_mismatch=true: the flow was trained with modes=['token_pre']"
+        in capsys.readouterr().out
+    )
+
+
 # ------------------------------------------------------------------ refusals
 
 

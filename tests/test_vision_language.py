@@ -214,6 +214,23 @@ def test_image_tokens_get_no_flow_reward(vl):
     assert not (targets & image).any() and (targets <= ro.response_mask).all()
 
 
+def test_latents_only_with_images_equals_the_full_forward(vl):
+    """The forward that stops after the deepest hooked block (flow pretraining, inspect) gives the latents of
+    the full forward bit for bit, with images and the model's 3-D positions."""
+    from rlfr.policy.forward import model_inputs
+    from rlfr.policy.latents import LatentTap
+
+    tok, model = vl
+    ro = _rollout(vl)
+    inputs = model_inputs(ro.input_ids, ro.attention_mask, ro.vision)
+    with LatentTap(model) as tap, torch.no_grad():
+        model(**inputs, use_cache=False)
+        full = tap.latents()
+        with tap.latents_only():
+            model(**inputs, use_cache=False)
+        assert tap.sessions == 2 and torch.equal(tap.latents(), full)
+
+
 def _overrides(vl_dir, out, *extra):
     return [
         f"model.name_or_path={vl_dir}", "data.train=embedded-vl", "data.eval=embedded-vl", "data.train_size=8",

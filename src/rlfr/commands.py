@@ -109,10 +109,16 @@ class ConvertFlowConfig:
     )
     model: str | None = field_(None, "the policy the flow was trained on (required; hub name or local dir)")
     out: str | None = field_(None, "output flow directory (required)")
-    flow_config: str | None = field_(None, "their flow config JSON (fractions, modes, shift, depth)")
+    flow_config: str | None = field_(
+        None,
+        "their flow-pretraining YAML (LLaMA-Factory/examples/train_flow/*.yaml: fractions, modes, shift, depth) or "
+        "RL flow config JSON (config/flow_config_*.json: fractions and depth; its mode is the one their RL used)",
+    )
     fractions: tuple[float, ...] = field_((0.25, 0.5, 0.75), "hooked block fractions", range="[0, 1]")
-    modes: tuple[Mode, ...] = field_(("token_post",), "context modes")
-    shift: int = field_(1, "context shift", range="[1, inf)")
+    modes: tuple[Mode, ...] = field_(
+        ("token_pre",), "context modes the weights were trained with (the authors' flows: token_pre)"
+    )
+    shift: int = field_(1, "context shift the weights were trained with", range="[1, inf)")
     trust_remote_code: bool = field_(False, "allow model code from the hub")
 
 

@@ -239,6 +239,12 @@ class FlowConfig(FlowLatentsConfig):
     actor_warmup_steps: int = field_(
         0, "hold the policy for this many steps while the flow adapts", range="[0, inf)"
     )
+    allow_mode_mismatch: bool = field_(
+        False,
+        "use flow.init although the pairing it was trained with (modes, shift: its flow directory records them) "
+        "differs from flow.modes / flow.shift: this run's pairs are scored and trained with it; true reproduces the "
+        "authors' setup (their flows are pretrained with token_pre, their RL pairs token_post)",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -440,7 +446,7 @@ class RewardConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     method: Literal["rlfr", "rlvr", "entropy"] = field_(
-        "rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al."
+        "rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al. 2025 (rlfr's implementation)"
     )
     model: ModelConfig = field_(ModelConfig(), "policy model")
     data: DataConfig = field_(DataConfig(), "training / held-out data")
@@ -513,7 +519,26 @@ class FlowPretrainConfig:
     min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr", range="[0, 1]")
     max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)", range="(0, inf)")
     epochs: float = field_(2.0, "passes over the expert data", range="(0, inf)")
-    batch_size: int = field_(16, "sequences per step", range="[1, inf)")
+    batch_size: int = field_(
+        16, "sequences per optimizer step, over all processes (the authors: 128)", range="[1, inf)"
+    )
+    micro_batch_size: int | None = field_(
+        None,
+        "sequences each process sends through the policy at once; their flow gradients accumulate up to "
+        "batch_size, weighted so that the step's gradient is the full batch's. Memory grows with micro_batch_size "
+        "x max_length, not with batch_size; null = a process's whole share of a step at once",
+        range="[1, inf)",
+    )
+    max_length: int | None = field_(
+        8192,
+        "longest prompt + solution, in tokens (the authors' cutoff_len 8192); null = no limit",
+        range="[2, inf)",
+    )
+    overlong: Literal["truncate", "drop"] = field_(
+        "truncate",
+        "rows longer than max_length: truncate (keep the prompt, cut the solution's end, as LLaMA-Factory's "
+        "cutoff_len does for prompts under half of it) or drop; how many is printed",
+    )
     heldout_fraction: float = field_(
         0.1, "fraction of sequences kept out to report held-out flow loss", range="[0, 1)"
     )
@@ -529,6 +554,11 @@ class FlowPretrainConfig:
                 "model.lora: flow-pretrain keeps the policy frozen; to model the latents of a LoRA policy, "
                 "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
                 "checkpoint: rlfr export checkpoint=C merged=OUT)"
+            )
+        if self.max_length is not None and self.max_length <= self.data.max_prompt_tokens:
+            raise ConfigError(
+                f"max_length={self.max_length} must exceed data.max_prompt_tokens={self.data.max_prompt_tokens}: "
+                "a prompt may be that long and at least one solution token must fit after it"
             )
 
 

@@ -52,6 +52,7 @@ docs/trl.md says why), so it refuses to import under a TRL release outside the t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import time
@@ -72,13 +73,13 @@ from rlfr.integrations.trl_config import (
 )
 
 # isort: split
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from rlfr.errors import CheckpointError, NonFiniteError, PickleRefusedError
 from rlfr.flow.learner import FlowLearner
-from rlfr.flow.store import build_flow, save_flow
+from rlfr.flow.store import build_flow, pairing_note, save_flow
 from rlfr.policy.forward import policy_forward, position_ids
 from rlfr.policy.latents import block_indices, decoder_blocks
 from rlfr.rl.advantages import reward_to_go, token_advantages
@@ -122,6 +123,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
         with torch.random.fork_rng(devices=[]):  # the same fresh flow on every process; TRL's RNG untouched
             torch.manual_seed(self.args.seed)
             bundle = build_flow(flow_cfg, policy)
+        if acc.is_main_process and (note := pairing_note(bundle.meta, flow_cfg.modes, flow_cfg.shift)):
+            print(note)
         bundle.field.to(acc.device).requires_grad_(flow_cfg.update)
         self.flow = FlowLearner(
             flow_cfg, bundle, reduce=acc.reduce, optimizer_step=partial(optimizer_step, _TorchClip),
@@ -240,7 +243,9 @@ class RLFRGRPOTrainer(GRPOTrainer):
 
     def latent_forward(self, ids, attn, resp) -> torch.Tensor | None:
         """The policy's no-grad forward that fills the tap (positions skip left padding, as in ``rlfr train``);
-        -> (b, T) entropies when the flow's update needs them, else None (and only one logit is computed)."""
+        -> (b, T) entropies when the flow's update needs them, else None. Without entropies the forward stops
+        after the deepest hooked block (``LatentTap.latents_only``: no later block, no logits), except under
+        DeepSpeed or FSDP, whose sharded modules must finish their forward (there only one logit is computed)."""
         model = self.model
         with (
             torch.no_grad(),
@@ -249,6 +254,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
         ):
             if self.flow.needs_entropy:
                 return policy_forward(model, ids, attn, resp, need_entropy=True)[1]
-            model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
-                  logits_to_keep=1)  # fmt: skip
+            sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+            with contextlib.nullcontext() if sharded else self.flow.tap.latents_only():
+                model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
+                      logits_to_keep=1)  # fmt: skip
         return None

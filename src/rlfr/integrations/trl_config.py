@@ -92,6 +92,7 @@ class RLFRGRPOConfig(GRPOConfig):
     flow_min_lr_ratio: float = _flow_option("min_lr_ratio")
     flow_soft_flow: float = _flow_option("soft_flow")
     flow_entropy_quantile: float | None = _flow_option("entropy_quantile")
+    flow_allow_mode_mismatch: bool = _flow_option("allow_mode_mismatch")
     flow_correctness: str | None = field(
         default=None,
         metadata={"help": "which completions are correct (those train the flow): the name of a reward function, "

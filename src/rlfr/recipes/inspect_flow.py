@@ -5,7 +5,9 @@
 
 Samples ``num_generations`` responses for each of ``n_prompts`` problems, runs the policy once over
 every rollout with a ``LatentTap`` at the flow's own block fractions (``latents.json``: fractions, modes,
-shift, and ``latent_norm``: latents standardised with the flow's ``latent_norm.safetensors`` when set),
+shift, and ``latent_norm``: latents standardised with the flow's ``latent_norm.safetensors`` when set; with
+``--checkpoint``, the modes and shift the run scored with, which ``flow.allow_mode_mismatch`` lets differ),
+stopping each forward after the deepest hooked block,
 scores each response token with ``rlfr.flow.token_scores`` and writes ``OUT/inspect.html``
 (self-contained: inline CSS, no script, no external resource; all model and data text is escaped),
 ``OUT/rollouts.jsonl`` (every rollout with its tokens) and ``OUT/stats.json``
@@ -74,6 +76,8 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     bundle = load_flow(flow_dir)  # checks the pairing convention and the statistics file
     meta = bundle.meta.to_json()
     shaping = {**RewardShapingConfig().__dict__, **config.get("flow", {}).get("reward", {})}
+    # the pairs the run scored (flow.allow_mode_mismatch lets them differ from the flow's record), else the flow's
+    pairing = {k: config.get("flow", {}).get(k, meta[k]) for k in ("modes", "shift")}
     data_cfg = config.get("data", {})
     template = cfg.template or data_cfg.get("template", "chat")
     size = data_cfg.get("eval_size", DataConfig.eval_size) if cfg.data in GENERATED_SETS else 0
@@ -109,7 +113,7 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
                 ro.response_mask[sl].to(device),
             )
             vision = None if ro.vision is None else ro.vision.select(sl).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), tap.latents_only():  # the latents only: no later block, no logits
                 model(**model_inputs(ids, att, vision), use_cache=False)
             lat = tap.latents() if norm is None else norm(tap.latents())
             sc = token_scores(
@@ -117,8 +121,8 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
                 lat,
                 tap.layer_values.to(device),
                 mask,
-                meta["modes"],
-                meta["shift"],
+                pairing["modes"],
+                pairing["shift"],
                 shaping["timesteps"],
                 generator=gen,
                 context_mask=att.bool(),

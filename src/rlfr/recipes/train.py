@@ -24,7 +24,7 @@ from rlfr.errors import ConfigError, Interrupted, NonFiniteError
 from rlfr.eval.plots import plot_metrics
 from rlfr.eval.scoring import evaluate
 from rlfr.flow.learner import FlowLearner
-from rlfr.flow.store import build_flow
+from rlfr.flow.store import build_flow, pairing_note
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import (
     base_model_path,
@@ -112,6 +112,8 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
     if cfg.method == "rlfr":
         tap = LatentTap(policy, cfg.flow.fractions)
         bundle = build_flow(cfg.flow, policy)
+        if acc.is_main_process and (note := pairing_note(bundle.meta, cfg.flow.modes, cfg.flow.shift)):
+            print(note)
         if cfg.flow.init == "random" and acc.is_main_process:
             print(
                 "flow.init=random: the flow starts from random weights and learns online (an ablation: its "
