@@ -104,6 +104,25 @@ def test_show_config_uses_the_config_files(tmp_path, capsys):
     assert shown["data"] == {**shown["data"], "train": "mine.jsonl", "solution_field": "solution"}
 
 
+def test_eval_results_record_the_rlfr_version(tiny_dir, tmp_path, capsys):
+    """``rlfr eval``'s results.json names the rlfr that wrote it (its last key), and reads back unchanged; a file
+    of an earlier version, without the key, still reads."""
+    from rlfr.eval.results import EvaluateResult
+
+    rows = [{"problem": f"{i}+1?", "answer": str(i + 1)} for i in range(2)]
+    (tmp_path / "ev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _out(capsys, ["eval", f"model={tiny_dir}", f"data.eval={tmp_path / 'ev.jsonl'}", f"out={tmp_path / 'e'}",
+                  "max_new_tokens=2", "workers=1", "cpu=true", "dtype=float32"])  # fmt: skip
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert res["rlfr_version"] == __version__ and list(res)[-1] == "rlfr_version"
+    assert EvaluateResult.from_dict(res).to_dict() == res
+    older = {k: v for k, v in res.items() if k != "rlfr_version"}
+    assert (
+        EvaluateResult.from_dict(older).rlfr_version is None
+        and EvaluateResult.from_dict(older).to_dict() == older
+    )
+
+
 def test_sft_on_the_users_files_keeps_the_solution_column(tiny_dir, tmp_path, capsys):
     """The trap of before: ``rlfr sft data.train=mine.jsonl data.eval=mine_eval.jsonl`` on a file with a
     ``solution`` column failed with "field None" (the command's data.solution_field was lost)."""

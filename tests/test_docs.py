@@ -7,11 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
-from rlfr.cli import _COMMANDS, _config_class
+from rlfr.cli import _COMMANDS, _config_class, main
 from rlfr.config import valid_keys
 from rlfr.recipes.data import ACTIONS
 
@@ -128,6 +130,22 @@ def test_the_path_scan_finds_a_planted_path(tmp_path):
         "docs/a.md:2: see ../shared/CONVENTIONS.md",
         'docs/b.json:1: {"model": "/work/runs/x"}',
     ]
+
+
+def _readme_commands() -> list[str]:
+    """The ``rlfr ...`` commands of README's pipeline block, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## The pipeline")[1].split("```bash")[1].split("```")[0]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip().startswith("rlfr ")]
+
+
+def test_readme_pipeline_commands_use_real_keys(capsys):
+    """Each of README's four commands resolves with ``--show-config`` (every key exists, every value has its type)."""
+    commands = _readme_commands()
+    assert [c.split()[1] for c in commands] == ["sft", "flow-pretrain", "train", "eval"]
+    for command in commands:
+        assert main([*shlex.split(command)[1:], "--show-config"]) == 0, (command, capsys.readouterr().err)
+        assert "data" in yaml.safe_load(capsys.readouterr().out)
 
 
 def test_readme_is_short_and_starts_with_install_and_data():

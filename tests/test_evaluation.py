@@ -185,8 +185,9 @@ def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
     entry = res["datasets"]["tiny"]
     assert res["greedy"] and entry["n"] == 3 and entry["samples"] == 1 and 0 <= entry["pass@1"] <= 1
     # the file's keys, in order, as every version wrote them; the typed result reads it back unchanged
+    # (rlfr_version, the last key, since 0.2.0)
     assert list(res) == ["model", "backend", "template", "greedy", "samples", "temperature", "top_p",
-                         "max_new_tokens", "seed", "datasets"]  # fmt: skip
+                         "max_new_tokens", "seed", "datasets", "rlfr_version"]  # fmt: skip
     assert list(entry) == [
         "data",
         "n",

@@ -85,13 +85,17 @@ class EvaluateResult:
     max_new_tokens: int
     seed: int
     datasets: dict[str, DatasetResult]
+    rlfr_version: str | None = (
+        None  # the rlfr that wrote the file (None: a version before 0.2.0 recorded none)
+    )
 
     def to_dict(self) -> dict:
-        return _to_dict(self) | {"datasets": {k: v.to_dict() for k, v in self.datasets.items()}}
+        out = _to_dict(self, ("rlfr_version",))
+        return out | {"datasets": {k: v.to_dict() for k, v in self.datasets.items()}}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "results.json") -> EvaluateResult:
-        kw = _from_dict(cls, d, source)
+        kw = _from_dict(cls, d, source, ("rlfr_version",))
         datasets = {
             k: DatasetResult.from_dict(v, f"{source}, dataset {k!r}") for k, v in kw["datasets"].items()
         }

@@ -28,6 +28,7 @@ import json
 import time
 from pathlib import Path
 
+from rlfr import __version__
 from rlfr.commands import DemoConfig
 from rlfr.config import to_dict
 from rlfr.data.sources import resolve_data
@@ -109,6 +110,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     change = paired_change(after, after_sft, k)
     print(_fmt_change(f"{cfg.train.method.upper()} - SFT", change))
     summary = {
+        "rlfr_version": __version__,
         "model": cfg.sft.model.name_or_path,
         "task": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
         "method": cfg.train.method,

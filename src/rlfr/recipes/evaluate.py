@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from rlfr import __version__
 from rlfr.commands import EvalConfig
 from rlfr.data.benchmarks import benchmark_name
 from rlfr.data.examples import Fields
@@ -138,6 +139,7 @@ def run_evaluate(cfg: EvalConfig) -> EvaluateResult:
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
         datasets=datasets,
+        rlfr_version=__version__,
     )
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
