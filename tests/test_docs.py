@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import rlfr
 from rlfr.cli import _COMMANDS, _config_class, main
 from rlfr.config import valid_keys
 from rlfr.recipes.data import ACTIONS
@@ -146,6 +147,28 @@ def test_readme_pipeline_commands_use_real_keys(capsys):
     for command in commands:
         assert main([*shlex.split(command)[1:], "--show-config"]) == 0, (command, capsys.readouterr().err)
         assert "data" in yaml.safe_load(capsys.readouterr().out)
+
+
+def test_version_citation_and_licence_agree():
+    """One version everywhere (``rlfr --version``, pyproject, CITATION.cff, the changelog's newest entry), the paper
+    as the preferred citation, Apache-2.0 as an SPDX expression with its licence file."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert project["version"] == rlfr.__version__ == cff["version"]
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(r"^## (\S+)", changelog, re.M)[1] == rlfr.__version__
+    assert (
+        cff["cff-version"] == "1.2.0"
+        and cff["preferred-citation"]["url"] == "https://arxiv.org/abs/2510.10201"
+    )
+    assert cff["preferred-citation"]["title"].startswith("RLFR: Extending Reinforcement Learning for LLMs")
+    assert project["license"] == cff["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert (
+        "Apache License" in (ROOT / "LICENSE").read_text()
+        and "Apache-2.0" in (ROOT / "README.md").read_text()
+    )
 
 
 def test_readme_is_short_and_starts_with_install_and_data():
