@@ -105,7 +105,10 @@ def dev_paths(root: Path) -> list[str]:
     hits = []
     for name in SCANNED:
         base = root / name
-        for path in [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()):
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for path in files:
+            if any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts):
+                continue  # build outputs, not in the repository
             try:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
