@@ -94,11 +94,13 @@ def rows(cfg, prefix: str = "") -> list[dict]:
 
 
 def _cell(text: str) -> str:
+    """Plain text in a table cell: a pipe would end the cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _code(text: str) -> str:
-    return f"`{_cell(text)}`" if text != "" else ""
+    """A code span in a table cell: the tables extension keeps its pipes (an escape would show)."""
+    return f"`{text}`".replace("\n", " ") if text != "" else ""
 
 
 def render() -> str:

@@ -35,6 +35,21 @@ def page() -> str:
     return _load_reference().render()
 
 
+def _split_row(line: str) -> list[str]:
+    """A Markdown table row split at its cell pipes: not an escaped one, not one inside a code span."""
+    cells, cell, code, prev = [], "", False, ""
+    for ch in line:
+        if ch == "`":
+            code = not code
+        if ch == "|" and not code and prev != "\\":
+            cells.append(cell)
+            cell = ""
+        else:
+            cell += ch
+        prev = ch
+    return [*cells, cell]
+
+
 def _sections(page: str) -> dict[str, dict[str, list[str]]]:
     """'## rlfr CMD' -> {key: its table cells (type, default, range, help)}, read back from the Markdown."""
     out, current = {}, None
@@ -42,7 +57,7 @@ def _sections(page: str) -> dict[str, dict[str, list[str]]]:
         if line.startswith("## rlfr "):
             current = out.setdefault(line.removeprefix("## rlfr "), {})
         elif current is not None and line.startswith(("| `", "| **`")):
-            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            cells = [c.strip() for c in _split_row(line)[1:-1]]
             current[cells[0].strip("*`")] = cells[1:]
     return out
 
@@ -73,14 +88,14 @@ def test_config_reference_rows_carry_type_default_range_and_help(page):
     train, sft, demo = (_sections(page)[c] for c in ("train", "sft", "demo"))
     # TrainConfig.steps = field_(100, "RL steps", range="[1, inf)")
     assert train["steps"] == ["`int`", "`100`", "`[1, inf)`", "RL steps"]
-    assert train["method"][0] == '`"rlfr" \\| "rlvr" \\| "entropy"`'
+    assert train["method"][0] == '`"rlfr" | "rlvr" | "entropy"`'
     assert train["method"][1] == "`rlfr`"
     assert train["seed"][2] == "`[0, 4294967295]`"
     assert train["flow"] == ["section", "", "", "flow field, rewards and online updates"]
     # a nested section's default comes from the command's own instance: SFT data reads the solution column
-    assert sft["data.solution_field"][:2] == ["`str \\| None`", "`solution`"]
+    assert sft["data.solution_field"][:2] == ["`str | None`", "`solution`"]
     assert train["data.solution_field"][1] == "`null`"
-    assert demo["seed"][:3] == ["`int \\| None`", "`null`", "`[0, 4294967295]`"]
+    assert demo["seed"][:3] == ["`int | None`", "`null`", "`[0, 4294967295]`"]
     # a field without a range has an empty range cell, and every setting has a help text
     assert train["out_dir"][2] == ""
     for name, rows in _sections(page).items():
