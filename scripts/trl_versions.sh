@@ -8,13 +8,13 @@
 # and tests/test_flow_learner.py run in it and a table of passed / failed / error / skipped tests is printed
 # (under a release outside rlfr.integrations.trl.TRL_VERSIONS the bridge's tests fail to import). The venvs
 # never see another environment's packages (no --system-site-packages), so each runs the TRL it names.
-# Settings (environment): VENVS (default /work/venvs), PYTHON (default python3), TORCH (default torch==2.13.0),
+# Settings (environment): VENVS (default .venvs, inside this checkout), PYTHON (default python3), TORCH (default torch==2.13.0),
 # TRANSFORMERS (e.g. transformers==5.25.0 to pin it; default: whatever pip resolves). Logs: $VENVS/trl-<v>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS=("$@")
 [ ${#VERSIONS[@]} -eq 0 ] && VERSIONS=(1.14.2 1.16.0)
-VENVS=${VENVS:-/work/venvs}
+VENVS=${VENVS:-.venvs}
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
 TRANSFORMERS=${TRANSFORMERS:-}

@@ -67,22 +67,26 @@ def test_misspelt_commands_flags_and_keys_get_a_did_you_mean(capsys):
     assert "unknown flag --resume" in _err(capsys, ["sft", "--resume"])  # a flag of another command
 
 
+SUBCOMMANDS = {"data": ["data", "prepare"]}  # commands whose first word is an action
+
+
 @pytest.mark.parametrize("command", list(_COMMANDS))
 def test_show_config_prints_the_resolved_config_and_reads_back(command, tmp_path, capsys):
     """``--show-config`` is valid ``--config`` input: printed, read back and printed again, it is the same, with
     and without a ``--config`` file and overrides."""
-    first = _out(capsys, [command, "--show-config"])
-    assert first.startswith(f"# rlfr {command}: the resolved configuration")
+    words = SUBCOMMANDS.get(command, [command])
+    first = _out(capsys, [*words, "--show-config"])
+    assert first.startswith(f"# rlfr {' '.join(words)}: the resolved configuration")
     saved = tmp_path / "shown.yaml"
     saved.write_text(first)
-    assert _out(capsys, [command, "--config", str(saved), "--show-config"]) == first
+    assert _out(capsys, [*words, "--config", str(saved), "--show-config"]) == first
     changed = {"train": "steps=7", "sft": "steps=7", "flow-pretrain": "epochs=3.0", "demo": "quick=true",
                "eval": "data.eval=[embedded,math500]", "inspect": "n_prompts=3", "compare": "seeds=[4,5]",
-               "convert-flow": "modes=token_post", "export": "dtype=bfloat16"}[command]  # fmt: skip
-    second = _out(capsys, [command, f"--config={saved}", changed, "--show-config"])
+               "convert-flow": "modes=token_post", "export": "dtype=bfloat16", "data": "max_length=4096"}[command]  # fmt: skip
+    second = _out(capsys, [*words, f"--config={saved}", changed, "--show-config"])
     assert second != first
     saved.write_text(second)
-    assert _out(capsys, [command, "--config", str(saved), "--show-config"]) == second
+    assert _out(capsys, [*words, "--config", str(saved), "--show-config"]) == second
 
 
 def test_show_config_uses_the_config_files(tmp_path, capsys):

@@ -179,7 +179,7 @@ def _run_legacy(command: str, module_name: str, argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help=_FLAGS["--debug"][1])
     module = importlib.import_module(module_name)
     module.add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value words before or after flags
     try:
         return int(module.run(args) or 0)
     except (RlfrError, ValueError, OSError) as e:

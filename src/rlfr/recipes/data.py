@@ -85,7 +85,10 @@ def run(args) -> int:
         raise ConfigError(f"rlfr data prepare takes key=value settings, got {words}")
     cfg = load_config(ACTIONS[args.action], args.config, settings)
     if args.show_config:
-        print(to_yaml(cfg), end="")
+        print(
+            f"# rlfr data {args.action}: the resolved configuration (valid input to --config)\n{to_yaml(cfg)}",
+            end="",
+        )
     elif args.action == "download":
         run_download(cfg)
     else:
