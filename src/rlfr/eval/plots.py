@@ -79,7 +79,7 @@ def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
     """The figure of ``plot_curves``. Each arm keeps one colour in every panel (a panel of flow statistics
     has no RLVR line, and must not give RLFR RLVR's colour), and every panel has its legend. Per-step values
     are thin and pale; with 16 steps or more a centred moving average over (steps // 8) | 1 steps is drawn over them
-    (per-step statistics of a few dozen rollouts are noisy). The AUROC panel marks chance (0.5)."""
+    (per-step statistics of a few dozen rollouts are noisy). The AUROC panels mark chance (0.5)."""
     with_curves = [n for n, a in arms_out.items() if any(v is not None for c in a.get("curves", {}).values()
                                                           for v in c)]  # fmt: skip
     colour = {name: f"C{i}" for i, name in enumerate(with_curves)}
@@ -102,7 +102,7 @@ def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
                 ax.plot(*zip(*pts), label=f"_{name} per step", lw=0.8, alpha=0.3, color=colour[name])
                 pts = moving_average(pts, window)
             ax.plot(*zip(*pts), label=name, lw=1.6 if window > 1 else 1.2, color=colour[name])
-        if key == "flow_score/auroc":
+        if key.endswith(("/auroc", "/auroc_within")):
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("RL step")

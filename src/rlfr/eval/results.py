@@ -165,10 +165,17 @@ class CompareResult:
 AUROC_NOTE = "P(mean deviation of a correct rollout < that of a wrong one); null = one class only"
 
 
+_SEPARATION = ("auroc_within", "logp_auroc", "logp_auroc_within", "length_corr", "repeatability")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FlowTokenStats:
     """What ``rlfr inspect`` measured over its rollouts: accuracy, the scored tokens, the AUROC of the sequence
-    flow score for correct vs wrong (None: one class only) and ``rlfr.stats.token_reward_stats``."""
+    flow score for correct vs wrong pooled over rollouts (None: one class only), ``rlfr.stats.token_reward_stats``,
+    and (files of earlier versions lack them) the AUROC within problems (``rlfr.stats.GroupMean.to_dict``), the
+    same two for the mean token log-prob, the correlation with response length ({"pooled": r, "within":
+    GroupMean}) and the repeatability across noise draws ({"draws": D, "by_draws":
+    ``rlfr.stats.draw_repeatability``})."""
 
     rollouts: int
     accuracy: float
@@ -176,9 +183,14 @@ class FlowTokenStats:
     auroc: float | None
     auroc_note: str = AUROC_NOTE
     tokens: dict[str, Any]
+    auroc_within: dict | None = None
+    logp_auroc: float | None = None
+    logp_auroc_within: dict | None = None
+    length_corr: dict | None = None
+    repeatability: dict | None = None
 
     def to_dict(self) -> dict:
-        return _to_dict(self)
+        return _to_dict(self, _SEPARATION)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,7 +219,7 @@ class InspectResult:
             raise RlfrError(f"{source}: expected a JSON object (InspectResult), got {type(d).__name__}")
         names = {f.name for f in fields(FlowTokenStats)}
         stats = FlowTokenStats(
-            **_from_dict(FlowTokenStats, {k: v for k, v in d.items() if k in names}, source)
+            **_from_dict(FlowTokenStats, {k: v for k, v in d.items() if k in names}, source, _SEPARATION)
         )
         return cls(
             stats=stats, **_from_dict(cls, {k: v for k, v in d.items() if k not in names}, source, ("stats",))

@@ -18,7 +18,17 @@ shaping (``rlfr.flow.shaping.shape_flow_rewards``: sparse, and never positive un
 parameters and rewarding timesteps come from the checkpoint's config (defaults with ``--model/--flow``).
 
 Sequence score: mean deviation over a rollout's scored tokens. The AUROC is the probability that a
-correct rollout has a lower mean deviation than a wrong one (ties 1/2); n/a with only one class.
+correct rollout has a lower mean deviation than a wrong one (ties 1/2); n/a with only one class. It is given
+twice: pooled over all rollouts, and within problems (``auroc_within``: per problem over the problems whose
+rollouts hold both classes, averaged, with their count and a bootstrap 95 % interval over problems). GRPO only
+compares rollouts of one problem, so the within-problem value is the signal that can shape RL; the pooled one
+also credits a score for telling easy problems from hard ones. Beside them, as a baseline, the same two for the
+mean token log-prob of the response under the policy (``logp_auroc``, higher = correct), and the correlation of
+the sequence score with the response length (``length_corr``, pooled and within problems). Repeatability
+(``repeatability``): the flow score is noisy (a fresh eps per token and rewarding timestep), so every rollout is
+scored ``NOISE_DRAWS`` more times with independent noise (the policy's latents fixed): the correlation of two
+independent k-draw means and the AUROCs of the k-draw mean, k = 1, 2, 4, 8. The displayed token scores come
+from the first scoring, as before.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from rlfr.eval.results import FlowTokenStats, InspectResult
 from rlfr.flow import token_scores
 from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
 from rlfr.flow.store import check_meta, load_flow, meta_for
-from rlfr.policy.forward import model_inputs
+from rlfr.policy.forward import policy_forward
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import load_model, load_tokenizer
 from rlfr.policy.rollout import generate
@@ -45,7 +55,17 @@ from rlfr.reward.verifier import Verifier
 from rlfr.runtime import checkpoint as ckpt_io
 from rlfr.runtime.env import inference_device, seed_everything
 from rlfr.schema import DataConfig, RewardShapingConfig
-from rlfr.stats import auroc, token_reward_stats
+from rlfr.stats import (
+    auroc,
+    draw_repeatability,
+    pearson,
+    token_reward_stats,
+    within_group_auroc,
+    within_group_pearson,
+)
+
+NOISE_DRAWS = 8  # extra scorings of every rollout with independent noise (the repeatability statistics)
+BOOTSTRAP = 2000  # resamples of problems for the within-problem intervals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,7 +149,9 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
                 for s in verifier.verify_batch(ro.completions, [examples[int(g)].answer for g in ro.group])
             ]
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        rows = []
+        # the repeatability draws have their own noise, so the displayed scores are those of earlier versions
+        gen_draws = torch.Generator(device=device).manual_seed(args.seed + 1)
+        rows, seq_logp, draws = [], [], []
         for c0 in range(0, ro.input_ids.shape[0], 8):
             sl = slice(c0, c0 + 8)
             ids, att, mask = (
@@ -139,9 +161,10 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
             )
             vision = None if ro.vision is None else ro.vision.select(sl).to(device)
             with torch.no_grad():
-                model(**model_inputs(ids, att, vision), use_cache=False)
+                logp, _ = policy_forward(model, ids, att, mask, need_entropy=False, vision=vision)
+            seq_logp += ((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
             lat = tap.latents() if norm is None else norm(tap.latents())
-            sc = token_scores(
+            inputs = (
                 field,
                 lat,
                 tap.layer_values.to(device),
@@ -149,9 +172,13 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
                 meta["modes"],
                 meta["shift"],
                 shaping["timesteps"],
-                generator=gen,
-                context_mask=att.bool(),
             )
+            sc = token_scores(*inputs, generator=gen, context_mask=att.bool())
+            chunk_draws = []
+            for _ in range(NOISE_DRAWS):
+                d = token_scores(*inputs, generator=gen_draws, context_mask=att.bool())
+                chunk_draws.append(((d.scores * d.valid).sum(1) / d.valid.sum(1).clamp(min=1)).tolist())
+            draws += [list(per_row) for per_row in zip(*chunk_draws)]  # (rows, draws)
             x = minmax_normalize(sc.scores, sc.valid)
             spread = (x * sc.valid).amax(dim=1, keepdim=True) > 0  # rows without spread carry no reward
             dense = torch.where(sc.valid & spread, -shaping["beta"] * (2 * x - 1), 0.0)
@@ -189,11 +216,15 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
         rollouts.append(
             {
                 "problem": examples[g].problem,
+                "group": g,
                 "answer": examples[g].answer,
                 "prompt": prompts[g],
                 "completion": ro.completions[i],
                 "correct": correct[i],
                 "mean_deviation": sum(scored) / len(scored) if scored else None,
+                "mean_logp": seq_logp[i],
+                "response_tokens": len(toks),
+                "deviation_draws": draws[i] if scored else None,
                 "tokens": toks,
             }
         )
@@ -216,26 +247,67 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
     (out / "stats.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     (out / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     (out / "inspect.html").write_text(render_html(rollouts, result))
-    auc = stats.auroc
     print(
-        f"{len(rollouts)} rollouts, {stats.scored_tokens} scored tokens, accuracy {stats.accuracy:.3f}, "
-        f"AUROC {'n/a' if auc is None else f'{auc:.3f}'}; wrote {out / 'inspect.html'} and {out / 'stats.json'}"
+        f"{len(rollouts)} rollouts, {stats.scored_tokens} scored tokens, accuracy {stats.accuracy:.3f}; "
+        f"{separation_line(stats)}; wrote {out / 'inspect.html'} and {out / 'stats.json'}"
     )
     return result
 
 
+def _f(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _within(w: dict | None) -> str:
+    """'0.540 [0.450, 0.620] over 70 problems' from a ``GroupMean.to_dict``."""
+    if not w or w["mean"] is None:
+        return "n/a (no problem with both classes)"
+    ci = "" if w["lo"] is None else f" [{w['lo']:.3f}, {w['hi']:.3f}]"
+    return f"{w['mean']:.3f}{ci} over {w['groups']} problem{'s' if w['groups'] != 1 else ''}"
+
+
+def separation_line(stats: FlowTokenStats) -> str:
+    """One line: the flow's and the log-prob's AUROC, pooled and within problems."""
+    return (f"flow AUROC pooled {_f(stats.auroc)}, within problems {_within(stats.auroc_within)}; "
+            f"mean log-prob AUROC pooled {_f(stats.logp_auroc)}, within {_within(stats.logp_auroc_within)}")  # fmt: skip
+
+
 def compute_stats(rollouts: list[dict], reward: str, min_count: int) -> FlowTokenStats:
+    """The statistics of ``stats.json`` (module docstring) from the rollout records; rollouts are grouped by
+    ``group`` (their problem; by problem text in records without one), and the log-prob, length and
+    repeatability statistics need the keys this version writes (``mean_logp``, ``response_tokens``,
+    ``deviation_draws``)."""
     toks = [t for r in rollouts for t in r["tokens"] if t["valid"]]
     scored = [r for r in rollouts if r["mean_deviation"] is not None]
     # lower deviation should mean correct: score = -mean deviation, positive class = correct
-    auc = auroc([-r["mean_deviation"] for r in scored], [r["correct"] for r in scored]) if scored else None
-    return FlowTokenStats(
+    flow = [-r["mean_deviation"] for r in scored]
+    ok = [r["correct"] for r in scored]
+    groups = [r.get("group", r["problem"]) for r in scored]
+    out = dict(
         rollouts=len(rollouts),
         accuracy=sum(r["correct"] for r in rollouts) / max(len(rollouts), 1),
         scored_tokens=len(toks),
-        auroc=auc,
+        auroc=auroc(flow, ok) if scored else None,
         tokens=token_reward_stats([t["text"] for t in toks], [t[reward] for t in toks], min_count=min_count),
+        auroc_within=within_group_auroc(flow, ok, groups, BOOTSTRAP).to_dict(),
     )
+    if scored and all("mean_logp" in r for r in scored):
+        logp = [r["mean_logp"] for r in scored]
+        out |= {
+            "logp_auroc": auroc(logp, ok),
+            "logp_auroc_within": within_group_auroc(logp, ok, groups, BOOTSTRAP).to_dict(),
+        }
+    if scored and all("response_tokens" in r for r in scored):
+        dev, length = [-v for v in flow], [float(r["response_tokens"]) for r in scored]
+        out["length_corr"] = {"pooled": pearson(dev, length),
+                              "within": within_group_pearson(dev, length, groups, BOOTSTRAP).to_dict()}  # fmt: skip
+    if scored and all(r.get("deviation_draws") for r in scored):
+        draws = [[-r["deviation_draws"][j] for r in scored] for j in range(len(scored[0]["deviation_draws"]))]
+        out["repeatability"] = {
+            "draws": len(draws),
+            "by_draws": draw_repeatability(draws, ok, groups, iters=BOOTSTRAP),
+        }
+    return FlowTokenStats(**out)
 
 
 _CSS = """
@@ -274,6 +346,36 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def separation_html(stats: FlowTokenStats) -> list[str]:
+    """The separation table (flow and log-prob AUROC, pooled and within problems), the length correlation and the
+    repeatability table; nothing for what the statistics lack."""
+    out = ["<h2>Separation of correct and wrong rollouts</h2>",
+           "<p>GRPO compares the rollouts of one problem only: the AUROC <i>within problems</i> (per problem with both "
+           "correct and wrong rollouts, averaged; 95 % bootstrap interval over problems) is the signal that can shape "
+           "RL. The pooled AUROC also credits telling easy problems from hard ones. The mean token log-prob is the "
+           "baseline.</p>",
+           "<table><tr><th>score</th><th>pooled</th><th>within problems</th></tr>",
+           f"<tr><td>flow (-mean deviation)</td><td>{_e(_f(stats.auroc))}</td><td>{_e(_within(stats.auroc_within))}</td></tr>"]  # fmt: skip
+    if stats.logp_auroc_within is not None:
+        out.append(f"<tr><td>mean token log-prob</td><td>{_e(_f(stats.logp_auroc))}</td>"
+                   f"<td>{_e(_within(stats.logp_auroc_within))}</td></tr>")  # fmt: skip
+    out.append("</table>")
+    if (lc := stats.length_corr) is not None:
+        w = lc["within"]
+        within = "n/a" if w["mean"] is None else f"{w['mean']:+.2f} over {w['groups']} problems"
+        out.append(f"<p>Correlation of the mean deviation with the response length: pooled {_e(_f(lc['pooled'], '{:+.2f}'))}, "
+                   f"within problems {_e(within)}.</p>")  # fmt: skip
+    if (rep := stats.repeatability) is not None:
+        out += [f"<h3>Repeatability across noise draws ({rep['draws']} extra scorings, latents fixed)</h3>",
+                "<table><tr><th>draws averaged</th><th>r of two independent means</th><th>AUROC pooled</th>"
+                "<th>AUROC within problems</th></tr>"]  # fmt: skip
+        for row in rep["by_draws"]:
+            out.append(f"<tr><td>{row['k']}</td><td>{_e(_f(row['r']))}</td><td>{_e(_f(row['auroc']))}</td>"
+                       f"<td>{_e(_within(row['auroc_within']))}</td></tr>")  # fmt: skip
+        out.append("</table>")
+    return out
+
+
 def render_html(rollouts: list[dict], result: InspectResult) -> str:
     """A self-contained page: inline CSS only, every piece of text escaped."""
     reward, stats = result.reward, result.stats
@@ -291,7 +393,9 @@ def render_html(rollouts: list[dict], result: InspectResult) -> str:
         f"(beta {_e(result.shaping['beta'])}). Red = penalised, green = rewarded; hover a token for its reward, "
         "normalised deviation x and raw deviation score.</p>",
         f"<p>{stats.rollouts} rollouts, accuracy {stats.accuracy:.3f}, {stats.scored_tokens} scored tokens. "
-        f"AUROC of the sequence flow score (lower mean deviation = correct): <b>{_e(auc)}</b></p>",
+        f"AUROC of the sequence flow score (lower mean deviation = correct), pooled over rollouts: <b>{_e(auc)}</b>; "
+        f"within problems: <b>{_e(_within(stats.auroc_within))}</b></p>",
+        *separation_html(stats),
         "<input type='radio' name='m' id='by-rew' checked><label for='by-rew'>colour by reward</label> "
         "<input type='radio' name='m' id='by-dev'><label for='by-dev'>colour by raw deviation</label>",
         "<main>",
