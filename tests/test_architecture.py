@@ -32,7 +32,7 @@ LAYERS = (
     ("recipes",),
     ("cli", "integrations"),
 )
-STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export")
+STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export", "select")
 COMPOSERS = ("demo", "compare")
 MATHS = (
     "flow/shaping.py",

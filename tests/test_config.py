@@ -9,7 +9,7 @@ import pytest
 
 from rlfr.config import ConfigError, Range, describe, from_dict, load_config, parse_overrides, to_dict
 from rlfr.recipes.demo import DemoConfig
-from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
+from rlfr.schema import FlowPretrainConfig, SelectConfig, SFTConfig, TrainConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -158,7 +158,7 @@ def _outside(rng, tp) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "cls", [TrainConfig, SFTConfig, FlowPretrainConfig, DemoConfig], ids=lambda c: c.__name__
+    "cls", [TrainConfig, SFTConfig, FlowPretrainConfig, DemoConfig, SelectConfig], ids=lambda c: c.__name__
 )
 def test_every_numeric_setting_has_a_range_that_refuses_nan_inf_and_outside_values(cls):
     """Every int / float setting of every command declares its range next to its help text; NaN, +-inf and a

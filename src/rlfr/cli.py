@@ -35,6 +35,10 @@ _COMMANDS = {
     "eval": ("rlfr.recipes.evaluate", "greedy pass@1 / sampled pass@k on benchmarks or the embedded split"),
     "compare": ("rlfr.recipes.compare", "base vs RLVR vs RLFR vs entropy shaping (and ablations) over seeds"),
     "inspect": ("rlfr.recipes.inspect_flow", "an HTML page colouring response tokens by flow reward"),
+    "select": (
+        "rlfr.recipes.select",
+        "choose among N samples by votes, flow and log-prob scores; accuracy against N",
+    ),
 }
 
 

@@ -295,3 +295,33 @@ def plot_flow_losses(pretrain_losses: Sequence[float], rl_history: Sequence[dict
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_selection(
+    accuracy: dict[str, dict[str, float]], pass_at: dict[str, float], title: str, path: Path
+) -> None:
+    """``rlfr select``: accuracy against N (log2 axis) of every rule (rule -> str(N) -> accuracy) with pass@N, the
+    ceiling, dashed; rules that use the flow dotted, the others solid."""
+    plt = _plt()
+    fig = selection_figure(plt, accuracy, pass_at, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def selection_figure(plt, accuracy: dict[str, dict[str, float]], pass_at: dict[str, float], title: str):
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    ns = sorted(int(n) for n in pass_at)
+    ax.plot(ns, [100 * pass_at[str(n)] for n in ns], color="black", ls="--", lw=1.4, label="pass@N (ceiling)")
+    for i, (rule, acc) in enumerate(accuracy.items()):
+        flow = rule.partition(":")[2] in ("flow_mean", "flow_q", "combined")
+        ax.plot(ns, [100 * acc[str(n)] for n in ns], marker="o", ms=3, lw=1.2, ls=":" if flow else "-",
+                color=f"C{i % 10}", label=rule)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (samples per problem)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig

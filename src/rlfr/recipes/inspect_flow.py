@@ -102,11 +102,8 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, Path, dict]:
     if args.checkpoint:
         if args.model or args.flow:
             raise ValueError("give either --checkpoint or --model with --flow, not both")
-        ck = ckpt_io.resolve_checkpoint(args.checkpoint)  # a checkpoint or a run directory (its latest)
-        for sub in ("policy", "flow"):
-            if not (ck / sub).is_dir():
-                raise FileNotFoundError(f"{ck} has no {sub}/ (need an RL checkpoint of method rlfr)")
-        return str(ck / "policy"), ckpt_io.flow_dir(ck), ckpt_io.load_state(ck).get("config", {})
+        policy, flow, config = ckpt_io.policy_and_flow(args.checkpoint)  # a checkpoint, or a run's latest
+        return str(policy), flow, config
     if not (args.model and args.flow):
         raise ValueError("give --checkpoint, or both --model and --flow")
     return args.model, Path(args.flow), {}
