@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=3600, env=env
     )
 
 

@@ -292,7 +292,7 @@ def test_two_processes_racing_for_a_run_directory_never_hold_it_together(tmp_pat
     procs = [ctx.Process(target=_race, args=(str(out), 600, q)) for _ in range(2)]
     for p in procs:
         p.start()
-    results = [q.get(timeout=120) for _ in procs]
+    results = [q.get(timeout=600) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     assert all(held > 0 for held, _ in results), results  # both got the lock at times

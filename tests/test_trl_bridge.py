@@ -350,7 +350,7 @@ def test_the_example_script_trains_one_step_on_the_tiny_model(tiny_dir, tmp_path
            "--num_generations", "2", "--num_problems", "8", "--report_to", "none", "--save_strategy", "no",
            "--log_completions", "false", "--flow_soft_flow", "1.0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
     assert (

@@ -154,7 +154,7 @@ def test_train_and_eval_with_the_engine(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)])}
     for argv in (train, evaluate):
         proc = subprocess.run([sys.executable, "-m", "rlfr.cli", *argv], env=env, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+                              timeout=3600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "rollout/logp_diff_mean" in r]
