@@ -103,6 +103,8 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         cfg.task_seed if cfg.task_seed is not None else data_cfg.get("task_seed", DataConfig.task_seed)
     )
     size = cfg.problems if cfg.data in GENERATED_SETS else 0
+    if cfg.data in GENERATED_SETS and not size:
+        raise ValueError(f"data={cfg.data} is generated: give its size as problems=N (0 = all rows of a file)")
     examples = load_source(cfg.data, size=size, task_seed=task_seed,
                            dev_size=data_cfg.get("dev_size", DataConfig.dev_size))  # fmt: skip
     examples = examples[: cfg.problems] if cfg.problems else examples
@@ -291,7 +293,7 @@ def render_report(result: SelectResult) -> str:
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     lines.append("")
     if (p := result.primary) is not None:
-        lines += [f"**Primary comparison** (pre-registered): the flow-including rule with the best dev accuracy at N = "
+        lines += [f"**Primary comparison**: the flow-including rule with the best dev accuracy at N = "
                   f"{n}, `{p['rule']}` ({100 * p['dev_accuracy']:.1f} % on dev), on test {100 * p['test_accuracy']:.1f} %: "
                   f"minus majority voting {format_diff(p['vs_majority'])}, minus best-of-N by log-prob "
                   f"{format_diff(p['vs_best_logp'])}.", ""]  # fmt: skip
