@@ -85,17 +85,22 @@ def test_the_combined_score_adds_standardised_scores():
 def test_accuracy_against_n_from_subsets_and_pass_at_n():
     # 2 correct "5" of 4 samples, 2 wrong "7"; best:logp prefers the correct ones
     p = [s("5", True, logp=-1.0), s("7", False, logp=-3.0), s("5", True, logp=-2.0), s("7", False, logp=-4.0)]
-    acc = accuracy_at([p], ["majority", "best:logp"], [1, 2, 4], draws=400, seed=0)
+    acc = accuracy_at([p], ["majority", "best:logp"], [1, 2, 4], draws=6, seed=0)
     # N = 4 (the whole set, in order): majority ties 2-2, "5" seen first -> right; best-of-4 -> right
     assert acc["majority"][4] == [1.0] and acc["best:logp"][4] == [1.0]
-    # N = 1: a random sample, right with probability 1/2; N = 2 best-of-2 is wrong only for the pair of wrong ones
-    # (1 of 6 pairs), majority of 2 is right when a "5" comes first: (1/6 both right) + (4/6 mixed) / 2 = 1/2
-    assert acc["majority"][1][0] == pytest.approx(0.5, abs=0.07)
-    assert acc["best:logp"][2][0] == pytest.approx(5 / 6, abs=0.06)
-    assert acc["majority"][2][0] == pytest.approx(0.5, abs=0.07)
+    # N = 1 and N = 2: every subset (4 and 6 <= 6 draws). N = 1: 2 of 4 right. N = 2, pairs in index order:
+    # (0,1) tie, 5 first: right; (0,2) right; (0,3) right; (1,2) tie, 7 first: wrong; (1,3) wrong; (2,3) right -> 4/6;
+    # best-of-2 is wrong only for the pair of wrong ones (1,3) -> 5/6
+    assert acc["majority"][1] == [0.5] and acc["best:logp"][1] == [0.5]
+    assert acc["majority"][2] == [pytest.approx(4 / 6)] and acc["best:logp"][2] == [pytest.approx(5 / 6)]
+    # more subsets than draws: 5 random ones (N = 2 of 4), the same as a plain loop over the seeded draws
+    sampled = accuracy_at([p], ["best:logp"], [2], draws=5, seed=0)["best:logp"][2][0]
+    draws = subsets(4, 2, 5, random.Random(0))
+    assert len(draws) == 5 and sampled == sum(rule_correct([p[i] for i in d], "best:logp") for d in draws) / 5
     # pass@N: 1 - C(2, N) / C(4, N): N = 1 -> 1/2, N = 2 -> 5/6, N = 4 -> 1
     assert pass_at([p], [1, 2, 4]) == {1: [0.5], 2: [pytest.approx(5 / 6)], 4: [1.0]}
     assert subsets(4, 4, 9, random.Random(0)) == [[0, 1, 2, 3]]
+    assert subsets(3, 2, 3, random.Random(0)) == [[0, 1], [0, 2], [1, 2]]
     assert all(len(set(x)) == 2 for x in subsets(4, 2, 5, random.Random(0)))
     with pytest.raises(ValueError):
         subsets(4, 5, 1, random.Random(0))

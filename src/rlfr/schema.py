@@ -513,7 +513,10 @@ class SelectConfig:
         range="[0, inf)",
     )
     subset_draws: int = field_(
-        32, "random N-subsets of each problem's samples averaged for the accuracy at N < n", range="[1, inf)"
+        32,
+        "N-subsets of each problem's samples averaged for the accuracy at N < n: all of them when there are at most "
+        "this many, else this many random ones",
+        range="[1, inf)",
     )
     bootstrap: int = field_(
         10000, "bootstrap resamples of problems for the paired intervals", range="[100, inf)"

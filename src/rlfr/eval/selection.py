@@ -17,13 +17,16 @@ that is a random tie-break. A rule picks nothing (scores as wrong) when no sampl
 is no sample. Every sample with the chosen answer key has the same correctness, so a vote's correctness is that
 of the first sample with the winning key.
 
-Accuracy against N (``accuracy_at``): for N < N_max, the mean over ``draws`` random N-subsets of each problem
-(the same subsets for every rule, so rules are compared on the same draws); for N = N_max the full set in its
-order. pass@N (the ceiling: some sample is correct) is the unbiased estimator ``rlfr.stats.pass_at_k``.
+Accuracy against N (``accuracy_at``): the mean over N-subsets of each problem's samples, the same subsets for every
+rule (so rules are compared on the same draws): every N-subset when there are at most ``draws`` of them (N = 1, and
+N = N_max: the full set in its order), else ``draws`` random ones in random order. The samples of a problem are
+independent draws in random order, so taking them in index order is no bias. pass@N (the ceiling: some sample is
+correct) is the unbiased estimator ``rlfr.stats.pass_at_k``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -100,12 +103,12 @@ def rule_correct(
 
 
 def subsets(n_max: int, n: int, draws: int, rng: random.Random) -> list[list[int]]:
-    """The index lists the accuracy at N = n averages over: ``draws`` random n-subsets in random order, or
-    [0 .. n_max - 1] for n = n_max."""
+    """The index lists the accuracy at N = n averages over: all C(n_max, n) n-subsets (in index order) when there
+    are at most ``draws`` of them, else ``draws`` random n-subsets in random order."""
     if not 1 <= n <= n_max:
         raise ValueError(f"N must be in [1, {n_max}], got {n}")
-    if n == n_max:
-        return [list(range(n_max))]
+    if math.comb(n_max, n) <= draws:
+        return [list(c) for c in itertools.combinations(range(n_max), n)]
     return [rng.sample(range(n_max), n) for _ in range(draws)]
 
 

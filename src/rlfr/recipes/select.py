@@ -15,8 +15,8 @@ one-token response under ``token_pre``) gets its problem's lowest flow score.
 
 Rules (``rlfr.eval.selection``): majority voting, score-weighted voting and best-of-N for each score and for the
 combined score z(logp) + ``combine_weight`` z(``combine_with``) (scores standardised within a problem's samples).
-Accuracy at N = 1, 2, 4, ... <= n comes from subsets of the same samples (``subset_draws`` per problem, the same
-for every rule); pass@N is the ceiling.
+Accuracy at N = 1, 2, 4, ... <= n comes from subsets of the same samples (all N-subsets, or ``subset_draws`` random
+ones where there are more, per problem; the same for every rule); pass@N is the ceiling.
 
 Development and test split (``dev_problems``): the flow-including rule with the best dev accuracy at N = n is the
 one reported on the test problems, against majority voting and against best-of-N by log-prob, with paired
@@ -104,7 +104,9 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     )
     size = cfg.problems if cfg.data in GENERATED_SETS else 0
     if cfg.data in GENERATED_SETS and not size:
-        raise ValueError(f"data={cfg.data} is generated: give its size as problems=N (0 = all rows of a file)")
+        raise ValueError(
+            f"data={cfg.data} is generated: give its size as problems=N (0 = all rows of a file)"
+        )
     examples = load_source(cfg.data, size=size, task_seed=task_seed,
                            dev_size=data_cfg.get("dev_size", DataConfig.dev_size))  # fmt: skip
     examples = examples[: cfg.problems] if cfg.problems else examples
@@ -271,8 +273,8 @@ def render_report(result: SelectResult) -> str:
     lines = [f"# rlfr select: {n} samples per problem", "",
              f"Policy `{result.policy}`, flow `{result.flow}`; data `{c['data']}`, temperature {c['temperature']}, "
              f"scoring {c['scoring']}; scores standardised within a problem's samples, combined = z(logp) + "
-             f"{c['combine_weight']} z({c['combine_with']}); accuracy at N < {n} averaged over {c['subset_draws']} "
-             "random N-subsets of each problem's samples.", ""]  # fmt: skip
+             f"{c['combine_weight']} z({c['combine_with']}); accuracy at N < {n} averaged over the N-subsets of each "
+             f"problem's samples (all, or {c['subset_draws']} random ones where there are more).", ""]  # fmt: skip
     for split, acc in result.accuracy.items():
         lines += [f"## {split} ({result.problems[split]} problems): accuracy (%) against N", "",
                   "| rule | " + " | ".join(f"N={k}" for k in result.ns) + " |", "|---|" + "---|" * len(result.ns),
