@@ -171,12 +171,13 @@ def tiny_rlfr_run(tmp_path_factory):
 
 def test_select_end_to_end_with_captured_latents_equal_to_a_second_forward(tiny_rlfr_run, tmp_path):
     run = tiny_rlfr_run / "run"
-    common = [f"checkpoint={run}", "problems=5", "dev_problems=2", "n=4", "max_new_tokens=8", "cpu=true",
+    common = [f"checkpoint={run}", "dev_problems=2", "n=4", "max_new_tokens=8", "cpu=true",
               "bootstrap=200", "subset_draws=4"]  # fmt: skip
     assert main(["select", *common, f"out={tmp_path / 'captured'}"]) == 0
     assert main(["select", *common, "scoring=forward", f"out={tmp_path / 'forward'}"]) == 0
     res = json.loads((tmp_path / "captured" / "results.json").read_text())
-    assert res["problems"] == {"dev": 2, "test": 3} and res["ns"] == [1, 2, 4] and res["n"] == 4
+    # problems=0: the run's held-out split (data.eval_size=4 in tiny_run)
+    assert res["problems"] == {"dev": 2, "test": 2} and res["ns"] == [1, 2, 4] and res["n"] == 4
     assert set(res["accuracy"]["test"]) == set(rule_names()) and res["primary"]["rule"] in res["flow_rules"]
     assert res["config"]["scoring"] == "captured" and res["seconds"]["generate"] > 0
     for name in ("problems.jsonl", "accuracy_vs_n.png", "accuracy_vs_n_dev.png", "report.md"):
@@ -208,6 +209,8 @@ def test_bad_input_is_refused_in_one_line(tiny_rlfr_run, tmp_path, capsys):
     model = tiny_rlfr_run / "model"
     assert "needs a policy and its flow" in error(f"model={model}")
     assert "n must be >= 2, got 1" in error(f"checkpoint={run}", "n=1")
+    # more embedded problems than the run held out (data.eval_size=4): some may have been trained on
+    assert "exceeds the run's held-out split (data.eval_size=4)" in error(f"checkpoint={run}", "problems=5")
     plain = tiny_rlfr_run / "rlvr"  # a checkpoint without a flow
     (plain / "checkpoints" / "step_000001").mkdir(parents=True)
     ck = plain / "checkpoints" / "step_000001"

@@ -476,8 +476,9 @@ class SelectConfig:
         "problems: 'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', a benchmark or a data file",
     )
     problems: int = field_(
-        200,
-        "problems: the size of an embedded set, the first N of a benchmark or file (0 = all)",
+        0,
+        "problems: the first N of a benchmark or file, the size of an embedded set (at most the run's data.eval_size "
+        "for its held-out split); 0 = all of a file, the run's held-out split (data.eval_size, 64 without a run)",
         range="[0, inf)",
     )
     dev_problems: int = field_(

@@ -1,6 +1,6 @@
 """``rlfr select``: sample N responses per problem, score each, and choose one by every rule; accuracy against N.
 
-    rlfr select checkpoint=runs/demo/rl n=8 problems=200 dev_problems=100 out=runs/select
+    rlfr select checkpoint=runs/demo/rl n=8 dev_problems=64 out=runs/select
     rlfr select model=runs/sft/model flow=runs/flow/flow data=embedded-transfer n=16
 
 Settings: ``SelectConfig`` (``rlfr select --show-config``). For every problem, ``n`` samples at ``temperature``
@@ -70,7 +70,7 @@ from rlfr.stats import (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "checkpoint=runs/demo/rl n=8 problems=200 dev_problems=100")
+    add_config_arguments(p, "checkpoint=runs/demo/rl n=8 dev_problems=64")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,10 +102,14 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     task_seed = (
         cfg.task_seed if cfg.task_seed is not None else data_cfg.get("task_seed", DataConfig.task_seed)
     )
-    size = cfg.problems if cfg.data in GENERATED_SETS else 0
-    if cfg.data in GENERATED_SETS and not size:
+    held_out = data_cfg.get("eval_size", DataConfig.eval_size)
+    size = (cfg.problems or held_out) if cfg.data in GENERATED_SETS else 0
+    # the run's training problems exclude its held-out split of exactly data.eval_size problems; a larger embedded
+    # held-out split adds problems it may have trained on
+    if cfg.data == "embedded" and data_cfg.get("train") == "embedded" and size > held_out:
         raise ValueError(
-            f"data={cfg.data} is generated: give its size as problems=N (0 = all rows of a file)"
+            f"problems={size} exceeds the run's held-out split (data.eval_size={held_out}): a larger embedded "
+            f"split holds problems the run may have trained on; use problems<={held_out}"
         )
     examples = load_source(cfg.data, size=size, task_seed=task_seed,
                            dev_size=data_cfg.get("dev_size", DataConfig.dev_size))  # fmt: skip
