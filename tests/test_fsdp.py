@@ -26,7 +26,13 @@ from tiny_run import TINY_TRAIN_OVERRIDES, make_tiny_model_dir, tiny_train_confi
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs" / "accelerate"
-RUN = ("steps=3", "save_every=1", "reward.functions=[tiny_run:digit_reward]", "policy.track_kl=true")
+RUN = (
+    "steps=3",
+    "save_every=1",
+    "reward.funcs=[tiny_run:digit_reward]",
+    "reward.correct_if=verifier",
+    "policy.track_kl=true",
+)
 LORA = ("model.lora.rank=4", "model.gradient_checkpointing=true")
 
 

@@ -293,7 +293,17 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tiny_dir, tmp_pat
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("rlfr train:")]
     assert len(lines) == 1 and "is a file" in lines[0] and "Traceback" not in err
-    assert main(["train", "model.name_or_path=runs/no/such/model", f"out_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "model.name_or_path=runs/no/such/model",
+                "flow.init=random",
+                f"out_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 2
+    )
     assert "model directory 'runs/no/such/model' does not exist" in capsys.readouterr().err
     with pytest.raises(RunDirError):
         main(["train", "--debug", *base[1:], f"out_dir={afile}"])
@@ -346,7 +356,7 @@ def test_data_is_checked_before_the_model_loads(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1"}\n')  # no answer
     cfg = load_config(TrainConfig, overrides=["model.name_or_path=/no/such/model", f"data.train={bad}",
-                                              f"out_dir={tmp_path / 'r'}"])  # fmt: skip
+                                              "flow.init=random", f"out_dir={tmp_path / 'r'}"])  # fmt: skip
     with pytest.raises(DataError, match="bad.jsonl, line 1: field 'answer' is missing"):
         run_train(cfg, progress=False)
 
@@ -393,7 +403,9 @@ def test_logs_are_cut_to_the_resumed_step_and_a_failed_start_leaves_nothing(tiny
     fresh = tmp_path / "never"
     with pytest.raises(ValueError, match="reward"):
         run_train(
-            tiny_train_config(tiny_dir, fresh, "steps=1", "reward.functions=[no_such_module:fn]"),
+            tiny_train_config(
+                tiny_dir, fresh, "steps=1", "reward.funcs=[no_such_module:fn]", "reward.correct_if=verifier"
+            ),
             progress=False,
         )
     assert not fresh.exists()

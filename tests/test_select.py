@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rlfr.cli import main
+from rlfr.commands import SelectConfig
 from rlfr.config import load_config
 from rlfr.eval.results import SelectResult
 from rlfr.eval.selection import (
@@ -27,7 +28,6 @@ from rlfr.eval.selection import (
 from rlfr.flow import sequence_scores
 from rlfr.recipes.select import analyse, fill_missing
 from rlfr.reward.verifier import answer_key
-from rlfr.schema import SelectConfig
 from tiny_run import make_tiny_model_dir, tiny_train_config
 
 

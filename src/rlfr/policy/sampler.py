@@ -125,7 +125,7 @@ def build_sampler(
     vllm: VLLMSettings | None = None,
     capture: LatentTap | None = None,
 ) -> Sampler:
-    """The sampler that ``engine`` names (``rollout.engine``, ``rlfr eval --backend``).
+    """The sampler that ``engine`` names (``rollout.engine``, ``rlfr eval backend=...``).
 
     hf: ``TransformersSampler`` on ``model`` (``batch_size``, ``device``, ``capture`` as there). vllm: a colocated
     ``VLLMEngine`` loaded from ``model_path`` with the settings ``vllm``, stopping at the EOS ids of ``model``

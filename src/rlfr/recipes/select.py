@@ -32,7 +32,6 @@ depth), n < 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -42,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.commands import SelectConfig
+from rlfr.config import to_dict
 from rlfr.data.sources import GENERATED_SETS, load_source
 from rlfr.data.templates import example_prompt
 from rlfr.eval.plots import plot_selection
@@ -57,7 +57,7 @@ from rlfr.policy.sampler import SamplingParams, build_sampler
 from rlfr.reward.verifier import Verifier, answer_key
 from rlfr.runtime.checkpoint import policy_and_flow
 from rlfr.runtime.env import inference_device, seed_everything
-from rlfr.schema import DataConfig, RewardShapingConfig, SelectConfig
+from rlfr.schema import DataConfig, RewardShapingConfig
 from rlfr.stats import (
     auroc,
     format_diff,
@@ -69,14 +69,8 @@ from rlfr.stats import (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "checkpoint=runs/demo/rl n=8 dev_problems=64")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, SelectConfig)
-    if cfg is not None:
-        run_select(cfg)
+def run(cfg: SelectConfig) -> int:
+    run_select(cfg)
     return 0
 
 
@@ -85,6 +79,11 @@ def resolve(cfg: SelectConfig) -> tuple[str, Path, dict]:
     if cfg.checkpoint is not None:
         policy, flow, run_cfg = policy_and_flow(cfg.checkpoint)
         return str(policy), flow, run_cfg
+    if cfg.model is None or cfg.flow is None:
+        raise ValueError(
+            "rlfr select needs a policy and its flow: checkpoint=RUN (an RL run of method rlfr, e.g. runs/demo/rl) "
+            "or model=POLICY flow=FLOW_DIR"
+        )
     return cfg.model, Path(cfg.flow), {}
 
 
