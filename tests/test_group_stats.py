@@ -1,4 +1,4 @@
-"""Separation statistics within groups (``rlfr.stats``): hand-worked cases, one where the pooled and the within-group
+"""Separation statistics within groups (``rlfr.group_stats``): hand-worked cases, one where the pooled and the within-group
 AUROC part ways, and slow loop references for the vectorised parts."""
 
 from __future__ import annotations
@@ -8,17 +8,16 @@ import random
 
 import pytest
 
-from rlfr.stats import (
+from rlfr.group_stats import (
     GroupMean,
-    auroc,
     draw_repeatability,
     group_rows,
-    paired_bootstrap,
     pearson,
     standardize,
     within_group_auroc,
     within_group_pearson,
 )
+from rlfr.stats import auroc, paired_bootstrap
 
 
 def test_different_base_rates_give_a_high_pooled_and_a_chance_within_group_auroc():

@@ -207,6 +207,7 @@ def test_step_statistics_report_the_auroc_within_groups_beside_the_pooled_one():
 
 def test_rl_step_logs_the_flow_and_logp_auroc_within_prompts(tmp_path):
     from rlfr.recipes.train import build_components
+    from rlfr.reward.outcome import Scored
     from rlfr.rl.step import rl_step
     from rlfr.runtime.env import make_accelerator
 
@@ -217,9 +218,9 @@ def test_rl_step_logs_the_flow_and_logp_auroc_within_prompts(tmp_path):
     class MixedCheck:  # prompt 0: one right, one wrong; prompt 1: both right (a random model is never right)
         verifier = verified.verifier
 
-        def __call__(self, completions, answers):
-            verified(completions, answers)  # the verifier's counts, as the step logs them
-            return [1.0, 0.0, 1.0, 1.0], [True, False, True, True]
+        def __call__(self, prompts, completions, columns):
+            verified(prompts, completions, columns)  # the verifier's counts, as the step logs them
+            return Scored([1.0, 0.0, 1.0, 1.0], [True, False, True, True])
 
     c.reward = MixedCheck()
     try:

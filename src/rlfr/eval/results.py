@@ -173,10 +173,10 @@ _SEPARATION = ("auroc_within", "logp_auroc", "logp_auroc_within", "length_corr",
 class FlowTokenStats:
     """What ``rlfr inspect`` measured over its rollouts: accuracy, the scored tokens, the AUROC of the sequence
     flow score for correct vs wrong pooled over rollouts (None: one class only), ``rlfr.stats.token_reward_stats``,
-    and (files of earlier versions lack them) the AUROC within problems (``rlfr.stats.GroupMean.to_dict``), the
+    and (files of earlier versions lack them) the AUROC within problems (``rlfr.group_stats.GroupMean.to_dict``), the
     same two for the mean token log-prob, the correlation with response length ({"pooled": r, "within":
     GroupMean}) and the repeatability across noise draws ({"draws": D, "by_draws":
-    ``rlfr.stats.draw_repeatability``})."""
+    ``rlfr.group_stats.draw_repeatability``})."""
 
     rollouts: int
     accuracy: float
@@ -238,7 +238,7 @@ class SelectResult:
     comparison (the flow-including rule with the best dev accuracy at N = n, and it against majority voting and
     against best-of-N by log-prob on test; None without a development split); ``separation``: how well each score
     separates correct from wrong samples over all problems (pooled AUROC, and within problems as
-    ``rlfr.stats.GroupMean``), and the flow score's correlation with response length; ``seconds``: time spent
+    ``rlfr.group_stats.GroupMean``), and the flow score's correlation with response length; ``seconds``: time spent
     generating and scoring."""
 
     config: dict[str, Any]

@@ -8,7 +8,7 @@ log-prob; ``"flow_mean"`` / ``"flow_q"``: minus the mean / a quantile of the tok
 Rules (``rule_names``), applied to a subset of a problem's samples:
 - ``majority``: the most frequent answer (samples without one do not vote);
 - ``vote:<score>``: each answer gets the sum of exp(z) over its samples, z the score standardised within the
-  subset (``rlfr.stats.standardize``): a score-weighted vote; equal scores give majority voting;
+  subset (``rlfr.group_stats.standardize``): a score-weighted vote; equal scores give majority voting;
 - ``best:<score>``: the sample with the highest score (best-of-N), among the samples with an answer when any has
   one;
 - ``<score>`` may be ``combined``: z(logp) + weight * z(flow score), both standardised within the subset.
@@ -32,7 +32,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rlfr.stats import pass_at_k, standardize
+from rlfr.group_stats import standardize
+from rlfr.stats import pass_at_k
 
 SCORES = ("logp", "flow_mean", "flow_q")
 FLOW_SCORES = ("flow_mean", "flow_q", "combined")

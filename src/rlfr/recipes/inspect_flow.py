@@ -48,6 +48,7 @@ from rlfr.eval.results import FlowTokenStats, InspectResult
 from rlfr.flow import token_scores
 from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
 from rlfr.flow.store import check_meta, load_flow, meta_for
+from rlfr.group_stats import draw_repeatability, pearson, within_group_auroc, within_group_pearson
 from rlfr.policy.forward import policy_forward
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import load_model, load_tokenizer
@@ -57,14 +58,7 @@ from rlfr.reward.verifier import Verifier
 from rlfr.runtime import checkpoint as ckpt_io
 from rlfr.runtime.env import inference_device, seed_everything
 from rlfr.schema import DataConfig, RewardShapingConfig
-from rlfr.stats import (
-    auroc,
-    draw_repeatability,
-    pearson,
-    token_reward_stats,
-    within_group_auroc,
-    within_group_pearson,
-)
+from rlfr.stats import auroc, token_reward_stats
 
 NOISE_DRAWS = 8  # extra scorings of every rollout with independent noise (the repeatability statistics)
 BOOTSTRAP = 2000  # resamples of problems for the within-problem intervals

@@ -50,6 +50,7 @@ from rlfr.eval.results import SelectResult
 from rlfr.eval.selection import SCORES, Sample, accuracy_at, choose, is_flow_rule, pass_at, rule_names
 from rlfr.flow import sequence_scores, token_scores
 from rlfr.flow.store import FlowBundle, check_meta, load_flow, meta_for
+from rlfr.group_stats import pearson, within_group_auroc, within_group_pearson
 from rlfr.policy.forward import policy_forward
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import load_model, load_tokenizer, model_config
@@ -58,15 +59,7 @@ from rlfr.reward.verifier import Verifier, answer_key
 from rlfr.runtime.checkpoint import policy_and_flow
 from rlfr.runtime.env import inference_device, seed_everything
 from rlfr.schema import DataConfig, RewardShapingConfig
-from rlfr.stats import (
-    auroc,
-    format_diff,
-    paired_bootstrap,
-    pearson,
-    powers_of_two,
-    within_group_auroc,
-    within_group_pearson,
-)
+from rlfr.stats import auroc, format_diff, paired_bootstrap, powers_of_two
 
 
 def run(cfg: SelectConfig) -> int:

@@ -25,7 +25,8 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import gather_object
 
 from rlfr.capabilities import check_trackers
-from rlfr.stats import auroc, pearson, within_group_auroc, within_group_pearson
+from rlfr.group_stats import pearson, within_group_auroc, within_group_pearson
+from rlfr.stats import auroc
 
 log = logging.getLogger(__name__)
 
