@@ -11,9 +11,10 @@ from rlfr.cli import main
 from rlfr.commands import CompareConfig
 from rlfr.config import load_config
 from rlfr.errors import RlfrError
+from rlfr.eval.inspect_page import render_html
 from rlfr.eval.results import CompareResult, InspectResult, ModelEval
 from rlfr.recipes import compare
-from rlfr.recipes.inspect_flow import compute_stats, render_html
+from rlfr.recipes.inspect_flow import compute_stats
 from rlfr.stats import TOKEN_CLASSES
 from tiny_run import make_tiny_model_dir
 

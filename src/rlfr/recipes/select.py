@@ -45,6 +45,7 @@ from rlfr.commands import SelectConfig
 from rlfr.config import to_dict
 from rlfr.data.sources import GENERATED_SETS, load_source
 from rlfr.data.templates import example_prompt
+from rlfr.eval.inspect_page import within_text
 from rlfr.eval.plots import plot_selection
 from rlfr.eval.results import SelectResult
 from rlfr.eval.selection import SCORES, Sample, accuracy_at, choose, is_flow_rule, pass_at, rule_names
@@ -256,13 +257,6 @@ def separation(problems: list[list[Sample]], lengths: list[list[int]], seed: int
     return out
 
 
-def _within(w: dict) -> str:
-    if w["mean"] is None:
-        return "n/a (no problem with both classes)"
-    ci = "" if w["lo"] is None else f" [{w['lo']:.3f}, {w['hi']:.3f}]"
-    return f"{w['mean']:.3f}{ci} ({w['groups']} problems)"
-
-
 def render_report(result: SelectResult) -> str:
     """``report.md``: accuracy against N per split, the paired comparisons and the primary one, the separation."""
     c, n = result.config, result.n
@@ -301,7 +295,7 @@ def render_report(result: SelectResult) -> str:
               "|---|---|---|"]  # fmt: skip
     for k in SCORES:
         pooled = "n/a" if sep[k]["auroc"] is None else f"{sep[k]['auroc']:.3f}"
-        lines.append(f"| {k} | {pooled} | {_within(sep[k]['auroc_within'])} |")
+        lines.append(f"| {k} | {pooled} | {within_text(sep[k]['auroc_within'])} |")
     lc, w = sep["length_corr"], sep["length_corr"]["within"]
     pooled = "n/a" if lc["pooled"] is None else f"{lc['pooled']:+.2f}"
     within = "n/a" if w["mean"] is None else f"{w['mean']:+.2f} ({w['groups']} problems)"
