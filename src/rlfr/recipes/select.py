@@ -8,8 +8,9 @@ Settings: ``SelectConfig`` (``rlfr select --show-config``). For every problem, `
 higher = better: ``logp``, the mean token log-prob of the response under the policy; ``flow_mean`` and
 ``flow_q``, minus the mean and minus the ``flow_quantile`` of the response's token deviations under the flow
 (``rlfr.flow.token_scores`` on the policy's latents at the flow's own layers, standardised with the flow's
-statistics when it has them; rewarding timesteps from the run). With ``scoring=captured`` (default) the latents
-and log-probs are those recorded while sampling (``rlfr.policy.capture``: no second policy forward);
+statistics when it has them; rewarding timesteps, modes and shift those the run scored with). With
+``scoring=captured`` (default) the latents and log-probs are those recorded while sampling
+(``rlfr.policy.capture``: no second policy forward);
 ``scoring=forward`` runs a second forward over the samples instead. A response without a scored token (a
 one-token response under ``token_pre``) gets its problem's lowest flow score.
 
@@ -117,7 +118,12 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     tok = load_tokenizer(policy)
     model = load_model(policy, cfg.dtype).to(device).eval()
     prompts = [example_prompt(template, ex, tok) for ex in examples]
-    records, seconds = sample_and_score(cfg, model, tok, bundle, prompts, tuple(timesteps), device)
+    # the pairs the run scored (flow.allow_mode_mismatch lets them differ from the flow's record), else the flow's
+    pairing = (
+        tuple(run_cfg.get("flow", {}).get("modes", m.modes)),
+        run_cfg.get("flow", {}).get("shift", m.shift),
+    )
+    records, seconds = sample_and_score(cfg, model, tok, bundle, prompts, tuple(timesteps), pairing, device)
     with Verifier(num_workers=1) as verifier:
         flat = verifier.verify_batch([s["completion"] for r in records for s in r],
                                      [ex.answer for ex in examples for _ in range(cfg.n)])  # fmt: skip
@@ -149,9 +155,10 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     return result
 
 
-def sample_and_score(cfg: SelectConfig, model, tok, bundle: FlowBundle, prompts, timesteps, device):
+def sample_and_score(cfg: SelectConfig, model, tok, bundle: FlowBundle, prompts, timesteps, pairing, device):
     """-> (per problem: ``n`` sample records {completion, response_tokens, logp, flow_mean, flow_q}, seconds
-    {"generate", "score"}). Problems go to the sampler in chunks of about ``batch_size`` sequences."""
+    {"generate", "score"}); ``pairing``: (modes, shift) scored. Problems go to the sampler in chunks of about
+    ``batch_size`` sequences."""
     meta, field, norm = bundle.meta, bundle.field.to(device).eval(), bundle.norm
     tap = LatentTap(model, meta.fractions)
     captured = cfg.scoring == "captured"
@@ -181,7 +188,7 @@ def sample_and_score(cfg: SelectConfig, model, tok, bundle: FlowBundle, prompts,
                     logp, _ = policy_forward(model, ro.input_ids, ro.attention_mask, mask, need_entropy=False)
                 lat = tap.latents()
             lat = lat if norm is None else norm(lat)
-            sc = token_scores(field, lat, tap.layer_values.to(device), mask, meta.modes, meta.shift,
+            sc = token_scores(field, lat, tap.layer_values.to(device), mask, *pairing,
                               timesteps, generator=gen, context_mask=context)  # fmt: skip
             dev_mean, dev_q = sequence_scores(sc.scores, sc.valid, cfg.flow_quantile)
             mean_logp = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
