@@ -1,5 +1,5 @@
-"""The config schema of the commands that are not a single training stage: eval, inspect, compare, demo,
-convert-flow and export (frozen dataclasses like ``rlfr.schema``'s, loaded by ``rlfr.config.load_config``).
+"""The config schema of the commands that are not a single training stage: eval, inspect, select, compare,
+demo, convert-flow and export (frozen dataclasses like ``rlfr.schema``'s, loaded by ``rlfr.config.load_config``).
 
 Every setting of every command is a ``key=value`` word (``rlfr compare methods=[rlvr,rlfr] seeds=[0,1,2]``,
 ``rlfr demo quick=true``) or a key of a ``--config`` YAML file; ``rlfr <cmd> --help`` lists them with their
@@ -100,6 +100,90 @@ class InspectConfig:
     seed: int = field_(0, "seed (sampling, flow noise, embedded split)", range=SEED_RANGE)
     out: str = field_("runs/inspect", "output directory")
     cpu: bool = field_(False, "force CPU")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """``rlfr select``: N samples per problem, scored, and one chosen by each rule (``rlfr.recipes.select``). The
+    policy and its flow (checkpoint=, or model= with flow=) are asked for when the command runs."""
+
+    checkpoint: str | None = field_(
+        None,
+        "RL checkpoint of method rlfr (policy/ + flow/) or its run directory (the newest), e.g. runs/demo/rl",
+    )
+    model: str | None = field_(None, "policy to sample, with flow= (instead of checkpoint=)")
+    flow: str | None = field_(
+        None, "flow directory (flow-pretrain or convert-flow output, or a checkpoint's flow/), with model="
+    )
+    data: str = field_(
+        "embedded",
+        "problems: 'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', a benchmark or a data file",
+    )
+    problems: int = field_(
+        0,
+        "problems: the first N of a benchmark or file, the size of an embedded set (at most the run's data.eval_size "
+        "for its held-out split); 0 = all of a file, the run's held-out split (data.eval_size, 64 without a run)",
+        range="[0, inf)",
+    )
+    dev_problems: int = field_(
+        0,
+        "problems (a random subset, seeded by seed) in the development split, on which the best flow-including "
+        "rule is chosen; the rest are the test split where it is compared (0 = no split: all are test)",
+        range="[0, inf)",
+    )
+    n: int = field_(
+        8, "samples per problem (N_max; accuracy is reported for N = 1, 2, 4, ... <= n)", range="[2, inf)"
+    )
+    temperature: float = field_(1.0, "sampling temperature", range="(0, inf)")
+    top_p: float = field_(1.0, "nucleus sampling threshold", range="(0, 1]")
+    max_new_tokens: int = field_(256, "generation limit per response", range="[1, inf)")
+    template: Template | None = field_(None, "prompt template (default: the run's, else chat)")
+    task_seed: int | None = field_(
+        None, "embedded task seed (default: the run's data.task_seed: its held-out split)", range="[0, inf)"
+    )
+    timesteps: tuple[float, ...] | None = field_(
+        None,
+        "rewarding timesteps of the flow score (default: the run's flow.reward.timesteps, else 0.8)",
+        range="(0, 1)",
+    )
+    flow_quantile: float = field_(
+        0.9, "the quantile of a response's token deviations that is the score flow_q", range="[0, 1]"
+    )
+    combine_with: Literal["flow_mean", "flow_q"] = field_(
+        "flow_mean", "the flow score that the combined score adds to the log-prob"
+    )
+    combine_weight: float = field_(
+        1.0,
+        "combined = z(mean log-prob) + weight * z(flow score), both standardised within a problem's samples",
+        range="[0, inf)",
+    )
+    subset_draws: int = field_(
+        32,
+        "N-subsets of each problem's samples averaged for the accuracy at N < n: all of them when there are at most "
+        "this many, else this many random ones",
+        range="[1, inf)",
+    )
+    bootstrap: int = field_(
+        10000, "bootstrap resamples of problems for the paired intervals", range="[100, inf)"
+    )
+    scoring: Literal["captured", "forward"] = field_(
+        "captured",
+        "captured: latents and log-probs recorded while sampling (no second policy forward); forward: a second "
+        "forward over the samples (the reference)",
+    )
+    batch_size: int = field_(64, "sequences per generate call", range="[1, inf)")
+    dtype: Dtype = field_("float32", "parameter dtype of the policy")
+    seed: int = field_(0, "seed (sampling, flow noise, subsets, dev split)", range=SEED_RANGE)
+    out: str = field_("runs/select", "output directory")
+    cpu: bool = field_(False, "force CPU")
+
+    def validate(self) -> None:
+        if self.checkpoint is not None and (self.model is not None or self.flow is not None):
+            raise ConfigError("give either checkpoint= or model= with flow=, not both")
+        if self.problems and self.dev_problems >= self.problems:
+            raise ConfigError(
+                f"dev_problems={self.dev_problems} leaves no test problem of problems={self.problems}"
+            )
 
 
 @dataclass(frozen=True)
