@@ -186,3 +186,61 @@ def test_pooling_greedy_only_runs(tmp_path):
     md = (tmp_path / "pooled" / "pooled.md").read_text()
     assert "avg@" not in md and "RLFR - SFT greedy +12.5 [" in md
     assert (tmp_path / "pooled" / "pooled.png").stat().st_size > 1000
+
+
+def test_demo_task_multistep_sets_every_stage(tmp_path):
+    from rlfr.errors import ConfigError
+    from rlfr.recipes import demo
+
+    cfg = demo.demo_config(False, tmp_path, ["task=multistep", "train.steps=3"])
+    assert cfg.task == "multistep" and cfg.train.steps == 3
+    for stage in (cfg.sft, cfg.flow, cfg.train):
+        assert (stage.data.train, stage.data.eval) == ("embedded-multistep", "embedded-multistep")
+    # the generation limits cover the longest worked solution (about 180 tokens)
+    assert (
+        cfg.train.rollout.max_new_tokens
+        == cfg.train.eval_max_new_tokens
+        == cfg.sft.eval_max_new_tokens
+        == 224
+    )
+    plain = demo.demo_config(False, tmp_path, [])
+    assert plain.task == "arithmetic" and plain.train.data.train == "embedded"
+    assert plain.train.rollout.max_new_tokens == 40  # the one-line task keeps its settings
+    # the task's settings are defaults: an override still wins
+    mine = demo.demo_config(False, tmp_path, ["task=multistep", "train.rollout.max_new_tokens=256"])
+    assert mine.train.rollout.max_new_tokens == 256 and mine.train.data.train == "embedded-multistep"
+    quick = demo.demo_config(True, tmp_path, ["task=multistep"])
+    assert quick.train.data.train_size == 64 and quick.train.data.train == "embedded-multistep"
+    with pytest.raises(ConfigError, match="task"):
+        demo.demo_config(False, tmp_path, ["task=gsm"])
+
+
+@pytest.mark.slow
+def test_quick_demo_multistep(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlfr.cli",
+            "demo",
+            "--quick",
+            "--no-progress",
+            "--out",
+            str(out),
+            "task=multistep",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"].startswith("embedded-multistep") and summary["steps"] == 2
+    config = json.loads((out / "demo_config.json").read_text())
+    assert config["task"] == "multistep"
+    assert {config[s]["data"]["train"] for s in ("sft", "flow", "train")} == {"embedded-multistep"}
+    assert summary["flow_pretrain_loss_last"] < summary["flow_pretrain_loss_first"]
+    per = json.loads((out / "heldout.json").read_text())
+    assert len(per["sft"]["greedy"]) == len(per["rlfr"]["sampled"]) == summary["eval_problems"] == 16
+    assert (out / "rl" / "checkpoints" / "step_000002" / "flow" / "flow.safetensors").is_file()

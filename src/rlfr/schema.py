@@ -70,11 +70,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = field_("embedded", "'embedded' (reasoning-gym task), a benchmark name, or a data file")
+    train: str = field_(
+        "embedded",
+        "'embedded' (reasoning-gym task), 'embedded-multistep' (its multi-step task), a benchmark name, or a "
+        "data file",
+    )
     eval: str = field_(
         "embedded",
         "held-out set: 'embedded' (held-out split), 'embedded-dev' (tuning split), 'embedded-transfer' "
-        "(longer problems), a benchmark name, a file, or '' for none",
+        "(longer problems), the same three of the multi-step task ('embedded-multistep', "
+        "'embedded-multistep-dev', 'embedded-multistep-transfer'), a benchmark name, a file, or '' for none",
     )
     problem_field: str = field_("problem", "field holding the problem text")
     answer_field: str = field_("answer", "field holding the ground-truth answer (string or list)")

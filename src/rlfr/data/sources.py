@@ -2,7 +2,8 @@
 
 A data *spec* is one of
 - ``embedded`` / ``embedded-dev`` / ``embedded-transfer``: the procedural task (``rlfr.data.tasks``):
-  its held-out split, its tuning split, its transfer set;
+  its held-out split, its tuning split, its transfer set; ``embedded-multistep`` (and ``-dev``,
+  ``-transfer``): the same for the multi-step task, whose worked solutions take 4-6 steps;
 - ``embedded-vl``: the multimodal task (``rlfr.data.vl_task``): its held-out split (its train split when it
   is ``data.train``);
 - a benchmark name (``rlfr.data.benchmarks.BENCHMARKS``), read from the shared benchmark directory;
@@ -10,7 +11,8 @@ A data *spec* is one of
 
 Contract:
 - ``load_source(spec, fields, size, task_seed, dev_size, need_solution)`` -> the examples of a held-out or
-  training spec (``embedded`` as a *training* spec is the task's train split: use ``resolve_data``);
+  training spec (``embedded`` or ``embedded-multistep`` as a *training* spec is the task's train split: use
+  ``resolve_data``);
 - ``resolve_data(data_cfg, need_solution) -> (train, eval)``: the two sets of a stage's ``DataConfig``
   (eval ``[]`` when ``data.eval`` is ``''``), truncated to ``data.eval_size``;
 - ``render_prompts(examples, template, tokenizer, max_prompt_tokens)``: the prompt strings, refusing any
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from rlfr.data.benchmarks import BENCHMARKS, load_benchmark
 from rlfr.data.examples import Example, load_examples
-from rlfr.data.tasks import EMBEDDED_SETS, embedded_set, embedded_task
+from rlfr.data.tasks import EMBEDDED_SETS, EMBEDDED_TASKS, embedded_set, task_splits
 from rlfr.data.templates import render_prompt
 from rlfr.data.vl_task import vl_task
 
@@ -96,9 +98,9 @@ def resolve_data(data, need_solution: bool = False) -> tuple[list[Example], list
     # no token spans 64 characters on average, so a longer problem cannot fit max_prompt_tokens
     fields = Fields(data.problem_field, data.answer_field, data.solution_field, data.skip_bad_rows,
                     max_problem_chars=64 * data.max_prompt_tokens, image=data.image_field)  # fmt: skip
-    if data.train == "embedded":
-        train = embedded_task(
-            train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,
+    if data.train in EMBEDDED_TASKS:
+        train = task_splits(
+            data.train, data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,
             dev_size=data.dev_size,
         ).train  # fmt: skip
     elif data.train == VL_SET:

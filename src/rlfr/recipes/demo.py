@@ -28,6 +28,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from rlfr.config import field_, from_dict, merge_dicts, parse_overrides, to_dict
 from rlfr.data.sources import resolve_data
@@ -50,6 +51,11 @@ class DemoConfig:
     train: TrainConfig = field_(TrainConfig(), "RL stage")
     eval_samples: int = field_(
         4, "samples per held-out problem for the sampled (temperature 1) accuracy", range="[0, inf)"
+    )
+    task: Literal["arithmetic", "multistep"] = field_(
+        "arithmetic",
+        "arithmetic: the embedded one-line task (data 'embedded'); multistep: the multi-step task "
+        "('embedded-multistep', worked solutions of 4-6 steps, 100+ tokens) with generation limits to match",
     )
 
 
@@ -101,8 +107,35 @@ _QUICK = {
 }
 
 
+_MULTISTEP_DATA = {"train": "embedded-multistep", "eval": "embedded-multistep"}
+# the multi-step task: its data in every stage, generation limits above its longest worked solution (~180
+# tokens), and SFT steps enough to learn the longer format
+_TASKS: dict[str, tuple[dict, dict]] = {  # task -> (full settings, quick settings) over _FULL / _QUICK
+    "arithmetic": ({}, {}),
+    "multistep": (
+        {
+            "sft": {"data": _MULTISTEP_DATA, "eval_max_new_tokens": 224},
+            "flow": {"data": _MULTISTEP_DATA},
+            "train": {
+                "data": _MULTISTEP_DATA,
+                "eval_max_new_tokens": 224,
+                "rollout": {"max_new_tokens": 224},
+            },
+        },
+        {"train": {"eval_max_new_tokens": 32, "rollout": {"max_new_tokens": 24}}},
+    ),
+}
+TASK_NAMES = {
+    "arithmetic": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
+    "multistep": "embedded-multistep (reasoning-gym basic_arithmetic + chain_sum, 5-6 terms, worked steps)",
+}
+
+
 def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
+    given = parse_overrides(overrides)
+    full, small = _TASKS.get(str(given.get("task", DemoConfig.task)), ({}, {}))  # bad: from_dict names it
     data = merge_dicts(_FULL, _QUICK) if quick else _FULL
+    data = merge_dicts(merge_dicts(data, full), small) if quick else merge_dicts(data, full)
     data = merge_dicts(
         data,
         {
@@ -111,7 +144,7 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
             "train": {"out_dir": str(out / "rl")},
         },
     )
-    data = merge_dicts(data, parse_overrides(overrides))
+    data = merge_dicts(data, given)
     cfg = from_dict(DemoConfig, data)
     # the RL stage starts from the SFT model with the pretrained flow; the flow models the SFT model
     flow = dataclasses.replace(
@@ -122,7 +155,7 @@ def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
         cfg.train.flow, init=str(Path(flow.out_dir) / "flow"), **{k: getattr(flow.flow, k) for k in shared}
     )
     train = dataclasses.replace(cfg.train, model=flow.model, flow=train_flow)
-    return DemoConfig(sft=cfg.sft, flow=flow, train=train, eval_samples=cfg.eval_samples)
+    return dataclasses.replace(cfg, flow=flow, train=train)
 
 
 def held_out(model_name: str, cfg: TrainConfig, samples: int):
@@ -192,7 +225,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     print(_fmt_change(f"{cfg.train.method.upper()} - SFT", change))
     summary = {
         "model": cfg.sft.model.name_or_path,
-        "task": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
+        "task": TASK_NAMES[cfg.task],
         "method": cfg.train.method,
         "eval_problems": len(after.greedy),
         "accuracy_before": before.greedy_accuracy,
