@@ -201,16 +201,21 @@ def test_demo_task_multistep_sets_every_stage(tmp_path):
         cfg.train.rollout.max_new_tokens
         == cfg.train.eval_max_new_tokens
         == cfg.sft.eval_max_new_tokens
-        == 224
+        == 192
     )
+    assert (cfg.sft.steps, cfg.sft.micro_batch_size, cfg.sft.batch_size) == (24, 8, 16)
     plain = demo.demo_config(False, tmp_path, [])
     assert plain.task == "arithmetic" and plain.train.data.train == "embedded"
     assert plain.train.rollout.max_new_tokens == 40  # the one-line task keeps its settings
     # the task's settings are defaults: an override still wins
-    mine = demo.demo_config(False, tmp_path, ["task=multistep", "train.rollout.max_new_tokens=256"])
+    mine = demo.demo_config(
+        False, tmp_path, ["task=multistep", "train.rollout.max_new_tokens=256", "sft.steps=5"]
+    )
     assert mine.train.rollout.max_new_tokens == 256 and mine.train.data.train == "embedded-multistep"
+    assert mine.sft.steps == 5
     quick = demo.demo_config(True, tmp_path, ["task=multistep"])
     assert quick.train.data.train_size == 64 and quick.train.data.train == "embedded-multistep"
+    assert quick.sft.steps == 4 and quick.train.rollout.max_new_tokens == 24
     with pytest.raises(ConfigError, match="task"):
         demo.demo_config(False, tmp_path, ["task=gsm"])
 
