@@ -11,12 +11,14 @@ cd "$(dirname "$0")/.."
 RLFR=${RLFR:-.venv/bin/rlfr}
 PY=${PY:-.venv/bin/python}
 OUT=${MULTISTEP_OUT:-runs/multistep}
-EVAL_SIZE=${EVAL_SIZE:-128}  # held-out problems of the final evaluations
+N_EVAL=${N_EVAL:-128}  # held-out problems of the final evaluations (the first of the 200-problem split)
 mkdir -p "$OUT"
 stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/times.log"; }
 
-# 1. The stage configs: the demo's (task=multistep) with these changes for the diagnostics: 32 RL steps saved
-# every 8 and all kept (each checkpoint holds the policy and its online-updated flow).
+# 1. The stage configs: the demo's (task=multistep) with these changes for the diagnostics: a held-out split
+# of 200 problems and a dev split of 200 (for choosing settings), both kept out of training; 32 RL steps saved
+# every 8 and all kept (each checkpoint holds the policy and its online-updated flow); no held-out evaluation
+# inside sft and train (data.eval='': step 5 evaluates both models alike).
 $PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -24,8 +26,9 @@ from rlfr.config import to_dict
 from rlfr.recipes.demo import demo_config
 
 out = Path(sys.argv[1])
-cfg = demo_config(False, out, ["task=multistep", "train.steps=32", "train.save_every=8",
-                               "train.keep_checkpoints=8"])
+data = [f"{s}.data.{k}" for s in ("sft", "flow", "train") for k in ("eval_size=200", "dev_size=200")]
+cfg = demo_config(False, out, ["task=multistep", *data, "sft.data.eval=", "train.data.eval=", "train.steps=32",
+                               "train.save_every=8", "train.keep_checkpoints=8"])
 for stage in ("sft", "flow", "train"):
     (out / f"{stage}.json").write_text(json.dumps(to_dict(getattr(cfg, stage)), indent=2))
 (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -51,7 +54,7 @@ for stage in sft rl; do
   model=$OUT/sft/model
   [ "$stage" = rl ] && model=$OUT/rl/checkpoints/step_000032/policy
   stamp "eval_$stage start"
-  $PY - "$OUT" "$model" "$OUT/eval_$stage" "$EVAL_SIZE" > "$OUT/eval_$stage.log" 2>&1 <<'EOF'
+  $PY - "$OUT" "$model" "$OUT/eval_$stage" "$N_EVAL" > "$OUT/eval_$stage.log" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -64,10 +67,11 @@ from rlfr.policy.loading import load_model, load_tokenizer
 from rlfr.policy.sampler import SamplingParams, TransformersSampler
 from rlfr.reward.verifier import Verifier
 
-out, model_dir, dest, size = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+out, model_dir, dest, n = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 train = json.loads((out / "train.json").read_text())
-limit, template = train["eval_max_new_tokens"], train["data"]["template"]
-problems = load_source("embedded-multistep", size=size, task_seed=train["data"]["task_seed"])
+limit, data = train["eval_max_new_tokens"], train["data"]
+template = data["template"]
+problems = load_source("embedded-multistep", size=data["eval_size"], task_seed=data["task_seed"])[:n]
 tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
 prompts = [example_prompt(template, e, tok) for e in problems]
 with Verifier(num_workers=1) as v:
