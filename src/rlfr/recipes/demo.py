@@ -14,7 +14,9 @@ Every stage uses the same held-out problems (fixed by ``data.task_seed``), templ
 raw model is evaluated greedily only (it never writes an answer in the checked form, so sampling it says
 nothing). ``--seed N`` sets the seed of every stage (SFT order, flow pretraining, RL sampling) and keeps the
 problems. ``--quick`` shrinks every stage (the end-to-end test runs it); ``key=value`` overrides address the
-stage configs (``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``).
+stage configs (``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``). ``task=multistep`` runs every
+stage on the multi-step task (``embedded-multistep``: worked solutions of 4-5 steps, 100-180 tokens) with
+generation limits and SFT steps to match (``_TASKS``); overrides still apply on top.
 
 The RL settings follow the study of ``docs/results/study/``: its learning-rate sweep (RLVR, 48 steps, 200 dev
 problems) kept the SFT model's accuracy at 5e-6 and lost 14-15 points at 1e-5 and 2e-5.
