@@ -41,7 +41,10 @@ def work(args):
 
 
 def flow_overrides(args) -> list[str]:
-    return [f"soft_flow={args.soft_flow}"] + ([f"init={args.flow}"] if args.flow else [])
+    return [
+        f"soft_flow={args.soft_flow}",
+        f"init={args.flow or 'random'}",
+    ]  # no --flow: a fresh flow, said so
 
 
 def run_rlfr(args, examples, prompts) -> list[dict]:
@@ -110,7 +113,7 @@ def run_trl(args, examples, prompts, bridge: bool) -> list[dict]:
     if bridge:  # the same flow options as rlfr train's (flow_overrides)
         from rlfr.integrations.trl import RLFRGRPOConfig, RLFRGRPOTrainer
 
-        config = RLFRGRPOConfig(**options, flow_init=args.flow, flow_soft_flow=args.soft_flow,
+        config = RLFRGRPOConfig(**options, flow_init=args.flow or "random", flow_soft_flow=args.soft_flow,
                                 flow_correctness="accuracy")  # fmt: skip
         trainer = RLFRGRPOTrainer(**kw, args=config, callbacks=[clock])
     else:

@@ -82,6 +82,7 @@ def build(method: str, args, model: str, engine: str):
             f"policy.micro_batch_size={args.micro_batch}",
             "policy.lr=1e-9",
             f"flow.soft_flow={args.soft_flow}",
+            *(["flow.init=random"] if method == "rlfr" else []),  # timing only: a fresh flow costs the same
             f"steps={args.repeats + 1}",
             "out_dir=/tmp/rlfr-bench",
             "report_to=[]",

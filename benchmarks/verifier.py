@@ -1,6 +1,7 @@
 """Verifier throughput: pooled ``Verifier.verify_batch`` vs a one-by-one loop of single checks.
 
-Reproduce (from the repository root, with ../shared/data/benchmarks present):
+Reproduce (from the repository root, after `rlfr data download math500`, or with RLFR_BENCHMARK_DIR naming a
+directory of local copies):
 
     .venv/bin/python benchmarks/verifier.py --n 400 --workers 1 2 4 --runs 3
 

@@ -1,7 +1,7 @@
 """GRPO with flow rewards inside TRL: short arithmetic problems, trained by TRL's GRPOTrainer plus a flow.
 
     pip install 'rlfr[trl]'
-    rlfr demo --quick            # an SFT model (runs/demo/sft/model) and its pretrained flow (runs/demo/flow_pretrain/flow)
+    rlfr demo quick=true         # an SFT model (runs/demo/sft/model) and its pretrained flow (runs/demo/flow_pretrain/flow)
     python examples/trl_grpo_rlfr.py --model runs/demo/sft/model --flow_init runs/demo/flow_pretrain/flow \\
         --output_dir runs/trl --use_cpu --bf16 false
     python examples/trl_grpo_rlfr.py --config recipe.yaml         # TrlParser: any option from a YAML file too
@@ -10,7 +10,8 @@ A TRL script like any other: a dataset loaded with ``datasets`` (written here to
 functions, and ``TrlParser`` for the options. The RLFR part is the config and trainer class: every option of
 ``RLFRGRPOConfig`` (GRPOConfig's, plus ``--flow_init``, ``--flow_beta``, ``--flow_soft_flow``, ...; see
 ``--help``) and ``--flow_correctness``, the reward that says "correct" (those completions keep training the
-flow). Without ``--flow_init`` a fresh flow is trained online from the first step. The problems are the demo's
+flow). ``--flow_init random`` trains a fresh flow online from the first step instead (an ablation: its rewards
+are noise until it has learned); without ``--flow_init`` the trainer stops and asks for one. The problems are the demo's
 kind (reasoning-gym ``basic_arithmetic`` and ``chain_sum``) with the demo's system prompt, so the demo's SFT
 model answers them in the format the answer check reads (``\\boxed{...}``).
 """

@@ -3,7 +3,10 @@
 For every row of the six benchmark files, each accepted form of the ground truth is written as
 ``\\boxed{...}`` inside a sentence and verified against the row's answer; every one must score 1.0.
 
-    python scripts/check_benchmark_answers.py [--dir ../shared/data/benchmarks] [--workers 2]
+    python scripts/check_benchmark_answers.py [--dir DIR] [--workers 2]
+
+with DIR holding ``<name>.jsonl`` copies (default: the benchmarks as ``data.eval=benchmark:NAME`` loads them:
+``$RLFR_BENCHMARK_DIR`` or the ``datasets`` cache, ``rlfr data download``).
 
 Prints a per-file table and the total; exits 1 if anything is below 100%.
 """
@@ -15,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlfr.data import BENCHMARKS, find_benchmark, load_examples
+from rlfr.data import BENCHMARKS, load_benchmark, load_examples
 from rlfr.reward.verifier import Verifier
 
 
@@ -26,8 +29,9 @@ def check(
     rows, failures = [], []
     with Verifier(num_workers=workers, fast_path=fast_path) as verifier:
         for name in BENCHMARKS:
-            path = find_benchmark(name) if directory is None else directory / f"{name}.jsonl"
-            examples = load_examples(path)
+            examples = (
+                load_benchmark(name) if directory is None else load_examples(directory / f"{name}.jsonl")
+            )
             completions, answers, labels = [], [], []
             for ex in examples:
                 forms = [ex.answer] if isinstance(ex.answer, str) else list(ex.answer)
@@ -43,7 +47,12 @@ def check(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", type=Path, default=None, help="benchmark directory (default: search)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="directory of <name>.jsonl copies (default: as rlfr loads them)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="verifier worker processes")
     parser.add_argument(
         "--no-fast-path", action="store_true", help="send every check to math-verify (tests its parsing)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The models for the multi-step task's diagnostics (docs/results/multistep/README.md): the demo's stages with
-# task=multistep (rlfr.recipes.demo.demo_config), each run as its own command, then held-out accuracies of the
+# task=multistep (rlfr.commands.DemoConfig), each run as its own command, then held-out accuracies of the
 # SFT and the RL model. Every stage is skipped when its output exists and the RL run resumes from its last
 # checkpoint, so rerunning the script continues where it stopped.
 #   bash scripts/multistep.sh                   # writes runs/multistep/
@@ -22,13 +22,13 @@ stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/times.log"; }
 $PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
-from rlfr.config import to_dict
-from rlfr.recipes.demo import demo_config
+from rlfr.commands import DemoConfig
+from rlfr.config import load_config, to_dict
 
 out = Path(sys.argv[1])
 data = [f"{s}.data.{k}" for s in ("sft", "flow", "train") for k in ("eval_size=200", "dev_size=200")]
-cfg = demo_config(False, out, ["task=multistep", *data, "sft.data.eval=", "train.data.eval=", "train.steps=32",
-                               "train.save_every=8", "train.keep_checkpoints=8"])
+cfg = load_config(DemoConfig, overrides=[f"out={out}", "task=multistep", *data, "sft.data.eval=", "train.data.eval=",
+                                         "train.steps=32", "train.save_every=8", "train.keep_checkpoints=8"])
 for stage in ("sft", "flow", "train"):
     (out / f"{stage}.json").write_text(json.dumps(to_dict(getattr(cfg, stage)), indent=2))
 (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2))

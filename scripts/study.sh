@@ -13,13 +13,14 @@ DEMO=${DEMO_DIR:-runs/demo}
 mkdir -p "$OUT"
 
 # 1. The start model and flow: the demo's SFT model and its pretrained flow.
-[ -f "$DEMO/summary.json" ] || $RLFR demo --out "$DEMO" --no-progress
+[ -f "$DEMO/summary.json" ] || $RLFR demo "out=$DEMO" progress=false
 START=$DEMO/sft/model
 FLOW=$DEMO/flow_pretrain/flow
 
-COMMON=(data.train_size=1024 data.dev_size=200 data.eval_size=500 rollout.prompts_per_step=8
-  rollout.num_generations=4 rollout.max_new_tokens=40 rollout.batch_size=32 policy.micro_batch_size=32
-  flow.warmup_ratio=0 eval_max_new_tokens=48 save_every=8 policy.track_kl=true)
+COMMON=(train.data.train_size=1024 train.data.dev_size=200 train.data.eval_size=500 train.rollout.prompts_per_step=8
+  train.rollout.num_generations=4 train.rollout.max_new_tokens=40 train.rollout.batch_size=32
+  train.policy.micro_batch_size=32 train.flow.warmup_ratio=0 train.eval_max_new_tokens=48 train.save_every=8
+  train.policy.track_kl=true train.steps=48 progress=false)
 
 # 2. The token_pre flow of the context-mode ablation: the demo's flow stage with token_pre.
 if [ ! -f "$OUT/flow_token_pre/flow/latents.json" ]; then
@@ -33,8 +34,8 @@ fi
 LRS=(5e-6 1e-5 2e-5)
 for lr in "${LRS[@]}"; do
   [ -f "$OUT/lr_$lr/results.json" ] && continue  # done
-  $RLFR compare --start "$START" --methods rlvr --seeds 0 --steps 48 --eval-sets embedded-dev \
-    --out "$OUT/lr_$lr" --no-progress "${COMMON[@]}" "policy.lr=$lr" > "$OUT/lr_$lr.log" 2>&1
+  $RLFR compare "start=$START" methods=rlvr seeds=0 eval_sets=embedded-dev "out=$OUT/lr_$lr" "${COMMON[@]}" \
+    "train.policy.lr=$lr" > "$OUT/lr_$lr.log" 2>&1
 done
 LR=$($PY - "$OUT" "${LRS[@]}" <<'EOF'
 import json, sys
@@ -50,12 +51,11 @@ echo "learning rate chosen on the dev split: $LR (runs/study/chosen_lr.json)"
 
 # 4. The main comparison and the ablations: RLVR and RLFR seed by seed first (the primary comparison gets its
 # pairs first), then the full set, which reuses those runs and adds the entropy arm and the ablations.
-EVAL=(--eval-sets embedded embedded-transfer:100 --eval-samples 4)
-$RLFR compare --start "$START" --flow "$FLOW" --methods rlvr rlfr --seeds 0 1 2 --steps 48 "${EVAL[@]}" \
-  --out "$OUT/main" --no-progress "${COMMON[@]}" "policy.lr=$LR"
-$RLFR compare --start "$START" --flow "$FLOW" --methods rlvr rlfr entropy --seeds 0 1 2 --steps 48 "${EVAL[@]}" \
-  --ablation beta0.005 rlfr flow.reward.beta=0.005 \
-  --ablation beta0.05 rlfr flow.reward.beta=0.05 \
-  --ablation token_pre rlfr "flow.modes=[token_pre]" "flow.init=$OUT/flow_token_pre/flow" \
-  --ablation frozen rlfr flow.update=false \
-  --ablation-seeds 0 --out "$OUT/main" --no-progress "${COMMON[@]}" "policy.lr=$LR"
+EVAL=("eval_sets=[embedded,embedded-transfer:100]" eval_samples=4)
+$RLFR compare "start=$START" "flow=$FLOW" "methods=[rlvr,rlfr]" "seeds=[0,1,2]" "${EVAL[@]}" "out=$OUT/main" \
+  "${COMMON[@]}" "train.policy.lr=$LR"
+# each ablation: NAME METHOD key=value ... (a scalar is a list of one: flow.modes=token_pre)
+$RLFR compare "start=$START" "flow=$FLOW" "methods=[rlvr,rlfr,entropy]" "seeds=[0,1,2]" "${EVAL[@]}" \
+  "ablations=[beta0.005 rlfr flow.reward.beta=0.005, beta0.05 rlfr flow.reward.beta=0.05,
+    token_pre rlfr flow.modes=token_pre flow.init=$OUT/flow_token_pre/flow, frozen rlfr flow.update=false]" \
+  ablation_seeds=0 "out=$OUT/main" "${COMMON[@]}" "train.policy.lr=$LR"

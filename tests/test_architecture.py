@@ -20,8 +20,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "rlfr"
 # reward -> rl -> eval, with runtime (the machinery of a run) under rl and the commands on top.
 LAYERS = (
     ("errors",),
-    ("stats", "capabilities", "config"),
-    ("schema",),
+    ("stats", "capabilities", "config", "config_files"),
+    ("schema", "commands"),
     ("data",),
     ("policy",),
     ("flow",),
@@ -32,7 +32,7 @@ LAYERS = (
     ("recipes",),
     ("cli", "integrations"),
 )
-STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export")
+STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export", "data")
 COMPOSERS = ("demo", "compare")
 MATHS = (
     "flow/shaping.py",
@@ -216,7 +216,9 @@ def test_the_tree_is_the_pipeline():
         "__init__.py",
         "capabilities.py",
         "cli.py",
+        "commands.py",
         "config.py",
+        "config_files.py",
         "errors.py",
         "schema.py",
         "stats.py",
@@ -269,7 +271,7 @@ def test_maths_modules_are_pure(path):
                                            ("metrics.jsonl", "runtime/metrics.py")])  # fmt: skip
 def test_one_module_owns_each_file_format(literal, owner):
     # the same name in another format: a dataset saved by the datasets library has its own state.json
-    others = {"state.json": ("data/examples.py",)}.get(literal, ())
+    others = {"state.json": ("data/tables.py",)}.get(literal, ())
     users = [f"{path}:{line}" for path, tree in MODULES.items() for line, s in _strings(tree)
              if literal in s and path not in others]  # fmt: skip
     assert users and all(u.startswith(owner + ":") for u in users), users
@@ -345,8 +347,8 @@ def test_imports_inside_functions_say_why():
 
 
 def test_rlfr_help_imports_no_recipe():
-    """``rlfr --help`` imports no recipe (and so neither torch nor transformers); ``rlfr eval --help`` imports
-    that command's recipe only."""
+    """``rlfr --help``, ``rlfr eval --help`` and ``--show-config`` import no recipe (and so neither torch nor
+    transformers): a command's settings live in its config class (``rlfr.schema``, ``rlfr.commands``)."""
     code = (
         "import sys\nfrom rlfr.cli import main\n"
         "def loaded():\n    return sorted(m for m in sys.modules if m.startswith('rlfr.recipes.') or m == 'torch')\n"
@@ -358,7 +360,8 @@ def test_rlfr_help_imports_no_recipe():
         return out.stdout.strip().splitlines()[-1]
 
     assert loaded("--help") == "[]"
-    assert loaded("eval", "--help") == "['rlfr.recipes.evaluate', 'torch']"
+    assert loaded("eval", "--help") == "[]"  # before the configs moved out of the recipes: evaluate and torch
+    assert loaded("train", "--show-config") == "[]"
 
 
 def test_loading_a_config_imports_no_torch():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from rlfr.cli import main
+from rlfr.commands import CompareConfig
+from rlfr.config import load_config
 from rlfr.errors import RlfrError
 from rlfr.eval.results import CompareResult, InspectResult, ModelEval
 from rlfr.recipes import compare
@@ -42,7 +43,8 @@ def tiny_run(tiny_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(
-        TrainConfig, overrides=[f"model.name_or_path={tiny_dir}", *TINY, "steps=1", f"out_dir={out}"]
+        TrainConfig,
+        overrides=[f"model.name_or_path={tiny_dir}", *TINY, "flow.init=random", "steps=1", f"out_dir={out}"],
     )
     run_train(cfg, progress=False)
     return out
@@ -54,23 +56,9 @@ def test_inspect_writes_escaped_self_contained_html(tiny_run, tmp_path):
     out = tmp_path / "insp"
     ck = tiny_run / "checkpoints" / "step_000001"
     rc = main(
-        [
-            "inspect",
-            "--checkpoint",
-            str(ck),
-            "--data",
-            str(data),
-            "--n-prompts",
-            "1",
-            "--num-generations",
-            "3",
-            "--max-new-tokens",
-            "10",
-            "--out",
-            str(out),
-            "--cpu",
-        ]
-    )
+        ["inspect", f"checkpoint={ck}", f"data={data}", "n_prompts=1", "num_generations=3", "max_new_tokens=10",
+         f"out={out}", "cpu=true"]
+    )  # fmt: skip
     assert rc == 0
     page = (out / "inspect.html").read_text()
     assert "<script" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; 1+1?" in page
@@ -98,25 +86,9 @@ def test_inspect_writes_escaped_self_contained_html(tiny_run, tmp_path):
 def test_inspect_from_run_dir_with_shaped_reward(tiny_run, tmp_path):
     out = tmp_path / "insp"
     rc = main(
-        [
-            "inspect",
-            "--checkpoint",
-            str(tiny_run),
-            "--data",
-            "embedded",
-            "--n-prompts",
-            "2",
-            "--num-generations",
-            "2",
-            "--max-new-tokens",
-            "8",
-            "--reward",
-            "shaped",
-            "--out",
-            str(out),
-            "--cpu",
-        ]
-    )
+        ["inspect", f"checkpoint={tiny_run}", "data=embedded", "n_prompts=2", "num_generations=2", "max_new_tokens=8",
+         "reward=shaped", f"out={out}", "cpu=true"]
+    )  # fmt: skip
     assert rc == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rollouts"] == 4 and stats["reward"] == "shaped"
@@ -125,12 +97,12 @@ def test_inspect_from_run_dir_with_shaped_reward(tiny_run, tmp_path):
 
 def test_inspect_argument_errors(tiny_run, tmp_path, capsys):
     def error(argv):
-        assert main(["inspect", *argv, "--out", str(tmp_path)]) == 2
+        assert main(["inspect", *argv, f"out={tmp_path}"]) == 2
         return capsys.readouterr().err
 
-    assert "give --checkpoint, or both --model and --flow" in error([])
-    assert "not both" in error(["--checkpoint", str(tiny_run), "--model", "x"])
-    assert f"{tmp_path} is neither a checkpoint" in error(["--checkpoint", str(tmp_path)])
+    assert "give checkpoint=DIR, or both model=MODEL and flow=DIR" in error([])
+    assert "not both" in error([f"checkpoint={tiny_run}", "model=x"])
+    assert f"{tmp_path} is neither a checkpoint" in error([f"checkpoint={tmp_path}"])
 
 
 def _tok(text, reward, score=1.0, valid=True):
@@ -194,16 +166,11 @@ def test_inspect_stats_and_html_escaping_without_a_model():
 
 
 def test_compare_configs_report_and_curves(tmp_path):
-    args = argparse.Namespace(
-        start="m",
-        flow="flowdir",
-        methods=["rlvr", "rlfr"],
-        seeds=[0, 1],
-        steps=3,
-        config=None,
-        out=str(tmp_path),
-        overrides=["rollout.prompts_per_step=4"],
-    )
+    args = load_config(
+        CompareConfig,
+        overrides=["start=m", "flow=flowdir", "methods=[rlvr,rlfr]", "seeds=[0,1]", "train.steps=3", f"out={tmp_path}",
+                   "train.rollout.prompts_per_step=4"],
+    )  # fmt: skip
     cfg = compare.run_config(args, "rlfr", 1)
     assert (cfg.method, cfg.seed, cfg.steps, cfg.flow.init, cfg.rollout.prompts_per_step) == (
         "rlfr",
@@ -225,26 +192,31 @@ def test_compare_configs_report_and_curves(tmp_path):
     }
     md = compare.render_report(CompareResult.from_dict(results))  # the layout of earlier versions
     assert "| base | 50.0 ± 35.4 | 25.0 | 75.0 |" in md and "| rlvr | 50.0 ± 0.0 | 50.0 | 50.0 |" in md
-    assert "rlfr compare --start m --flow flowdir" in md and "- steps: 3" in md
+    assert "rlfr compare start=m flow=flowdir 'methods=[rlvr, rlfr]'" in md and "- steps: 3" in md
     assert md.startswith("# base vs rlvr (2 seeds)\n")
+
+
+def test_compare_refuses_rlfr_arms_without_a_flow(tmp_path, capsys):
+    """Before, the rlfr arms of a study without --flow trained a random flow and said nothing; now the study
+    stops before any run, naming flow= and train.flow.init; an explicit train.flow.init=random (or an
+    ablation's own flow.init) is accepted."""
+    assert main(["compare", "start=m", "methods=[rlvr,rlfr]", "seeds=0", f"out={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err
+    assert "arm rlfr" in err and "flow.init" in err and "rlfr flow-pretrain" in err and "flow=DIR" in err
+    assert not (tmp_path / "c").exists()  # nothing ran
+    cfg = load_config(
+        CompareConfig, overrides=["start=m", "methods=[rlvr]", "ablations=[fresh rlfr flow.init=random]"]
+    )
+    assert compare.arms(cfg)["fresh"] == ("rlfr", ["flow.init=random"], [0])
+    assert compare.run_config(cfg, "rlfr", 0, "fresh", ["flow.init=random"]).flow.init == "random"
+    with pytest.raises(RlfrError, match=r"ablations: 'x ppo'.*METHOD in"):
+        compare.arms(load_config(CompareConfig, overrides=["ablations=[x ppo]"]))
 
 
 def test_compare_end_to_end_two_seeds(tiny_dir, tmp_path):
     out = tmp_path / "cmp"
-    argv = [
-        "compare",
-        "--start",
-        str(tiny_dir),
-        "--seeds",
-        "0",
-        "1",
-        "--steps",
-        "1",
-        "--out",
-        str(out),
-        "--no-progress",
-        *TINY,
-    ]
+    argv = ["compare", f"start={tiny_dir}", "seeds=[0,1]", "train.steps=1", f"out={out}", "progress=false",
+            "train.flow.init=random", *(f"train.{o}" for o in TINY)]  # fmt: skip
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == {"base", "rlvr", "rlfr", "entropy"}
@@ -267,10 +239,10 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "study"
-    argv = ["compare", "--start", str(tiny_dir), "--methods", "rlvr", "rlfr", "--seeds", "0", "--steps", "2",
-            "--eval-sets", "embedded", "embedded-transfer:3", "--eval-samples", "2",
-            "--ablation", "frozen", "rlfr", "flow.update=false", "--out", str(out), "--no-progress",
-            *TINY, "save_every=1", "policy.track_kl=true"]  # fmt: skip
+    argv = ["compare", f"start={tiny_dir}", "methods=[rlvr,rlfr]", "seeds=0", "train.steps=2",
+            "eval_sets=[embedded,embedded-transfer:3]", "eval_samples=2", "ablations=[frozen rlfr flow.update=false]",
+            f"out={out}", "progress=false", "train.flow.init=random", *(f"train.{o}" for o in TINY),
+            "train.save_every=1", "train.policy.track_kl=true"]  # fmt: skip
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["arms"]) == {"base", "rlvr", "rlfr", "frozen"}

@@ -91,11 +91,13 @@ def test_convert_and_match_the_reference(model_dir, tmp_path):
                  "flow_context_mode": "token_post", "flow_shift": "1"}  # fmt: skip
     (tmp_path / "flow_config_3B.json").write_text(json.dumps(their_cfg))
     out = tmp_path / "converted"
-    rc = main(["convert-flow", str(tmp_path / "ckpt"), "--model", str(model_dir), "--out", str(out),
-               "--flow-config", str(tmp_path / "flow_config_3B.json")])  # fmt: skip
+    rc = main(["convert-flow", f"src={tmp_path / 'ckpt'}", f"model={model_dir}", f"out={out}",
+               f"flow_config={tmp_path / 'flow_config_3B.json'}"])  # fmt: skip
     assert rc == 0
     meta = json.loads((out / "latents.json").read_text())
-    assert meta == {"fractions": [0.25, 0.5, 0.75], "modes": ["token_post"], "shift": 1, "latent_norm": "none",
+    # their RL config's flow_context_mode token_post is how their RL *used* the flow; the weights were trained
+    # with token_pre (their LLaMA-Factory/examples/train_flow/*.yaml), and that is what the directory records
+    assert meta == {"fractions": [0.25, 0.5, 0.75], "modes": ["token_pre"], "shift": 1, "latent_norm": "none",
                     "hidden_size": D, "num_hidden_layers": 4, "pairing": "target", "modality": "text"}  # fmt: skip
     bundle = load_flow(out)
     field = bundle.field
@@ -123,24 +125,17 @@ def test_flow_prefix_and_mixed_checkpoints(model_dir, tmp_path):
 
     save_file(sd, str(tmp_path / "model.safetensors"))
     out = tmp_path / "c"
-    assert main(["convert-flow", str(tmp_path / "model.safetensors"), "--model", str(model_dir),
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["convert-flow", f"src={tmp_path / 'model.safetensors'}", f"model={model_dir}", f"out={out}"])
+        == 0
+    )
     assert load_flow(out).field.depth == DEPTH
 
 
 def test_bad_sources_fail_clearly(model_dir, tmp_path, capsys):
     torch.save({"w": object()}, tmp_path / "evil.bin")
     assert (
-        main(
-            [
-                "convert-flow",
-                str(tmp_path / "evil.bin"),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+        main(["convert-flow", f"src={tmp_path / 'evil.bin'}", f"model={model_dir}", f"out={tmp_path / 'o'}"])
         == 2
     )
     assert "weights_only" in capsys.readouterr().err
@@ -148,16 +143,7 @@ def test_bad_sources_fail_clearly(model_dir, tmp_path, capsys):
     wrong["model.input_proj.weight"] = torch.zeros(W, D + 1)
     torch.save(wrong, tmp_path / "wrong.bin")
     assert (
-        main(
-            [
-                "convert-flow",
-                str(tmp_path / "wrong.bin"),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+        main(["convert-flow", f"src={tmp_path / 'wrong.bin'}", f"model={model_dir}", f"out={tmp_path / 'o'}"])
         == 2
     )
     assert "mis-shaped" in capsys.readouterr().err
@@ -165,3 +151,74 @@ def test_bad_sources_fail_clearly(model_dir, tmp_path, capsys):
     (tmp_path / "bare").mkdir()
     with pytest.raises(FlowMismatchError, match="convert-flow"):
         load_flow(tmp_path / "bare")
+
+
+# their LLaMA-Factory/examples/train_flow/qwen2_5_1.5b_flow.yaml, abridged (depth 2 for the tiny flow)
+AUTHORS_PRETRAIN_YAML = """\
+### model
+model_name_or_path: Qwen/Qwen2.5-Math-1.5B
+### flow config
+add_flowhook: true
+num_layers_flow: 2
+hook_layers_percentile: "0.25+0.5+0.75"
+flow_context_mode: token_pre
+flow_batch_mul: 4
+### method
+stage: sft
+freeze_llm: true
+### dataset
+template: qwen
+cutoff_len: 8192
+"""
+
+
+def test_an_authors_flow_is_refused_by_token_post_rl_unless_the_mismatch_is_allowed(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    from rlfr.recipes.train import run_train
+    from tiny_run import tiny_train_config
+
+    torch.save(_authors_state_dict(), tmp_path / "flow_model.bin")
+    (tmp_path / "flow.yaml").write_text(AUTHORS_PRETRAIN_YAML)
+    out = tmp_path / "authors"
+    assert main(["convert-flow", f"src={tmp_path / 'flow_model.bin'}", f"model={model_dir}", f"out={out}",
+                 f"flow_config={tmp_path / 'flow.yaml'}"]) == 0  # fmt: skip
+    assert "a flow trained with modes=['token_pre'] shift=1" in capsys.readouterr().out
+    meta = json.loads((out / "latents.json").read_text())
+    assert (meta["modes"], meta["shift"], meta["fractions"]) == (["token_pre"], 1, [0.25, 0.5, 0.75])
+
+    def cfg(run, *extra):  # rlfr train's default pairing: token_post, shift 1
+        return tiny_train_config(model_dir, tmp_path / run, "steps=2", "save_every=1", f"flow.init={out}",
+                                 "flow.latent_norm=none", f"flow.depth={DEPTH}", *extra)  # fmt: skip
+
+    with pytest.raises(FlowMismatchError) as refused:
+        run_train(cfg("refused"), progress=False)
+    msg = str(refused.value)
+    assert "modes: flow ['token_pre'] vs run ['token_post']" in msg
+    assert (
+        "trained with modes=['token_pre'] shift=1, this run pairs latents with modes=['token_post'] shift=1"
+        in msg
+    )
+    assert "flow.allow_mode_mismatch=true" in msg
+    # the option reproduces the authors' setup on purpose, says so, and the flow keeps its record
+    run_train(cfg("allowed", "flow.allow_mode_mismatch=true"), progress=False, stop_after=1)
+    assert "the flow was trained with modes=['token_pre'] shift=1; this run scores and trains it on " in (
+        capsys.readouterr().out
+    )
+    res = run_train(cfg("allowed", "flow.allow_mode_mismatch=true"), progress=False, resume=True)
+    assert res.history and all("flow_reward/mean" in h for h in res.history)
+    saved = json.loads(
+        (tmp_path / "allowed" / "checkpoints" / "step_000002" / "flow" / "latents.json").read_text()
+    )
+    assert saved["modes"] == ["token_pre"]
+    # rlfr inspect on that checkpoint scores the pairs the run scored, not the flow's record
+    from rlfr.recipes import inspect_flow
+
+    used, real = [], inspect_flow.token_scores
+    monkeypatch.setattr(inspect_flow, "token_scores", lambda *a, **k: used.append(a[4:6]) or real(*a, **k))
+    assert main(["inspect", f"checkpoint={tmp_path / 'allowed'}", "n_prompts=1", "num_generations=2",
+                 "max_new_tokens=4", f"out={tmp_path / 'inspect'}"]) == 0  # fmt: skip
+    assert used == [(["token_post"], 1)]
+    # any other difference is still refused, option or not
+    with pytest.raises(FlowMismatchError, match=r"fractions: flow \[0.25, 0.5, 0.75\] vs run \[0.5\]"):
+        run_train(cfg("fractions", "flow.allow_mode_mismatch=true", "flow.fractions=[0.5]"), progress=False)

@@ -1,6 +1,8 @@
-"""Data loaders: every format, bad rows named by file/row/field, skip mode, benchmarks."""
+"""Data loaders: every format (through ``datasets`` where it reads them right), dataset directories laid out as on
+the Hub, Hub ids offline, chat rows, system prompts, bad rows named by file/row/field, skip mode, benchmarks."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from rlfr.data import BENCHMARKS, DataError, Example, load_benchmark, load_examples
-from rlfr.data.benchmarks import benchmark_search_dirs
+from rlfr.data.benchmarks import Benchmark
+from rlfr.data.sources import load_source, render_prompts, resolve_data
+from rlfr.schema import BenchmarkName, DataConfig
 
 ROWS = [
     {"id": "a", "problem": "1+1?", "answer": "2"},
@@ -16,7 +20,7 @@ ROWS = [
     {"id": "c", "problem": "x?", "answer": ["1/2", "0.5"], "sol": "half"},
 ]
 REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO.parent / "shared" / "data" / "benchmarks"
+BENCH_DIR = Path(os.environ.get("RLFR_BENCHMARK_DIR", "/nonexistent"))  # conftest.py: the development copies
 
 
 def write(path: Path, rows) -> Path:
@@ -51,8 +55,12 @@ def test_parquet(tmp_path):
         write(tmp_path / "i.parquet", [{"problem": "p", "answer": 42}, {"problem": "q", "answer": 7}])
     )
     assert [e.answer for e in ints] == ["42", "7"]
-    with pytest.raises(DataError, match="f.parquet, row 2: field 'answer': non-finite"):
+    # a float column stores the missing answer as null (pandas showed it as NaN): named as missing
+    with pytest.raises(DataError, match="f.parquet, row 2: field 'answer' is missing"):
         load_examples(write(tmp_path / "f.parquet", [{"problem": "p", "answer": 1.5}, {"problem": "q"}]))
+    (tmp_path / "nan.jsonl").write_text('{"problem": "p", "answer": NaN}\n')
+    with pytest.raises(DataError, match="nan.jsonl, line 1: field 'answer': non-finite"):
+        load_examples(tmp_path / "nan.jsonl")
 
 
 def test_csv_and_solution_field(tmp_path):
@@ -76,7 +84,7 @@ def test_saved_dataset_dir(tmp_path):
 
 def test_custom_field_names(tmp_path):
     path = write(tmp_path / "d.jsonl", [{"question": "q", "final": 3.5}])
-    assert load_examples(path, problem_field="question", answer_field="final")[0].answer == "3.5"
+    assert load_examples(path, prompt_field="question", answer_field="final")[0].answer == "3.5"
 
 
 BAD_JSONL = "\n".join(
@@ -141,19 +149,49 @@ def test_file_errors(tmp_path):
         load_examples(tmp_path / "o.json")
 
 
-def test_benchmark_lookup(tmp_path, monkeypatch):
+def test_benchmark_specs_read_the_local_copies(tmp_path, monkeypatch):
     write(tmp_path / "aime24.jsonl", ROWS[:1])
     monkeypatch.setenv("RLFR_BENCHMARK_DIR", str(tmp_path))
-    assert benchmark_search_dirs()[0] == tmp_path
     assert load_benchmark("aime24")[0].id == "a"
-    assert len(load_benchmark(str(tmp_path / "aime24.jsonl"))) == 1
-    monkeypatch.setenv("RLFR_BENCHMARK_DIR", str(tmp_path / "empty"))
-    monkeypatch.chdir(tmp_path)
-    if not BENCH_DIR.is_dir():
-        with pytest.raises(FileNotFoundError, match="searched: .*empty"):
-            load_benchmark("aime25")
-    with pytest.raises(FileNotFoundError, match="neither a benchmark name"):
-        load_benchmark("gsm8k")
+    assert (
+        load_source("benchmark:aime24")[0].id == "a" and load_source("aime24")[0].id == "a"
+    )  # bare name too
+    with pytest.raises(DataError, match=r"aime25: .*aime25.jsonl does not exist \(RLFR_BENCHMARK_DIR="):
+        load_benchmark("aime25")
+    with pytest.raises(DataError, match="unknown benchmark 'gsm8k'; known: aime24, aime25, amc23, math500"):
+        load_source("benchmark:gsm8k")
+    assert tuple(BENCHMARKS) == BenchmarkName.__args__  # the config's choices are the table's names
+
+
+def test_benchmarks_come_from_the_hub_through_datasets(tmp_path, monkeypatch):
+    """Without local copies a benchmark is its Hub dataset: subset, split and column mapping go to
+    ``load_dataset`` (here a directory laid out as the Hub repository); offline and never downloaded, the
+    error names the dataset id and says how to fetch it or use a local file."""
+    monkeypatch.delenv("RLFR_BENCHMARK_DIR", raising=False)
+    repo = tmp_path / "OlympiadBench"
+    (repo / "OE_TO_maths_en_COMP").mkdir(parents=True)
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: OE_TO_maths_en_COMP\n  data_files:\n  - split: train\n"
+        "    path: OE_TO_maths_en_COMP/train-*\n---\n"
+    )
+    write(repo / "OE_TO_maths_en_COMP" / "train-00000-of-00001.parquet",
+          [{"id": 7, "question": "2+2?", "final_answer": ["4", "four"]}, {"id": 8, "question": "3+3?", "final_answer": ["6"]}])  # fmt: skip
+    spec = BENCHMARKS["olympiadbench"]
+    monkeypatch.setitem(BENCHMARKS, "olympiadbench", Benchmark(str(repo), spec.split, spec.prompt_field,
+                                                               spec.answer_field, spec.subset))  # fmt: skip
+    rows = load_source("benchmark:olympiadbench")
+    assert [(r.problem, r.answer, r.id) for r in rows] == [
+        ("2+2?", ("4", "four"), "7"),
+        ("3+3?", ("6",), "8"),
+    ]
+    import datasets
+
+    assert datasets.config.HF_HUB_OFFLINE  # conftest.py: no test reaches the Hub
+    with pytest.raises(DataError) as e:
+        load_source("benchmark:math500")
+    msg = str(e.value)
+    assert "HuggingFaceH4/MATH-500" in msg and "offline" in msg and "rlfr data download math500" in msg
+    assert "local copy" in msg and "data.eval" in msg
 
 
 @pytest.mark.skipif(not BENCH_DIR.is_dir(), reason="shared benchmark files not present")
@@ -174,7 +212,7 @@ def test_check_benchmark_answers_script():
     # Every ground truth, boxed, must verify against its own row (the fast path decides most of them).
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "check_benchmark_answers.py"), "--dir", str(BENCH_DIR)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "100.0%" in proc.stdout.splitlines()[-1]
@@ -185,16 +223,16 @@ def test_check_benchmark_answers_script():
 def test_check_benchmark_answers_through_math_verify():
     script = REPO / "scripts" / "check_benchmark_answers.py"
     proc = subprocess.run([sys.executable, str(script), "--dir", str(BENCH_DIR), "--no-fast-path"],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=3600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_embedded_task_names_resolve_in_every_data_setting():
     # data.train names a whole task (its train split), data.eval one of its sets; the multi-step task's
     # names resolve like the one-line task's, with its own problems and solutions
-    from rlfr.data.sources import GENERATED_SETS, load_source, resolve_data
+    from rlfr.data.sources import GENERATED_SETS
     from rlfr.data.tasks import EMBEDDED_SETS, embedded_task, multistep_task
-    from rlfr.schema import DataConfig
+    from rlfr.schema import canonical
 
     assert EMBEDDED_SETS == ("embedded", "embedded-dev", "embedded-transfer", "embedded-multistep",
                              "embedded-multistep-dev", "embedded-multistep-transfer")  # fmt: skip
@@ -210,5 +248,177 @@ def test_embedded_task_names_resolve_in_every_data_setting():
     # the one-line task is unchanged by the new names
     short = DataConfig(train="embedded", eval="embedded", train_size=30, eval_size=8)
     assert resolve_data(short) == tuple(embedded_task(train_size=30, eval_size=8, seed=0)[:2])
-    with pytest.raises(FileNotFoundError, match="embedded-multistep-transfer"):
+    # data.eval=auto on the multi-step task is its own held-out split, as on the one-line task
+    auto = DataConfig(train="embedded-multistep", train_size=30, eval_size=8, task_seed=2)
+    assert resolve_data(auto) == (multistep_task(train_size=30, eval_size=8, seed=2).train, held_out)
+    # and a run saved with data.eval=embedded-multistep is the same experiment as one with data.eval=auto
+    saved = {"data": {"train": "embedded-multistep", "eval": "auto"}}
+    assert canonical(saved)["data"]["eval"] == "embedded-multistep"
+    with pytest.raises(DataError, match="does not exist; a data spec is .*embedded-multistep-transfer"):
         load_source("embedded-multistep-hard")
+
+
+# ------------------------------------------------------------------ datasets: files, directories, Hub ids
+
+
+def hub_repo(root: Path) -> Path:
+    """A dataset repository as on the Hub: data/train-*.parquet and data/test-*.parquet with custom columns."""
+    (root / "data").mkdir(parents=True)
+    write(root / "data" / "train-00000-of-00001.parquet",
+          [{"question": f"{i} + {i}?", "final": str(2 * i), "worked": f"{i} + {i} = {2 * i}"} for i in range(3)])  # fmt: skip
+    write(
+        root / "data" / "test-00000-of-00001.parquet", [{"question": "5 + 5?", "final": "10", "worked": "10"}]
+    )
+    return root
+
+
+def test_a_hub_style_directory_with_splits_and_custom_columns(tmp_path):
+    repo = hub_repo(tmp_path / "you" / "sums")
+    cfg = DataConfig(train=str(repo), eval=str(repo), eval_split="test", prompt_field="question",
+                     answer_field="final", solution_field="worked")  # fmt: skip
+    train, evals = resolve_data(cfg, need_solution=True)
+    assert [(e.problem, e.answer, e.solution) for e in train] == [
+        ("0 + 0?", "0", "0 + 0 = 0"), ("1 + 1?", "2", "1 + 1 = 2"), ("2 + 2?", "4", "2 + 2 = 4")
+    ]  # fmt: skip
+    assert [(e.problem, e.answer) for e in evals] == [("5 + 5?", "10")]
+    # the other columns travel with each example (reward functions get them as keyword arguments)
+    assert train[1].columns == {"final": "2", "worked": "1 + 1 = 2"}
+    with pytest.raises(DataError, match=r"no split 'validation'|Unknown split"):
+        resolve_data(DataConfig(train=str(repo), split="validation", prompt_field="question", eval=""))
+
+
+def test_a_missing_column_names_the_dataset_the_column_and_the_columns_found(tmp_path):
+    repo = hub_repo(tmp_path / "repo")
+    with pytest.raises(DataError) as e:
+        resolve_data(DataConfig(train=str(repo), eval="", prompt_field="question"))  # answer_field: "answer"
+    assert str(e.value) == (
+        f"{repo} (split train): no column 'answer' (data.answer_field); its columns are ['question', 'final', 'worked']"
+    )
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "hi"}], "answer": "1"}]
+    ).save_to_disk(str(tmp_path / "chats"))
+    with pytest.raises(DataError, match=r"chats: no column 'problem' \(data.prompt_field\); its columns are "
+                                        r"\['messages', 'answer'\] \(chat rows: data.prompt_field=messages\)"):  # fmt: skip
+        load_examples(tmp_path / "chats")
+    # a JSON Lines row names its file, line, the column and the row's columns
+    path = write(tmp_path / "d.jsonl", [{"question": "q", "answer": "1"}])
+    with pytest.raises(DataError, match=r"d.jsonl, line 1: field 'problem' is missing \(row has \['answer', 'question'\]; "
+                                        r"data.prompt_field names the column\)"):  # fmt: skip
+        load_examples(path)
+
+
+def test_a_hub_id_goes_to_load_dataset_and_offline_names_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no local directory of that name
+    with pytest.raises(DataError) as e:
+        resolve_data(
+            DataConfig(train="someone/math-sft", subset="main", eval="", solution_field="solution"), True
+        )
+    msg = str(e.value)
+    assert msg.startswith(
+        "Hub dataset someone/math-sft (subset main, split train) cannot be loaded (offline mode"
+    )
+    assert "point at a local copy: a .jsonl / .parquet file or a directory" in msg
+    with pytest.raises(DataError, match="nothing.jsonl: no such file"):
+        load_examples("nothing.jsonl")
+    with pytest.raises(DataError, match="data 'not-a-thing' does not exist; a data spec is embedded"):
+        load_source("not-a-thing")
+
+
+def test_csv_cells_stay_text_and_json_values_stay_as_written(tmp_path):
+    (tmp_path / "d.csv").write_text("problem,answer\nq1,007\nq2,1e5\n")
+    assert [e.answer for e in load_examples(tmp_path / "d.csv")] == ["007", "1e5"]
+    # a column mixing strings, numbers and lists (datasets' JSON reader would re-parse "1e5" into 100000.0)
+    rows = [
+        {"problem": "a", "answer": "1e5"},
+        {"problem": "b", "answer": 3},
+        {"problem": "c", "answer": ["x", "y"]},
+    ]
+    assert [e.answer for e in load_examples(write(tmp_path / "m.jsonl", rows))] == ["1e5", "3", ("x", "y")]
+
+
+CHAT = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris"},
+]
+
+
+def test_chat_rows_give_prompt_system_turn_and_solution(tmp_path):
+    rows = [{"messages": CHAT, "answer": "Paris"},
+            {"messages": [{"role": "user", "content": "Part one."}, {"role": "user", "content": "Part two?"}],
+             "answer": "x", "solution": "from the column"}]  # fmt: skip
+    exs = load_examples(write(tmp_path / "c.jsonl", rows), prompt_field="messages", solution_field="solution")
+    assert (exs[0].problem, exs[0].system, exs[0].solution) == (
+        "Capital of France?",
+        "Answer in one word.",
+        "Paris",
+    )
+    # two user turns are one prompt; without an assistant turn the solution comes from its column
+    assert (exs[1].problem, exs[1].system, exs[1].solution) == (
+        "Part one.\n\nPart two?",
+        None,
+        "from the column",
+    )
+    multi = [{"messages": [*CHAT, {"role": "user", "content": "And Spain?"}, {"role": "assistant", "content": "Madrid"}],
+              "answer": "Madrid"}]  # fmt: skip
+    with pytest.raises(
+        DataError, match="m.jsonl, line 1: column 'messages': an assistant turn before the last user turn"
+    ):
+        load_examples(write(tmp_path / "m.jsonl", multi), prompt_field="messages")
+    # the same rows from a dataset saved with datasets (a list-of-structs column)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"messages": CHAT, "answer": "Paris"}]).save_to_disk(str(tmp_path / "saved"))
+    saved = load_examples(tmp_path / "saved", prompt_field="messages", solution_field="solution")
+    assert (saved[0].problem, saved[0].system, saved[0].solution) == (
+        "Capital of France?",
+        "Answer in one word.",
+        "Paris",
+    )
+
+
+def test_data_system_prompt_sets_the_system_turn(tmp_path):
+    from tiny_run import make_tokenizer
+
+    tok = make_tokenizer()  # ChatML: <|im_start|>role\ncontent<|im_end|>\n
+    path = write(
+        tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": "2"}, {"messages": CHAT, "answer": "Paris"}][:1]
+    )
+    default, own, none = (
+        render_prompts(
+            resolve_data(DataConfig(train=str(path), eval="", system_prompt=sp))[0], "chat", tok, 512
+        )[0]
+        for sp in (None, "Be brief.", "")
+    )
+    assert default.startswith("<|im_start|>system\nPlease reason step by step")
+    assert (
+        own
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert none == "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    # on the embedded task and on a benchmark too; a chat row's own system turn wins
+    emb = resolve_data(DataConfig(train_size=2, eval_size=1, system_prompt="Be brief."))
+    assert all(e.system == "Be brief." for e in emb[0] + emb[1])
+    chats = write(tmp_path / "c.jsonl", [{"messages": CHAT, "answer": "Paris"}])
+    row = resolve_data(
+        DataConfig(train=str(chats), eval="", prompt_field="messages", system_prompt="Be brief.")
+    )[0][0]
+    assert row.system == "Answer in one word."
+    with pytest.raises(ValueError, match="template 'r1' has no system turn"):
+        render_prompts([row], "r1", tok, 512)
+
+
+def test_a_run_saved_with_the_old_key_names_resumes_unchanged():
+    """data.problem_field is now data.prompt_field and reward.functions reward.funcs: a checkpoint's config that
+    says the old names is the same experiment, not a change the resume would refuse."""
+    from rlfr.config import load_config, to_dict
+    from rlfr.schema import TrainConfig, resume_changes
+
+    overrides = ["data.prompt_field=question", "reward.funcs=[math,format]", "reward.weights=[1.0,0.5]"]
+    new = to_dict(load_config(TrainConfig, overrides=overrides))
+    old = json.loads(json.dumps(new))
+    old["data"]["problem_field"] = old["data"].pop("prompt_field")
+    old["reward"]["functions"] = old["reward"].pop("funcs")
+    assert resume_changes(old, new) == ({}, {})
+    old["data"]["problem_field"] = "other"
+    assert resume_changes(old, new)[1] == {"data.prompt_field": ("other", "question")}

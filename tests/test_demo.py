@@ -1,4 +1,4 @@
-"""`rlfr demo --quick` end to end on the embedded SmolLM2-135M-Instruct and task (the README's main job).
+"""`rlfr demo quick=true` end to end on the embedded SmolLM2-135M-Instruct and task (the README's main job).
 
 Takes about two minutes on 2 cores (the first run also converts the embedded model, ~20-30 s).
 """
@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(
 def test_quick_demo_writes_summary_and_plots(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "rlfr.cli", "demo", "--quick", "--no-progress", "--out", str(out)],
+        [sys.executable, "-m", "rlfr.cli", "demo", "quick=true", "progress=false", f"out={out}"],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=3600,  # a hang guard, not a speed limit: a loaded machine took over 900 s
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -80,17 +80,20 @@ def test_quick_demo_writes_summary_and_plots(tmp_path):
 
 
 def test_demo_seed_sets_every_stage_and_keeps_the_problems(tmp_path):
-    import argparse
+    from rlfr.commands import DemoConfig
+    from rlfr.config import load_config
 
-    from rlfr.recipes import demo
-
-    p = argparse.ArgumentParser()
-    demo.add_arguments(p)
-    args = p.parse_args(["--seed", "2", "--out", str(tmp_path), "train.steps=3"])
-    cfg = demo.demo_config(False, tmp_path, demo.stage_overrides(args))
+    cfg = load_config(DemoConfig, overrides=["seed=2", f"out={tmp_path}", "train.steps=3"])
     assert (cfg.sft.seed, cfg.flow.seed, cfg.train.seed) == (2, 2, 2) and cfg.train.steps == 3
-    plain = demo.demo_config(False, tmp_path, [])
+    plain = load_config(DemoConfig, overrides=[f"out={tmp_path}"])
     assert plain.train.seed == 0 and plain.train.data == cfg.train.data  # same split and held-out problems
+    # a stage's own seed wins over seed=N; the stages are chained under out
+    mixed = load_config(DemoConfig, overrides=["seed=2", "train.seed=7", f"out={tmp_path}"])
+    assert (mixed.sft.seed, mixed.train.seed) == (2, 7)
+    assert cfg.flow.model.name_or_path == str(tmp_path / "sft" / "model") == cfg.train.model.name_or_path
+    assert cfg.train.flow.init == str(tmp_path / "flow_pretrain" / "flow")
+    quick = load_config(DemoConfig, overrides=["quick=true"])
+    assert (quick.train.steps, quick.sft.steps, quick.eval_samples) == (2, 4, 2)
 
 
 def _fake_demo(d, sft, rl, data=None, k=2, method="rlfr"):
@@ -139,7 +142,7 @@ def test_pooling_demo_repeats_by_hand(tmp_path):
     assert "Over runs" in md and "RLFR - SFT greedy +12.5 [-146.3, +171.3]" in md
     from rlfr.cli import main
 
-    assert main(["demo", "--pool", str(a), str(b), "--out", str(tmp_path / "pooled")]) == 0
+    assert main(["demo", f"pool=[{a},{b}]", f"out={tmp_path / 'pooled'}"]) == 0
     assert json.loads((tmp_path / "pooled" / "pooled.json").read_text())["pooled"] == json.loads(
         json.dumps(p)
     )
@@ -180,7 +183,7 @@ def test_pooling_greedy_only_runs(tmp_path):
 
     a = _fake_demo(tmp_path / "a", sft=([1, 0, 0, 1], None), rl=([1, 1, 0, 1], None), k=0)
     b = _fake_demo(tmp_path / "b", sft=([1, 0, 1, 1], None), rl=([0, 1, 1, 1], None), k=0)
-    assert main(["demo", "--pool", str(a), str(b), "--out", str(tmp_path / "pooled")]) == 0
+    assert main(["demo", f"pool=[{a},{b}]", f"out={tmp_path / 'pooled'}"]) == 0
     pool = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
     assert pool["pooled"]["greedy"]["diff"] == pytest.approx(0.125) and "sampled" not in pool["pooled"]
     md = (tmp_path / "pooled" / "pooled.md").read_text()
@@ -189,10 +192,14 @@ def test_pooling_greedy_only_runs(tmp_path):
 
 
 def test_demo_task_multistep_sets_every_stage(tmp_path):
+    from rlfr.commands import DemoConfig
+    from rlfr.config import load_config
     from rlfr.errors import ConfigError
-    from rlfr.recipes import demo
 
-    cfg = demo.demo_config(False, tmp_path, ["task=multistep", "train.steps=3"])
+    def demo(*overrides):
+        return load_config(DemoConfig, overrides=[f"out={tmp_path}", *overrides])
+
+    cfg = demo("task=multistep", "train.steps=3")
     assert cfg.task == "multistep" and cfg.train.steps == 3
     for stage in (cfg.sft, cfg.flow, cfg.train):
         assert (stage.data.train, stage.data.eval) == ("embedded-multistep", "embedded-multistep")
@@ -204,20 +211,22 @@ def test_demo_task_multistep_sets_every_stage(tmp_path):
         == 192
     )
     assert (cfg.sft.steps, cfg.sft.micro_batch_size, cfg.sft.batch_size) == (24, 8, 16)
-    plain = demo.demo_config(False, tmp_path, [])
+    assert cfg.train.policy.micro_batch_size == 16 and cfg.flow.data.train_size == 192
+    # the stages stay chained: the flow models the SFT model, RL starts from it with the pretrained flow
+    assert cfg.flow.model.name_or_path == cfg.train.model.name_or_path == str(tmp_path / "sft" / "model")
+    assert cfg.train.flow.init == str(tmp_path / "flow_pretrain" / "flow")
+    plain = demo()
     assert plain.task == "arithmetic" and plain.train.data.train == "embedded"
     assert plain.train.rollout.max_new_tokens == 40  # the one-line task keeps its settings
-    # the task's settings are defaults: an override still wins
-    mine = demo.demo_config(
-        False, tmp_path, ["task=multistep", "train.rollout.max_new_tokens=256", "sft.steps=5"]
-    )
+    # the task's settings are defaults: the user's keys still win
+    mine = demo("task=multistep", "train.rollout.max_new_tokens=256", "sft.steps=5")
     assert mine.train.rollout.max_new_tokens == 256 and mine.train.data.train == "embedded-multistep"
     assert mine.sft.steps == 5
-    quick = demo.demo_config(True, tmp_path, ["task=multistep"])
+    quick = demo("quick=true", "task=multistep")
     assert quick.train.data.train_size == 64 and quick.train.data.train == "embedded-multistep"
     assert quick.sft.steps == 4 and quick.train.rollout.max_new_tokens == 24
     with pytest.raises(ConfigError, match="task"):
-        demo.demo_config(False, tmp_path, ["task=gsm"])
+        demo("task=gsm")
 
 
 @pytest.mark.slow
@@ -229,15 +238,14 @@ def test_quick_demo_multistep(tmp_path):
             "-m",
             "rlfr.cli",
             "demo",
-            "--quick",
-            "--no-progress",
-            "--out",
-            str(out),
+            "quick=true",
+            "progress=false",
+            f"out={out}",
             "task=multistep",
         ],
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=3600,  # a hang guard, not a speed limit
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((out / "summary.json").read_text())

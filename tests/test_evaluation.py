@@ -177,21 +177,9 @@ def _rows(path):
 def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ev"
     rc = main(
-        [
-            "eval",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(data_file),
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "5",
-            "--workers",
-            "1",
-            "--cpu",
-        ]
-    )
+        ["eval", f"model={tiny_dir}", f"data.eval={data_file}", f"out={out}", "max_new_tokens=5", "workers=1",
+         "cpu=true", "dtype=float32"]
+    )  # fmt: skip
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     entry = res["datasets"]["tiny"]
@@ -232,33 +220,36 @@ def test_eval_cli_greedy_end_to_end(tiny_dir, data_file, tmp_path):
     assert [r["completion"] for r in ref.records] == [r["completion"] for r in rows]
 
 
+def test_eval_reads_a_benchmark_by_name_and_a_hub_style_directory(tiny_dir, tmp_path, monkeypatch):
+    """benchmark:NAME is the benchmark (here its local copy, RLFR_BENCHMARK_DIR); a dataset directory laid out as
+    on the Hub is read through datasets like a Hub id."""
+    rows = [{"id": f"b{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(3)]
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "copies" / "aime24.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("RLFR_BENCHMARK_DIR", str(tmp_path / "copies"))
+    import datasets
+
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows[:2]).to_parquet(
+        str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    )
+    out = tmp_path / "ev"
+    args = ["eval", f"model={tiny_dir}", f"data.eval=[benchmark:aime24,{tmp_path / 'hub'}]", f"out={out}",
+            "max_new_tokens=3", "workers=1", "limit=2", "cpu=true"]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())["datasets"]
+    assert {k: (v["data"], v["n"]) for k, v in res.items()} == {
+        "aime24": ("benchmark:aime24", 2), "hub": (str(tmp_path / "hub"), 2)
+    }  # fmt: skip
+    assert [r["answer"] for r in _rows(out / res["aime24"]["samples_file"])] == ["1", "2"]
+
+
 def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ev"
     rc = main(
-        [
-            "eval",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(data_file),
-            "embedded",
-            "--eval-size",
-            "2",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "4",
-            "--workers",
-            "1",
-            "--samples",
-            "4",
-            "--limit",
-            "2",
-            "--temperature",
-            "1.0",
-            "--cpu",
-        ]
-    )
+        ["eval", f"model={tiny_dir}", f"data.eval=[{data_file},embedded]", "data.eval_size=2", f"out={out}",
+         "max_new_tokens=4", "workers=1", "samples=4", "limit=2", "temperature=1.0", "cpu=true"]
+    )  # fmt: skip
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["datasets"]) == {"tiny", "embedded"} and not res["greedy"]
@@ -274,10 +265,12 @@ def test_eval_cli_sampled_pass_at_k(tiny_dir, data_file, tmp_path):
 
 def test_eval_cli_errors(tiny_dir, tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
-    assert main(["eval", "--model", str(tiny_dir), "--data", str(missing)]) == 2
+    assert main(["eval", f"model={tiny_dir}", f"data.eval={missing}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rlfr eval: error:") and "missing.jsonl" in err
-    # --backend vllm without vLLM: tests/test_rollout_engine.py::test_missing_vllm_is_one_clear_error
+    assert main(["eval", f"model={tiny_dir}"]) == 2  # nothing to evaluate on
+    assert "needs model=MODEL and data.eval=SET" in capsys.readouterr().err
+    # backend=vllm without vLLM: tests/test_rollout_engine.py::test_missing_vllm_is_one_clear_error
 
 
 @pytest.mark.parametrize("samples", [2, 3])
@@ -336,3 +329,57 @@ def test_held_out_scores_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path,
                   {"greedy": [1] * 10, "sampled": [2] * 10, "rng": saved["rng"]})  # fmt: skip
         again = held_out_scores(*args, ParityVerifier(), progress=progress, **kw)
         assert (again.greedy, again.sampled) == (whole.greedy, whole.sampled)
+
+
+# ------------------------------------------------------------------ evaluation follows the data (issue 28)
+def test_evaluation_follows_the_training_data(tmp_path, capsys):
+    """Before, a run on the user's own data.train evaluated on the embedded arithmetic task unless data.eval was
+    also given. With data.eval=auto (the default) it holds out data.eval_size rows of the user's file (drawn
+    with data.task_seed, the same in every stage), says so, and trains on the others; the embedded task stays
+    the held-out set when the training data is the embedded task."""
+    from rlfr.config import load_config
+    from rlfr.data.sources import resolve_data
+    from rlfr.errors import DataError
+    from rlfr.schema import SFTConfig, TrainConfig
+
+    mine = tmp_path / "mine.jsonl"
+    rows = [
+        {"problem": f"What is {i} + 1?", "answer": str(i + 1), "solution": f"\\boxed{{{i + 1}}}"}
+        for i in range(20)
+    ]
+    mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(TrainConfig, overrides=[f"data.train={mine}", "data.eval_size=5"])
+    assert cfg.data.eval == "auto"
+    train, evals = resolve_data(cfg.data)
+    assert "data.eval=auto: evaluating on 5 rows held out of" in capsys.readouterr().out
+    held = [e.problem for e in evals]
+    assert len(held) == 5 and len(train) == 15 and not set(held) & {e.problem for e in train}
+    assert set(held) <= {r["problem"] for r in rows}  # the user's rows, never the embedded task
+    assert held == sorted(held, key=[r["problem"] for r in rows].index)  # in the file's order
+    # the same rows for every stage (SFT holds them out too) and every run seed; another task_seed draws others
+    sft = load_config(SFTConfig, overrides=[f"data.train={mine}", "data.eval_size=5"])
+    assert [e.problem for e in resolve_data(sft.data, need_solution=True)[1]] == held
+    assert [e.problem for e in resolve_data(load_config(TrainConfig, overrides=[
+        f"data.train={mine}", "data.eval_size=5", "seed=9"]).data)[1]] == held  # fmt: skip
+    other = load_config(TrainConfig, overrides=[f"data.train={mine}", "data.eval_size=5", "data.task_seed=1"])
+    assert [e.problem for e in resolve_data(other.data)[1]] != held
+    # an explicit held-out set, or none
+    named = load_config(
+        TrainConfig, overrides=[f"data.train={mine}", f"data.eval={mine}", "data.eval_size=3"]
+    )
+    assert [e.problem for e in resolve_data(named.data)[1]] == [r["problem"] for r in rows[:3]]
+    none = load_config(TrainConfig, overrides=[f"data.train={mine}", "data.eval="])
+    assert (
+        resolve_data(none.data) == (resolve_data(none.data)[0], []) and len(resolve_data(none.data)[0]) == 20
+    )
+    # the embedded task: its own held-out split, as data.eval=embedded gave before
+    emb = load_config(TrainConfig, overrides=["data.train_size=8", "data.eval_size=4"])
+    explicit = load_config(
+        TrainConfig, overrides=["data.train_size=8", "data.eval_size=4", "data.eval=embedded"]
+    )
+    assert resolve_data(emb.data) == resolve_data(explicit.data)
+    # nothing to hold out, or too much: an error naming the key and the fix
+    for size, match in ((0, "data.eval_size=0"), (11, "set data.eval_size <= 10")):
+        bad = load_config(TrainConfig, overrides=[f"data.train={mine}", f"data.eval_size={size}"])
+        with pytest.raises(DataError, match=match):
+            resolve_data(bad.data)

@@ -308,3 +308,26 @@ def test_bf16_autocast_scores_and_loss_stay_close_to_float32():
     assert abs(l16.item() - l32.item()) / l32.item() < 0.02
     l16.backward()  # gradients reach the float32 weights
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in field.parameters())
+
+
+def test_latent_norm_fit_batches_by_hand_and_against_one_fit():
+    from rlfr.flow.norm import LatentNorm
+
+    # one layer, d = 1: masked tokens 1, 3 in the first batch and 5 in the second (the 100 and -7 are masked out):
+    # mean 3, population variance ((1-3)^2 + 0 + (5-3)^2) / 3 = 8/3
+    a = (torch.tensor([[[[1.0], [3.0], [100.0]]]]), torch.tensor([[True, True, False]]))
+    b = (torch.tensor([[[[-7.0], [5.0]]]]), torch.tensor([[False, True]]))
+    norm = LatentNorm.fit_batches([a, b])
+    assert norm.mean.item() == pytest.approx(3.0) and norm.std.item() == pytest.approx((8 / 3) ** 0.5)
+    one = LatentNorm.fit_batches(iter([a]))  # one batch: exactly fit
+    ref = LatentNorm.fit(*a)
+    assert torch.equal(one.mean, ref.mean) and torch.equal(one.std, ref.std)
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(3, 5, 7, 4, generator=g) * 50 + 20  # far from 0 and 1, as hidden states are
+    mask = torch.rand(5, 7, generator=g) > 0.3
+    whole = LatentNorm.fit(lat, mask)
+    parts = LatentNorm.fit_batches((lat[:, i : i + 2], mask[i : i + 2]) for i in range(0, 5, 2))
+    torch.testing.assert_close(parts.mean, whole.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.std, whole.std, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no batch"):
+        LatentNorm.fit_batches([])

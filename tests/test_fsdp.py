@@ -26,11 +26,17 @@ from tiny_run import TINY_TRAIN_OVERRIDES, make_tiny_model_dir, tiny_train_confi
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs" / "accelerate"
-RUN = ("steps=3", "save_every=1", "reward.functions=[tiny_run:digit_reward]", "policy.track_kl=true")
+RUN = (
+    "steps=3",
+    "save_every=1",
+    "reward.funcs=[tiny_run:digit_reward]",
+    "reward.correct_if=verifier",
+    "policy.track_kl=true",
+)
 LORA = ("model.lora.rank=4", "model.gradient_checkpointing=true")
 
 
-def _launch(config: Path, *args: str, timeout: int = 900, processes: int = 2) -> subprocess.CompletedProcess:
+def _launch(config: Path, *args: str, timeout: int = 3600, processes: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", "0", *args]  # fmt: skip
     env = {
@@ -151,7 +157,7 @@ def test_fsdp2_lora_sft_and_rl_and_checkpoints_that_move(tiny_dir, tmp_path):
 def test_an_fsdp_config_is_refused_where_accelerate_would_run_ddp(tiny_dir, tmp_path):
     args = ["--module", "rlfr.cli", "train", f"model.name_or_path={tiny_dir}", *TINY_TRAIN_OVERRIDES, "cpu=true",
             f"out_dir={tmp_path / 'run'}"]  # fmt: skip
-    proc = _launch(CONFIGS / "fsdp.yaml", *args, timeout=300)
+    proc = _launch(CONFIGS / "fsdp.yaml", *args, timeout=3600)
     assert proc.returncode != 0
     assert "accelerate launch was given an FSDP config" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()

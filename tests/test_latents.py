@@ -273,3 +273,70 @@ def test_context_manager_and_wrapped_model():
         with LatentTap(wrapped) as tap:
             wrapped(**batch)
             assert torch.equal(tap.latents(), via_wrapper)
+
+
+# ---------------------------------------------------------------- latents_only: stop after the deepest block
+
+
+def _text_stack(model: nn.Module) -> nn.Module:
+    """The decoder (blocks + final norm) of a tiny model: ``model.model``, or its language model for a VL model."""
+    return getattr(model.model, "language_model", model.model)
+
+
+@pytest.mark.parametrize("arch", [*TINY_ARCHS, "qwen2_5_vl"])
+@pytest.mark.parametrize("fractions", [(0.25, 0.5, 0.75), (0.5, 0.25), (1.0,)])
+def test_latents_only_equals_the_full_forward_and_runs_nothing_after_the_deepest_block(arch, fractions):
+    model = tiny_model(arch, num_layers=4)
+    batch = tiny_batch(batch=3, seq=10, seed=1)
+    batch["attention_mask"][0, :4] = 0  # a left-padded row, as packed prompts are
+    tap = LatentTap(model, fractions)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    full = tap.latents()
+    deepest = max(tap.indices)
+    later = {f"block {i}": b for i, b in enumerate(decoder_blocks(model)) if i > deepest}
+    later |= {"final norm": _text_stack(model).norm, "lm head": model.get_output_embeddings()}
+    ran: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, n=n: ran.append(n)) for n, m in later.items()]
+    reached_the_end = False
+    with torch.no_grad(), tap.latents_only():
+        model(**batch)
+        reached_the_end = True  # never: the forward stops inside the deepest block's hook
+    assert not reached_the_end and ran == []
+    assert torch.equal(tap.latents(), full)  # bit for bit: the same modules ran on the same inputs
+    assert tap.capture_count == [2] * len(tap.indices) and tap.sessions == 2
+    for h in handles:
+        h.remove()
+    with torch.no_grad():  # nothing is left half-done: a later full forward is unchanged
+        assert torch.equal(model(**batch).logits, logits)
+    assert torch.equal(tap.latents(), full) and tap.sessions == 3
+
+
+def test_latents_only_is_scoped_and_a_paused_tap_runs_the_whole_forward():
+    model = tiny_model("llama")
+    batch = tiny_batch()
+    tap = LatentTap(model, (0.25, 0.5))
+    with torch.no_grad():
+        reference = model(**batch).logits
+        with tap.latents_only(), tap.paused():
+            out = model(**batch)  # paused: nothing captured, so nothing stops the forward
+        assert torch.equal(out.logits, reference) and tap.sessions == 1
+        with tap.latents_only():
+            model(**batch)
+        assert tap.sessions == 2
+        assert torch.equal(model(**batch).logits, reference)  # outside the context: whole forwards again
+
+
+def test_latents_only_lets_other_errors_through_and_refuses_fsdp_modules():
+    from torch.distributed.fsdp import FSDPModule
+
+    model = tiny_model("llama")
+    tap = LatentTap(model)
+    with pytest.raises(IndexError), torch.no_grad(), tap.latents_only():
+        model(
+            input_ids=torch.tensor([[10_000]])
+        )  # out of the vocabulary: the embedding fails before any block
+    block = decoder_blocks(model)[0]  # what fully_shard does to a module's class
+    block.__class__ = type(f"FSDP{type(block).__name__}", (FSDPModule, type(block)), {})
+    with pytest.raises(RuntimeError, match="FSDP modules"), tap.latents_only():
+        pass

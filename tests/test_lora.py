@@ -160,7 +160,7 @@ def lora_runs(tiny_dir, tmp_path_factory):
     """A 4-step LoRA run, and the same run stopped after 2 steps and resumed."""
     root = tmp_path_factory.mktemp("lora")
     extra = ("steps=4", "model.lora.rank=4", "model.lora.alpha=8", "policy.track_kl=true",
-             "reward.functions=[tiny_run:digit_reward]", "policy.lr=5e-3")  # fmt: skip
+             "reward.funcs=[tiny_run:digit_reward]", "reward.correct_if=verifier", "policy.lr=5e-3")  # fmt: skip
     full = root / "full"
     run_train(tiny_train_config(tiny_dir, full, *extra), progress=False, final_eval=False)
     part = root / "part"
@@ -197,10 +197,10 @@ def test_lora_run_resumes_bit_exact(lora_runs, tiny_dir):
 def test_export_merged_equals_the_adapter_model(lora_runs, tiny_dir, tmp_path, capsys):
     ck = lora_runs[0] / "checkpoints" / "step_000004"
     out = tmp_path / "merged"
-    assert main(["export", "--checkpoint", str(lora_runs[0]), "--merged", str(out)]) == 0
+    assert main(["export", f"checkpoint={lora_runs[0]}", f"merged={out}"]) == 0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert not (out / "adapter_config.json").exists()
-    assert main(["export", "--checkpoint", str(ck), "--merged", str(out)]) == 2  # exists: refused
+    assert main(["export", f"checkpoint={ck}", f"merged={out}"]) == 2  # exists: refused
     from peft import PeftModel
 
     adapter_model = PeftModel.from_pretrained(load_model(str(tiny_dir)), str(ck / "policy")).eval()
@@ -213,13 +213,13 @@ def test_export_merged_equals_the_adapter_model(lora_runs, tiny_dir, tmp_path, c
         # the checkpoint's policy/ loads directly too (merged on load), as `rlfr eval --model` does
         assert torch.equal(load_model(str(ck / "policy"))(**batch).logits, merged(**batch).logits)
         assert not torch.allclose(load_model(str(tiny_dir))(**batch).logits, want)  # training changed it
-    vllm = ["eval", "--model", str(ck / "policy"), "--data", "embedded", "--backend", "vllm"]
+    vllm = ["eval", f"model={ck / 'policy'}", "data.eval=embedded", "backend=vllm"]
     capsys.readouterr()
     assert main(vllm) == 2  # vLLM loads whole models: the error says to export first
-    assert "rlfr export --checkpoint" in capsys.readouterr().err
+    assert "rlfr export checkpoint=" in capsys.readouterr().err
     evals = tmp_path / "eval"
-    args = ["eval", "--model", str(out), "--data", "embedded", "--limit", "2", "--eval-size", "2",
-            "--max-new-tokens", "4", "--workers", "1", "--cpu", "--out", str(evals)]  # fmt: skip
+    args = ["eval", f"model={out}", "data.eval=embedded", "limit=2", "data.eval_size=2", "max_new_tokens=4",
+            "workers=1", "cpu=true", f"out={evals}"]  # fmt: skip
     assert main(args) == 0
     assert json.loads((evals / "results.json").read_text())["datasets"]["embedded"]["n"] == 2
 

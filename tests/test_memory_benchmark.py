@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=3600, env=env
     )
 
 
@@ -54,3 +55,42 @@ def test_the_estimates_match_the_published_parameter_counts():
     assert memory.estimate("7b", "lora")["trained_B"] * 1e9 == 28 * 64 * (
         2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944)
     )
+
+
+FLOW_SCRIPT = SCRIPT.parent / "flow_pretrain_memory.py"
+
+
+def _run_flow(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(FLOW_SCRIPT), *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def test_flow_pretrain_memory_tiny_measures_the_old_and_the_new_path():
+    proc = _run_flow("--tiny", "--cpu")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("    4096")]
+    # vocab tokens batch micro path peak step seconds: the old path one forward of 2, the new one 1 at a time
+    assert [(r[2], r[3], r[4]) for r in rows] == [("2", "2", "old"), ("2", "1", "new")]
+    assert all(float(r[5]) > 0 for r in rows)
+
+
+def test_flow_pretrain_memory_logits_arithmetic():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import flow_pretrain_memory as fpm
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    # the issue's case: 16 solutions of 2,400 tokens at a 150k vocabulary, float32 logits: 23.04 GB at once
+    assert fpm.logits_bytes(16, 2400, 150_000) == 16 * 2400 * 150_000 * 4 == 23_040_000_000
+    # one 8,192-token sequence at Qwen2.5's 152,064 entries: 4.98 GB in float32 (2.49 GB in bf16)
+    assert fpm.logits_bytes(1, 8192, 152_064) == 4_982_833_152
+
+
+@pytest.mark.slow
+def test_flow_pretrain_memory_e2e_runs_rlfr_flow_pretrain():
+    proc = _run_flow("--e2e", "--tiny")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert row["rc"] == 0 and row["micro_batch_size"] == 2 and row["peak_rss_GiB"] > 0

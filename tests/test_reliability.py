@@ -108,13 +108,13 @@ def test_a_signal_finishes_the_step_checkpoints_and_resumes_to_the_same_result(t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = SIGNAL_DURING_STEP.format(here=str(HERE), sig=sig.name)
     proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=240)  # fmt: skip
+                          timeout=3600)  # fmt: skip
     assert proc.returncode == 75, proc.stderr[-3000:]  # EX_TEMPFAIL: resumable
     assert "checkpoint" in proc.stderr and "--resume" in proc.stderr
     stopped_at = int(ckpt_io.load_state(ckpt_io.latest_checkpoint(out))["step"])
     assert stopped_at == 2  # the step the signal came in finished; with save_every=0 only the signal saves
     proc = _cli_train(tiny_dir, out, "steps=8", "save_every=0", "--resume")
-    stdout, stderr = proc.communicate(timeout=240)
+    stdout, stderr = proc.communicate(timeout=3600)
     assert proc.returncode == 0, stderr[-3000:]
     assert _same(_weights(full, 8), _weights(out, 8))
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "reward" in x]
@@ -173,7 +173,7 @@ def test_sigkill_at_random_moments_and_during_a_checkpoint_write(tiny_dir, tmp_p
     }
     # a SIGKILL inside the checkpoint write of step 3
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(here=str(HERE)), *args], env=env,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+                          capture_output=True, text=True, timeout=3600)  # fmt: skip
     assert proc.returncode == -signal.SIGKILL
     assert (out / "checkpoints" / "step_000003.tmp").is_dir() and not (
         out / "checkpoints" / "step_000003"
@@ -185,12 +185,12 @@ def test_sigkill_at_random_moments_and_during_a_checkpoint_write(tiny_dir, tmp_p
         time.sleep(rng.uniform(2.0, 8.0))
         if proc.poll() is None:
             proc.kill()
-        proc.communicate(timeout=120)
+        proc.communicate(timeout=3600)
         if proc.returncode == 0:
             break
     else:
         proc = _cli_train(tiny_dir, out, "steps=6", "save_every=1", "--resume")
-        assert proc.wait(timeout=240) == 0
+        assert proc.wait(timeout=3600) == 0
     assert _same(_weights(full, 6), _weights(out, 6))
 
 
@@ -293,7 +293,17 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tiny_dir, tmp_pat
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("rlfr train:")]
     assert len(lines) == 1 and "is a file" in lines[0] and "Traceback" not in err
-    assert main(["train", "model.name_or_path=runs/no/such/model", f"out_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "model.name_or_path=runs/no/such/model",
+                "flow.init=random",
+                f"out_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 2
+    )
     assert "model directory 'runs/no/such/model' does not exist" in capsys.readouterr().err
     with pytest.raises(RunDirError):
         main(["train", "--debug", *base[1:], f"out_dir={afile}"])
@@ -346,7 +356,7 @@ def test_data_is_checked_before_the_model_loads(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1"}\n')  # no answer
     cfg = load_config(TrainConfig, overrides=["model.name_or_path=/no/such/model", f"data.train={bad}",
-                                              f"out_dir={tmp_path / 'r'}"])  # fmt: skip
+                                              "flow.init=random", f"out_dir={tmp_path / 'r'}"])  # fmt: skip
     with pytest.raises(DataError, match="bad.jsonl, line 1: field 'answer' is missing"):
         run_train(cfg, progress=False)
 
@@ -393,7 +403,9 @@ def test_logs_are_cut_to_the_resumed_step_and_a_failed_start_leaves_nothing(tiny
     fresh = tmp_path / "never"
     with pytest.raises(ValueError, match="reward"):
         run_train(
-            tiny_train_config(tiny_dir, fresh, "steps=1", "reward.functions=[no_such_module:fn]"),
+            tiny_train_config(
+                tiny_dir, fresh, "steps=1", "reward.funcs=[no_such_module:fn]", "reward.correct_if=verifier"
+            ),
             progress=False,
         )
     assert not fresh.exists()

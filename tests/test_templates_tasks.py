@@ -1,15 +1,20 @@
 """Prompt templates (with an offline tiny tokenizer) and the embedded reasoning-gym task."""
 
 import importlib.util
+import string
+from typing import get_args
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
+from rlfr.data.examples import Example
 from rlfr.data.tasks import arithmetic_steps, embedded_task
-from rlfr.data.templates import SYSTEM_PROMPT, TEMPLATES, render_prompt
+from rlfr.data.templates import SYSTEM_PROMPT, TEMPLATES, render_prompt, response_end
+from rlfr.policy.rollout import encode_solutions
 from rlfr.reward.verifier import Verifier
+from rlfr.schema import Template
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -49,7 +54,112 @@ def test_plain_templates():
     assert r1.endswith(f"User: {problem}. Assistant:")
     with pytest.raises(ValueError, match="valid: chat, qwen_math_box, llama_box, r1"):
         render_prompt("alpaca", problem)
-    assert TEMPLATES == ("chat", "qwen_math_box", "llama_box", "r1")
+    assert TEMPLATES == (
+        "chat", "qwen_math_box", "llama_box", "r1", "authors_llama3", "authors_flow_qwen", "authors_flow_llama3"
+    )  # fmt: skip
+    assert get_args(Template) == TEMPLATES  # data.template's choices
+
+
+def test_chat_template_system_turn():
+    tok = tiny_tokenizer(CHAT_TEMPLATE)
+    assert (
+        render_prompt("chat", "q", tok, system="Be brief.")
+        == "<|system|>Be brief.<|end|><|user|>q<|end|><|assistant|>"
+    )
+    assert render_prompt("chat", "q", tok, system="") == "<|user|>q<|end|><|assistant|>"
+    assert (
+        render_prompt("qwen_math_box", "q", system="")
+        == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(ValueError, match="template 'llama_box' has no system turn"):
+        render_prompt("llama_box", "q", system="Be brief.")
+
+
+# ------------------------------------------------------------------ the authors' templates, token for token
+
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>"]  # fmt: skip
+
+
+def special_char_tokenizer() -> PreTrainedTokenizerFast:
+    """Built offline: one token per character, the Llama-3 and ChatML markers one token each (as their tokenizers)."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + sorted(set(string.printable)))}
+    tk = Tokenizer(WordLevel(vocab=vocab, unk_token=" "))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>",
+                                   additional_special_tokens=SPECIALS[1:])  # fmt: skip
+
+
+def ids_of(tok, *pieces: str) -> list[int]:
+    """Expected ids, by hand: a marker is its one id, any other text one id per character."""
+    vocab = tok.get_vocab()
+    return [i for p in pieces for i in ([vocab[p]] if p in SPECIALS else [vocab[c] for c in p])]
+
+
+def render_sequence(
+    tok, template: str, problem: str, solution: str, system=None
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a flow-pretraining / SFT sequence, as rlfr encodes it."""
+    ex = Example(problem, None, solution, system=system)
+    sol = encode_solutions(
+        tok, [ex], [render_prompt(template, problem, tok, system=system)], response_end(template)
+    )
+    return sol.prompt_ids[0], sol.response_ids[0]
+
+
+PROBLEM, SOLUTION = "Find $x$ if {x}+1=3.", "x = 2, so \\boxed{2}."
+
+
+def test_authors_llama3_rl_prompt_token_for_token():
+    # openrlhf/openrlhf/datasets/prompts_dataset.py (Jinghaoleven/RLFR), apply_llama3_box_template ("llama_text"):
+    #   "<|begin_of_text|>" "<|start_header_id|>system<|end_header_id|>\n"
+    #   "Please reason step by step, and put your final answer within \\boxed{}.\n" "<|eot_id|>"
+    #   "<|start_header_id|>user<|end_header_id|>\n" + question + "\n<|eot_id|>" "<|start_header_id|>assistant<|end_header_id|>\n"
+    tok = special_char_tokenizer()
+    text = render_prompt("authors_llama3", PROBLEM, tok)
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\nPlease reason step by step, and put your final "
+        "answer within \\boxed{}.\n<|eot_id|><|start_header_id|>user<|end_header_id|>\nFind $x$ if {x}+1=3.\n<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n"
+    )
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids_of(
+        tok, "<|begin_of_text|>", "<|start_header_id|>", "system", "<|end_header_id|>", "\n" + SYSTEM_PROMPT + "\n",
+        "<|eot_id|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n" + PROBLEM + "\n", "<|eot_id|>",
+        "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n",
+    )  # fmt: skip
+    assert response_end("authors_llama3") is None  # an RL prompt: the policy ends its answer with its EOS
+
+
+def test_authors_flow_qwen_token_for_token():
+    # LLaMA-Factory/src/llamafactory/data/template.py (Jinghaoleven/RLFR), register_template(name="qwen"):
+    #   format_system "<|im_start|>system\n{{content}}<|im_end|>\n", default_system "You are Qwen, created by Alibaba
+    #   Cloud. You are a helpful assistant.", format_user "<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
+    #   format_assistant "{{content}}<|im_end|>\n" (replace_eos: <|im_end|> is the EOS); no prefix
+    tok = special_char_tokenizer()
+    prompt, response = render_sequence(tok, "authors_flow_qwen", PROBLEM, SOLUTION)
+    qwen = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert prompt == ids_of(tok, "<|im_start|>", "system\n" + qwen, "<|im_end|>", "\n", "<|im_start|>",
+                            "user\n" + PROBLEM, "<|im_end|>", "\n", "<|im_start|>", "assistant\n")  # fmt: skip
+    assert response == ids_of(tok, SOLUTION, "<|im_end|>", "\n")
+    _, other = render_sequence(tok, "qwen_math_box", PROBLEM, SOLUTION)  # rlfr's own: solution + EOS
+    assert other == ids_of(tok, SOLUTION, "<|im_end|>")
+
+
+def test_authors_flow_llama3_token_for_token():
+    # LLaMA-Factory/src/llamafactory/data/template.py (Jinghaoleven/RLFR), register_template(name="llama3"):
+    #   format_prefix {"bos_token"}, format_system "<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>"
+    #   (no default system), format_user "<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
+    #   "<|start_header_id|>assistant<|end_header_id|>\n\n", format_assistant "{{content}}<|eot_id|>"
+    tok = special_char_tokenizer()
+    prompt, response = render_sequence(tok, "authors_flow_llama3", PROBLEM, SOLUTION)
+    user = ["<|start_header_id|>", "user", "<|end_header_id|>", "\n\n" + PROBLEM, "<|eot_id|>", "<|start_header_id|>",
+            "assistant", "<|end_header_id|>", "\n\n"]  # fmt: skip
+    assert prompt == ids_of(tok, "<|begin_of_text|>", *user)
+    assert response == ids_of(tok, SOLUTION, "<|eot_id|>")
+    with_system, _ = render_sequence(tok, "authors_flow_llama3", PROBLEM, SOLUTION, system="Be brief.")
+    assert with_system == ids_of(tok, "<|begin_of_text|>", "<|start_header_id|>", "system", "<|end_header_id|>",
+                                 "\n\nBe brief.", "<|eot_id|>", *user)  # fmt: skip
 
 
 def test_arithmetic_steps_respect_precedence():
@@ -205,3 +315,47 @@ def test_multistep_solutions_are_long_in_the_demo_models_tokens(multistep):
     assert lengths[0] >= 90 and lengths[len(lengths) // 2] >= 110 and lengths[-1] <= 200
     short = embedded_task(train_size=50, eval_size=10, seed=1).train
     assert max(len(tok(e.solution)["input_ids"]) for e in short) < 40  # the one-line task, for contrast
+
+
+def test_a_system_prompt_for_a_template_without_one_is_refused_at_load():
+    from rlfr.config import ConfigError, load_config
+    from rlfr.data.templates import _PLAIN
+    from rlfr.schema import NO_SYSTEM_TURN, DataConfig
+
+    assert NO_SYSTEM_TURN == tuple(k for k, t in _PLAIN.items() if t.system_turn is None)
+    with pytest.raises(ConfigError, match="template r1 has no system turn for system_prompt"):
+        load_config(DataConfig, overrides=["template=r1", "system_prompt=Be brief."])
+    assert load_config(DataConfig, overrides=["template=r1", "system_prompt=''"]).system_prompt == ""
+
+
+def test_sft_on_the_multistep_task_with_a_tiny_model(tmp_path):
+    # the multi-step task as a user's SFT run reads it: data.train=embedded-multistep resolves to its train
+    # split, every sequence is the prompt then the whole worked solution and EOS, and rlfr sft trains on it
+    from rlfr.config import load_config
+    from rlfr.data.sources import render_prompts, resolve_data
+    from rlfr.data.tasks import multistep_task
+    from rlfr.data.templates import response_end
+    from rlfr.policy.loading import load_tokenizer
+    from rlfr.recipes.sft import run_sft
+    from rlfr.schema import SFTConfig
+    from tiny_run import make_tiny_model_dir
+
+    tiny = make_tiny_model_dir(tmp_path / "tiny")
+    cfg = load_config(
+        SFTConfig,
+        overrides=[f"model.name_or_path={tiny}", "data.train=embedded-multistep", "data.eval=", "data.train_size=8",
+                   "data.max_prompt_tokens=512", "batch_size=8", "micro_batch_size=8", "steps=3", "lr=1e-2",
+                   "warmup_ratio=0", f"out_dir={tmp_path / 'sft'}"],
+    )  # fmt: skip
+    train, evals = resolve_data(cfg.data, need_solution=True)
+    assert evals == [] and train == multistep_task(8, eval_size=cfg.data.eval_size, seed=0).train
+    tok = load_tokenizer(str(tiny))  # one id per character: a response is its solution's characters and EOS
+    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
+    sol = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
+    for ex, prompt, p_ids, r_ids in zip(train, prompts, sol.prompt_ids, sol.response_ids):
+        assert tok.decode(p_ids) == prompt and ex.problem in prompt
+        assert r_ids[-1] == tok.eos_token_id and tok.decode(r_ids[:-1]) == ex.solution
+        assert len(r_ids) == len(ex.solution) + 1 and ex.solution.count("\n") >= 4  # 4-5 steps and the box
+    res = run_sft(cfg, progress=False, evaluate_after=False)
+    # the same 8 sequences every step (batch = data): Adam at lr 1e-2 lowers their loss from random init
+    assert res.loss_last < res.loss_first and (tmp_path / "sft" / "model" / "config.json").is_file()

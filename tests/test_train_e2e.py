@@ -94,7 +94,10 @@ def test_checkpoint_contents_and_flow_changes(tiny_dir, tmp_path):
 
 def test_resume_from_another_model_fails_clearly(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    run_train(_cfg(tiny_dir, out, "steps=1", "method=rlvr", "flow.reward.beta=0.05"), progress=False)
+    run_train(
+        _cfg(tiny_dir, out, "steps=1", "method=rlvr", "flow.init=null", "flow.reward.beta=0.05"),
+        progress=False,
+    )
     assert "method=rlvr trains and uses no flow field: ignoring flow.reward.beta" in capsys.readouterr().out
     other = make_tiny_model_dir(tmp_path / "other", num_layers=6)
     from rlfr.runtime.checkpoint import CheckpointError
@@ -162,7 +165,15 @@ def test_method_variants_train(tiny_dir, tmp_path, extra):
     out = tmp_path / "run"
     # a dense custom reward (through the module:function interface) gives non-zero advantages
     res = run_train(
-        _cfg(tiny_dir, out, "steps=1", "reward.functions=[tiny_run:digit_reward]", *extra), progress=False
+        _cfg(
+            tiny_dir,
+            out,
+            "steps=1",
+            "reward.funcs=[tiny_run:digit_reward]",
+            "reward.correct_if=verifier",
+            *extra,
+        ),
+        progress=False,
     )
     row = res.history[0]
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
@@ -226,11 +237,14 @@ def test_a_converted_official_flow_trains(tiny_dir, tmp_path):
     torch.save({"model." + k: v for k, v in official.state_dict().items()}, tmp_path / "flow_model.bin")
     flow_dir = convert(tmp_path / "flow_model.bin", str(tiny_dir), tmp_path / "converted")
     out = tmp_path / "run"
-    run_train(_cfg(tiny_dir, out, "steps=1", f"flow.init={flow_dir}", "flow.latent_norm=none", "flow.depth=2"),
+    # a converted flow records the authors' pretraining pairing (token_pre); RL on token_post pairs, as they ran
+    # it, is asked for by name (tests/test_convert_flow.py: refused without it)
+    authors = ("flow.latent_norm=none", "flow.allow_mode_mismatch=true")
+    run_train(_cfg(tiny_dir, out, "steps=1", f"flow.init={flow_dir}", *authors, "flow.depth=2"),
               progress=False)  # fmt: skip
     assert (out / "checkpoints" / "step_000001" / "flow" / "latents.json").is_file()
     with pytest.raises(ValueError, match="flow.depth=2"):  # the config must describe the flow it loads
-        run_train(_cfg(tiny_dir, tmp_path / "r2", "steps=1", f"flow.init={flow_dir}", "flow.latent_norm=none"),
+        run_train(_cfg(tiny_dir, tmp_path / "r2", "steps=1", f"flow.init={flow_dir}", *authors),
                   progress=False)  # fmt: skip
 
 
@@ -280,7 +294,7 @@ def test_rl_climbs_a_dense_reward(tiny_dir, tmp_path, method):
     # raise it well above where it started. A flipped advantage or log-probs scored one position off
     # leave it flat or push it down.
     res = run_train(
-        _cfg(tiny_dir, tmp_path / "run", "steps=20", f"method={method}", "reward.functions=[tiny_run:digit_reward]",
+        _cfg(tiny_dir, tmp_path / "run", "steps=20", f"method={method}", "reward.funcs=[tiny_run:digit_reward]", "reward.correct_if=verifier",
              "rollout.prompts_per_step=4", "rollout.num_generations=4", "rollout.max_new_tokens=8",
              "policy.micro_batch_size=16", "policy.lr=1e-2", "save_every=0"),
         progress=False,
@@ -288,3 +302,61 @@ def test_rl_climbs_a_dense_reward(tiny_dir, tmp_path, method):
     rewards = [row["reward"] for row in res.history]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.15 and last > first + 0.15, rewards
+
+
+def test_authors_outcome_pays_a_boxed_wrong_answer_but_it_trains_no_flow(tiny_dir, tmp_path, monkeypatch):
+    """reward.outcome=authors gives a boxed-but-wrong rollout 0.5; only verified-correct rollouts train the flow, so
+    with every rollout boxed and wrong the flow stays at its zero-output start (unless flow.soft_flow trains on wrong
+    rollouts on purpose: the contrast shows the flow would have moved)."""
+    import dataclasses
+
+    from rlfr.recipes import train
+
+    real = train.rollout_sampler
+
+    class BoxedWrong:  # the policy's own rollouts, each completion's text replaced by a boxed wrong answer
+        def __init__(self, inner):
+            self.inner, self.holds_weights = inner, inner.holds_weights
+
+        def sync_weights(self, *args, **kwargs):
+            return self.inner.sync_weights(*args, **kwargs)
+
+        def generate(self, *args, **kwargs):
+            ro = self.inner.generate(*args, **kwargs)
+            return dataclasses.replace(ro, completions=["so \\boxed{none}"] * len(ro.completions))
+
+    monkeypatch.setattr(train, "rollout_sampler", lambda *a, **k: BoxedWrong(real(*a, **k)))
+    flows = {}
+    for soft in (0.0, 1.0):
+        out = tmp_path / f"soft{soft}"
+        run_train(
+            _cfg(tiny_dir, out, "steps=2", "reward.outcome=authors", f"flow.soft_flow={soft}"), progress=False
+        )
+        rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+        assert [(r["reward"], r["accuracy"]) for r in rows] == [(0.5, 0.0), (0.5, 0.0)]
+        flows[soft] = _final_weights(out, 2)[1]["final_layer.linear.weight"]
+    assert flows[0.0].abs().sum() == 0  # no correct rollout: the online update never ran on any token
+    assert flows[1.0].abs().sum() > 0
+
+
+def test_a_run_on_the_users_data_evaluates_on_rows_held_out_of_it(tiny_dir, tmp_path, capsys):
+    """Before, ``rlfr train data.train=mine.jsonl`` evaluated on the embedded arithmetic task; the held-out set now
+    follows the data: data.eval_size rows of the user's file, which the run never trains on."""
+    from rlfr.recipes.train import build_components
+    from rlfr.runtime.env import make_accelerator
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(
+        "".join(json.dumps({"problem": f"{i} + {i} = ?", "answer": str(2 * i)}) + "\n" for i in range(12))
+    )
+    cfg = _cfg(tiny_dir, tmp_path / "run", f"data.train={mine}", "steps=1")
+    c, data = build_components(cfg, make_accelerator(cpu=True))
+    c.reward.verifier.close()
+    assert (
+        "evaluating on 4 rows held out of" in capsys.readouterr().out
+    )  # data.eval_size=4 (TINY_TRAIN_OVERRIDES)
+    held = {e.problem for e in data.eval}
+    assert len(held) == 4 and held <= {f"{i} + {i} = ?" for i in range(12)}
+    assert len(data.train) == 8 and not held & {e.problem for e in data.train}
+    res = run_train(cfg, progress=False)
+    assert res.final_accuracy is not None

@@ -23,7 +23,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rlfr.errors import ConfigError  # noqa: E402
 from rlfr.integrations.trl import RLFRGRPOConfig, RLFRGRPOTrainer, check_trl_version  # noqa: E402
-from rlfr.schema import FlowConfig  # noqa: E402
+from rlfr.integrations.trl_config import correctness_rule  # noqa: E402
+from rlfr.schema import OPS, FlowConfig, Threshold  # noqa: E402
 from tiny_run import make_tiny_model_dir  # noqa: E402
 
 GEN = 2  # completions per prompt
@@ -58,8 +59,8 @@ BASE = dict(
 
 def grpo_args(out: Path, cls=RLFRGRPOConfig, **kw) -> GRPOConfig:
     """The tests' TRL options; ``RLFRGRPOConfig`` (flow_* options, flow_correctness='has_digit' by default)."""
-    if cls is RLFRGRPOConfig:
-        kw = {"flow_correctness": "has_digit"} | kw
+    if cls is RLFRGRPOConfig:  # a fresh flow, chosen explicitly (a random-init model has no expert latents)
+        kw = {"flow_correctness": "has_digit", "flow_init": "random"} | kw
     return cls(output_dir=str(out), **(BASE | kw))
 
 
@@ -232,6 +233,26 @@ def test_a_trained_flow_directory_loads_as_flow_init(tiny_dir, tmp_path):
         trainer(tiny_dir, tmp_path / "c", flow_init=str(tmp_path / "final" / "flow"), flow_shift=2)
 
 
+def test_a_flow_of_another_pairing_needs_flow_allow_mode_mismatch(tiny_dir, tmp_path, capsys):
+    pre = trainer(
+        tiny_dir, tmp_path / "a", flow_modes=["token_pre"], flow_latent_norm="none"
+    )  # as the authors'
+    pre.save_model(str(tmp_path / "pre"))
+    flow = dict(
+        flow_init=str(tmp_path / "pre" / "flow"), flow_latent_norm="none"
+    )  # TRL's default: token_post
+    with pytest.raises(ValueError, match=r"modes=\['token_pre'\] shift=1, this run pairs latents with modes="
+                       r"\['token_post'\] shift=1.*flow_allow_mode_mismatch=True"):  # fmt: skip
+        trainer(tiny_dir, tmp_path / "b", **flow)
+    t = trainer(tiny_dir, tmp_path / "c", flow_allow_mode_mismatch=True, **flow)
+    assert t.flow.meta.modes == ("token_pre",) and t.flow.cfg.modes == ("token_post",)  # it keeps its record
+    assert not changed(weights(pre.flow.module), weights(t.flow.module))
+    assert (
+        "flow.allow_mode_mismatch=true: the flow was trained with modes=['token_pre']"
+        in capsys.readouterr().out
+    )
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -272,6 +293,19 @@ def test_other_settings_are_refused_with_the_fix(tiny_dir, tmp_path):
         grpo_args(tmp_path, flow_lr=float("nan"))
 
 
+def test_flow_correctness_takes_rlfr_trains_rule(tiny_dir, tmp_path):
+    """flow_correctness is a reward name with flow_correct_threshold, or the rule in one string as rlfr train's
+    reward.correct_if; a NaN score (a reward function's None) never passes."""
+    assert correctness_rule("accuracy", 1.0) == Threshold("accuracy", ">=", 1.0)
+    assert correctness_rule("accuracy>0.5", 1.0) == Threshold("accuracy", ">", 0.5)
+    with pytest.raises(ValueError, match="holds its threshold; flow_correct_threshold=0.5 would be a second"):
+        correctness_rule("accuracy>=1", 0.5)
+    t = trainer(tiny_dir, tmp_path, flow_correctness="length<0.2")
+    assert (t.correct_index, t.correct_rule) == (1, Threshold("length", "<", 0.2))
+    scores = torch.tensor([0.1, 0.2, float("nan"), 0.3])
+    assert OPS[t.correct_rule.op](scores, t.correct_rule.value).tolist() == [True, False, False, False]
+
+
 def test_flow_options_parse_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 
@@ -295,8 +329,9 @@ def test_the_deprecated_keywords_still_work(tiny_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     with pytest.warns(DeprecationWarning, match="use args=RLFRGRPOConfig"):
         t = RLFRGRPOTrainer(model, [has_digit, length], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
-                            flow=FlowConfig(soft_flow=0.5), correctness="length", correct_threshold=0.5)  # fmt: skip
-    assert (t.flow.cfg.soft_flow, t.correct_index, t.correct_threshold) == (0.5, 1, 0.5)
+                            flow=FlowConfig(init="random", soft_flow=0.5), correctness="length",
+                            correct_threshold=0.5)  # fmt: skip
+    assert (t.flow.cfg.soft_flow, t.correct_index, t.correct_rule) == (0.5, 1, Threshold("length", ">=", 0.5))
     with pytest.raises(ValueError, match="actor_warmup_steps"), pytest.warns(DeprecationWarning):
         RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
                         flow=FlowConfig(actor_warmup_steps=2), correctness="has_digit")  # fmt: skip
@@ -306,6 +341,29 @@ def test_the_deprecated_keywords_still_work(tiny_dir, tmp_path):
         )
     with pytest.raises(TypeError, match="needs args=RLFRGRPOConfig"):
         RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset())
+    with pytest.warns(DeprecationWarning):  # flow=None is the old spelling of a fresh flow: explicit
+        t = RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(), flow=None,
+                            correctness="has_digit")  # fmt: skip
+    assert t.flow.cfg.init == "random"
+
+
+def test_the_bridge_needs_an_explicit_flow(tiny_dir, tmp_path):
+    """As ``rlfr train``: a flow the user did not choose is never started from random weights; flow_init='random'
+    (or a flow directory) is the choice; before, flow_init=None meant a fresh flow, silently."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with pytest.raises(ConfigError, match=r"flow_init is not set.*`rlfr flow-pretrain`.*'random'"):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, flow_init=None), train_dataset=dataset())
+    with (
+        pytest.raises(ConfigError, match=r"flow=FlowConfig\(init=...\) is not set"),
+        pytest.warns(DeprecationWarning),
+    ):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
+                        flow=FlowConfig(), correctness="has_digit")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"RLFRGRPOTrainer\(flow=\.\.\.\) is not set"):
+        RLFRGRPOTrainer(model, [has_digit], grpo_args(tmp_path, GRPOConfig), train_dataset=dataset(),
+                        correctness="has_digit")  # fmt: skip
 
 
 def test_only_the_tested_trl_versions_import():
@@ -333,9 +391,9 @@ def test_the_example_script_trains_one_step_on_the_tiny_model(tiny_dir, tmp_path
            "--output_dir", str(tmp_path), "--max_steps", "1", "--use_cpu", "--bf16", "false",
            "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
            "--num_generations", "2", "--num_problems", "8", "--report_to", "none", "--save_strategy", "no",
-           "--log_completions", "false", "--flow_soft_flow", "1.0"]  # fmt: skip
+           "--log_completions", "false", "--flow_soft_flow", "1.0", "--flow_init", "random"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
     assert (

@@ -88,7 +88,7 @@ def test_two_steps_with_colocated_vllm(tmp_path, cpu_vllm_env):
         max_completion_length=6, max_steps=2, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
         learning_rate=1e-3, bf16=False, seed=0, disable_tqdm=True,
         use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.05, vllm_max_model_length=256,
-        flow_soft_flow=1.0, flow_fractions=list(FRACTIONS), flow_correctness="has_digit",
+        flow_soft_flow=1.0, flow_fractions=list(FRACTIONS), flow_correctness="has_digit", flow_init="random",
     )  # fmt: skip
     t = RLFRGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), reward_funcs=[has_digit], args=args,

@@ -214,6 +214,23 @@ def test_image_tokens_get_no_flow_reward(vl):
     assert not (targets & image).any() and (targets <= ro.response_mask).all()
 
 
+def test_latents_only_with_images_equals_the_full_forward(vl):
+    """The forward that stops after the deepest hooked block (flow pretraining, inspect) gives the latents of
+    the full forward bit for bit, with images and the model's 3-D positions."""
+    from rlfr.policy.forward import model_inputs
+    from rlfr.policy.latents import LatentTap
+
+    tok, model = vl
+    ro = _rollout(vl)
+    inputs = model_inputs(ro.input_ids, ro.attention_mask, ro.vision)
+    with LatentTap(model) as tap, torch.no_grad():
+        model(**inputs, use_cache=False)
+        full = tap.latents()
+        with tap.latents_only():
+            model(**inputs, use_cache=False)
+        assert tap.sessions == 2 and torch.equal(tap.latents(), full)
+
+
 def _overrides(vl_dir, out, *extra):
     return [
         f"model.name_or_path={vl_dir}", "data.train=embedded-vl", "data.eval=embedded-vl", "data.train_size=8",
@@ -289,13 +306,13 @@ def test_vl_pipeline_end_to_end(vl_dir, tmp_path):
     ck = tmp_path / "full" / "checkpoints" / "step_000002"
     assert (ck / "policy" / "preprocessor_config.json").is_file()  # the checkpoint loads as a VL model again
 
-    rc = main(["eval", "--model", str(ck / "policy"), "--data", "embedded-vl", "--eval-size", "2",
-               "--max-new-tokens", "4", "--out", str(tmp_path / "eval"), "--cpu", "--workers", "1"])  # fmt: skip
+    rc = main(["eval", f"model={ck / 'policy'}", "data.eval=embedded-vl", "data.eval_size=2", "max_new_tokens=4",
+               f"out={tmp_path / 'eval'}", "cpu=true", "workers=1"])  # fmt: skip
     assert rc == 0
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["datasets"]["embedded-vl"]["n"] == 2
-    rc = main(["inspect", "--checkpoint", str(ck), "--data", "embedded-vl", "--n-prompts", "2",
-               "--num-generations", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "insp"), "--cpu"])  # fmt: skip
+    rc = main(["inspect", f"checkpoint={ck}", "data=embedded-vl", "n_prompts=2", "num_generations=2",
+               "max_new_tokens=6", f"out={tmp_path / 'insp'}", "cpu=true"])  # fmt: skip
     assert rc == 0
     stats = json.loads((tmp_path / "insp" / "stats.json").read_text())
     assert stats["rollouts"] == 4 and stats["scored_tokens"] > 0
@@ -310,7 +327,7 @@ def test_vl_baselines_train(vl_dir, tmp_path, method):
     rl = [o for o in TINY_TRAIN_OVERRIDES if not o.startswith("data.")]
     cfg = load_config(TrainConfig, overrides=_overrides(vl_dir, tmp_path / method, *rl, "steps=1", "data.eval=",
                       f"method={method}", "policy.minibatches=2", "policy.ppo_epochs=2",
-                      "reward.functions=[tiny_run:digit_reward]"))  # fmt: skip
+                      "reward.funcs=[tiny_run:digit_reward]", "reward.correct_if=verifier"))  # fmt: skip
     # a dense toy reward gives non-zero advantages; 2 minibatches x 2 epochs select rows in random order, so
     # the image inputs follow their rows through Rollout.select
     res = run_train(cfg, progress=False)

@@ -138,23 +138,23 @@ def test_sampled_layout_eos_and_truncation(tiny):
 
 
 def test_train_and_eval_with_the_engine(tmp_path):
-    """``rlfr train rollout.engine=vllm`` (two steps, with the IS correction) and ``rlfr eval --backend vllm``,
+    """``rlfr train rollout.engine=vllm`` (two steps, with the IS correction) and ``rlfr eval backend=vllm``,
     in a fresh process (one vLLM engine per process)."""
     # 4 blocks: the 3 hooked fractions need distinct blocks
     model = make_tiny_model_dir(tmp_path / "m", num_layers=4, initializer_range=0.3, **TINY)
     from tiny_run import TINY_TRAIN_OVERRIDES
 
     run = tmp_path / "run"
-    train = ["train", "--method", "rlfr", f"model.name_or_path={model}", *TINY_TRAIN_OVERRIDES, "steps=2",
+    train = ["train", "method=rlfr", f"model.name_or_path={model}", *TINY_TRAIN_OVERRIDES, "steps=2",
              "rollout.max_new_tokens=8", f"out_dir={run}", "rollout.engine=vllm", "rollout.vllm_memory_fraction=0.05",
              "rollout.vllm_is_correction=true", "data.max_prompt_tokens=200", "report_to=[]"]  # fmt: skip
-    evaluate = ["eval", "--model", str(model), "--data", "embedded", "--limit", "2", "--max-new-tokens", "8",
-                "--backend", "vllm", "--vllm-memory-fraction", "0.05", "--out", str(tmp_path / "eval")]  # fmt: skip
+    evaluate = ["eval", f"model={model}", "data.eval=embedded", "limit=2", "max_new_tokens=8", "backend=vllm",
+                "vllm_memory_fraction=0.05", f"out={tmp_path / 'eval'}"]  # fmt: skip
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)])}
     for argv in (train, evaluate):
         proc = subprocess.run([sys.executable, "-m", "rlfr.cli", *argv], env=env, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+                              timeout=3600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "rollout/logp_diff_mean" in r]

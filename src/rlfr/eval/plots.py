@@ -204,7 +204,7 @@ def _forest(
 
 
 def plot_demo_pool(pool: dict, path: Path) -> None:
-    """``rlfr demo --pool``: the RL - SFT change of every run and of the pooled runs (problem bootstrap), and
+    """``rlfr demo pool=[...]``: the RL - SFT change of every run and of the pooled runs (problem bootstrap), and
     over runs (Student-t, each run one value; with two runs or more), with 95 % intervals, greedy and sampled
     side by side (``pool`` from ``rlfr.recipes.demo.pool_demos``)."""
     plt = _plt()

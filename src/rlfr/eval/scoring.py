@@ -4,7 +4,7 @@
 accuracy and one record per example (prompt, completion, extracted answer, correct). Under several
 processes each rank evaluates a shard and the records are gathered, so every rank gets the same result.
 
-Sampled evaluation (``rlfr eval --samples K``): ``sampled_completions`` returns ``Completions`` (K texts per
+Sampled evaluation (``rlfr eval samples=K``): ``sampled_completions`` returns ``Completions`` (K texts per
 prompt) from any ``rlfr.policy.sampler.Sampler``, the trainer's own (transformers ``generate`` or the vLLM
 engine), so prompts and stopping are those of training. ``score_completions`` checks them with the verifier
 and reports avg@K and the unbiased pass@k (``rlfr.stats.pass_at_k``) for k = 1, 2, 4, ... <= K.

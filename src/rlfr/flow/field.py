@@ -267,7 +267,7 @@ class FlowField(nn.Module):
         elif eps is None:
             raise ValueError(
                 f"{path} is a flow in the authors' format without an RMSNorm epsilon: convert it with "
-                "`rlfr convert-flow SRC --model POLICY --out DIR`, which takes eps from the policy's config"
+                "`rlfr convert-flow src=SRC model=POLICY out=DIR`, which takes eps from the policy's config"
             )
         try:
             field = cls.from_official_state_dict(state_dict, eps=eps)

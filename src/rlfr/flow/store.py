@@ -13,17 +13,22 @@ A flow directory holds
 
 Contract:
 - ``save_flow(directory, FlowBundle)`` writes all of it (each file atomically);
-- ``build_flow(flow_cfg, model) -> FlowBundle``: a new flow for a policy (statistics None until fitted), or
-  the one ``flow_cfg.init`` names, loaded and checked against the run's latents and architecture keys;
-- ``load_flow(directory, expected=None) -> FlowBundle`` reads it, refuses a directory written under another
-  pairing convention or without ``latents.json``, and, given the ``FlowMeta`` a run expects, refuses a flow
-  trained on other latents (``FlowMismatchError`` naming every differing key). ``rlfr train`` (fresh and
-  ``--resume``), ``rlfr flow-pretrain`` (``flow.init``), ``rlfr inspect`` and ``rlfr convert-flow`` all go
-  through here, so the checks hold for every reader.
+- ``build_flow(flow_cfg, model) -> FlowBundle``: a new flow for a policy (``flow_cfg.init`` None or ``random``;
+  statistics None until fitted), or the one ``flow_cfg.init`` names, loaded and checked against the run's
+  latents and architecture keys; ``pairing_note(meta, modes, shift)``: the line a run prints when it pairs
+  latents otherwise, on purpose;
+- ``load_flow(directory, expected=None, allow_mode_mismatch=None) -> FlowBundle`` reads it, refuses a directory
+  written under another pairing convention or without ``latents.json``, and, given the ``FlowMeta`` a run
+  expects, refuses a flow trained on other latents (``FlowMismatchError`` naming every differing key). ``rlfr
+  train`` (fresh and ``--resume``), the TRL bridge, ``rlfr flow-pretrain`` (``flow.init``), ``rlfr inspect`` and
+  ``rlfr convert-flow`` all go through here, so the checks hold for every reader.
 
 Why the checks: the authors pretrained their flows with ``token_pre`` and ran RL with ``token_post``
 (RLFR_METHOD §8.7), and rlfr < 0.2 credited a pair's score to its condition position; a flow trained on
-other latents, or under another convention, must never pass silently.
+other latents, or under another convention, must never pass silently. The pairing (``modes``, ``shift``) is the
+one difference a run may accept on purpose: RL with ``flow.allow_mode_mismatch=true`` scores and trains its own
+pairs with a flow recorded under another pairing (the authors' setup); the flow keeps its record, so resuming
+and saving check against what it was trained with.
 """
 
 from __future__ import annotations
@@ -132,19 +137,51 @@ def save_flow(directory: str | os.PathLike, bundle: FlowBundle) -> Path:
     return directory
 
 
-def check_meta(saved: FlowMeta, expected: FlowMeta, path: str | os.PathLike) -> None:
-    """Raise ``FlowMismatchError`` naming every key where the flow's latents differ from the run's."""
+PAIRING_KEYS = ("modes", "shift")  # how latents are paired: RL may differ from the flow on purpose
+
+
+def check_meta(
+    saved: FlowMeta, expected: FlowMeta, path: str | os.PathLike, allow_mode_mismatch: bool | None = None
+) -> None:
+    """Raise ``FlowMismatchError`` naming every key where the flow's latents differ from the run's.
+
+    ``allow_mode_mismatch``: True lets a different pairing (``modes``, ``shift``) pass; False refuses it, naming
+    both pairings and the option ``flow.allow_mode_mismatch=true`` (RL); None: the caller has no such option."""
     a, b = saved.to_json(), expected.to_json()
     diff = {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
-    if diff:
-        raise FlowMismatchError(
-            f"flow {path} was trained on other latents than this run uses: "
-            + "; ".join(f"{k}: flow {x!r} vs run {y!r}" for k, (x, y) in diff.items())
+    if allow_mode_mismatch:
+        diff = {k: v for k, v in diff.items() if k not in PAIRING_KEYS}
+    if not diff:
+        return
+    msg = f"flow {path} was trained on other latents than this run uses: " + "; ".join(
+        f"{k}: flow {x!r} vs run {y!r}" for k, (x, y) in diff.items()
+    )
+    if allow_mode_mismatch is False and any(k in PAIRING_KEYS for k in diff):
+        msg += (
+            f". The flow was trained with modes={a['modes']} shift={a['shift']}, this run pairs latents with "
+            f"modes={b['modes']} shift={b['shift']}: set flow.modes / flow.shift to the flow's, or "
+            "flow.allow_mode_mismatch=true (TRL: flow_allow_mode_mismatch=True) to score and train this run's "
+            "pairs with this flow on purpose, as the authors did (their flows are pretrained with token_pre, "
+            "their RL pairs token_post)"
         )
+    raise FlowMismatchError(msg)
 
 
-def load_flow(directory: str | os.PathLike, expected: FlowMeta | None = None) -> FlowBundle:
-    """Read a flow directory (see the module docstring); ``expected`` is checked when given."""
+def pairing_note(meta: FlowMeta, modes, shift: int) -> str | None:
+    """The line to print when a run pairs latents (``modes``, ``shift``) otherwise than the flow it loaded was
+    trained (``flow.allow_mode_mismatch=true``); None when they agree."""
+    if tuple(meta.modes) == tuple(modes) and meta.shift == shift:
+        return None
+    return (
+        f"flow.allow_mode_mismatch=true: the flow was trained with modes={list(meta.modes)} shift={meta.shift}; "
+        f"this run scores and trains it on modes={list(modes)} shift={shift} pairs"
+    )
+
+
+def load_flow(
+    directory: str | os.PathLike, expected: FlowMeta | None = None, allow_mode_mismatch: bool | None = None
+) -> FlowBundle:
+    """Read a flow directory (see the module docstring); ``expected`` is checked when given (``check_meta``)."""
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -155,14 +192,14 @@ def load_flow(directory: str | os.PathLike, expected: FlowMeta | None = None) ->
     if not meta_file.is_file():
         raise FlowMismatchError(
             f"{meta_file} is missing: cannot tell which latents the flow models. For the authors' weights run "
-            "`rlfr convert-flow SRC --model POLICY --out DIR`"
+            "`rlfr convert-flow src=SRC model=POLICY out=DIR`"
         )
     try:
         meta = FlowMeta.from_json(json.loads(meta_file.read_text()), meta_file)
     except json.JSONDecodeError as e:
         raise FlowMismatchError(f"{meta_file} is not valid JSON: {e}") from e
     if expected is not None:
-        check_meta(meta, expected, path)
+        check_meta(meta, expected, path, allow_mode_mismatch)
     field = FlowField.load(path)
     norm = None
     if meta.latent_norm == "standardize":
@@ -175,11 +212,16 @@ def load_flow(directory: str | os.PathLike, expected: FlowMeta | None = None) ->
 def build_flow(flow_cfg, model) -> FlowBundle:
     """The flow for ``model`` under a ``FlowLatentsConfig`` (module docstring)."""
     expected = meta_for(model, flow_cfg.fractions, flow_cfg.modes, flow_cfg.shift, flow_cfg.latent_norm)
-    if flow_cfg.init is None:
+    if flow_cfg.init in (
+        None,
+        "random",
+    ):  # a fresh flow (rlfr train requires the choice: schema.require_flow_init)
         eps = flow_cfg.eps if flow_cfg.eps is not None else rms_norm_eps(model)
         field = FlowField(dim=expected.hidden_size, width=flow_cfg.width, depth=flow_cfg.depth, eps=eps)
         return FlowBundle(field=field, meta=expected, norm=None)
-    bundle = load_flow(flow_cfg.init, expected)
+    # RL's FlowConfig has allow_mode_mismatch; flow pretraining (FlowLatentsConfig) continues a flow on its own
+    # pairing only
+    bundle = load_flow(flow_cfg.init, expected, getattr(flow_cfg, "allow_mode_mismatch", None))
     f = bundle.field
     for key, want, have in (("width", flow_cfg.width, f.width), ("depth", flow_cfg.depth, f.depth),
                             ("eps", flow_cfg.eps, f.eps)):  # fmt: skip

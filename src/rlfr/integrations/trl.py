@@ -12,8 +12,10 @@ For a TRL user, the flow is configured like any other GRPOTrainer option::
 ``rlfr train`` as a field ``flow_<key>`` (the reward shaping's ``flow.reward.*`` too: ``flow_beta`` is
 ``flow.reward.beta``), so ``TrlParser`` / ``HfArgumentParser`` read them from the command line
 (``--flow_init DIR --flow_beta 0.02``). ``flow_init`` names a flow directory (``rlfr flow-pretrain``, ``rlfr
-convert-flow``, a checkpoint's ``flow/``; None = a fresh flow); ``flow_correctness`` names the reward function
-whose score >= ``flow_correct_threshold`` means "passes the answer check": those completions train the flow.
+convert-flow``, a checkpoint's ``flow/``; ``'random'`` = a fresh flow; required, as ``rlfr train``'s
+``flow.init``: unset, the trainer stops); ``flow_correctness`` names the reward function whose score >=
+``flow_correct_threshold`` means "passes the answer check" (or says it in one string, ``accuracy>=1``, the syntax
+of ``rlfr train``'s ``reward.correct_if``): those completions train the flow.
 The keywords ``flow=`` (a ``FlowConfig`` or a directory) and ``correctness=`` / ``correct_threshold=`` with a
 plain ``GRPOConfig`` still work, deprecated.
 
@@ -50,6 +52,7 @@ docs/trl.md says why), so it refuses to import under a TRL release outside the t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import time
@@ -65,17 +68,18 @@ from rlfr.integrations.trl_config import (
     RLFRGRPOConfig,
     check_loss,
     check_trl_version,
+    correctness_rule,
     trainer_settings,
 )
 
 # isort: split
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from rlfr.errors import CheckpointError, NonFiniteError, PickleRefusedError
 from rlfr.flow.learner import FlowLearner
-from rlfr.flow.store import build_flow, save_flow
+from rlfr.flow.store import build_flow, pairing_note, save_flow
 from rlfr.policy.forward import policy_forward, position_ids
 from rlfr.policy.latents import block_indices, decoder_blocks
 from rlfr.rl.advantages import reward_to_go, token_advantages
@@ -83,6 +87,7 @@ from rlfr.runtime.checkpoint import flow_dir
 from rlfr.runtime.env import flow_autocast
 from rlfr.runtime.metrics import Accum, reduce_stats
 from rlfr.runtime.optim import build_optimizer, optimizer_step
+from rlfr.schema import OPS
 
 FLOW_OPTIM = "flow_optim.pt"  # in a TRL checkpoint, next to its optimizer.pt
 __all__ = ["TRL_VERSIONS", "RLFRGRPOConfig", "RLFRGRPOTrainer", "check_trl_version"]
@@ -106,17 +111,20 @@ class RLFRGRPOTrainer(GRPOTrainer):
             check_loss(args.loss_type, args.importance_sampling_level)
         super().__init__(model, reward_funcs, args, **kwargs)
         check_loss(self.args.loss_type, self.args.importance_sampling_level)
-        if correctness not in self.reward_func_names:
+        rule = correctness_rule(correctness, threshold)
+        if rule.name not in self.reward_func_names:
             raise ValueError(
                 f"flow_correctness={correctness!r} names no reward function; the names are {self.reward_func_names}"
             )
-        self.correct_index, self.correct_threshold = self.reward_func_names.index(correctness), threshold
+        self.correct_index, self.correct_rule = self.reward_func_names.index(rule.name), rule
         policy, acc = self.accelerator.unwrap_model(self.model), self.accelerator
         # hooked blocks checked now, not at the first batch (fractions that collide on a shallow model)
         block_indices(len(decoder_blocks(policy)), flow_cfg.fractions)
         with torch.random.fork_rng(devices=[]):  # the same fresh flow on every process; TRL's RNG untouched
             torch.manual_seed(self.args.seed)
             bundle = build_flow(flow_cfg, policy)
+        if acc.is_main_process and (note := pairing_note(bundle.meta, flow_cfg.modes, flow_cfg.shift)):
+            print(note)
         bundle.field.to(acc.device).requires_grad_(flow_cfg.update)
         self.flow = FlowLearner(
             flow_cfg, bundle, reduce=acc.reduce, optimizer_step=partial(optimizer_step, _TorchClip),
@@ -151,7 +159,7 @@ class RLFRGRPOTrainer(GRPOTrainer):
             )
         b, rank = out["completion_ids"].shape[0], self.accelerator.process_index
         mine = rewards[rank * b : (rank + 1) * b, self.correct_index]
-        correct = mine >= self.correct_threshold  # a NaN score (no reward) is not correct
+        correct = OPS[self.correct_rule.op](mine, self.correct_rule.value)  # a NaN score (no reward) never is
         out["advantages"] = self.flow_advantages(out, correct, train=self.model.training)
         return out
 
@@ -235,7 +243,9 @@ class RLFRGRPOTrainer(GRPOTrainer):
 
     def latent_forward(self, ids, attn, resp) -> torch.Tensor | None:
         """The policy's no-grad forward that fills the tap (positions skip left padding, as in ``rlfr train``);
-        -> (b, T) entropies when the flow's update needs them, else None (and only one logit is computed)."""
+        -> (b, T) entropies when the flow's update needs them, else None. Without entropies the forward stops
+        after the deepest hooked block (``LatentTap.latents_only``: no later block, no logits), except under
+        DeepSpeed or FSDP, whose sharded modules must finish their forward (there only one logit is computed)."""
         model = self.model
         with (
             torch.no_grad(),
@@ -244,6 +254,8 @@ class RLFRGRPOTrainer(GRPOTrainer):
         ):
             if self.flow.needs_entropy:
                 return policy_forward(model, ids, attn, resp, need_entropy=True)[1]
-            model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
-                  logits_to_keep=1)  # fmt: skip
+            sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+            with contextlib.nullcontext() if sharded else self.flow.tap.latents_only():
+                model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
+                      logits_to_keep=1)  # fmt: skip
         return None

@@ -2,9 +2,10 @@
 ``GRPOConfig`` plus every ``flow.*`` option of ``rlfr train`` as a field ``flow_<key>`` (the reward shaping's
 ``flow.reward.*`` too: ``flow_beta`` is ``flow.reward.beta``), each with its default and help text taken from
 ``rlfr.schema``, so ``TrlParser`` / ``HfArgumentParser`` read them from the command line or a YAML file like
-any other TRL option; ``flow_correctness`` names the reward function that decides which completions pass the
-check. Also here: the TRL releases the bridge is tested with (importing this under another one fails), the
-losses it refuses, and the deprecated keywords (``flow=``, ``correctness=``, ``correct_threshold=``).
+any other TRL option; ``flow_correctness`` says which completions pass the check (a reward function's name and
+``flow_correct_threshold``, or ``NAME OP NUMBER`` as ``rlfr train``'s ``reward.correct_if``). Also here: the TRL
+releases the bridge is tested with (importing this under another one fails), the losses it refuses, and the
+deprecated keywords (``flow=``, ``correctness=``, ``correct_threshold=``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from trl import GRPOConfig  # noqa: E402
 
 from rlfr.config import from_dict, validate_config  # noqa: E402
 from rlfr.errors import ConfigError  # noqa: E402
-from rlfr.schema import FlowConfig, RewardShapingConfig  # noqa: E402
+from rlfr.schema import FlowConfig, RewardShapingConfig, Threshold, parse_threshold  # noqa: E402
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 _REWARD_KEYS = {f.name for f in fields(RewardShapingConfig)}
@@ -91,10 +92,12 @@ class RLFRGRPOConfig(GRPOConfig):
     flow_min_lr_ratio: float = _flow_option("min_lr_ratio")
     flow_soft_flow: float = _flow_option("soft_flow")
     flow_entropy_quantile: float | None = _flow_option("entropy_quantile")
+    flow_allow_mode_mismatch: bool = _flow_option("allow_mode_mismatch")
     flow_correctness: str | None = field(
         default=None,
-        metadata={"help": "name of the reward function whose score >= flow_correct_threshold means the completion "
-                  "passes the answer check (those train the flow); required"},
+        metadata={"help": "which completions are correct (those train the flow): the name of a reward function, "
+                  "correct when its score >= flow_correct_threshold, or NAME OP NUMBER (accuracy>=1; OP one of >=, "
+                  ">, ==, <=, <) as rlfr train's reward.correct_if; required"},
     )  # fmt: skip
     flow_correct_threshold: float = field(
         default=1.0,
@@ -120,6 +123,19 @@ class RLFRGRPOConfig(GRPOConfig):
             ) from e
 
 
+def correctness_rule(correctness: str, threshold: float) -> Threshold:
+    """``flow_correctness`` as a ``Threshold`` (``rlfr.schema``, what ``rlfr train``'s ``reward.correct_if`` takes):
+    ``"accuracy"`` is ``accuracy >= flow_correct_threshold``; ``"accuracy>=1"`` says it in one string."""
+    rule = parse_threshold(correctness)
+    if rule is None:
+        return Threshold(correctness, ">=", float(threshold))
+    if threshold != 1.0:
+        raise ValueError(
+            f"flow_correctness={correctness!r} holds its threshold; flow_correct_threshold={threshold} would be a second"
+        )
+    return rule
+
+
 def check_loss(loss_type: str, importance_sampling_level: str) -> None:
     """ValueError for a TRL loss where per-token advantages are not meaningful (module docstring)."""
     if loss_type not in SUPPORTED_LOSS_TYPES:
@@ -137,9 +153,10 @@ def check_loss(loss_type: str, importance_sampling_level: str) -> None:
 
 
 def as_flow_config(flow: FlowConfig | str | os.PathLike | None) -> FlowConfig:
-    """The deprecated ``flow=`` keyword: a ``FlowConfig``, a flow directory or None (a fresh flow)."""
+    """The deprecated ``flow=`` keyword: a ``FlowConfig``, a flow directory or None (a fresh flow, as
+    ``init='random'``)."""
     if flow is None:
-        cfg = FlowConfig()
+        cfg = FlowConfig(init="random")
     elif isinstance(flow, FlowConfig):
         cfg = flow
     elif isinstance(flow, (str, os.PathLike)):
@@ -151,10 +168,22 @@ def as_flow_config(flow: FlowConfig | str | os.PathLike | None) -> FlowConfig:
         raise ConfigError(
             "flow.actor_warmup_steps is not supported with TRL (TRL owns the policy's optimizer)"
         )
+    return require_flow(cfg, "flow=FlowConfig(init=...)")
+
+
+def require_flow(cfg: FlowConfig, where: str) -> FlowConfig:
+    """``cfg`` when its flow is chosen: a flow directory or ``random``; as ``rlfr train`` (``require_flow_init``),
+    the bridge never starts from a random flow it was not asked for."""
+    if cfg.init is None:
+        raise ConfigError(
+            f"RLFRGRPOTrainer: {where} is not set: give a flow directory that models expert latents (make one with "
+            "`rlfr flow-pretrain`, or `rlfr convert-flow` for the authors' released flows), or 'random' for a flow "
+            "trained from scratch during RL (an ablation: its rewards are noise until it has learned)"
+        )
     return cfg
 
 
-UNSET = object()  # a keyword not given (None is a value: a fresh flow)
+UNSET = object()  # a keyword not given (None is a value: a fresh flow, flow_init='random')
 
 
 def trainer_settings(args, flow, correctness, correct_threshold) -> tuple[FlowConfig, str, float]:
@@ -172,7 +201,11 @@ def trainer_settings(args, flow, correctness, correct_threshold) -> tuple[FlowCo
                 "RLFRGRPOConfig.flow_correctness must name the reward function whose score says a completion is "
                 "correct (those completions train the flow)"
             )
-        return args.flow_config(), args.flow_correctness, args.flow_correct_threshold
+        return (
+            require_flow(args.flow_config(), "flow_init"),
+            args.flow_correctness,
+            args.flow_correct_threshold,
+        )
     if correctness is UNSET:
         raise TypeError(
             "RLFRGRPOTrainer needs args=RLFRGRPOConfig(..., flow_correctness=<reward function name>) "
@@ -185,4 +218,9 @@ def trainer_settings(args, flow, correctness, correct_threshold) -> tuple[FlowCo
         stacklevel=3,  # the caller of RLFRGRPOTrainer(...)
     )
     threshold = 1.0 if correct_threshold is UNSET else float(correct_threshold)
-    return as_flow_config(None if flow is UNSET else flow), correctness, threshold
+    if flow is UNSET:
+        raise ConfigError(
+            "RLFRGRPOTrainer(flow=...) is not set: give a flow directory (`rlfr flow-pretrain` makes one), or "
+            "flow=None for a flow trained from scratch (an ablation); better: args=RLFRGRPOConfig(flow_init=...)"
+        )
+    return as_flow_config(flow), correctness, threshold

@@ -8,6 +8,9 @@ Contract (the trainer calls exactly this)::
     tap.layer_values                 # (L,) float32, block_index / num_blocks: the flow's layer input
     with tap.paused():               # no captures, e.g. during generate
         model.generate(...)
+    with torch.no_grad(), tap.latents_only():   # only the latents: the forward stops after the deepest
+        model(input_ids, attention_mask=mask)   # hooked block (no later block, final norm, LM head, logits)
+    latents = tap.latents()
     tap.remove()                     # or: with LatentTap(model) as tap: ...
 
 Block index of fraction p in a model with L blocks: ``round(p * L)``, moved to ``L - 1`` if it equals ``L``.
@@ -30,6 +33,16 @@ that was not called (see "Wrapped models"). In transformers 5 the checkpoint wra
 ``GradientCheckpointingLayer``, so module hooks already stay outside it and the re-run never reaches us;
 the dedupe is kept for every other setup.
 
+Why stop the forward early (``latents_only``). Where only latents are needed (flow pretraining, ``rlfr inspect``,
+the TRL bridge's latent forward) everything after the deepest hooked block is wasted, the LM head most of all: its
+logits are 2.5 GB per 8,192-token sequence at a 152k vocabulary in bf16. Inside ``latents_only()`` that block's hook
+raises a private exception right after its capture and the context manager swallows it (only it). This works for
+any architecture without re-implementing its forward (embeddings, rotary or 3-D positions, masks, vision merging:
+running "embedding + first k blocks" by hand would need a copy of each family's forward), and the latents are
+bit-identical to a full forward's: the same modules ran on the same inputs. An aborted forward would skip FSDP's
+post-forward (resharding), so a model holding FSDP modules is refused; the RL update, which needs log-probs, runs
+the full forward.
+
 Wrapped models. Blocks are found through DDP/DeepSpeed ``.module``, ``torch.compile``'s ``._orig_mod`` and
 PEFT's ``base_model.model``. The session pre-hook goes on the module you pass. Pass the unwrapped Hugging
 Face model: a wrapper's forward calls the inner model's ``__call__``, so the pre-hook fires whichever of
@@ -50,6 +63,7 @@ Departures from the authors' code (RLFR_METHOD.md §8, items 1-2):
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -177,6 +191,20 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _StopForward(Exception):
+    """Raised by the deepest hooked block inside ``LatentTap.latents_only()`` once it is captured; only
+    ``latents_only()`` catches it (the model's own ``try/finally`` clean-up runs on the way out)."""
+
+
+def _fsdp_modules(model: nn.Module) -> list[str]:
+    """Names of the FSDP (1 or 2) modules in ``model``; none unless torch's FSDP was imported at all."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return []
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel  # lazy: imported already
+
+    return [n for n, m in model.named_modules() if isinstance(m, (FSDPModule, FullyShardedDataParallel))]
+
+
 class LatentTap:
     """Capture detached outputs of the decoder blocks at ``fractions`` of the depth, one per forward.
 
@@ -191,6 +219,8 @@ class LatentTap:
         self.indices = block_indices(self.num_blocks, fractions)
         self.layer_values = torch.tensor(self.indices, dtype=torch.float32) / self.num_blocks
         self._paused = False
+        self._stop_slot: int | None = None  # set inside latents_only(): the deepest hooked block's slot
+        self._model = model
         self._captured: list[torch.Tensor | None] = [None] * len(self.indices)
         self.capture_count = [0] * len(self.indices)
         self.recompute_count = [0] * len(self.indices)
@@ -226,6 +256,8 @@ class LatentTap:
                 )
             self._captured[slot] = hidden.detach()
             self.capture_count[slot] += 1
+            if slot == self._stop_slot:
+                raise _StopForward
 
         return hook
 
@@ -255,6 +287,27 @@ class LatentTap:
             yield self
         finally:
             self._paused = previous
+
+    @contextlib.contextmanager
+    def latents_only(self) -> Iterator[LatentTap]:
+        """Forwards inside stop right after the deepest hooked block has been captured: no later block, no
+        final norm, no LM head, no logits (module docstring). The forward's return value is lost (the call
+        ends with an exception this context swallows), so read ``latents()`` after the ``with`` block. A
+        forward that finds the tap paused runs whole. Refuses a model holding FSDP modules (RuntimeError)."""
+        sharded = _fsdp_modules(self._model)
+        if sharded:
+            raise RuntimeError(
+                f"LatentTap.latents_only: the model holds FSDP modules ({sharded[0]}, ...); an aborted forward "
+                "would leave them unsharded. Run the full forward (the latents are the same)"
+            )
+        previous = self._stop_slot
+        self._stop_slot = max(range(len(self.indices)), key=lambda s: self.indices[s])
+        try:
+            yield self
+        except _StopForward:
+            pass
+        finally:
+            self._stop_slot = previous
 
     def remove(self) -> None:
         """Remove every hook and drop the captures."""

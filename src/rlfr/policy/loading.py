@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+from rlfr.capabilities import resolve_dtype
 from rlfr.errors import ModelLoadError
 from rlfr.policy.vision import is_vision_language, load_processor
 
@@ -170,13 +171,21 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
-def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """A causal LM in train-ready form (no hub download is attempted for local paths).
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+):
+    """A causal LM in train-ready form (no hub download is attempted for local paths); ``dtype`` may be
+    ``auto`` (``rlfr.capabilities.resolve_dtype`` for ``device``, where the caller will run it; the model is
+    loaded on the CPU).
 
     A PEFT adapter directory (a LoRA checkpoint's ``policy/``) gives its base model (the
     ``base_model_name_or_path`` PEFT recorded) with the adapters merged in: a plain Hugging Face model."""
+    dtype = resolve_dtype(dtype, device)
     if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ModelLoadError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
     if is_adapter_dir(path):
         return _load_merged_adapter(Path(path), dtype, trust_remote_code)

@@ -8,8 +8,8 @@ A response ends at (and includes) the first EOS, or at ``max_new_tokens``.
 ``SamplingParams``: how any sampler (``rlfr.policy.sampler``) samples: n per prompt, the length limit,
 temperature / top-p or greedy, and the seed.
 
-``encode_solutions(tokenizer, examples, prompts) -> Solutions`` gives the (prompt, response = solution + EOS)
-token lists of worked solutions (and their image inputs), which ``Solutions.pack`` lays out like rollouts (SFT
+``encode_solutions(tokenizer, examples, prompts, end=None) -> Solutions`` gives the (prompt, response = solution +
+EOS, or solution + ``end`` for a template that closes its assistant turn with text) token lists of worked solutions (and their image inputs), which ``Solutions.pack`` lays out like rollouts (SFT
 and flow pretraining).
 
 Vision-language policies: ``generate(..., images=...)`` with an ``ImageTextProcessor`` as the tokenizer, and
@@ -251,11 +251,16 @@ class Solutions:
                     list(range(len(rows))), vision=vision)  # fmt: skip
 
 
-def encode_solutions(tokenizer, examples, prompts: list[str]) -> Solutions:
-    """Prompt ids (images expanded for a vision-language processor) and solution + EOS ids per example."""
+def encode_solutions(tokenizer, examples, prompts: list[str], end: str | None = None) -> Solutions:
+    """Prompt ids (images expanded for a vision-language processor) and, per example, the ids of its solution
+    followed by ``end`` (the template's end of the assistant turn, ``rlfr.data.templates.response_end``; None:
+    the EOS token)."""
     eos = tokenizer.eos_token_id
     p_ids, vision = encode_prompts(tokenizer, prompts, images_of(tokenizer, examples))
-    r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
+    if end is None:
+        r_ids = [tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
+    else:
+        r_ids = [tokenizer(ex.solution + end, add_special_tokens=False)["input_ids"] for ex in examples]
     if vision is not None:
         for ex, r in zip(examples, r_ids):
             if any(t in tokenizer.suppress_ids for t in r):

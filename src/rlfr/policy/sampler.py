@@ -112,7 +112,7 @@ def build_sampler(
     model_path: str | None = None,
     vllm: VLLMSettings | None = None,
 ) -> Sampler:
-    """The sampler that ``engine`` names (``rollout.engine``, ``rlfr eval --backend``).
+    """The sampler that ``engine`` names (``rollout.engine``, ``rlfr eval backend=...``).
 
     hf: ``TransformersSampler`` on ``model`` (``batch_size``, ``device`` as there). vllm: a colocated
     ``VLLMEngine`` loaded from ``model_path`` with the settings ``vllm``, stopping at the EOS ids of ``model``

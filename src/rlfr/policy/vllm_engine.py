@@ -65,7 +65,7 @@ def require_vllm(key: str) -> None:
 
 def model_eos(model_path: str, tokenizer) -> list[int]:
     """The EOS ids ``rollout.eos_ids`` finds for the model in ``model_path``, read from its config files (for
-    a caller that has no transformers model loaded, such as ``rlfr eval --backend vllm``)."""
+    a caller that has no transformers model loaded, such as ``rlfr eval backend=vllm``)."""
     try:
         gen = GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json
@@ -131,7 +131,7 @@ class VLLMEngine:
                 raise
             raise EngineUnavailableError(
                 f"vLLM could not reserve its memory with memory fraction {settings.memory_fraction} "
-                f"(rollout.vllm_memory_fraction, rlfr eval --vllm-memory-fraction): {e}. On CPU the fraction of "
+                f"(rollout.vllm_memory_fraction, rlfr eval vllm_memory_fraction): {e}. On CPU the fraction of "
                 "RAM counts this whole process, the trainer's memory included: raise it, or set "
                 "VLLM_CPU_KVCACHE_SPACE=<GiB> to give the KV cache a fixed size (docs/vllm.md)"
             ) from e

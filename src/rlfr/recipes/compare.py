@@ -1,24 +1,27 @@
 """``rlfr compare``: base vs RLVR vs RLFR vs entropy shaping (and ablations), same start, same budget, seeds.
 
-    rlfr compare --start runs/demo/sft/model --flow runs/demo/flow_pretrain/flow --seeds 0 1 2 --steps 48 \\
-        --eval-sets embedded embedded-transfer:200 --eval-samples 4 \\
-        --ablation beta0.05 rlfr flow.reward.beta=0.05 --ablation frozen rlfr flow.update=false \\
-        rollout.prompts_per_step=8 save_every=8
+    rlfr compare start=runs/demo/sft/model flow=runs/demo/flow_pretrain/flow seeds=[0,1,2] train.steps=48 \\
+        eval_sets=[embedded,embedded-transfer:200] eval_samples=4 \\
+        'ablations=[beta0.05 rlfr flow.reward.beta=0.05, frozen rlfr flow.update=false]' \\
+        train.rollout.prompts_per_step=8 train.save_every=8
 
-Every RL run gets the same ``TrainConfig`` (defaults, then ``--config``, then the ``key=value`` overrides)
-with only ``method``, ``seed`` and ``out_dir`` changed (RLFR also gets ``flow.init=--flow``); an ablation
-adds its own overrides and runs on ``--ablation-seeds``. "base" is the start model without RL. Every run
-sees the same problems (the embedded split depends on ``data.task_seed``, not on the run seed).
+Every RL run gets the same ``TrainConfig`` (the ``train`` section: defaults, then ``--config`` files, then the
+``train.*`` words) with only ``method``, ``seed``, ``out_dir`` and ``model.name_or_path`` (= ``start``)
+changed (RLFR also gets ``flow.init=<flow>`` when ``flow`` is set; without it the rlfr arms need
+``train.flow.init``, ``random`` for a flow trained from scratch); an ablation adds its own overrides and runs
+on ``ablation_seeds``. "base" is the start model without RL. Every run sees the same problems (the embedded
+split depends on ``data.task_seed``, not on the run seed).
 
-Evaluation, per run and eval set (``--eval-sets``: ``embedded``, ``embedded-dev``, ``embedded-transfer``, a
-benchmark or a file, each optionally ``:N`` problems; default ``data.eval_size``): greedy pass@1 and, with
-``--eval-samples K``, the mean accuracy of K samples at temperature 1 (avg@K), with the correctness of every
+Evaluation, per run and eval set (``eval_sets``: ``auto`` (the runs' ``data.eval``: the embedded split when
+they train on the embedded task, else the rows held out of their ``data.train``), ``embedded``,
+``embedded-dev``, ``embedded-transfer``, a benchmark or a file, each optionally ``:N`` problems; default
+``data.eval_size``): greedy pass@1 and, with ``eval_samples=K``, the mean accuracy of K samples at temperature 1 (avg@K), with the correctness of every
 problem kept, so that methods are compared problem by problem: a paired bootstrap 95 % interval of the
 difference of seed-averaged per-problem accuracy (``rlfr.stats.paired_bootstrap``), and McNemar's exact
 test per seed on greedy correctness (``rlfr.stats.mcnemar``). Pairs: every arm against RLVR and against
 the start model, and an ablation against the method it changes (``frozen - rlfr``), on the seeds both ran.
 
-Outputs in ``--out``: ``results.json`` (``rlfr.eval.results.CompareResult``, also what ``run_compare``
+Outputs in ``out``: ``results.json`` (``rlfr.eval.results.CompareResult``, also what ``run_compare``
 returns), ``report.md`` (tables, paired statistics, a training-signals table per
 arm: reward, outcome and flow advantage sizes, flow AUROC, KL, entropy, length; budget, command),
 ``learning_curves.png`` (training reward and the flow's statistics per step, mean over seeds),
@@ -31,29 +34,30 @@ written), and an interrupted evaluation from its last finished chunk of generati
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import re
 import shlex
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rlfr.config import load_config, to_dict
-from rlfr.data.sources import Fields, load_source
-from rlfr.errors import RlfrError
+from rlfr.commands import CompareConfig
+from rlfr.config import from_dict, merge_dicts, overrides_from, parse_overrides, to_dict
+from rlfr.data.sources import auto_eval, fields_of, load_source, resolve_data
+from rlfr.errors import ConfigError, RlfrError
 from rlfr.eval.plots import plot_accuracy, plot_curves, plot_paired
 from rlfr.eval.progress import EvalProgress
 from rlfr.eval.results import CompareResult, ModelEval, RunResult
 from rlfr.eval.scoring import held_out_scores
-from rlfr.policy.loading import load_model, load_tokenizer
+from rlfr.policy.loading import load_model, load_tokenizer, resolve_dtype
 from rlfr.recipes.train import run_train
 from rlfr.reward.verifier import Verifier
 from rlfr.runtime.checkpoint import atomic_write_text, checkpoint_root, find_checkpoint
 from rlfr.runtime.env import inference_device
 from rlfr.runtime.metrics import read_metrics
-from rlfr.schema import TrainConfig, normalized
+from rlfr.schema import TrainConfig, canonical, normalized, require_flow_init
 from rlfr.stats import compare_arms, format_diff, format_mean_std, mean_std
 
 METHODS = ("rlvr", "rlfr", "entropy")
@@ -73,88 +77,46 @@ CURVE_KEYS = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--start", required=True, help="start model of every run (e.g. the demo's SFT model)")
-    p.add_argument("--flow", default=None, help="pretrained flow directory for RLFR (flow.init)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="RL methods to run")
-    p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (one run per method and seed)"
-    )
-    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the config's)")
-    p.add_argument("--config", default=None, help="YAML TrainConfig applied to every run")
-    p.add_argument("--out", default="runs/compare", help="output directory")
-    p.add_argument(
-        "--eval-sets",
-        nargs="+",
-        default=["embedded"],
-        help="held-out sets, each NAME or NAME:N (embedded, embedded-dev, embedded-transfer, a benchmark, a file)",
-    )
-    p.add_argument(
-        "--eval-samples", type=int, default=0, help="K samples per problem for avg@K (0 = greedy only)"
-    )
-    p.add_argument(
-        "--ablation",
-        nargs="+",
-        action="append",
-        default=[],
-        metavar="NAME METHOD [key=value",
-        help="an extra arm: a name, its method and its overrides (repeatable)",
-    )
-    p.add_argument("--ablation-seeds", nargs="+", type=int, default=[0], help="seeds of the ablation arms")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig overrides for every run")
+def command_line(cfg: CompareConfig) -> str:
+    """The command that reruns the study: its settings that differ from the defaults, as key=value words."""
+    return shlex.join(["rlfr", "compare", *overrides_from(cfg, CompareConfig())])
 
 
-def command_line(args: argparse.Namespace) -> str:
-    parts = ["rlfr", "compare", "--start", args.start]
-    if args.flow:
-        parts += ["--flow", args.flow]
-    parts += ["--methods", *args.methods, "--seeds", *map(str, args.seeds)]
-    if args.steps is not None:
-        parts += ["--steps", str(args.steps)]
-    if args.config:
-        parts += ["--config", args.config]
-    if getattr(args, "eval_sets", ["embedded"]) != ["embedded"]:
-        parts += ["--eval-sets", *args.eval_sets]
-    if getattr(args, "eval_samples", 0):
-        parts += ["--eval-samples", str(args.eval_samples)]
-    for ab in getattr(args, "ablation", []):
-        parts += ["--ablation", *ab]
-    if getattr(args, "ablation", []):
-        parts += ["--ablation-seeds", *map(str, args.ablation_seeds)]
-    parts += ["--out", args.out, *args.overrides]
-    return shlex.join(parts)
-
-
-def arms(args: argparse.Namespace) -> dict[str, tuple[str, list[str], list[int]]]:
+def arms(cfg: CompareConfig) -> dict[str, tuple[str, list[str], list[int]]]:
     """name -> (method, extra overrides, seeds): the methods, then the ablations."""
-    out = {m: (m, [], list(args.seeds)) for m in args.methods}
-    for spec in getattr(args, "ablation", []):
-        if len(spec) < 2 or spec[1] not in METHODS:
-            raise ValueError(
-                f"--ablation {' '.join(spec)}: expected NAME METHOD [key=value ...], METHOD in {METHODS}"
+    out = {m: (m, [], list(cfg.seeds)) for m in cfg.methods}
+    for spec in cfg.ablations:
+        words = shlex.split(spec)
+        if len(words) < 2 or words[1] not in METHODS:
+            raise ConfigError(
+                f"ablations: {spec!r}: expected 'NAME METHOD [key=value ...]', METHOD in {METHODS}"
             )
-        name, method, *extra = spec
+        name, method, *extra = words
         if name in out or name == "base":
-            raise ValueError(f"--ablation name {name!r} is already used")
-        out[name] = (method, extra, list(args.ablation_seeds))
+            raise ConfigError(f"ablations: the name {name!r} is already used")
+        out[name] = (method, extra, list(cfg.ablation_seeds))
     return out
 
 
-def run_config(args: argparse.Namespace, method: str, seed: int, name: str | None = None, extra=()):
-    overrides = [
-        f"model.name_or_path={args.start}",
-        *args.overrides,
-        *extra,
-        f"method={method}",
-        f"seed={seed}",
-        f"out_dir={Path(args.out) / (name or method) / f'seed_{seed}'}",
-    ]
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    if method == "rlfr" and args.flow and not any(o.startswith("flow.init=") for o in extra):
-        overrides.append(f"flow.init={args.flow}")
-    return load_config(TrainConfig, path=args.config, overrides=overrides)
+def run_config(cfg: CompareConfig, method: str, seed: int, name: str | None = None, extra=()) -> TrainConfig:
+    """The ``TrainConfig`` of one run: the ``train`` section, an ablation's ``extra`` overrides, then the run's
+    own method, seed, out_dir, start model and (rlfr, unless the ablation sets it) flow."""
+    if not cfg.start:
+        raise ConfigError("rlfr compare needs start=MODEL (the start model of every run)")
+    run = [f"model.name_or_path={cfg.start}", f"method={method}", f"seed={seed}",
+           f"out_dir={Path(cfg.out) / (name or method) / f'seed_{seed}'}"]  # fmt: skip
+    if method == "rlfr" and cfg.flow and not any(o.startswith("flow.init=") for o in extra):
+        run.append(f"flow.init={cfg.flow}")
+    data = merge_dicts(merge_dicts(to_dict(cfg.train), parse_overrides(extra)), parse_overrides(run))
+    try:
+        out = from_dict(TrainConfig, data)
+        require_flow_init(out)
+    except ConfigError as e:
+        raise ConfigError(
+            f"rlfr compare, arm {name or method}: {e}"
+            + (" (flow=DIR gives every rlfr arm one)" if "flow.init" in str(e) else "")
+        ) from e
+    return out
 
 
 def _cached(path: Path, config: dict, normalize=None) -> dict | None:
@@ -180,25 +142,48 @@ EVAL_MODEL_FIELDS = ("dtype", "trust_remote_code")  # the ModelConfig fields tha
 
 def _eval_key_as_now(saved: dict) -> dict:
     """A saved evaluation key as this version writes it: its model settings cut to ``EVAL_MODEL_FIELDS``
-    (older versions saved the whole ModelConfig, whose other fields do not change an evaluation)."""
+    (older versions saved the whole ModelConfig, whose other fields do not change an evaluation), its dtype
+    resolved (``auto``: what it means on this machine)."""
     if isinstance(saved.get("model_cfg"), dict):
-        saved = saved | {"model_cfg": {k: saved["model_cfg"].get(k) for k in EVAL_MODEL_FIELDS}}
+        model = {k: saved["model_cfg"].get(k) for k in EVAL_MODEL_FIELDS}
+        if model.get("dtype") == "auto":
+            model["dtype"] = resolve_dtype("auto", inference_device(False))
+        saved = saved | {"model_cfg": model}
     return saved
 
 
 def parse_eval_set(spec: str, default_size: int) -> tuple[str, str, int]:
-    """'NAME' or 'NAME:N' -> (slug, name, size)."""
-    name, _, size = spec.partition(":")
+    """'NAME' or 'NAME:N' -> (slug, name, size); NAME may hold a colon itself (``benchmark:math500:100``)."""
+    m = re.fullmatch(r"(.+):(-?\d+)", spec)
+    name, size = (m[1], m[2]) if m else (spec, "")
     n = int(size) if size else default_size
     if n < 0:
-        raise ValueError(f"--eval-sets {spec}: the size must be >= 0")
-    slug = (Path(name).stem if Path(name).suffix else name) + (f"-{n}" if size else "")
+        raise ValueError(f"eval_sets: {spec}: the size must be >= 0")
+    base = Path(name).stem if Path(name).suffix else name.removeprefix("benchmark:")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", base) + (f"-{n}" if size else "")
     return slug, name, n
 
 
 def load_eval_examples(name: str, size: int, cfg):
-    fields = Fields(cfg.data.problem_field, cfg.data.answer_field)
-    return load_source(name, fields, size, cfg.data.task_seed, cfg.data.dev_size)
+    d = cfg.data
+    return load_source(
+        name, fields_of(d), size, d.task_seed, d.dev_size, subset=d.subset, split=d.eval_split or d.split
+    )
+
+
+def eval_set(spec: str, cfg: TrainConfig) -> tuple[str, str, list]:
+    """(slug, what it is, examples) of one ``eval_sets`` entry for runs of ``cfg``; ``auto`` is their
+    ``data.eval``: a named set, or the rows held out of their ``data.train`` (slug ``heldout``)."""
+    name, colon, size = spec.partition(":")
+    if name == "auto":
+        name = cfg.data.eval if cfg.data.eval != "auto" else auto_eval(cfg.data.train)
+        if name is None:  # every run holds out the same rows of its training data (data.task_seed)
+            rows = resolve_data(cfg.data)[1]
+            n = int(size) if size else len(rows)
+            return "heldout" + (f"-{n}" if size else ""), f"{cfg.data.train} (held out)", rows[:n]
+        spec = name + colon + size
+    slug, name, n = parse_eval_set(spec, cfg.data.eval_size)
+    return slug, name, load_eval_examples(name, n, cfg)
 
 
 def evaluate_model(
@@ -221,6 +206,7 @@ def evaluate_model(
         "seed": cfg.seed,
         "model_cfg": {k: getattr(cfg.model, k) for k in EVAL_MODEL_FIELDS},
     }
+    key["model_cfg"]["dtype"] = resolve_dtype(cfg.model.dtype, inference_device(cfg.cpu))  # what it ran in
     if (
         cfg.data.min_pixels is not None or cfg.data.max_pixels is not None
     ):  # images resized: part of the result
@@ -230,8 +216,8 @@ def evaluate_model(
     # an interrupted evaluation continues after its last finished chunk (<name>.partial.json)
     progress = EvalProgress(path.with_name(path.stem + ".partial.json"), key, clock)
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels)
-    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
-    model = model.to(inference_device(cfg.cpu)).eval()
+    device = inference_device(cfg.cpu)
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code, device).to(device).eval()
     res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
                           cfg.seed, progress=progress)  # fmt: skip
     result = ModelEval(config=key, greedy=res.greedy, seconds=progress.seconds, sampled=res.sampled)
@@ -256,7 +242,8 @@ def run_one(cfg, progress: bool) -> RunResult:
     out = Path(cfg.out_dir)
     path = out / "compare_result.json"
     config = to_dict(cfg)
-    if (hit := _cached(path, config, normalized)) is not None:
+    # a run saved before the auto defaults (data.eval, model.dtype) with what they mean here is the same run
+    if (hit := _cached(path, canonical(config), lambda saved: canonical(normalized(saved)))) is not None:
         # the curves from metrics.jsonl: the cached ones may predate a key
         return dataclasses.replace(RunResult.from_dict(hit, str(path)), curves=_curves(out))
     t0 = time.time()
@@ -310,50 +297,50 @@ def curve_mean(curves: list[list[float]]) -> list[float]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    run_compare(args)
+def run(cfg: CompareConfig) -> int:
+    run_compare(cfg)
     return 0
 
 
-def run_compare(args: argparse.Namespace) -> CompareResult:
+def run_compare(cfg: CompareConfig) -> CompareResult:
     """The whole study (module docstring) -> what ``OUT/results.json`` holds."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    arm_specs = arms(args)
+    arm_specs = arms(cfg)
     configs = {
-        (name, s): run_config(args, method, s, name, extra)
+        (name, s): run_config(cfg, method, s, name, extra)
         for name, (method, extra, seeds) in arm_specs.items()
         for s in seeds
     }  # every config is built first: a typo fails before hours of training
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     ref = next(iter(configs.values()))
     sets = {}
-    for spec in args.eval_sets:
-        slug, name, size = parse_eval_set(spec, ref.data.eval_size)
-        sets[slug] = (name, load_eval_examples(name, size, ref))
-    progress = not args.no_progress
+    for spec in cfg.eval_sets:
+        slug, name, examples = eval_set(spec, ref)
+        sets[slug] = (name, examples)
+    progress = cfg.progress
     evals: dict[str, dict[str, dict[str, ModelEval]]] = {"base": {}}
     runs: dict[str, dict[str, RunResult]] = {name: {} for name in arm_specs}
     with Verifier(num_workers=ref.reward.workers, timeout=ref.reward.timeout) as verifier:
         every_seed = dict.fromkeys(str(s) for _, _, seeds in arm_specs.values() for s in seeds)
         for slug, (_, examples) in sets.items():
             path = out / "base" / f"eval_{slug}.json"
-            base = evaluate_model(args.start, ref, examples, args.eval_samples, path, verifier)
+            base = evaluate_model(cfg.start, ref, examples, cfg.eval_samples, path, verifier)
             evals["base"][slug] = {s: base for s in every_seed}  # one model, paired with every run
         for name in arm_specs:
             evals[name] = {slug: {} for slug in sets}
         # seed by seed over the methods first, so that an interrupted study already holds paired runs
-        order = [(m, s) for s in args.seeds for m in args.methods]
-        order += [(n, s) for n, (_, _, seeds) in arm_specs.items() if n not in args.methods for s in seeds]
+        order = [(m, s) for s in cfg.seeds for m in cfg.methods]
+        order += [(n, s) for n, (_, _, seeds) in arm_specs.items() if n not in cfg.methods for s in seeds]
         for name, s in order:
-            cfg = configs[(name, s)]
-            r = run_one(cfg, progress)
+            run_cfg = configs[(name, s)]
+            r = run_one(run_cfg, progress)
             runs[name][str(s)] = r
             for slug, (_, examples) in sets.items():
-                path = Path(cfg.out_dir) / f"eval_{slug}.json"
+                path = Path(run_cfg.out_dir) / f"eval_{slug}.json"
                 evals[name][slug][str(s)] = evaluate_model(
-                    r.model_dir, cfg, examples, args.eval_samples, path, verifier
+                    r.model_dir, run_cfg, examples, cfg.eval_samples, path, verifier
                 )
-    result = summarize(args, arm_specs, sets, runs, evals, ref)
+    result = summarize(cfg, arm_specs, sets, runs, evals, ref)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     plot_curves(result.arms, CURVE_KEYS, out / "learning_curves.png")
     plot_accuracy(result.methods, out / "accuracy.png")
@@ -363,8 +350,8 @@ def run_compare(args: argparse.Namespace) -> CompareResult:
     return result
 
 
-def summarize(args, arm_specs, sets, runs, evals, ref) -> CompareResult:
-    k = args.eval_samples
+def summarize(cfg: CompareConfig, arm_specs, sets, runs, evals, ref) -> CompareResult:
+    k = cfg.eval_samples
     first = next(iter(sets))
     arms_out: dict[str, dict] = {}
     for name in ["base", *arm_specs]:
@@ -399,7 +386,7 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> CompareResult:
             "reward": arms_out[name].get("curves", {}).get("reward"),
         }
         for name in arms_out
-        if name == "base" or name in args.methods
+        if name == "base" or name in cfg.methods
     }
     budget = {
         "steps": ref.steps,
@@ -413,10 +400,10 @@ def summarize(args, arm_specs, sets, runs, evals, ref) -> CompareResult:
         "template": ref.data.template,
     }
     return CompareResult(
-        command=command_line(args),
-        start=args.start,
-        flow=args.flow,
-        seeds=args.seeds,
+        command=command_line(cfg),
+        start=cfg.start,
+        flow=cfg.flow,
+        seeds=list(cfg.seeds),
         budget=budget,
         eval_sets={slug: {"data": name, "n": len(ex)} for slug, (name, ex) in sets.items()},
         methods=methods,

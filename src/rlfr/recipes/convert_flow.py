@@ -1,8 +1,8 @@
 """``rlfr convert-flow``: turn the authors' released flow weights into an rlfr flow directory.
 
-    rlfr convert-flow result/Qwen2.5-Math-1.5B/flow_model/checkpoint-500 --model Qwen/Qwen2.5-Math-1.5B \\
-        --flow-config config/flow_config_3B.json --out runs/qwen1.5b-flow-official
-    rlfr train --method rlfr --config configs/qwen2.5-math-1.5b.yaml flow.init=runs/qwen1.5b-flow-official
+    rlfr convert-flow src=result/Qwen2.5-Math-1.5B/flow_model/checkpoint-500 model=Qwen/Qwen2.5-Math-1.5B \\
+        flow_config=config/flow_config_3B.json out=runs/qwen1.5b-flow-official
+    rlfr train method=rlfr --config configs/qwen2.5-math-1.5b.yaml flow.init=runs/qwen1.5b-flow-official
 
 SRC is a weights file (``.bin`` / ``.pt`` read with ``torch.load(weights_only=True)`` only, or
 ``.safetensors``) or a directory holding one (``flow_model.bin``, ``model.safetensors``,
@@ -11,16 +11,24 @@ conversion script) or ``flow.model.``; a whole-model checkpoint of their flow-pr
 weights next to ``flow.*``) is reduced to its ``flow.*`` keys, as their ``convert_state_dict.py`` does, and
 the count of dropped keys is printed.
 
-The policy's config (``--model``, read with ``AutoConfig``: no weights are loaded) gives the hidden size,
-the depth and the RMSNorm epsilon (``rms_norm_eps``; the authors build the flow with it). Their flow
-config (``--flow-config``, e.g. ``config/flow_config_3B.json``) gives the hooked fractions, context modes
-and shift; without it, ``--fractions/--modes/--shift`` apply (defaults: the published 0.25/0.5/0.75,
-token_post, 1). The directory records ``latent_norm = none``: their flows model raw latents.
+The policy's config (``model``, read with ``AutoConfig``: no weights are loaded) gives the hidden size,
+the depth and the RMSNorm epsilon (``rms_norm_eps``; the authors build the flow with it). The directory records
+``latent_norm = none`` (their flows model raw latents) and the pairing the weights were **trained** with:
+``modes`` / ``shift``, by default ``token_pre`` and 1, the pairing of every published flow (their
+``LLaMA-Factory/examples/train_flow/*.yaml`` set ``flow_context_mode: token_pre`` and no ``flow_shift``, whose
+default is "1"). ``flow_config`` takes either of their two configs:
+
+- their flow-pretraining YAML (``LLaMA-Factory/examples/train_flow/<model>_flow.yaml``): hooked fractions
+  (``hook_layers_percentile``), depth (``num_layers_flow``) and the trained pairing (``flow_context_mode``,
+  ``flow_shift``), all recorded as they are;
+- their RL flow config (``config/flow_config_3B.json``, ``flow_config_7B.json``): fractions and depth only. Its
+  ``flow_context_mode`` (``token_post``) is the pairing their RL *used* with a ``token_pre`` flow, not the one the
+  weights learnt, so it is not recorded (earlier rlfr versions recorded it, wrongly). To run RL as they did, on
+  ``token_post`` pairs with this flow, set ``flow.allow_mode_mismatch=true`` (the presets in ``configs/`` do).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import pickle
@@ -28,10 +36,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from rlfr.errors import PickleRefusedError
+from rlfr.commands import ConvertFlowConfig
+from rlfr.errors import ConfigError, PickleRefusedError
 from rlfr.flow.field import FlowField
 from rlfr.flow.matching import MODES
 from rlfr.flow.store import FlowBundle, meta_for, rms_norm_eps, save_flow
@@ -74,25 +84,33 @@ def flow_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int
 
 
 def read_authors_flow_config(path: Path) -> dict:
-    """Their flow config (``num_layers_flow``, ``hook_layers_percentile`` "0.25+0.5+0.75",
-    ``flow_context_mode`` "token_post", ``flow_shift`` "1") -> our fractions / modes / shift / depth."""
-    cfg = json.loads(path.read_text())
+    """Their flow-pretraining YAML (``flow_context_mode: token_pre``, ``hook_layers_percentile``,
+    ``num_layers_flow``, ``flow_shift`` default "1") -> our fractions / modes / shift / depth; their RL flow config
+    JSON (``config/flow_config_*.json``) -> fractions / depth only (module docstring: its mode is RL's)."""
+    if path.suffix in (".yaml", ".yml"):
+        cfg = yaml.safe_load(path.read_text()) or {}
+    else:
+        cfg = json.loads(path.read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping (the authors' flow config)")
     try:
         fractions = [float(x) for x in str(cfg["hook_layers_percentile"]).split("+")]
         modes = str(cfg["flow_context_mode"]).split("+")
-        shifts = {int(x) for x in str(cfg["flow_shift"]).split("+")}
     except KeyError as e:
         raise ValueError(f"{path}: missing key {e} (expected the authors' flow config)") from e
+    shifts = {int(x) for x in str(cfg.get("flow_shift", "1")).split("+")}  # LLaMA-Factory's default "1"
     if len(shifts) != 1:
         raise ValueError(
             f"{path}: one shift per context mode ({sorted(shifts)}) is not supported; rlfr uses one"
         )
-    return {
-        "fractions": fractions,
-        "modes": modes,
-        "shift": shifts.pop(),
-        "depth": cfg.get("num_layers_flow"),
-    }
+    if path.suffix in (".yaml", ".yml"):  # how the weights were trained
+        return {
+            "fractions": fractions,
+            "modes": modes,
+            "shift": shifts.pop(),
+            "depth": cfg.get("num_layers_flow"),
+        }
+    return {"fractions": fractions, "depth": cfg.get("num_layers_flow")}  # RL's pairing: not the weights'
 
 
 def convert(
@@ -100,7 +118,7 @@ def convert(
     model: str,
     out: str | Path,
     fractions=(0.25, 0.5, 0.75),
-    modes=("token_post",),
+    modes=("token_pre",),
     shift: int = 1,
     depth: int | None = None,
     trust_remote_code: bool = False,
@@ -134,29 +152,15 @@ def convert(
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "src", help="the authors' flow weights: a .bin/.safetensors file or a directory holding one"
+def run(cfg: ConvertFlowConfig) -> int:
+    if not (cfg.src and cfg.model and cfg.out):
+        raise ConfigError("rlfr convert-flow needs src=WEIGHTS model=POLICY out=DIR")
+    settings = {"fractions": list(cfg.fractions), "modes": list(cfg.modes), "shift": cfg.shift, "depth": None}
+    if cfg.flow_config:
+        settings |= read_authors_flow_config(Path(cfg.flow_config))
+    out = convert(cfg.src, cfg.model, cfg.out, trust_remote_code=cfg.trust_remote_code, **settings)
+    print(
+        f"wrote {out}: a flow trained with modes={settings['modes']} shift={settings['shift']} (use it with "
+        f"flow.init={out} flow.latent_norm=none; RL on other modes needs flow.allow_mode_mismatch=true)"
     )
-    p.add_argument(
-        "--model", required=True, help="the policy the flow was trained on (hub name or local dir)"
-    )
-    p.add_argument("--out", required=True, help="output flow directory")
-    p.add_argument(
-        "--flow-config", default=None, help="their flow config JSON (fractions, modes, shift, depth)"
-    )
-    p.add_argument(
-        "--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="hooked block fractions"
-    )
-    p.add_argument("--modes", nargs="+", default=["token_post"], help="context modes")
-    p.add_argument("--shift", type=int, default=1, help="context shift")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = {"fractions": args.fractions, "modes": args.modes, "shift": args.shift, "depth": None}
-    if args.flow_config:
-        settings = read_authors_flow_config(Path(args.flow_config))
-    out = convert(args.src, args.model, args.out, trust_remote_code=args.trust_remote_code, **settings)
-    print(f"wrote {out} (use it with flow.init={out} flow.latent_norm=none)")
     return 0

@@ -12,11 +12,12 @@ and the SFT model, problem by problem: bootstrap 95 % interval and McNemar's tes
 
 Every stage uses the same held-out problems (fixed by ``data.task_seed``), template and generation limit; the
 raw model is evaluated greedily only (it never writes an answer in the checked form, so sampling it says
-nothing). ``--seed N`` sets the seed of every stage (SFT order, flow pretraining, RL sampling) and keeps the
-problems. ``--quick`` shrinks every stage (the end-to-end test runs it); ``key=value`` overrides address the
-stage configs (``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``). ``task=multistep`` runs every
-stage on the multi-step task (``embedded-multistep``: worked solutions of 4-5 steps, 100-180 tokens) with
-generation limits and SFT steps to match (``_TASKS``); overrides still apply on top.
+nothing). ``seed=N`` sets the seed of every stage (SFT order, flow pretraining, RL sampling) and keeps the
+problems. ``quick=true`` shrinks every stage (the end-to-end test runs it); the stage configs are sections
+(``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``); ``rlfr.commands.DemoConfig`` holds the demo's
+settings and chains the stages. ``pool=[DIR,DIR,...]`` runs nothing and pools finished runs (``pool_demos``).
+``task=multistep`` runs every stage on the multi-step task (``embedded-multistep``: worked solutions of 4-5
+steps, 100-180 tokens) with generation limits and SFT steps to match; the user's keys still apply on top.
 
 The RL settings follow the study of ``docs/results/study/``: its learning-rate sweep (RLVR, 48 steps, 200 dev
 problems) kept the SFT model's accuracy at 5e-6 and lost 14-15 points at 1e-5 and 2e-5.
@@ -24,15 +25,13 @@ problems) kept the SFT model's accuracy at 5e-6 and lost 14-15 points at 1e-5 an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from rlfr.config import field_, from_dict, merge_dicts, parse_overrides, to_dict
+from rlfr.commands import DemoConfig
+from rlfr.config import to_dict
 from rlfr.data.sources import resolve_data
 from rlfr.errors import ConfigError
 from rlfr.eval.plots import plot_demo_accuracy, plot_demo_pool, plot_flow_losses, plot_metrics
@@ -42,124 +41,13 @@ from rlfr.recipes.flow_pretrain import run_flow_pretrain
 from rlfr.recipes.sft import run_sft
 from rlfr.recipes.train import run_train
 from rlfr.reward.verifier import Verifier
-from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
+from rlfr.schema import TrainConfig
 from rlfr.stats import compare_arms, format_diff
 
-
-@dataclass(frozen=True)
-class DemoConfig:
-    sft: SFTConfig = field_(SFTConfig(), "cold-start SFT stage")
-    flow: FlowPretrainConfig = field_(FlowPretrainConfig(), "flow pretraining stage")
-    train: TrainConfig = field_(TrainConfig(), "RL stage")
-    eval_samples: int = field_(
-        4, "samples per held-out problem for the sampled (temperature 1) accuracy", range="[0, inf)"
-    )
-    task: Literal["arithmetic", "multistep"] = field_(
-        "arithmetic",
-        "arithmetic: the embedded one-line task (data 'embedded'); multistep: the multi-step task "
-        "('embedded-multistep', worked solutions of 4-6 steps, 100+ tokens) with generation limits to match",
-    )
-
-
-_DATA = {"train": "embedded", "eval": "embedded", "train_size": 1024, "eval_size": 128}
-_FULL = {
-    "sft": {
-        "data": {**_DATA, "solution_field": "solution"},
-        "lr": 7e-5,
-        "steps": 16,
-        "batch_size": 16,
-        "micro_batch_size": 16,
-        "warmup_ratio": 0.1,
-        "eval_max_new_tokens": 48,
-    },
-    "flow": {
-        "data": {**_DATA, "train_size": 192, "solution_field": "solution"},
-        "lr": 1e-3,
-        "epochs": 2.0,
-        "batch_size": 16,
-        "heldout_fraction": 0.125,
-        "flow": {"batch_mul": 4},
-    },
-    "train": {
-        "method": "rlfr",
-        "data": _DATA,
-        "steps": 16,
-        "save_every": 0,
-        "eval_max_new_tokens": 48,
-        "rollout": {"prompts_per_step": 8, "num_generations": 4, "max_new_tokens": 40, "batch_size": 32},
-        "policy": {"lr": 5e-6, "micro_batch_size": 32},
-        "flow": {"lr": 1e-4, "batch_mul": 4, "warmup_ratio": 0.0},
-    },
-}
-_QUICK = {
-    "sft": {
-        "data": {**_DATA, "eval_size": 16, "train_size": 64},
-        "steps": 4,
-        "batch_size": 8,
-        "micro_batch_size": 8,
-    },
-    "flow": {"data": {**_DATA, "eval_size": 16, "train_size": 32}, "epochs": 1.0, "batch_size": 8},
-    "train": {
-        "data": {**_DATA, "eval_size": 16, "train_size": 64},
-        "steps": 2,
-        "eval_max_new_tokens": 32,
-        "rollout": {"prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 24},
-    },
-    "eval_samples": 2,
-}
-
-
-_MULTISTEP_DATA = {"train": "embedded-multistep", "eval": "embedded-multistep"}
-# the multi-step task: its data in every stage; generation limits above its longest worked solution (180
-# tokens with EOS in 2,000 training problems); 24 SFT steps for the longer format; smaller micro-batches, as
-# sequences are 3x longer (the same updates, less memory)
-_TASKS: dict[str, tuple[dict, dict]] = {  # task -> (full settings, quick settings) over _FULL / _QUICK
-    "arithmetic": ({}, {}),
-    "multistep": (
-        {
-            "sft": {"data": _MULTISTEP_DATA, "steps": 24, "micro_batch_size": 8, "eval_max_new_tokens": 192},
-            "flow": {"data": _MULTISTEP_DATA},
-            "train": {
-                "data": _MULTISTEP_DATA,
-                "eval_max_new_tokens": 192,
-                "rollout": {"max_new_tokens": 192},
-                "policy": {"micro_batch_size": 16},
-            },
-        },
-        {"sft": {"steps": 4}, "train": {"eval_max_new_tokens": 32, "rollout": {"max_new_tokens": 24}}},
-    ),
-}
-TASK_NAMES = {
+TASK_NAMES = {  # DemoConfig.task -> what summary.json calls it
     "arithmetic": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
     "multistep": "embedded-multistep (reasoning-gym basic_arithmetic + chain_sum, 5-6 terms, worked steps)",
 }
-
-
-def demo_config(quick: bool, out: Path, overrides: list[str]) -> DemoConfig:
-    given = parse_overrides(overrides)
-    full, small = _TASKS.get(str(given.get("task", DemoConfig.task)), ({}, {}))  # bad: from_dict names it
-    data = merge_dicts(_FULL, _QUICK) if quick else _FULL
-    data = merge_dicts(merge_dicts(data, full), small) if quick else merge_dicts(data, full)
-    data = merge_dicts(
-        data,
-        {
-            "sft": {"out_dir": str(out / "sft")},
-            "flow": {"out_dir": str(out / "flow_pretrain")},
-            "train": {"out_dir": str(out / "rl")},
-        },
-    )
-    data = merge_dicts(data, given)
-    cfg = from_dict(DemoConfig, data)
-    # the RL stage starts from the SFT model with the pretrained flow; the flow models the SFT model
-    flow = dataclasses.replace(
-        cfg.flow, model=dataclasses.replace(cfg.flow.model, name_or_path=str(Path(cfg.sft.out_dir) / "model"))
-    )
-    shared = ("fractions", "modes", "shift", "width", "depth", "eps", "latent_norm")
-    train_flow = dataclasses.replace(
-        cfg.train.flow, init=str(Path(flow.out_dir) / "flow"), **{k: getattr(flow.flow, k) for k in shared}
-    )
-    train = dataclasses.replace(cfg.train, model=flow.model, flow=train_flow)
-    return dataclasses.replace(cfg, flow=flow, train=train)
 
 
 def held_out(model_name: str, cfg: TrainConfig, samples: int):
@@ -170,7 +58,7 @@ def held_out(model_name: str, cfg: TrainConfig, samples: int):
     with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as v:
         return held_out_scores(
             model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, samples, seed=0
-        )  # one sampling seed for every stage and every --seed: the models differ, not the noise
+        )  # one sampling seed for every stage and every seed=N: the models differ, not the noise
 
 
 def paired_change(after, before, samples: int) -> dict:
@@ -269,7 +157,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
 
 
 def pool_demos(dirs: list[Path]) -> dict:
-    """Several demo runs on the same held-out problems (``--seed`` repeats): each run's accuracies and its
+    """Several demo runs on the same held-out problems (``seed=N`` repeats): each run's accuracies and its
     paired RL - SFT change, and the pooled change (per-problem accuracy averaged over the runs, paired
     bootstrap 95 % interval; McNemar per run). Runs must have evaluated alike (held-out data settings,
     generation limit, samples per problem, RL method); a run given twice is refused."""
@@ -333,27 +221,10 @@ def render_pool(pool: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--quick", action="store_true", help="a ~2-minute run with tiny budgets (used by the tests)"
-    )
-    p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument(
-        "--pool", nargs="+", metavar="DIR", default=None,
-        help="run nothing: pool finished demo runs (e.g. --seed repeats) into OUT/pooled.{json,md,png}",
-    )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--seed", type=int, default=None,
-        help="seed of every stage (SFT, flow pretraining, RL); the held-out problems stay the same",
-    )  # fmt: skip
-    p.add_argument("overrides", nargs="*", help="stage overrides, e.g. train.steps=20 sft.lr=3e-5")
-
-
-def run(args) -> int:
-    out = Path(args.out)
-    if args.pool:
-        pool = pool_demos([Path(d) for d in args.pool])
+def run(cfg: DemoConfig) -> int:
+    out = Path(cfg.out)
+    if cfg.pool:
+        pool = pool_demos([Path(d) for d in cfg.pool])
         out.mkdir(parents=True, exist_ok=True)
         (out / "pooled.json").write_text(json.dumps(pool, indent=2))
         md = render_pool(pool)
@@ -361,11 +232,5 @@ def run(args) -> int:
         plot_demo_pool(pool, out / "pooled.png")
         print(md)
         return 0
-    run_demo(demo_config(args.quick, out, stage_overrides(args)), out, progress=not args.no_progress)
+    run_demo(cfg, out, progress=cfg.progress)
     return 0
-
-
-def stage_overrides(args) -> list[str]:
-    """The command line's ``key=value`` overrides, after the stage seeds that ``--seed`` sets."""
-    seeds = [] if args.seed is None else [f"{s}.seed={args.seed}" for s in ("sft", "flow", "train")]
-    return [*seeds, *args.overrides]

@@ -1,21 +1,23 @@
 """``rlfr inspect``: which tokens does the flow reward or penalise? An HTML page and ``stats.json``.
 
-    rlfr inspect --checkpoint runs/demo/rl            # a run dir (latest checkpoint) or a checkpoint dir
-    rlfr inspect --model runs/sft/model --flow runs/flow/flow --data embedded --n-prompts 8
+    rlfr inspect checkpoint=runs/demo/rl            # a run dir (latest checkpoint) or a checkpoint dir
+    rlfr inspect model=runs/sft/model flow=runs/flow/flow data=embedded n_prompts=8
 
-Samples ``--num-generations`` responses for each of ``--n-prompts`` problems, runs the policy once over
+Samples ``num_generations`` responses for each of ``n_prompts`` problems, runs the policy once over
 every rollout with a ``LatentTap`` at the flow's own block fractions (``latents.json``: fractions, modes,
-shift, and ``latent_norm``: latents standardised with the flow's ``latent_norm.safetensors`` when set),
+shift, and ``latent_norm``: latents standardised with the flow's ``latent_norm.safetensors`` when set; with
+``--checkpoint``, the modes and shift the run scored with, which ``flow.allow_mode_mismatch`` lets differ),
+stopping each forward after the deepest hooked block,
 scores each response token with ``rlfr.flow.token_scores`` and writes ``OUT/inspect.html``
 (self-contained: inline CSS, no script, no external resource; all model and data text is escaped),
 ``OUT/rollouts.jsonl`` (every rollout with its tokens) and ``OUT/stats.json``
 (``rlfr.eval.results.InspectResult``, also what ``run_inspect`` returns).
 
-Token rewards. ``--reward dense`` (default) colours every scored token by -beta * (2x - 1), x = the
+Token rewards. ``reward=dense`` (default) colours every scored token by -beta * (2x - 1), x = the
 per-sequence min-max normalised deviation: the bilateral reward before the eta threshold and top-k, so
-every token's position relative to the flow is visible. ``--reward shaped`` uses exactly the run's
+every token's position relative to the flow is visible. ``reward=shaped`` uses exactly the run's
 shaping (``rlfr.flow.shaping.shape_flow_rewards``: sparse, and never positive unless bilateral). Shaping
-parameters and rewarding timesteps come from the checkpoint's config (defaults with ``--model/--flow``).
+parameters and rewarding timesteps come from the checkpoint's config (defaults with ``model``/``flow``).
 
 Sequence score: mean deviation over a rollout's scored tokens. The AUROC is the probability that a
 correct rollout has a lower mean deviation than a wrong one (ties 1/2); n/a with only one class.
@@ -23,13 +25,13 @@ correct rollout has a lower mean deviation than a wrong one (ties 1/2); n/a with
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 from pathlib import Path
 
 import torch
 
+from rlfr.commands import InspectConfig
 from rlfr.data.sources import GENERATED_SETS, load_source
 from rlfr.data.templates import example_prompt
 from rlfr.eval.results import FlowTokenStats, InspectResult
@@ -48,67 +50,40 @@ from rlfr.schema import DataConfig, RewardShapingConfig
 from rlfr.stats import auroc, token_reward_stats
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None, help="RL checkpoint dir (policy/ + flow/) or a run dir")
-    p.add_argument("--model", default=None, help="policy (with --flow, instead of --checkpoint)")
-    p.add_argument(
-        "--flow",
-        default=None,
-        help="flow directory: flow-pretrain or convert-flow output, or a checkpoint's flow/ (with --model)",
-    )
-    p.add_argument(
-        "--data",
-        default="embedded",
-        help="'embedded' (held-out split), 'embedded-vl', a benchmark or a data file",
-    )
-    p.add_argument("--n-prompts", type=int, default=8, help="problems to sample")
-    p.add_argument("--num-generations", type=int, default=4, help="responses per problem")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit")
-    p.add_argument("--template", default=None, help="prompt template (default: the run's, else chat)")
-    p.add_argument(
-        "--reward", default="dense", choices=("dense", "shaped"), help="token reward shown (see docs)"
-    )
-    p.add_argument(
-        "--min-count", type=int, default=3, help="tokens seen fewer times are left out of the rankings"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed (sampling, flow noise, embedded split)")
-    p.add_argument("--out", default="runs/inspect", help="output directory")
-    p.add_argument("--cpu", action="store_true", help="force CPU")
-
-
-def resolve_inputs(args: argparse.Namespace) -> tuple[str, Path, dict]:
+def resolve_inputs(cfg: InspectConfig) -> tuple[str, Path, dict]:
     """-> (policy path, flow dir, the run's TrainConfig dict or {})."""
-    if args.checkpoint:
-        if args.model or args.flow:
-            raise ValueError("give either --checkpoint or --model with --flow, not both")
-        ck = ckpt_io.resolve_checkpoint(args.checkpoint)  # a checkpoint or a run directory (its latest)
+    if cfg.checkpoint:
+        if cfg.model or cfg.flow:
+            raise ValueError("give either checkpoint=DIR or model=MODEL with flow=DIR, not both")
+        ck = ckpt_io.resolve_checkpoint(cfg.checkpoint)  # a checkpoint or a run directory (its latest)
         for sub in ("policy", "flow"):
             if not (ck / sub).is_dir():
                 raise FileNotFoundError(f"{ck} has no {sub}/ (need an RL checkpoint of method rlfr)")
         return str(ck / "policy"), ckpt_io.flow_dir(ck), ckpt_io.load_state(ck).get("config", {})
-    if not (args.model and args.flow):
-        raise ValueError("give --checkpoint, or both --model and --flow")
-    return args.model, Path(args.flow), {}
+    if not (cfg.model and cfg.flow):
+        raise ValueError("give checkpoint=DIR, or both model=MODEL and flow=DIR")
+    return cfg.model, Path(cfg.flow), {}
 
 
-def run(args: argparse.Namespace) -> int:
-    run_inspect(args)
+def run(cfg: InspectConfig) -> int:
+    run_inspect(cfg)
     return 0
 
 
-def run_inspect(args: argparse.Namespace) -> InspectResult:
+def run_inspect(cfg: InspectConfig) -> InspectResult:
     """The whole command (module docstring) -> what ``OUT/stats.json`` holds."""
-    policy_path, flow_dir, config = resolve_inputs(args)
+    policy_path, flow_dir, config = resolve_inputs(cfg)
     bundle = load_flow(flow_dir)  # checks the pairing convention and the statistics file
     meta = bundle.meta.to_json()
     shaping = {**RewardShapingConfig().__dict__, **config.get("flow", {}).get("reward", {})}
+    # the pairs the run scored (flow.allow_mode_mismatch lets them differ from the flow's record), else the flow's
+    pairing = {k: config.get("flow", {}).get(k, meta[k]) for k in ("modes", "shift")}
     data_cfg = config.get("data", {})
-    template = args.template or data_cfg.get("template", "chat")
-    size = data_cfg.get("eval_size", DataConfig.eval_size) if args.data in GENERATED_SETS else 0
-    examples = load_source(args.data, size=size, task_seed=args.seed)[: args.n_prompts]
-    seed_everything(args.seed)
-    device = inference_device(args.cpu)
+    template = cfg.template or data_cfg.get("template", "chat")
+    size = data_cfg.get("eval_size", DataConfig.eval_size) if cfg.data in GENERATED_SETS else 0
+    examples = load_source(cfg.data, size=size, task_seed=cfg.seed)[: cfg.n_prompts]
+    seed_everything(cfg.seed)
+    device = inference_device(cfg.cpu)
     tok = load_tokenizer(
         policy_path, min_pixels=data_cfg.get("min_pixels"), max_pixels=data_cfg.get("max_pixels")
     )
@@ -121,14 +96,14 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
     prompts = [example_prompt(template, ex, tok) for ex in examples]
     try:
         with tap.paused():
-            ro = generate(model, tok, prompts, args.num_generations, args.max_new_tokens, args.temperature,
+            ro = generate(model, tok, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                           images=images_of(tok, examples))  # fmt: skip
         with Verifier(num_workers=1) as verifier:
             correct = [
                 s >= 1.0
                 for s in verifier.verify_batch(ro.completions, [examples[int(g)].answer for g in ro.group])
             ]
-        gen = torch.Generator(device=device).manual_seed(args.seed)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
         rows = []
         for c0 in range(0, ro.input_ids.shape[0], 8):
             sl = slice(c0, c0 + 8)
@@ -138,7 +113,7 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
                 ro.response_mask[sl].to(device),
             )
             vision = None if ro.vision is None else ro.vision.select(sl).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), tap.latents_only():  # the latents only: no later block, no logits
                 model(**model_inputs(ids, att, vision), use_cache=False)
             lat = tap.latents() if norm is None else norm(tap.latents())
             sc = token_scores(
@@ -146,8 +121,8 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
                 lat,
                 tap.layer_values.to(device),
                 mask,
-                meta["modes"],
-                meta["shift"],
+                pairing["modes"],
+                pairing["shift"],
                 shaping["timesteps"],
                 generator=gen,
                 context_mask=att.bool(),
@@ -197,21 +172,21 @@ def run_inspect(args: argparse.Namespace) -> InspectResult:
                 "tokens": toks,
             }
         )
-    stats = compute_stats(rollouts, args.reward, args.min_count)
+    stats = compute_stats(rollouts, cfg.reward, cfg.min_count)
     result = InspectResult(
         stats=stats,
         policy=policy_path,
         flow=str(flow_dir),
         latents=meta,
         shaping=shaping,
-        reward=args.reward,
+        reward=cfg.reward,
         template=template,
-        data=args.data,
+        data=cfg.data,
         n_prompts=len(examples),
-        num_generations=args.num_generations,
-        temperature=args.temperature,
+        num_generations=cfg.num_generations,
+        temperature=cfg.temperature,
     )
-    out = Path(args.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stats.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     (out / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))

@@ -12,7 +12,6 @@ With LoRA (``model.lora.rank`` > 0) only the adapters train; ``out_dir/adapter``
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.config import to_dict
 from rlfr.data.sources import render_prompts, resolve_data
+from rlfr.data.templates import response_end
 from rlfr.eval.scoring import evaluate
 from rlfr.policy.forward import policy_forward
 from rlfr.policy.loading import enable_gradient_checkpointing, load_model, load_tokenizer
@@ -66,13 +66,13 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
         cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
     )
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
-    model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    model = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, acc.device)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.model.freeze_vision and is_vision_language(model.config):
         freeze_vision_tower(model)
     model = apply_lora(model, cfg.model.lora)  # unchanged at rank 0
-    solutions = encode_solutions(tok, train, prompts)
+    solutions = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
     trainable = [q for q in model.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
         trainable, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0
@@ -117,7 +117,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
             with atomic_dir(out / "adapter") as tmp:
                 unwrapped.save_pretrained(tmp, safe_serialization=True, **given)
                 tok.save_pretrained(tmp)
-            final, kwargs = load_model(str(out / "adapter"), cfg.model.dtype, cfg.model.trust_remote_code), {}
+            final = load_model(str(out / "adapter"), cfg.model.dtype, cfg.model.trust_remote_code, acc.device)
+            kwargs = {}
         with atomic_dir(model_dir) as tmp:
             final.save_pretrained(tmp, safe_serialization=True, **kwargs)
             tok.save_pretrained(tmp)
@@ -133,12 +134,6 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     return result
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "lr=2e-5 data.train=my.jsonl data.solution_field=solution")
-
-
-def run(args) -> int:
-    cfg = config_from_args(args, SFTConfig)
-    if cfg is not None:
-        print(json.dumps(vars(run_sft(cfg)), indent=2))
+def run(cfg: SFTConfig) -> int:
+    print(json.dumps(vars(run_sft(cfg)), indent=2))
     return 0

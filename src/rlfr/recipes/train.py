@@ -1,4 +1,4 @@
-"""``rlfr train``: RL with flow rewards (``--method rlfr``), plain RLVR, or entropy-shaped advantages.
+"""``rlfr train``: RL with flow rewards (``method=rlfr``), plain RLVR, or entropy-shaped advantages.
 
 ``run_train(cfg, resume=False) -> TrainResult`` is the whole stage, top to bottom: build the components
 (model, data, flow, checkpoint identity are checked before any long work), resume if asked, then for each
@@ -9,7 +9,7 @@ several processes each takes every ``world``-th prompt), run ``rlfr.rl.step.rl_s
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,20 +18,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlfr.config import add_config_arguments, config_from_args, to_dict
+from rlfr.config import to_dict
 from rlfr.data.sources import data_fingerprints, render_prompts, resolve_data
 from rlfr.errors import ConfigError, Interrupted, NonFiniteError
 from rlfr.eval.plots import plot_metrics
 from rlfr.eval.scoring import evaluate
 from rlfr.flow.learner import FlowLearner
-from rlfr.flow.store import build_flow
+from rlfr.flow.store import build_flow, pairing_note
 from rlfr.policy.latents import LatentTap
-from rlfr.policy.loading import base_model_path, enable_gradient_checkpointing, load_model, load_tokenizer
+from rlfr.policy.loading import (
+    base_model_path,
+    enable_gradient_checkpointing,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from rlfr.policy.lora import AdapterDisabled, apply_lora, is_lora, parameter_counts
 from rlfr.policy.sampler import Sampler, build_sampler
 from rlfr.policy.vision import ImageTextProcessor, freeze_vision_tower, is_vision_language
 from rlfr.policy.vllm_engine import VLLMSettings, check_model_len, require_vllm
-from rlfr.reward.functions import OutcomeReward
+from rlfr.reward.outcome import OutcomeReward
 from rlfr.reward.verifier import Verifier
 from rlfr.rl.step import Components, paused, rl_step
 from rlfr.runtime import checkpoint as ckpt_io
@@ -41,7 +47,7 @@ from rlfr.runtime.metrics import MetricsLogger, flat_config, format_step, read_m
 from rlfr.runtime.optim import build_optimizer, optimizer_step
 from rlfr.runtime.rundir import RunLock, StopOnSignal, claim, holds_run
 from rlfr.runtime.stream import EpochStream, shard
-from rlfr.schema import RESUMABLE_KEYS, FlowConfig, TrainConfig, resume_changes
+from rlfr.schema import FlowConfig, TrainConfig, require_flow_init, resume_changes
 
 
 @dataclass
@@ -89,23 +95,30 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
             "is text-only for now; use rollout.engine=hf"
         )
     prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
-    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    policy = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, acc.device)
+    need_ref = cfg.policy.kl_coef > 0 or cfg.policy.track_kl
+    ref = None
+    if need_ref and cfg.model.lora.rank == 0:  # the start model: a copy, not a second load (nor its warnings)
+        ref = copy.deepcopy(policy).eval()
+        ref.requires_grad_(False)
+        ref.to(acc.device)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if cfg.model.freeze_vision and is_vision_language(policy.config):
         freeze_vision_tower(policy)  # the authors' --freeze_prefix visual
     policy = apply_lora(policy, cfg.model.lora)  # unchanged at rank 0
     policy.train()
-    ref = None
-    need_ref = cfg.policy.kl_coef > 0 or cfg.policy.track_kl
-    if need_ref and not is_lora(policy):
-        ref = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code).eval()
-        ref.requires_grad_(False)
-        ref.to(acc.device)
     bundle = tap = None
     if cfg.method == "rlfr":
         tap = LatentTap(policy, cfg.flow.fractions)
         bundle = build_flow(cfg.flow, policy)
+        if acc.is_main_process and (note := pairing_note(bundle.meta, cfg.flow.modes, cfg.flow.shift)):
+            print(note)
+        if cfg.flow.init == "random" and acc.is_main_process:
+            print(
+                "flow.init=random: the flow starts from random weights and learns online (an ablation: its "
+                "rewards are noise until it has learned; a pretrained flow comes from rlfr flow-pretrain)"
+            )
         if not cfg.flow.update:
             bundle.field.requires_grad_(False)
     elif acc.is_main_process and (ignored := ignored_flow_keys(cfg)):
@@ -137,10 +150,11 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
         flow.attach_optimizer(flow_opt, flow_sched)
     sampler = rollout_sampler(cfg, acc, tok, acc.unwrap_model(policy))
     seed_everything(cfg.seed + 7919 * acc.process_index)  # rollouts differ across ranks
-    verifier = Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout)
+    r = cfg.reward
+    verifier = Verifier(num_workers=r.workers, timeout=r.timeout)
     c = Components(
         cfg=cfg, acc=acc, policy=policy, tokenizer=tok, policy_opt=opt, policy_sched=sched,
-        reward=OutcomeReward(cfg.reward.functions, cfg.reward.weights, verifier), ref=ref, flow=flow,
+        reward=OutcomeReward(r.funcs, r.weights, verifier, r.outcome, r.correct_if), ref=ref, flow=flow,
         sampler=sampler,
     )  # fmt: skip
     return c, RunData(train, evals, prompts, data_fingerprints(cfg.data))
@@ -158,7 +172,7 @@ def rollout_sampler(cfg: TrainConfig, acc, tok, policy) -> Sampler:
             "data.max_prompt_tokens + rollout.max_new_tokens",
         )  # fmt: skip
         settings = VLLMSettings(
-            dtype=cfg.model.dtype, memory_fraction=r.vllm_memory_fraction, max_model_len=max_len,
+            dtype=resolve_dtype(cfg.model.dtype, acc.device), memory_fraction=r.vllm_memory_fraction, max_model_len=max_len,
             sleep=r.vllm_sleep, seed=cfg.seed + acc.process_index, distributed=acc.num_processes > 1,
         )  # fmt: skip
         vllm = dict(model_path=base_model_path(cfg.model.name_or_path), vllm=settings)
@@ -230,6 +244,7 @@ def run_train(
     already in ``cfg.out_dir``; ``stop_after`` ends this process after that many steps (after
     checkpointing), as a preempted job would; ``final_eval=False`` skips the closing held-out evaluation.
     SIGTERM / Ctrl-C finish the step, write a checkpoint and raise ``Interrupted``."""
+    require_flow_init(cfg)  # before anything runs: a flow is chosen, not silently random
     acc = make_accelerator(cfg.cpu)
     out = Path(cfg.out_dir)
     lock = RunLock(out).acquire() if acc.is_main_process else None
@@ -352,29 +367,15 @@ def _train(cfg, acc, out, resuming, progress, stage, stop_after, final_eval) -> 
     return result
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "flow.reward.beta=0.02 steps=200 (presets: configs/*.yaml)")
-    p.add_argument("--method", choices=["rlfr", "rlvr", "entropy"], help="shorthand for method=...")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest intact checkpoint in out_dir (from step 0 when it has none yet); these "
-        f"keys may change on resume and are applied: {', '.join(RESUMABLE_KEYS)}; any other change is refused",
-    )
-    p.add_argument("--force-resume", action="store_true", help="resume even though other keys changed")
-    p.add_argument(
-        "--allow-data-change",
-        action="store_true",
-        help="with --resume: continue although a data file's content changed since the run started (refused "
-        "otherwise)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in out_dir")
-
-
-def run(args) -> int:
-    cfg = config_from_args(args, TrainConfig, [f"method={args.method}"] if args.method else [])
-    if cfg is not None:
-        res = run_train(cfg, resume=args.resume or args.force_resume, overwrite=args.overwrite,
-                        force_resume=args.force_resume, allow_data_change=args.allow_data_change)  # fmt: skip
-        print(json.dumps({k: v for k, v in vars(res).items() if k != "history"}, indent=2))
+def run(
+    cfg: TrainConfig,
+    resume: bool = False,
+    force_resume: bool = False,
+    allow_data_change: bool = False,
+    overwrite: bool = False,
+) -> int:
+    """``rlfr train`` (its flags: ``--resume``, ``--force-resume``, ``--allow-data-change``, ``--overwrite``)."""
+    res = run_train(cfg, resume=resume or force_resume, overwrite=overwrite, force_resume=force_resume,
+                    allow_data_change=allow_data_change)  # fmt: skip
+    print(json.dumps({k: v for k, v in vars(res).items() if k != "history"}, indent=2))
     return 0

@@ -48,7 +48,8 @@ timeout, never in the caller, so the guarantees above hold everywhere. What diff
   where ``atexit`` handlers do not (before, a child that had used ``verify`` waited forever for its workers).
 
 Departure from the paper / authors' code: the paper's reward is binary 0/1, which is the default here.
-The authors' code gives 0.5 to a boxed-but-wrong answer; ``Verifier(format_score=0.5)`` reproduces it.
+The authors' code gives 0.5 to a boxed-but-wrong answer: ``reward.outcome=authors`` (``rlfr.reward.functions``)
+reproduces it; ``Verifier(format_score=0.5)`` gives 0.5 to any extractable wrong answer, boxed or not.
 """
 
 from __future__ import annotations

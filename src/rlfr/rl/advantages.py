@@ -7,7 +7,9 @@ Contract:
 - ``token_advantages(outcome_adv (B,), token_rewards (B, T) | None, mask) -> (B, T)``:
   A_k = A_o + reward_to_go (plain RLVR/GRPO when token_rewards is None), no further normalisation.
 - ``entropy_advantage(adv, entropy, mask, alpha, kappa) -> (B, T)``: the entropy baseline of Cheng et al.
-  2025, A_k + min(alpha * H_k.detach(), |A_k| / kappa).
+  2025, A_k + min(alpha * H_k.detach(), |A_k| / kappa). rlfr's own: the paper reports an entropy baseline, but the
+  authors' release has no implementation of it (its ``--baseline_mode`` option is parsed and never read);
+  alpha 0.4 and kappa 2 are values of public reproductions, not the paper's.
 - ``kl_rewards(logp, ref_logp, mask, coef) -> (B, T)``: -coef * (log p - log p_ref) per token (k1), the
   KL penalty the authors' RLVR baseline puts into the token rewards (OpenRLHF ``compute_reward``), so it
   enters the advantage through the reward-to-go like the flow rewards.

@@ -1,4 +1,4 @@
-"""The RL step shared by ``--method rlfr | rlvr | entropy`` (RLFR_METHOD §5-6).
+"""The RL step shared by ``method=rlfr | rlvr | entropy`` (RLFR_METHOD §5-6).
 
 ``rl_step(c, step, examples, prompts) -> dict[str, float]`` reads top to bottom: rollout -> verify ->
 outcome advantages (-> accuracy filter) -> update -> log. The update, per micro-batch: one forward gives
@@ -23,7 +23,9 @@ reweights the loss by their truncated ratio).
 
 Departures from the authors' code (RLFR_METHOD §8): the flow loss runs outside the hooks under autograd, so
 online flow updates really train the flow (also under gradient checkpointing), on detached latents (no
-gradient reaches the policy; ``rlfr.flow.learner``); rewards are binary by default.
+gradient reaches the policy; ``rlfr.flow.learner``); rewards are binary by default (``reward.outcome=authors``
+gives their 1 / 0.5 / 0), and only rollouts that pass ``reward.correct_if`` train the flow
+(``rlfr.reward.outcome``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from rlfr.policy.forward import policy_forward
 from rlfr.policy.rollout import Rollout
 from rlfr.policy.sampler import Sampler, SamplingParams
 from rlfr.policy.vision import images_of
-from rlfr.reward.functions import OutcomeReward
+from rlfr.reward.outcome import OutcomeReward, reward_columns
 from rlfr.rl.advantages import entropy_advantage, group_advantages, kl_rewards, reward_to_go, token_advantages
 from rlfr.rl.losses import kl_penalty, policy_loss, truncated_is_weights
 from rlfr.runtime.metrics import Accum, reduce_stats
@@ -99,8 +101,10 @@ def rl_step(
         t_sync = time.time()
         ro = sample(c, prompts, examples)
     t_roll = time.time()
-    # 2. verify
-    reward, correct = c.reward(ro.completions, [ex.answer for ex in examples for _ in range(n)])
+    # 2. verify: rewards (reward.funcs) and which rollouts are correct (reward.correct_if: they train the flow)
+    problems = [ex.problem for ex in examples for _ in range(n)]
+    scored = c.reward(problems, ro.completions, reward_columns(examples, n))
+    reward, correct = scored.rewards, scored.correct
     ro = ro.to(c.acc.device)
     reward_t = torch.tensor(reward, dtype=torch.float32, device=c.acc.device)
     correct_t = torch.tensor(correct, dtype=torch.bool, device=c.acc.device)
@@ -130,6 +134,12 @@ def rl_step(
     }
     if c.sampler.holds_weights:
         stats |= {"time/weight_sync": t_sync - t0, "rollout/weights_pushed": float(pushed)}
+    if len(scored.parts) > 1:  # each function's own mean score, over the rollouts it scored
+        stats |= {
+            f"reward/{k}": sum(g) / len(g)
+            for k, v in scored.parts.items()
+            if (g := [x for x in v if x is not None])
+        }
     if keep is not None:
         stats["filter/kept_frac"] = keep.float().mean().item()
     if "update/skipped_nonfinite" in stats:  # the skipped batch's NaN statistics are not logged
