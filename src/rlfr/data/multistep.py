@@ -2,8 +2,9 @@
 
 Contract: ``reduction_steps(expression) -> (list[Step], value)`` and ``worked_solution(expression, answer)
 -> str``. The multi-step embedded task (``rlfr.data.tasks``, ``embedded-multistep``) uses them, so that a
-response is a path of 4-7 computations (100+ tokens) on which a wrong sample goes astray at some step, and a
-flow reward has a path to judge (on the one-line task a correct and a wrong answer differ by one number).
+response is a path of 4-5 computations (6 on its transfer set; 100+ tokens) on which a wrong sample goes
+astray at some step, and a flow reward has a path to judge (on the one-line task a correct and a wrong answer
+differ by one number).
 
 A solution reduces the expression one operation at a time, in the order of evaluation (innermost
 parentheses first, ``*`` before ``+``/``-``, left to right: the post-order of the syntax tree, the order of
