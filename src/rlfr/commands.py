@@ -7,9 +7,10 @@ defaults, ranges and help texts, ``rlfr <cmd> --show-config`` prints the resolve
 command cannot run without defaults to None (``null``) and is asked for when the command runs.
 
 ``DemoConfig`` computes its stage defaults from what the user asked (``resolve_dict``): the demo's budgets,
-shrunk by ``quick``, the stage directories under ``out`` and the stage seeds from ``seed``; the user's own keys
-win over them; then the stages are chained (the RL stage and the flow start from the SFT model, RL from the
-pretrained flow, with its latent settings).
+shrunk by ``quick``, set for the ``task`` (its data, generation limits and SFT steps), the stage directories
+under ``out`` and the stage seeds from ``seed``; the user's own keys win over them; then the stages are
+chained (the RL stage and the flow start from the SFT model, RL from the pretrained flow, with its latent
+settings).
 """
 
 from __future__ import annotations
@@ -271,6 +272,24 @@ _QUICK = {
     },
     "eval_samples": 2,
 }  # fmt: skip
+_MULTISTEP_DATA = {"train": "embedded-multistep", "eval": "embedded-multistep"}
+# DemoConfig.task -> (settings over _FULL, then over _QUICK when quick). The multi-step task: its data in every
+# stage; generation limits above its longest worked solution (180 tokens with EOS in 2,000 training problems);
+# 24 SFT steps for the longer format; smaller micro-batches, as sequences are 3x longer (same updates, less memory)
+_TASKS: dict[str, tuple[dict, dict]] = {
+    "arithmetic": ({}, {}),
+    "multistep": (
+        {
+            "sft": {"data": _MULTISTEP_DATA, "steps": 24, "micro_batch_size": 8, "eval_max_new_tokens": 192},
+            "flow": {"data": _MULTISTEP_DATA},
+            "train": {
+                "data": _MULTISTEP_DATA, "eval_max_new_tokens": 192, "rollout": {"max_new_tokens": 192},
+                "policy": {"micro_batch_size": 16},
+            },
+        },
+        {"sft": {"steps": 4}, "train": {"eval_max_new_tokens": 32, "rollout": {"max_new_tokens": 24}}},
+    ),
+}  # fmt: skip
 _SHARED_FLOW_KEYS = ("fractions", "modes", "shift", "width", "depth", "eps", "latent_norm")
 
 
@@ -289,6 +308,11 @@ class DemoConfig:
         (), "run nothing: pool these finished demo runs (e.g. seed repeats) into out/pooled.{json,md,png}"
     )
     progress: bool = field_(True, "progress bars")
+    task: Literal["arithmetic", "multistep"] = field_(
+        "arithmetic",
+        "arithmetic: the embedded one-line task (data 'embedded'); multistep: the multi-step task "
+        "('embedded-multistep', worked solutions of 4-5 steps, 100+ tokens) with generation limits to match",
+    )
     sft: SFTConfig = field_(SFTConfig(), "cold-start SFT stage")
     flow: FlowPretrainConfig = field_(FlowPretrainConfig(), "flow pretraining stage")
     train: TrainConfig = field_(TrainConfig(), "RL stage")
@@ -305,6 +329,10 @@ class DemoConfig:
         if not isinstance(quick, bool) or not isinstance(out, str):
             raise ConfigError(f"quick must be true/false and out a path, got quick={quick!r}, out={out!r}")
         data = merge_dicts(to_dict(cls()), merge_dicts(_FULL, _QUICK) if quick else _FULL)
+        # the task's settings over the budgets (an unknown task is left to from_dict, which names the choices)
+        task = user.get("task", cls.task)
+        full, small = _TASKS.get(task, ({}, {})) if isinstance(task, str) else ({}, {})
+        data = merge_dicts(merge_dicts(data, full), small if quick else {})
         stages = {"sft": "sft", "flow": "flow_pretrain", "train": "rl"}
         data = merge_dicts(data, {s: {"out_dir": str(Path(out) / d)} for s, d in stages.items()})
         if seed is not None:
