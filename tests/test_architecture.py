@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "rlfr"
 # reward -> rl -> eval, with runtime (the machinery of a run) under rl and the commands on top.
 LAYERS = (
     ("errors",),
-    ("stats", "capabilities", "config", "config_files"),
+    ("stats", "group_stats", "capabilities", "config", "config_files"),
     ("schema", "commands"),
     ("data",),
     ("policy",),
@@ -32,7 +32,17 @@ LAYERS = (
     ("recipes",),
     ("cli", "integrations"),
 )
-STAGES = ("sft", "flow_pretrain", "train", "evaluate", "inspect_flow", "convert_flow", "export", "data")
+STAGES = (
+    "sft",
+    "flow_pretrain",
+    "train",
+    "evaluate",
+    "inspect_flow",
+    "convert_flow",
+    "export",
+    "data",
+    "select",
+)
 COMPOSERS = ("demo", "compare")
 MATHS = (
     "flow/shaping.py",
@@ -220,6 +230,7 @@ def test_the_tree_is_the_pipeline():
         "config.py",
         "config_files.py",
         "errors.py",
+        "group_stats.py",
         "schema.py",
         "stats.py",
     ]

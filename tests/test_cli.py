@@ -82,7 +82,8 @@ def test_show_config_prints_the_resolved_config_and_reads_back(command, tmp_path
     assert _out(capsys, [*words, "--config", str(saved), "--show-config"]) == first
     changed = {"train": "steps=7", "sft": "steps=7", "flow-pretrain": "epochs=3.0", "demo": "quick=true",
                "eval": "data.eval=[embedded,math500]", "inspect": "n_prompts=3", "compare": "seeds=[4,5]",
-               "convert-flow": "modes=token_post", "export": "dtype=bfloat16", "data": "max_length=4096"}[command]  # fmt: skip
+               "convert-flow": "modes=token_post", "export": "dtype=bfloat16", "data": "max_length=4096",
+               "select": "n=4"}[command]  # fmt: skip
     second = _out(capsys, [*words, f"--config={saved}", changed, "--show-config"])
     assert second != first
     saved.write_text(second)

@@ -11,9 +11,10 @@ from rlfr.cli import main
 from rlfr.commands import CompareConfig
 from rlfr.config import load_config
 from rlfr.errors import RlfrError
+from rlfr.eval.inspect_page import render_html
 from rlfr.eval.results import CompareResult, InspectResult, ModelEval
 from rlfr.recipes import compare
-from rlfr.recipes.inspect_flow import compute_stats, render_html
+from rlfr.recipes.inspect_flow import compute_stats
 from rlfr.stats import TOKEN_CLASSES
 from tiny_run import make_tiny_model_dir
 
@@ -72,6 +73,16 @@ def test_inspect_writes_escaped_self_contained_html(tiny_run, tmp_path):
     rated = [r for r in rollouts if r["mean_deviation"] is not None]
     assert (stats["auroc"] is None) == (len({r["correct"] for r in rated}) < 2)
     assert set(stats["tokens"]["by_class"]) == set(TOKEN_CLASSES)
+    # beside the pooled AUROC: within the one problem, the log-prob baseline, length and repeatability over 8 draws
+    assert stats["auroc_within"]["groups"] == (0 if stats["auroc"] is None else 1)
+    assert stats["repeatability"]["draws"] == 8 and [r["k"] for r in stats["repeatability"]["by_draws"]] == [
+        1,
+        2,
+        4,
+        8,
+    ]
+    assert all(r["mean_logp"] < 0 and len(r["deviation_draws"]) == 8 and r["group"] == 0 for r in rated)
+    assert "Separation of correct and wrong rollouts" in page
     assert sum(v["count"] for v in stats["tokens"]["by_class"].values()) == stats["scored_tokens"]
     for r in rollouts:
         scored = [t for t in r["tokens"] if t["valid"]]
@@ -163,6 +174,58 @@ def test_inspect_stats_and_html_escaping_without_a_model():
     assert "&lt;pol&gt;" in page and "http" not in page
     one_class = compute_stats(rollouts[:1], "dense", min_count=1)
     assert one_class.auroc is None and "n/a" in render_html(rollouts[:1], inspected(one_class))
+    # records of earlier versions: grouped by problem text (all "p": one problem, within = pooled = 0.5); no
+    # log-prob, length or repeatability statistics
+    assert stats.auroc_within == {"mean": 0.5, "groups": 1, "lo": None, "hi": None, "level": 0.95}
+    assert stats.logp_auroc is None and stats.length_corr is None and stats.repeatability is None
+    assert set(stats.to_dict()) == {"rollouts", "accuracy", "scored_tokens", "auroc", "auroc_note", "tokens",
+                                    "auroc_within"}  # fmt: skip
+
+
+def _rollout(group, correct, deviation, logp, length, draws):
+    return {"problem": f"p{group}", "group": group, "answer": "1", "prompt": "q", "completion": "c",
+            "correct": correct, "mean_deviation": deviation, "mean_logp": logp, "response_tokens": length,
+            "deviation_draws": draws, "tokens": [_tok("1", 0.0, score=deviation)]}  # fmt: skip
+
+
+def test_inspect_separates_pooled_from_within_problem_and_reports_log_prob_length_and_repeatability():
+    # problem 0 is easy (3 of 4 right) with low deviations, problem 1 hard (1 of 4) with high ones; within each
+    # problem the deviation is the same for every rollout: pooled, the flow looks good; within problems it is chance.
+    # The log-prob separates within problem 0 (right 3 x -0.1 vs wrong -0.5) and problem 1 (right -0.2 vs wrong -0.9).
+    rows = [_rollout(0, True, 1.0, -0.1, 10, [1.0, 1.0]), _rollout(0, True, 1.0, -0.1, 20, [1.0, 2.0]),
+            _rollout(0, True, 1.0, -0.1, 30, [1.0, 3.0]), _rollout(0, False, 1.0, -0.5, 40, [1.0, 4.0]),
+            _rollout(1, True, 2.0, -0.2, 10, [2.0, 1.0]), _rollout(1, False, 2.0, -0.9, 20, [2.0, 2.0]),
+            _rollout(1, False, 2.0, -0.9, 30, [2.0, 3.0]), _rollout(1, False, 2.0, -0.9, 40, [2.0, 4.0])]  # fmt: skip
+    stats = compute_stats(rows, "dense", min_count=1)
+    # pooled: right 3 x (-1), 1 x (-2) vs wrong 1 x (-1), 3 x (-2): 3 ties + 9 wins + 0 + 3 ties -> 12 / 16
+    assert stats.auroc == pytest.approx(0.75)
+    w = stats.auroc_within
+    assert (w["mean"], w["groups"], w["lo"], w["hi"]) == (0.5, 2, 0.5, 0.5)  # every problem 0.5: no spread
+    # log-prob pooled: right -0.1 x 3, -0.2 vs wrong -0.5, -0.9 x 3: every right one is higher -> 1.0
+    assert stats.logp_auroc == 1.0 and stats.logp_auroc_within["mean"] == 1.0
+    # the deviation does not vary within a problem: no within-problem correlation; pooled it does not vary with
+    # length either (each problem has lengths 10..40): r = 0
+    assert stats.length_corr["pooled"] == pytest.approx(0.0) and stats.length_corr["within"]["groups"] == 0
+    rep = stats.repeatability
+    # draw 0 is each problem's deviation (within chance), draw 1 the length / 10 (right rollouts shorter):
+    # r of draw 0 and draw 1 = pooled r of problem deviation and length = 0
+    assert rep["draws"] == 2 and [r["k"] for r in rep["by_draws"]] == [1, 2]
+    assert rep["by_draws"][0]["r"] == pytest.approx(0.0) and rep["by_draws"][0]["auroc"] == pytest.approx(
+        0.75
+    )
+    assert rep["by_draws"][1]["r"] is None
+    # mean of both draws: problem 0 right (1, 1.5, 2) vs wrong 2.5 -> within 1.0; problem 1: right 1.5 vs wrong
+    # 2, 2.5, 3 -> 1.0
+    assert rep["by_draws"][1]["auroc_within"]["mean"] == 1.0
+    page = render_html(rows, InspectResult(stats=stats, policy="p", flow="f", latents={}, shaping={"beta": 0.01},
+                                           reward="dense", template="chat", data="d", n_prompts=2, num_generations=4,
+                                           temperature=1.0))  # fmt: skip
+    assert "within problems: <b>0.500 [0.500, 0.500] over 2 problems</b>" in page
+    assert "<td>mean token log-prob</td><td>1.000</td>" in page and "Repeatability across noise draws" in page
+    again = InspectResult.from_dict(json.loads(json.dumps(InspectResult(
+        stats=stats, policy="p", flow="f", latents={}, shaping={}, reward="dense", template="chat", data="d",
+        n_prompts=2, num_generations=4, temperature=1.0).to_dict())))  # fmt: skip
+    assert again.stats == stats
 
 
 def test_compare_configs_report_and_curves(tmp_path):
@@ -269,7 +332,8 @@ def test_compare_study_features_and_resume(tiny_dir, tmp_path, capsys):
     assert "## embedded-transfer-3 (3 problems)" in md and "| rlfr - rlvr |" in md and "avg@2" in md
     signals = md.split("Training signals")[1].splitlines()
     rlvr_row = next(line for line in signals if line.startswith("| rlvr |")).split("|")
-    assert rlvr_row[5:9] == [" - "] * 4 and rlvr_row[9] != " - "  # no flow signals; the KL was tracked
+    # no flow signals; the KL was tracked (no within-prompt columns: the tiny model is never right)
+    assert rlvr_row[5:9] == [" - "] * 4 and rlvr_row[9] != " - " and "within prompts" not in md
     # interrupt the rlfr run after its first step: drop the result marker and the last checkpoint
     run = out / "rlfr" / "seed_0"
     (run / "compare_result.json").unlink()
@@ -292,6 +356,8 @@ def test_signal_summary_by_hand():
         "adv/outcome_abs": [0.5] * 10,
         "adv/flow_abs": [0.05, 0.05, None, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05],
         "flow_score/auroc": [None] * 5 + [0.6, 0.8, None, None, 0.7],
+        "flow_score/auroc_within": [None] * 5 + [0.4, 0.6, None, None, None],
+        "logp/auroc_within": [0.75] * 10,
         "policy/kl": [0.0] * 8 + [0.01, 0.03],
     }
     sig = compare.signal_summary(curves, window=2)
@@ -299,14 +365,24 @@ def test_signal_summary_by_hand():
     assert sig["outcome_adv_abs"] == pytest.approx(0.5) and sig["flow_rtg_abs"] == pytest.approx(0.05)
     assert sig["flow_over_outcome"] == pytest.approx(0.1)
     assert sig["flow_auroc"] == pytest.approx(0.7) and sig["kl_last"] == pytest.approx(0.02)
+    assert sig["flow_auroc_within"] == pytest.approx(0.5) and sig["logp_auroc_within"] == pytest.approx(0.75)
+    assert sig["logp_auroc"] is None and sig["flow_len_corr_within"] is None
     assert sig["entropy_last"] is None and sig["flow_nonzero_frac"] is None  # never logged
     rlvr = compare.signal_summary({"reward": [0.5], "adv/outcome_abs": [0.2], "adv/flow_abs": [None]})
     assert rlvr["flow_rtg_abs"] is None and rlvr["flow_over_outcome"] is None
     table = compare.render_signals({"base": {}, "rlfr": {"curves": curves}})
     # the table's windows are 8 steps: reward (0.2 + 0.4 + 6 * 0.5) / 8 = 0.45 and (6 * 0.5 + 0.6 + 0.8) / 8 =
     # 0.55; KL (0.01 + 0.03) / 8 = 0.005
-    assert table[1:] == ["|---|" + "---|" * 10,
-                         "| rlfr | 0.450 | 0.550 | 0.500 | 0.0500 | 0.100 | - | 0.700 | 0.0050 | - | - |"]  # fmt: skip
+    # the within-prompt flow AUROC and the log-prob one within prompts were logged: their columns follow the
+    # pooled flow AUROC (the length correlation and the pooled log-prob AUROC were not: no columns)
+    assert table[0].split(" | ")[7:10] == ["flow AUROC pooled (correct vs wrong)", "flow AUROC within prompts",
+                                           "log-prob AUROC within prompts"]  # fmt: skip
+    assert table[1:3] == [
+        "|---|" + "---|" * 12,
+        "| rlfr | 0.450 | 0.550 | 0.500 | 0.0500 | 0.100 | - | 0.700 | 0.500 | 0.750 | 0.0050 | - | - |",
+    ]
+    assert table[-1] == compare.SEPARATION_NOTE
+    assert "within prompts" not in "".join(compare.render_signals({"rlfr": {"curves": {"reward": [0.5]}}}))
 
 
 def test_cached_eval_from_an_older_version_is_reused(tmp_path):

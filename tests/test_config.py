@@ -14,6 +14,7 @@ from rlfr.commands import (
     EvalConfig,
     ExportConfig,
     InspectConfig,
+    SelectConfig,
 )
 from rlfr.config import ConfigError, Range, describe, from_dict, load_config, parse_overrides, to_dict
 from rlfr.schema import FlowPretrainConfig, SFTConfig, TrainConfig
@@ -182,7 +183,7 @@ def _outside(rng, tp) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "cls", [TrainConfig, SFTConfig, FlowPretrainConfig, DemoConfig], ids=lambda c: c.__name__
+    "cls", [TrainConfig, SFTConfig, FlowPretrainConfig, DemoConfig, SelectConfig], ids=lambda c: c.__name__
 )
 def test_every_numeric_setting_has_a_range_that_refuses_nan_inf_and_outside_values(cls):
     """Every int / float setting of every command declares its range next to its help text; NaN, +-inf and a
@@ -222,7 +223,7 @@ def test_configs_built_in_python_are_checked_the_same_way():
 
 # ------------------------------------------------------- issue 28: defaults merged key by key, one CLI
 COMMAND_CONFIGS = [TrainConfig, SFTConfig, FlowPretrainConfig, DemoConfig, EvalConfig, InspectConfig, CompareConfig,
-                   ConvertFlowConfig, ExportConfig]  # fmt: skip
+                   ConvertFlowConfig, ExportConfig, SelectConfig]  # fmt: skip
 
 
 def test_a_nested_key_keeps_the_commands_other_defaults(tmp_path):

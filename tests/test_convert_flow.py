@@ -218,7 +218,9 @@ def test_an_authors_flow_is_refused_by_token_post_rl_unless_the_mismatch_is_allo
     monkeypatch.setattr(inspect_flow, "token_scores", lambda *a, **k: used.append(a[4:6]) or real(*a, **k))
     assert main(["inspect", f"checkpoint={tmp_path / 'allowed'}", "n_prompts=1", "num_generations=2",
                  "max_new_tokens=4", f"out={tmp_path / 'inspect'}"]) == 0  # fmt: skip
-    assert used == [(["token_post"], 1)]
+    assert used == [(["token_post"], 1)] * (
+        1 + inspect_flow.NOISE_DRAWS
+    )  # the scoring and the repeatability draws
     # any other difference is still refused, option or not
     with pytest.raises(FlowMismatchError, match=r"fractions: flow \[0.25, 0.5, 0.75\] vs run \[0.5\]"):
         run_train(cfg("fractions", "flow.allow_mode_mismatch=true", "flow.fractions=[0.5]"), progress=False)

@@ -227,6 +227,37 @@ def test_check_benchmark_answers_through_math_verify():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_embedded_task_names_resolve_in_every_data_setting():
+    # data.train names a whole task (its train split), data.eval one of its sets; the multi-step task's
+    # names resolve like the one-line task's, with its own problems and solutions
+    from rlfr.data.sources import GENERATED_SETS
+    from rlfr.data.tasks import EMBEDDED_SETS, embedded_task, multistep_task
+    from rlfr.schema import canonical
+
+    assert EMBEDDED_SETS == ("embedded", "embedded-dev", "embedded-transfer", "embedded-multistep",
+                             "embedded-multistep-dev", "embedded-multistep-transfer")  # fmt: skip
+    assert set(EMBEDDED_SETS) <= set(GENERATED_SETS)
+    cfg = DataConfig(train="embedded-multistep", eval="embedded-multistep-dev", train_size=30, eval_size=8,
+                     dev_size=6, task_seed=2)  # fmt: skip
+    train, evals = resolve_data(cfg, need_solution=True)
+    splits = multistep_task(train_size=30, eval_size=8, seed=2, dev_size=6)
+    assert train == splits.train and evals == splits.dev
+    assert all(e.solution.startswith("First, ") for e in train)
+    held_out = load_source("embedded-multistep", size=8, task_seed=2)
+    assert held_out == splits.eval
+    # the one-line task is unchanged by the new names
+    short = DataConfig(train="embedded", eval="embedded", train_size=30, eval_size=8)
+    assert resolve_data(short) == tuple(embedded_task(train_size=30, eval_size=8, seed=0)[:2])
+    # data.eval=auto on the multi-step task is its own held-out split, as on the one-line task
+    auto = DataConfig(train="embedded-multistep", train_size=30, eval_size=8, task_seed=2)
+    assert resolve_data(auto) == (multistep_task(train_size=30, eval_size=8, seed=2).train, held_out)
+    # and a run saved with data.eval=embedded-multistep is the same experiment as one with data.eval=auto
+    saved = {"data": {"train": "embedded-multistep", "eval": "auto"}}
+    assert canonical(saved)["data"]["eval"] == "embedded-multistep"
+    with pytest.raises(DataError, match="does not exist; a data spec is .*embedded-multistep-transfer"):
+        load_source("embedded-multistep-hard")
+
+
 # ------------------------------------------------------------------ datasets: files, directories, Hub ids
 
 

@@ -192,3 +192,71 @@ def test_pooling_greedy_only_runs(tmp_path):
     md = (tmp_path / "pooled" / "pooled.md").read_text()
     assert "avg@" not in md and "RLFR - SFT greedy +12.5 [" in md
     assert (tmp_path / "pooled" / "pooled.png").stat().st_size > 1000
+
+
+def test_demo_task_multistep_sets_every_stage(tmp_path):
+    from rlfr.commands import DemoConfig
+    from rlfr.config import load_config
+    from rlfr.errors import ConfigError
+
+    def demo(*overrides):
+        return load_config(DemoConfig, overrides=[f"out={tmp_path}", *overrides])
+
+    cfg = demo("task=multistep", "train.steps=3")
+    assert cfg.task == "multistep" and cfg.train.steps == 3
+    for stage in (cfg.sft, cfg.flow, cfg.train):
+        assert (stage.data.train, stage.data.eval) == ("embedded-multistep", "embedded-multistep")
+    # the generation limits cover the longest worked solution (about 180 tokens)
+    assert (
+        cfg.train.rollout.max_new_tokens
+        == cfg.train.eval_max_new_tokens
+        == cfg.sft.eval_max_new_tokens
+        == 192
+    )
+    assert (cfg.sft.steps, cfg.sft.micro_batch_size, cfg.sft.batch_size) == (24, 8, 16)
+    assert cfg.train.policy.micro_batch_size == 16 and cfg.flow.data.train_size == 192
+    # the stages stay chained: the flow models the SFT model, RL starts from it with the pretrained flow
+    assert cfg.flow.model.name_or_path == cfg.train.model.name_or_path == str(tmp_path / "sft" / "model")
+    assert cfg.train.flow.init == str(tmp_path / "flow_pretrain" / "flow")
+    plain = demo()
+    assert plain.task == "arithmetic" and plain.train.data.train == "embedded"
+    assert plain.train.rollout.max_new_tokens == 40  # the one-line task keeps its settings
+    # the task's settings are defaults: the user's keys still win
+    mine = demo("task=multistep", "train.rollout.max_new_tokens=256", "sft.steps=5")
+    assert mine.train.rollout.max_new_tokens == 256 and mine.train.data.train == "embedded-multistep"
+    assert mine.sft.steps == 5
+    quick = demo("quick=true", "task=multistep")
+    assert quick.train.data.train_size == 64 and quick.train.data.train == "embedded-multistep"
+    assert quick.sft.steps == 4 and quick.train.rollout.max_new_tokens == 24
+    with pytest.raises(ConfigError, match="task"):
+        demo("task=gsm")
+
+
+@pytest.mark.slow
+def test_quick_demo_multistep(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlfr.cli",
+            "demo",
+            "quick=true",
+            "progress=false",
+            f"out={out}",
+            "task=multistep",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,  # a hang guard, not a speed limit
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"].startswith("embedded-multistep") and summary["steps"] == 2
+    config = json.loads((out / "demo_config.json").read_text())
+    assert config["task"] == "multistep"
+    assert {config[s]["data"]["train"] for s in ("sft", "flow", "train")} == {"embedded-multistep"}
+    assert summary["flow_pretrain_loss_last"] < summary["flow_pretrain_loss_first"]
+    per = json.loads((out / "heldout.json").read_text())
+    assert len(per["sft"]["greedy"]) == len(per["rlfr"]["sampled"]) == summary["eval_problems"] == 16
+    assert (out / "rl" / "checkpoints" / "step_000002" / "flow" / "flow.safetensors").is_file()

@@ -166,6 +166,28 @@ def test_each_rows_outlier_gets_minus_beta_and_the_statistics_say_so():
     assert stats["flow_score/mean"] == pytest.approx(float(sc.scores.sum() / 7), rel=1e-6)
 
 
+def test_with_group_ids_the_statistics_hold_the_auroc_within_prompts_and_the_length_correlation():
+    # row 0 (correct) scores about 400 / 4, row 1 (wrong) about 400 / 3: one prompt -> within 1.0 over 1 group
+    flow, log = learner(), Accum()
+    flow.score(RESPONSE, CONTEXT, CORRECT, log, group=torch.tensor([0, 0]))
+    stats = log.means()
+    assert stats["flow_score/auroc_within"] == 1.0 and stats["flow_score/auroc_within_groups"] == 1.0
+    # two points: lengths 4 and 3 against mean deviations about 100 and 133 -> r = -1; no group of 3 or more
+    assert stats["flow_score/len_corr"] == pytest.approx(-1.0) and "flow_score/len_corr_within" not in stats
+    # two prompts with one rollout each: no prompt holds both classes, the pooled AUROC stays
+    flow.score(RESPONSE, CONTEXT, CORRECT, log := Accum(), group=torch.tensor([0, 1]))
+    stats = log.means()
+    assert stats["flow_score/auroc"] == 1.0 and stats["flow_score/auroc_within_groups"] == 0.0
+    assert "flow_score/auroc_within" not in stats
+    flow.score(RESPONSE, CONTEXT, CORRECT, log := Accum())  # without group ids (the TRL bridge): pooled only
+    assert set(log.means()) == {
+        "flow_reward/mean",
+        "flow_reward/nonzero_frac",
+        "flow_score/mean",
+        "flow_score/auroc",
+    }
+
+
 def test_a_non_finite_latent_is_flagged_and_poisons_only_its_row():
     lat = outliers()
     lat[1, 1, 3, 0] = float("nan")

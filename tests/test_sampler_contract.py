@@ -1,5 +1,5 @@
 """The sampler contract (``rlfr.policy.sampler``), one test per promise, run against every implementation:
-the transformers sampler everywhere, the vLLM engine where vLLM is installed (skipped elsewhere; see
+the transformers sampler everywhere (also capturing latents as it samples), the vLLM engine where vLLM is installed (skipped elsewhere; see
 docs/vllm.md). On a tiny random-init Llama of 2 blocks, hidden 64 and 2 heads (vLLM's CPU attention needs
 head_dim >= 32), weights drawn wide (std 0.3) so that greedy decoding is not one repeated token, and the
 digits 0-4 added to the model's EOS ids so that a batch of 12-token responses holds both rollouts that stop at
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlfr.policy.latents import LatentTap
 from rlfr.policy.rollout import eos_ids, generate
 from rlfr.policy.sampler import Sampler, SamplingParams, TransformersSampler, build_sampler
 from tiny_run import make_tiny_model_dir
@@ -33,11 +34,15 @@ def tiny(tmp_path_factory):
     return path, tok, model
 
 
-@pytest.fixture(scope="module", params=["hf", "vllm"])
+@pytest.fixture(scope="module", params=["hf", "hf-capture", "vllm"])
 def sampler(request, tiny) -> Sampler:
     path, tok, model = tiny
     if request.param == "hf":  # 5 sequences per generate call: batches that straddle prompts
         yield build_sampler("hf", tok, model=model, batch_size=5)
+        return
+    if request.param == "hf-capture":  # latents recorded while sampling (rlfr select): the same promises
+        with LatentTap(model, (0.5,)) as tap:
+            yield build_sampler("hf", tok, model=model, batch_size=5, capture=tap)
         return
     pytest.importorskip("vllm")
     from rlfr.policy.vllm_engine import VLLMSettings

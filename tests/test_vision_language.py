@@ -215,7 +215,7 @@ def test_image_tokens_get_no_flow_reward(vl):
 
 
 def test_latents_only_with_images_equals_the_full_forward(vl):
-    """The forward that stops after the deepest hooked block (flow pretraining, inspect) gives the latents of
+    """The forward that stops after the deepest hooked block (flow pretraining, the TRL bridge) gives the latents of
     the full forward bit for bit, with images and the model's 3-D positions."""
     from rlfr.policy.forward import model_inputs
     from rlfr.policy.latents import LatentTap

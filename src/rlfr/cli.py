@@ -59,6 +59,8 @@ _COMMANDS = {
                 "base vs RLVR vs RLFR vs entropy shaping (and ablations) over seeds", ()),
     "inspect": ("rlfr.recipes.inspect_flow", "rlfr.commands:InspectConfig",
                 "an HTML page colouring response tokens by flow reward", ()),
+    "select": ("rlfr.recipes.select", "rlfr.commands:SelectConfig",
+               "choose among N samples by votes, flow and log-prob scores; accuracy against N", ()),
 }  # fmt: skip
 # flag -> (its value's name or None, help)
 _FLAGS = {

@@ -1,5 +1,5 @@
-"""The config schema of the commands that are not a single training stage: eval, inspect, compare, demo,
-convert-flow and export (frozen dataclasses like ``rlfr.schema``'s, loaded by ``rlfr.config.load_config``).
+"""The config schema of the commands that are not a single training stage: eval, inspect, select, compare,
+demo, convert-flow and export (frozen dataclasses like ``rlfr.schema``'s, loaded by ``rlfr.config.load_config``).
 
 Every setting of every command is a ``key=value`` word (``rlfr compare methods=[rlvr,rlfr] seeds=[0,1,2]``,
 ``rlfr demo quick=true``) or a key of a ``--config`` YAML file; ``rlfr <cmd> --help`` lists them with their
@@ -7,9 +7,10 @@ defaults, ranges and help texts, ``rlfr <cmd> --show-config`` prints the resolve
 command cannot run without defaults to None (``null``) and is asked for when the command runs.
 
 ``DemoConfig`` computes its stage defaults from what the user asked (``resolve_dict``): the demo's budgets,
-shrunk by ``quick``, the stage directories under ``out`` and the stage seeds from ``seed``; the user's own keys
-win over them; then the stages are chained (the RL stage and the flow start from the SFT model, RL from the
-pretrained flow, with its latent settings).
+shrunk by ``quick``, set for the ``task`` (its data, generation limits and SFT steps), the stage directories
+under ``out`` and the stage seeds from ``seed``; the user's own keys win over them; then the stages are
+chained (the RL stage and the flow start from the SFT model, RL from the pretrained flow, with its latent
+settings).
 """
 
 from __future__ import annotations
@@ -103,6 +104,90 @@ class InspectConfig:
 
 
 @dataclass(frozen=True)
+class SelectConfig:
+    """``rlfr select``: N samples per problem, scored, and one chosen by each rule (``rlfr.recipes.select``). The
+    policy and its flow (checkpoint=, or model= with flow=) are asked for when the command runs."""
+
+    checkpoint: str | None = field_(
+        None,
+        "RL checkpoint of method rlfr (policy/ + flow/) or its run directory (the newest), e.g. runs/demo/rl",
+    )
+    model: str | None = field_(None, "policy to sample, with flow= (instead of checkpoint=)")
+    flow: str | None = field_(
+        None, "flow directory (flow-pretrain or convert-flow output, or a checkpoint's flow/), with model="
+    )
+    data: str = field_(
+        "embedded",
+        "problems: 'embedded' (held-out split), 'embedded-dev', 'embedded-transfer', a benchmark or a data file",
+    )
+    problems: int = field_(
+        0,
+        "problems: the first N of a benchmark or file, the size of an embedded set (at most the run's data.eval_size "
+        "for its held-out split); 0 = all of a file, the run's held-out split (data.eval_size, 64 without a run)",
+        range="[0, inf)",
+    )
+    dev_problems: int = field_(
+        0,
+        "problems (a random subset, seeded by seed) in the development split, on which the best flow-including "
+        "rule is chosen; the rest are the test split where it is compared (0 = no split: all are test)",
+        range="[0, inf)",
+    )
+    n: int = field_(
+        8, "samples per problem (N_max; accuracy is reported for N = 1, 2, 4, ... <= n)", range="[2, inf)"
+    )
+    temperature: float = field_(1.0, "sampling temperature", range="(0, inf)")
+    top_p: float = field_(1.0, "nucleus sampling threshold", range="(0, 1]")
+    max_new_tokens: int = field_(256, "generation limit per response", range="[1, inf)")
+    template: Template | None = field_(None, "prompt template (default: the run's, else chat)")
+    task_seed: int | None = field_(
+        None, "embedded task seed (default: the run's data.task_seed: its held-out split)", range="[0, inf)"
+    )
+    timesteps: tuple[float, ...] | None = field_(
+        None,
+        "rewarding timesteps of the flow score (default: the run's flow.reward.timesteps, else 0.8)",
+        range="(0, 1)",
+    )
+    flow_quantile: float = field_(
+        0.9, "the quantile of a response's token deviations that is the score flow_q", range="[0, 1]"
+    )
+    combine_with: Literal["flow_mean", "flow_q"] = field_(
+        "flow_mean", "the flow score that the combined score adds to the log-prob"
+    )
+    combine_weight: float = field_(
+        1.0,
+        "combined = z(mean log-prob) + weight * z(flow score), both standardised within a problem's samples",
+        range="[0, inf)",
+    )
+    subset_draws: int = field_(
+        32,
+        "N-subsets of each problem's samples averaged for the accuracy at N < n: all of them when there are at most "
+        "this many, else this many random ones",
+        range="[1, inf)",
+    )
+    bootstrap: int = field_(
+        10000, "bootstrap resamples of problems for the paired intervals", range="[100, inf)"
+    )
+    scoring: Literal["captured", "forward"] = field_(
+        "captured",
+        "captured: latents and log-probs recorded while sampling (no second policy forward); forward: a second "
+        "forward over the samples (the reference)",
+    )
+    batch_size: int = field_(64, "sequences per generate call", range="[1, inf)")
+    dtype: Dtype = field_("float32", "parameter dtype of the policy")
+    seed: int = field_(0, "seed (sampling, flow noise, subsets, dev split)", range=SEED_RANGE)
+    out: str = field_("runs/select", "output directory")
+    cpu: bool = field_(False, "force CPU")
+
+    def validate(self) -> None:
+        if self.checkpoint is not None and (self.model is not None or self.flow is not None):
+            raise ConfigError("give either checkpoint= or model= with flow=, not both")
+        if self.problems and self.dev_problems >= self.problems:
+            raise ConfigError(
+                f"dev_problems={self.dev_problems} leaves no test problem of problems={self.problems}"
+            )
+
+
+@dataclass(frozen=True)
 class ConvertFlowConfig:
     src: str | None = field_(
         None, "the authors' flow weights (required): a .bin/.safetensors file or a directory holding one"
@@ -187,6 +272,24 @@ _QUICK = {
     },
     "eval_samples": 2,
 }  # fmt: skip
+_MULTISTEP_DATA = {"train": "embedded-multistep", "eval": "embedded-multistep"}
+# DemoConfig.task -> (settings over _FULL, then over _QUICK when quick). The multi-step task: its data in every
+# stage; generation limits above its longest worked solution (180 tokens with EOS in 2,000 training problems);
+# 24 SFT steps for the longer format; smaller micro-batches, as sequences are 3x longer (same updates, less memory)
+_TASKS: dict[str, tuple[dict, dict]] = {
+    "arithmetic": ({}, {}),
+    "multistep": (
+        {
+            "sft": {"data": _MULTISTEP_DATA, "steps": 24, "micro_batch_size": 8, "eval_max_new_tokens": 192},
+            "flow": {"data": _MULTISTEP_DATA},
+            "train": {
+                "data": _MULTISTEP_DATA, "eval_max_new_tokens": 192, "rollout": {"max_new_tokens": 192},
+                "policy": {"micro_batch_size": 16},
+            },
+        },
+        {"sft": {"steps": 4}, "train": {"eval_max_new_tokens": 32, "rollout": {"max_new_tokens": 24}}},
+    ),
+}  # fmt: skip
 _SHARED_FLOW_KEYS = ("fractions", "modes", "shift", "width", "depth", "eps", "latent_norm")
 
 
@@ -205,6 +308,11 @@ class DemoConfig:
         (), "run nothing: pool these finished demo runs (e.g. seed repeats) into out/pooled.{json,md,png}"
     )
     progress: bool = field_(True, "progress bars")
+    task: Literal["arithmetic", "multistep"] = field_(
+        "arithmetic",
+        "arithmetic: the embedded one-line task (data 'embedded'); multistep: the multi-step task "
+        "('embedded-multistep', worked solutions of 4-5 steps, 100+ tokens) with generation limits to match",
+    )
     sft: SFTConfig = field_(SFTConfig(), "cold-start SFT stage")
     flow: FlowPretrainConfig = field_(FlowPretrainConfig(), "flow pretraining stage")
     train: TrainConfig = field_(TrainConfig(), "RL stage")
@@ -221,6 +329,10 @@ class DemoConfig:
         if not isinstance(quick, bool) or not isinstance(out, str):
             raise ConfigError(f"quick must be true/false and out a path, got quick={quick!r}, out={out!r}")
         data = merge_dicts(to_dict(cls()), merge_dicts(_FULL, _QUICK) if quick else _FULL)
+        # the task's settings over the budgets (an unknown task is left to from_dict, which names the choices)
+        task = user.get("task", cls.task)
+        full, small = _TASKS.get(task, ({}, {})) if isinstance(task, str) else ({}, {})
+        data = merge_dicts(merge_dicts(data, full), small if quick else {})
         stages = {"sft": "sft", "flow": "flow_pretrain", "train": "rl"}
         data = merge_dicts(data, {s: {"out_dir": str(Path(out) / d)} for s, d in stages.items()})
         if seed is not None:

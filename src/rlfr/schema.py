@@ -82,16 +82,18 @@ class ModelConfig:
 class DataConfig:
     train: str = field_(
         "embedded",
-        "'embedded' (reasoning-gym task), benchmark:NAME, a data file (.jsonl, .json, .csv, .parquet), a dataset "
-        "directory (save_to_disk, or laid out as on the Hub) or a Hub dataset id (owner/name)",
+        "'embedded' (reasoning-gym task), 'embedded-multistep' (its multi-step task), benchmark:NAME, a data "
+        "file (.jsonl, .json, .csv, .parquet), a dataset directory (save_to_disk, or laid out as on the Hub) or "
+        "a Hub dataset id (owner/name)",
     )
     eval: str = field_(
         "auto",
-        "held-out set: auto (the embedded task's held-out split when training on the embedded task, else "
-        "data.eval_size rows held out of data.train, which no stage then trains on), 'embedded' (held-out "
-        "split), 'embedded-dev' (tuning split), 'embedded-transfer' (longer problems), benchmark:NAME (aime24, "
-        "aime25, amc23, math500, minerva, olympiadbench), a data file, a dataset directory, a Hub dataset id, or '' "
-        "for none",
+        "held-out set: auto (an embedded task's held-out split when training on that task, else data.eval_size "
+        "rows held out of data.train, which no stage then trains on), 'embedded' (held-out split), "
+        "'embedded-dev' (tuning split), 'embedded-transfer' (longer problems), the same three of the multi-step "
+        "task ('embedded-multistep', 'embedded-multistep-dev', 'embedded-multistep-transfer'), benchmark:NAME "
+        "(aime24, aime25, amc23, math500, minerva, olympiadbench), a data file, a dataset directory, a Hub dataset "
+        "id, or '' for none",
     )
     subset: str | None = field_(None, "dataset directories and Hub ids: the subset (configuration) to load")
     split: str = field_("train", "dataset directories and Hub ids: the split of data.train")
@@ -617,15 +619,15 @@ def normalized(saved: dict) -> dict:
 
 def canonical(config: dict) -> dict:
     """A ``TrainConfig`` dict with its ``auto`` values spelt as what they are on this machine: ``data.eval=auto``
-    on a generated training task is that task's held-out split (``embedded``), ``model.dtype=auto`` the dtype
-    ``rlfr.capabilities.resolve_dtype`` gives. A run or result saved before those defaults (``data.eval:
+    on a generated training task is that task's held-out split (``embedded``, ``embedded-multistep``),
+    ``model.dtype=auto`` the dtype ``rlfr.capabilities.resolve_dtype`` gives. A run or result saved before those defaults (``data.eval:
     embedded``, ``model.dtype: float32`` on a CPU) is then the same experiment as one of this version."""
     data, model = config.get("data"), config.get("model")
     out = dict(config)
     if (
         isinstance(data, dict)
         and data.get("eval") == "auto"
-        and data.get("train") in ("embedded", "embedded-vl")
+        and data.get("train") in ("embedded", "embedded-multistep", "embedded-vl")
     ):
         out["data"] = {**data, "eval": data["train"]}
     if isinstance(model, dict) and model.get("dtype") == "auto":

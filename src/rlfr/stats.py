@@ -1,5 +1,5 @@
-"""Statistics shared by ``rlfr eval``, ``rlfr compare``, ``rlfr inspect`` and the training log (the flow
-score's AUROC per step, ``runtime.metrics.Accum``): pure functions of numbers, no models, no rlfr imports,
+"""Statistics shared by ``rlfr eval``, ``rlfr compare``, ``rlfr inspect``, ``rlfr select`` and the training log
+(the flow score's AUROC per step, ``runtime.metrics.Accum``): pure functions of numbers, no models, no rlfr imports,
 so every layer may use them.
 
 - ``pass_at_k(n, c, k)``: the unbiased pass@k estimator of Chen et al. 2021 ("Evaluating Large Language
@@ -11,6 +11,7 @@ so every layer may use them.
   formatter shows one value alone, without a spread.
 - ``auroc(scores, positive)``: probability that a random positive scores higher than a random negative,
   ties counting 1/2 (Mann-Whitney U / (n_pos n_neg)); None when one class is missing.
+- the same within groups (``within_group_auroc``, ``within_group_pearson``, ...): ``rlfr.group_stats``.
 - ``token_class(text)``: digits / operators / words / whitespace+punct, for the flow-reward statistics.
 - ``paired_bootstrap(a, b, iters, seed)``: mean of a - b over paired items (problems) with a percentile
   bootstrap 95 % interval that resamples items (Efron & Tibshirani 1993, ch. 13); a and b are per-problem
@@ -194,12 +195,19 @@ def paired_bootstrap(
             f"paired_bootstrap needs two equally long non-empty sequences, got {len(a)}, {len(b)}"
         )
     d = [float(x) - float(y) for x, y in zip(a, b)]
-    n = len(d)
+    lo, hi = percentile_interval(d, iters, seed, level)
+    return PairedDiff(mean=sum(d) / len(d), lo=lo, hi=hi, n=len(d), level=level)
+
+
+def percentile_interval(values: Sequence[float], iters: int, seed: int, level: float) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``values`` (n,): ``iters`` resamples of n items with
+    replacement (``random.Random(seed)``)."""
+    d, n = list(values), len(values)
     rng = random.Random(seed)
     means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(iters))
     lo_i = int(math.floor((1 - level) / 2 * iters))
     hi_i = min(iters - 1, int(math.ceil((1 + level) / 2 * iters)) - 1)
-    return PairedDiff(mean=sum(d) / n, lo=means[lo_i], hi=means[hi_i], n=n, level=level)
+    return means[lo_i], means[hi_i]
 
 
 def _t_central_mass(t: float, df: int) -> float:

@@ -5,12 +5,20 @@ flow-pretraining data preparation (``prepare``)."""
 from rlfr.data.benchmarks import BENCHMARKS, load_benchmark
 from rlfr.data.examples import DataError, Example, Examples, Fields, LoadReport, load_examples
 from rlfr.data.sources import load_source, render_prompts, resolve_data
-from rlfr.data.tasks import EMBEDDED_SETS, embedded_set, embedded_task, transfer_task
+from rlfr.data.tasks import (
+    EMBEDDED_SETS,
+    EMBEDDED_TASKS,
+    embedded_set,
+    embedded_task,
+    multistep_task,
+    transfer_task,
+)
 from rlfr.data.templates import TEMPLATES, render_prompt
 
 __all__ = [
     "BENCHMARKS",
     "EMBEDDED_SETS",
+    "EMBEDDED_TASKS",
     "TEMPLATES",
     "DataError",
     "Example",
@@ -22,6 +30,7 @@ __all__ = [
     "load_benchmark",
     "load_examples",
     "load_source",
+    "multistep_task",
     "render_prompt",
     "render_prompts",
     "resolve_data",

@@ -2,7 +2,8 @@
 
 A data *spec* is one of
 - ``embedded`` / ``embedded-dev`` / ``embedded-transfer``: the procedural task (``rlfr.data.tasks``):
-  its held-out split, its tuning split, its transfer set;
+  its held-out split, its tuning split, its transfer set; ``embedded-multistep`` (and ``-dev``,
+  ``-transfer``): the same for the multi-step task, whose worked solutions take 4-5 steps;
 - ``embedded-vl``: the multimodal task (``rlfr.data.vl_task``): its held-out split (its train split when it
   is ``data.train``);
 - ``benchmark:NAME`` (or the bare ``NAME``), a benchmark of ``rlfr.data.benchmarks.BENCHMARKS``;
@@ -11,7 +12,8 @@ A data *spec* is one of
 
 Contract:
 - ``load_source(spec, fields, size, task_seed, dev_size, need_solution, subset, split)`` -> the examples of a
-  held-out or training spec (``embedded`` as a *training* spec is the task's train split: use ``resolve_data``);
+  held-out or training spec (``embedded`` or ``embedded-multistep`` as a *training* spec is the task's train
+  split: use ``resolve_data``);
 - ``resolve_data(data_cfg, need_solution, need_answer) -> (train, eval)``: the two sets of a stage's
   ``DataConfig`` (eval ``[]`` when ``data.eval`` is ``''``), truncated to ``data.eval_size``. ``data.eval=auto``
   (the default) follows the training data: the generated task's own held-out split when ``data.train`` is one,
@@ -38,7 +40,7 @@ from pathlib import Path
 
 from rlfr.data.benchmarks import BENCHMARKS, benchmark_name, load_benchmark
 from rlfr.data.examples import Example, Fields, read_examples
-from rlfr.data.tasks import EMBEDDED_SETS, embedded_set, embedded_task
+from rlfr.data.tasks import EMBEDDED_SETS, EMBEDDED_TASKS, embedded_set, task_splits
 from rlfr.data.templates import render_prompt
 from rlfr.data.vl_task import vl_task
 from rlfr.errors import DataError
@@ -99,7 +101,7 @@ def load_source(
 def auto_eval(train_spec: str) -> str | None:
     """The set ``data.eval=auto`` names: a generated task's own held-out split when ``data.train`` is that task,
     else None (rows held out of ``data.train``)."""
-    return train_spec if train_spec in ("embedded", VL_SET) else None
+    return train_spec if train_spec in (*EMBEDDED_TASKS, VL_SET) else None
 
 
 def hold_out(rows: list[Example], size: int, seed: int, spec: str) -> tuple[list[Example], list[Example]]:
@@ -134,9 +136,9 @@ def resolve_data(
     """(train, eval) of a ``DataConfig`` (module docstring); ``need_answer=False`` reads no answer column from
     the training data (flow pretraining)."""
     fields = fields_of(data, need_answer)
-    if data.train == "embedded":
-        train = embedded_task(
-            train_size=data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,
+    if data.train in EMBEDDED_TASKS:
+        train = task_splits(
+            data.train, data.train_size, eval_size=max(data.eval_size, 1), seed=data.task_seed,
             dev_size=data.dev_size,
         ).train  # fmt: skip
         train = _with_system(train, data.system_prompt)

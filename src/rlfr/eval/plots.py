@@ -79,7 +79,7 @@ def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
     """The figure of ``plot_curves``. Each arm keeps one colour in every panel (a panel of flow statistics
     has no RLVR line, and must not give RLFR RLVR's colour), and every panel has its legend. Per-step values
     are thin and pale; with 16 steps or more a centred moving average over (steps // 8) | 1 steps is drawn over them
-    (per-step statistics of a few dozen rollouts are noisy). The AUROC panel marks chance (0.5)."""
+    (per-step statistics of a few dozen rollouts are noisy). The AUROC panels mark chance (0.5)."""
     with_curves = [n for n, a in arms_out.items() if any(v is not None for c in a.get("curves", {}).values()
                                                           for v in c)]  # fmt: skip
     colour = {name: f"C{i}" for i, name in enumerate(with_curves)}
@@ -102,7 +102,7 @@ def curves_figure(plt, arms_out: dict, curve_keys: Sequence[str]):
                 ax.plot(*zip(*pts), label=f"_{name} per step", lw=0.8, alpha=0.3, color=colour[name])
                 pts = moving_average(pts, window)
             ax.plot(*zip(*pts), label=name, lw=1.6 if window > 1 else 1.2, color=colour[name])
-        if key == "flow_score/auroc":
+        if key.endswith(("/auroc", "/auroc_within")):
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("RL step")
@@ -295,3 +295,33 @@ def plot_flow_losses(pretrain_losses: Sequence[float], rl_history: Sequence[dict
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_selection(
+    accuracy: dict[str, dict[str, float]], pass_at: dict[str, float], title: str, path: Path
+) -> None:
+    """``rlfr select``: accuracy against N (log2 axis) of every rule (rule -> str(N) -> accuracy) with pass@N, the
+    ceiling, dashed; rules that use the flow dotted, the others solid."""
+    plt = _plt()
+    fig = selection_figure(plt, accuracy, pass_at, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def selection_figure(plt, accuracy: dict[str, dict[str, float]], pass_at: dict[str, float], title: str):
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    ns = sorted(int(n) for n in pass_at)
+    ax.plot(ns, [100 * pass_at[str(n)] for n in ns], color="black", ls="--", lw=1.4, label="pass@N (ceiling)")
+    for i, (rule, acc) in enumerate(accuracy.items()):
+        flow = rule.partition(":")[2] in ("flow_mean", "flow_q", "combined")
+        ax.plot(ns, [100 * acc[str(n)] for n in ns], marker="o", ms=3, lw=1.2, ls=":" if flow else "-",
+                color=f"C{i % 10}", label=rule)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (samples per problem)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig

@@ -11,6 +11,7 @@ curves of ``metrics.jsonl``).
 - ``CompareResult``: ``rlfr compare``'s ``results.json``; ``RunResult``: a run's ``compare_result.json``;
   ``ModelEval``: a model's ``eval_<set>.json``.
 - ``FlowTokenStats`` / ``InspectResult``: ``rlfr inspect``'s ``stats.json`` (the statistics, then the inputs).
+- ``SelectResult``: ``rlfr select``'s ``results.json``.
 """
 
 from __future__ import annotations
@@ -169,10 +170,17 @@ class CompareResult:
 AUROC_NOTE = "P(mean deviation of a correct rollout < that of a wrong one); null = one class only"
 
 
+_SEPARATION = ("auroc_within", "logp_auroc", "logp_auroc_within", "length_corr", "repeatability")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FlowTokenStats:
     """What ``rlfr inspect`` measured over its rollouts: accuracy, the scored tokens, the AUROC of the sequence
-    flow score for correct vs wrong (None: one class only) and ``rlfr.stats.token_reward_stats``."""
+    flow score for correct vs wrong pooled over rollouts (None: one class only), ``rlfr.stats.token_reward_stats``,
+    and (files of earlier versions lack them) the AUROC within problems (``rlfr.group_stats.GroupMean.to_dict``), the
+    same two for the mean token log-prob, the correlation with response length ({"pooled": r, "within":
+    GroupMean}) and the repeatability across noise draws ({"draws": D, "by_draws":
+    ``rlfr.group_stats.draw_repeatability``})."""
 
     rollouts: int
     accuracy: float
@@ -180,9 +188,14 @@ class FlowTokenStats:
     auroc: float | None
     auroc_note: str = AUROC_NOTE
     tokens: dict[str, Any]
+    auroc_within: dict | None = None
+    logp_auroc: float | None = None
+    logp_auroc_within: dict | None = None
+    length_corr: dict | None = None
+    repeatability: dict | None = None
 
     def to_dict(self) -> dict:
-        return _to_dict(self)
+        return _to_dict(self, _SEPARATION)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,8 +224,45 @@ class InspectResult:
             raise RlfrError(f"{source}: expected a JSON object (InspectResult), got {type(d).__name__}")
         names = {f.name for f in fields(FlowTokenStats)}
         stats = FlowTokenStats(
-            **_from_dict(FlowTokenStats, {k: v for k, v in d.items() if k in names}, source)
+            **_from_dict(FlowTokenStats, {k: v for k, v in d.items() if k in names}, source, _SEPARATION)
         )
         return cls(
             stats=stats, **_from_dict(cls, {k: v for k, v in d.items() if k not in names}, source, ("stats",))
         )
+
+
+# ----------------------------------------------------------------------------------------- rlfr select
+@dataclass(frozen=True, kw_only=True)
+class SelectResult:
+    """``rlfr select``'s ``results.json``: the settings (``config``: ``SelectConfig`` as a dict) and the inputs,
+    then per split (``dev``, ``test``; ``test`` only without a development split) the accuracy of every rule
+    at each N (``accuracy``: split -> rule -> str(N) -> accuracy) and pass@N (``pass_at``: split -> str(N));
+    ``paired``: on the test split at N = n, each rule minus majority voting and minus best-of-N by log-prob
+    ("rule - majority": ``rlfr.stats.PairedDiff`` as {diff, lo, hi, n}); ``primary``: the pre-registered
+    comparison (the flow-including rule with the best dev accuracy at N = n, and it against majority voting and
+    against best-of-N by log-prob on test; None without a development split); ``separation``: how well each score
+    separates correct from wrong samples over all problems (pooled AUROC, and within problems as
+    ``rlfr.group_stats.GroupMean``), and the flow score's correlation with response length; ``seconds``: time spent
+    generating and scoring."""
+
+    config: dict[str, Any]
+    policy: str
+    flow: str
+    n: int
+    ns: list[int]
+    problems: dict[str, int]
+    rules: list[str]
+    flow_rules: list[str]
+    accuracy: dict[str, dict[str, dict[str, float]]]
+    pass_at: dict[str, dict[str, float]]
+    paired: dict[str, dict[str, Any]]
+    primary: dict[str, Any] | None = None
+    separation: dict[str, Any]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "results.json") -> SelectResult:
+        return cls(**_from_dict(cls, d, source, ("primary",)))

@@ -3,7 +3,7 @@ pairs and loss, velocity-deviation scores, their shaping into token rewards, lat
 updates, the flow directory on disk (``store``: the only reader and writer), and the learner that wires them
 during RL (``learner.FlowLearner``: ``rlfr train`` and the TRL bridge both use it)."""
 
-from rlfr.flow.deviation import TokenScores, token_scores, velocity_deviation
+from rlfr.flow.deviation import TokenScores, sequence_scores, token_scores, velocity_deviation
 from rlfr.flow.field import FlowField
 from rlfr.flow.matching import (
     PAIRING,
@@ -38,6 +38,7 @@ __all__ = [
     "per_sequence_mean",
     "sample_timesteps",
     "save_flow",
+    "sequence_scores",
     "shape_flow_rewards",
     "token_scores",
     "velocity_deviation",

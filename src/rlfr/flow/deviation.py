@@ -9,6 +9,8 @@ Contract:
   deviation of the pairs whose **target** is each position (``rlfr.flow.matching``: the token whose latent
   leaves the flow gets the score); ``valid`` (B, T) bool marks positions with at least one pair. Scores
   are 0 where not valid; callers must use ``valid`` (unscored positions join no statistics).
+- ``sequence_scores(scores (B, T), valid (B, T), quantile) -> ((B,), (B,))``: the mean and the ``quantile`` of
+  each sequence's scored tokens (a response's flow score; NaN for a row without one).
 
 Both run under ``torch.no_grad()``: scores are rewards, not a training signal for the field.
 
@@ -144,3 +146,14 @@ def token_scores(
     valid = counts > 0
     scores = torch.where(valid, sums / counts.clamp_min(1), torch.zeros_like(sums))
     return TokenScores(scores=scores.view(bsz, seq_len), valid=valid.view(bsz, seq_len))
+
+
+def sequence_scores(
+    scores: torch.Tensor, valid: torch.Tensor, quantile: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores: (B, T) float, valid: (B, T) bool -> (mean (B,), ``quantile`` (B,)) of each row's valid scores
+    (linear interpolation between order statistics); NaN for a row without a valid score."""
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    x = torch.where(valid, scores.float(), torch.nan)
+    return x.nanmean(dim=1), x.nanquantile(quantile, dim=1)

@@ -59,7 +59,10 @@ class StepLog(Protocol):
     def add(self, key: str, value: Any, weight: Any = 1.0) -> None: ...
     def total(self, key: str, value: float) -> None: ...
     def flag_nonfinite(self, quantity: str, flag: Any) -> None: ...
-    def add_samples(self, key: str, scores: Any, labels: Any, keep: Any = None) -> None: ...
+    def add_samples(
+        self, key: str, scores: Any, labels: Any, keep: Any = None, groups: Any = None
+    ) -> None: ...
+    def add_pairs(self, key: str, x: Any, y: Any, keep: Any = None, groups: Any = None) -> None: ...
 
 
 def _single_process(tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -154,11 +157,22 @@ class FlowLearner:
 
     # ------------------------------------------------------------------ rewards
 
-    def score(self, mask: torch.Tensor, context_mask: torch.Tensor, correct: torch.Tensor, log: StepLog):
+    def score(
+        self,
+        mask: torch.Tensor,
+        context_mask: torch.Tensor,
+        correct: torch.Tensor,
+        log: StepLog,
+        group: torch.Tensor | None = None,
+    ):
         """The flow rewards of the latest forward's b sequences (RLFR §4), their statistics in ``log``.
 
         mask: (b, T) bool response tokens; context_mask: (b, T) bool non-padding; correct: (b,) bool (the labels of
-        the flow-score AUROC) -> (b, T) float32 rewards r = -beta x, 0 outside ``mask``."""
+        the flow-score AUROC); group: (b,) long, the prompt of each row, or None -> (b, T) float32 rewards
+        r = -beta x, 0 outside ``mask``. With ``group`` the statistics also hold the AUROC within prompts
+        (``flow_score/auroc_within``, ``flow_score/auroc_within_groups``: GRPO compares rollouts of one prompt
+        only) and the correlation of the sequence score with the response length (``flow_score/len_corr``, pooled,
+        and ``flow_score/len_corr_within``)."""
         f, r = self.cfg, self.cfg.reward
         lat = self.latents()
         log.flag_nonfinite("a latent (the output of a hooked block)", ~torch.isfinite(lat).all())
@@ -179,7 +193,9 @@ class FlowLearner:
         log.add("flow_score/mean", (clean * scores.valid).sum() / n_valid.clamp(min=1), weight=n_valid)
         has = scores.valid.any(1)  # the sequence score: the mean deviation over its scored tokens
         seq = (clean * scores.valid).sum(1) / scores.valid.sum(1).clamp(min=1)
-        log.add_samples("flow_score/auroc", -seq, correct, keep=has)
+        log.add_samples("flow_score/auroc", -seq, correct, keep=has, groups=group)
+        if group is not None:
+            log.add_pairs("flow_score/len_corr", seq, mask.sum(1), keep=has, groups=group)
         return rewards
 
     # ------------------------------------------------------------------ online update

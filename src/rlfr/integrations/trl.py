@@ -160,7 +160,11 @@ class RLFRGRPOTrainer(GRPOTrainer):
         b, rank = out["completion_ids"].shape[0], self.accelerator.process_index
         mine = rewards[rank * b : (rank + 1) * b, self.correct_index]
         correct = OPS[self.correct_rule.op](mine, self.correct_rule.value)  # a NaN score (no reward) never is
-        out["advantages"] = self.flow_advantages(out, correct, train=self.model.training)
+        # TRL's sampler repeats each prompt num_generations times in a row and a process takes a contiguous slice
+        # of the batch, so a row's prompt is its global index // num_generations (a group cut between processes
+        # counts on each)
+        group = (rank * b + torch.arange(b, device=correct.device)) // self.num_generations
+        out["advantages"] = self.flow_advantages(out, correct, train=self.model.training, group=group)
         return out
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -190,9 +194,12 @@ class RLFRGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ the flow
 
-    def flow_advantages(self, batch: dict, correct: torch.Tensor, train: bool) -> torch.Tensor:
+    def flow_advantages(
+        self, batch: dict, correct: torch.Tensor, train: bool, group: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """TRL's (B,) sequence advantages plus the flow rewards' reward-to-go -> (B, C) token advantages; with
-        ``train``, one online flow update on the batch. ``correct``: (B,) bool."""
+        ``train``, one online flow update on the batch. ``correct``: (B,) bool; ``group``: (B,) the prompt of each
+        row (for the flow score's AUROC within prompts), or None."""
         if "pixel_values" in batch:
             raise NotImplementedError(
                 "RLFRGRPOTrainer scores text-only batches; vision inputs are not supported"
@@ -220,7 +227,9 @@ class RLFRGRPOTrainer(GRPOTrainer):
                 if not flow.fit_norm(resp[rows]):
                     parts.append(torch.zeros(resp[rows].shape, device=resp.device))
                     continue
-                r = flow.score(resp[rows], ctx[rows], correct[rows], log)
+                r = flow.score(
+                    resp[rows], ctx[rows], correct[rows], log, group=None if group is None else group[rows]
+                )
                 n_tok = resp[rows].sum().clamp(min=1)  # the flow's part of the token advantages
                 log.add("adv/flow_abs", reward_to_go(r, resp[rows]).abs().sum() / n_tok, weight=n_tok)
                 parts.append(r)

@@ -8,6 +8,8 @@ Contract (the trainer calls exactly this)::
     tap.layer_values                 # (L,) float32, block_index / num_blocks: the flow's layer input
     with tap.paused():               # no captures, e.g. during generate
         model.generate(...)
+    with tap.recording() as steps:   # every forward's captures kept, e.g. generate's prefill and decode steps
+        model.generate(...)          # steps: one (L, B, t, d) tensor per top-level forward, in order
     with torch.no_grad(), tap.latents_only():   # only the latents: the forward stops after the deepest
         model(input_ids, attention_mask=mask)   # hooked block (no later block, final norm, LM head, logits)
     latents = tap.latents()
@@ -219,6 +221,9 @@ class LatentTap:
         self.indices = block_indices(self.num_blocks, fractions)
         self.layer_values = torch.tensor(self.indices, dtype=torch.float32) / self.num_blocks
         self._paused = False
+        self._record: list[torch.Tensor] | None = (
+            None  # inside recording(): every finished session's captures
+        )
         self._stop_slot: int | None = None  # set inside latents_only(): the deepest hooked block's slot
         self._model = model
         self._captured: list[torch.Tensor | None] = [None] * len(self.indices)
@@ -233,8 +238,15 @@ class LatentTap:
     def _start_session(self, module: nn.Module, args: tuple) -> None:
         if self._paused:
             return
+        if self._record is not None:
+            self._keep_session()
         self._captured = [None] * len(self.indices)
         self.sessions += 1
+
+    def _keep_session(self) -> None:
+        """Inside ``recording()``: the finished session's captures, stacked, onto the record."""
+        if any(h is not None for h in self._captured):
+            self._record.append(self.latents())
 
     def _block_hook(self, slot: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
@@ -278,6 +290,21 @@ class LatentTap:
         self.capture_count = [0] * len(self.indices)
         self.recompute_count = [0] * len(self.indices)
         self.sessions = 0
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor]]:
+        """Inside, every top-level forward's captures are kept: the list yielded holds, once the block is left,
+        one (L, B, t, d) tensor per forward in the order they ran (``generate``: the prefill over the prompt,
+        then one per decode step with t = 1). A forward that misses a hooked block raises, as ``latents()``."""
+        if self._paused:
+            raise RuntimeError("LatentTap.recording() inside paused(): nothing would be recorded")
+        self._record, self._captured = [], [None] * len(self.indices)
+        record = self._record
+        try:
+            yield record
+            self._keep_session()
+        finally:
+            self._record = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[LatentTap]:

@@ -21,6 +21,9 @@ generated placeholder would have no image behind it).
 
 Sampling is plain temperature / top-p sampling: the model's own generation config (top-k 50,
 repetition penalty, ...) is deliberately not used, so rollouts follow the policy's distribution.
+
+``generate(..., capture=tap)`` (opt-in; ``rlfr select``, never the RL step) also records the tapped latents and
+the log-probs while it samples (``rlfr.policy.capture``): the ``Rollout``'s ``captured``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from rlfr.policy.capture import Captured, RowCapture, assemble, chunk_rows, generate_captured
+from rlfr.policy.latents import LatentTap
 from rlfr.policy.vision import ImageTextProcessor, VisionBatch, images_of, vision_inputs
 
 
@@ -45,6 +50,8 @@ class Rollout:
     vision: VisionBatch | None = None  # image inputs of the rows (vision-language policies)
     # (B, T) float32: the sampling engine's log-prob of each response token (vLLM), 0 elsewhere; None for HF
     engine_logp: torch.Tensor | None = None
+    # latents and log-probs recorded during generation (generate(..., capture=tap)); None otherwise
+    captured: Captured | None = None
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -56,6 +63,7 @@ class Rollout:
             self.group.to(device), self.completions, self.truncated.to(device),
             None if self.vision is None else self.vision.to(device),
             None if self.engine_logp is None else self.engine_logp.to(device),
+            None if self.captured is None else self.captured.to(device),
         )  # fmt: skip
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
@@ -70,6 +78,7 @@ class Rollout:
             self.truncated[rows],
             None if self.vision is None else self.vision.select(rows),
             None if self.engine_logp is None else self.engine_logp[rows],
+            None if self.captured is None else self.captured.select(rows),
         )
 
 
@@ -121,13 +130,17 @@ def generate(
     batch_size: int = 64,
     images: Sequence[Sequence] | None = None,
     device: torch.device | None = None,
+    capture: LatentTap | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` responses per prompt; returns the packed layout described above.
     ``images``: each prompt's images, given exactly when ``tokenizer`` is an ``ImageTextProcessor``.
     ``device``: where the inputs go (default: the first parameter's device; under FSDP with CPU offload that is
-    the CPU, so the trainer passes the accelerator's device)."""
+    the CPU, so the trainer passes the accelerator's device). ``capture``: a tap on ``model`` whose latents, and
+    the log-probs, are recorded while sampling (``Rollout.captured``; text-only policies)."""
     eos = eos_ids(tokenizer, model)
     prompt_ids, vision = encode_prompts(tokenizer, prompts, images)
+    if capture is not None and vision is not None:
+        raise ValueError("capturing latents during generation supports text-only policies, not images")
     pad = tokenizer.pad_token_id
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -147,6 +160,7 @@ def generate(
     vision_rows = None if vision is None else vision.repeat_interleave(num_generations)
     responses: list[list[int]] = []
     truncated: list[bool] = []
+    captured: list[RowCapture] = []
     try:
         for start in range(0, len(expanded), batch_size):
             chunk = [ids for _, ids in expanded[start : start + batch_size]]
@@ -160,18 +174,32 @@ def generate(
             if vision_rows is not None:
                 extra = vision_inputs(vision_rows.select(slice(start, start + batch_size)).to(device),
                                       inp.to(device)) or {}  # fmt: skip
-            out = model.generate(
-                input_ids=inp.to(device), attention_mask=att.to(device), generation_config=gen_cfg, **extra
-            )
+            if capture is None:
+                out = model.generate(
+                    input_ids=inp.to(device),
+                    attention_mask=att.to(device),
+                    generation_config=gen_cfg,
+                    **extra,
+                )
+            else:
+                out, steps, logp = generate_captured(model, capture, inp.to(device), att.to(device), gen_cfg)
+            first = len(responses)
             for row in out[:, width:].tolist():
                 cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
                 responses.append(row[:cut] if cut is not None else row)
                 truncated.append(cut is None)
+            if capture is not None:
+                captured += chunk_rows(
+                    steps, logp, [len(c) for c in chunk], [len(r) for r in responses[first:]]
+                )
     finally:
         model.train(was_training)
-    return pack(
+    ro = pack(
         tokenizer, [ids for _, ids in expanded], responses, [g for g, _ in expanded], truncated, vision_rows
     )
+    if capture is not None:
+        ro.captured = assemble(captured, [len(ids) for _, ids in expanded], capture)
+    return ro
 
 
 def encode_prompts(

@@ -39,6 +39,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from rlfr.policy.latents import LatentTap
 from rlfr.policy.rollout import Rollout, SamplingParams, eos_ids, generate
 from rlfr.policy.vllm_engine import VLLMEngine, VLLMSettings, model_eos
 
@@ -61,14 +62,24 @@ class Sampler(Protocol):
 class TransformersSampler:
     """Hugging Face ``generate`` on the policy itself (``rlfr.policy.rollout.generate``): ``batch_size``
     sequences per call, inputs on ``device`` (default: the first parameter's device; under FSDP with CPU
-    offload that is the CPU, so the trainer passes the accelerator's device)."""
+    offload that is the CPU, so the trainer passes the accelerator's device). ``capture``: a ``LatentTap`` on the
+    model whose latents, and the log-probs, every rollout also carries (``Rollout.captured``,
+    ``rlfr.policy.capture``): opt-in for scoring without a second forward; the samples are the same."""
 
     holds_weights = False
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 64, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        batch_size: int = 64,
+        device: torch.device | None = None,
+        capture: LatentTap | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size, self.device = model, tokenizer, batch_size, device
+        self.capture = capture
 
     def generate(
         self, prompts: Sequence[str], params: SamplingParams, images: Sequence[Sequence] | None = None
@@ -77,7 +88,8 @@ class TransformersSampler:
         device = self.device if self.device is not None else next(self.model.parameters()).device
         with seeded(None if p.greedy else p.seed, torch.device(device)):
             return generate(self.model, self.tokenizer, prompts, p.n, p.max_new_tokens, p.temperature, p.top_p,
-                            greedy=p.greedy, batch_size=self.batch_size, images=images, device=self.device)  # fmt: skip
+                            greedy=p.greedy, batch_size=self.batch_size, images=images, device=self.device,
+                            capture=self.capture)  # fmt: skip
 
     def sync_weights(self, model: nn.Module, version: int) -> bool:
         """Nothing to push: every rollout samples the live policy."""
@@ -111,16 +123,19 @@ def build_sampler(
     batch_size: int = 64,
     model_path: str | None = None,
     vllm: VLLMSettings | None = None,
+    capture: LatentTap | None = None,
 ) -> Sampler:
     """The sampler that ``engine`` names (``rollout.engine``, ``rlfr eval backend=...``).
 
-    hf: ``TransformersSampler`` on ``model`` (``batch_size``, ``device`` as there). vllm: a colocated
+    hf: ``TransformersSampler`` on ``model`` (``batch_size``, ``device``, ``capture`` as there). vllm: a colocated
     ``VLLMEngine`` loaded from ``model_path`` with the settings ``vllm``, stopping at the EOS ids of ``model``
-    (without a loaded model: of the config files in ``model_path``)."""
+    (without a loaded model: of the config files in ``model_path``); it cannot capture latents."""
     if engine == "hf":
         if model is None:
             raise ValueError("engine hf samples from a loaded model: pass model=")
-        return TransformersSampler(model, tokenizer, batch_size, device)
+        return TransformersSampler(model, tokenizer, batch_size, device, capture)
+    if capture is not None:
+        raise ValueError(f"engine {engine} cannot capture latents while it samples; use engine hf")
     if engine == "vllm":
         if model_path is None or vllm is None:
             raise ValueError(

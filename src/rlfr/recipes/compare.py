@@ -66,6 +66,10 @@ CURVE_KEYS = (
     "flow_reward/mean",
     "flow_reward/nonzero_frac",
     "flow_score/auroc",
+    "flow_score/auroc_within",
+    "logp/auroc",
+    "logp/auroc_within",
+    "flow_score/len_corr_within",
     "flow/loss_correct",
     "flow/loss_wrong",
     "adv/outcome_abs",
@@ -420,8 +424,10 @@ def signal_summary(curves: dict[str, list[float | None]], window: int = 8) -> di
     """What an arm's training signals did, from its per-step curves (mean over seeds; None where a step did
     not log the key): the reward over the first and the last ``window`` steps; the mean over all steps of
     |outcome advantage|, |flow reward-to-go| per token (and their ratio), the fraction of response tokens with
-    a non-zero flow reward and the AUROC of the flow score for correct vs wrong rollouts; KL to the start
-    model, entropy and response length over the last ``window`` steps. A key no step logged gives None."""
+    a non-zero flow reward, the AUROC of the flow score for correct vs wrong rollouts pooled over the step and
+    within prompts (the separation GRPO can use), the same two for the mean token log-prob (the baseline), and
+    the flow score's correlation with response length within prompts; KL to the start model, entropy and
+    response length over the last ``window`` steps. A key no step logged gives None."""
 
     def mean(key: str, sl: slice = slice(None)) -> float | None:
         vals = [v for v in curves.get(key, [])[sl] if v is not None]
@@ -435,6 +441,10 @@ def signal_summary(curves: dict[str, list[float | None]], window: int = 8) -> di
         "flow_rtg_abs": mean("adv/flow_abs"),
         "flow_nonzero_frac": mean("flow_reward/nonzero_frac"),
         "flow_auroc": mean("flow_score/auroc"),
+        "flow_auroc_within": mean("flow_score/auroc_within"),
+        "logp_auroc": mean("logp/auroc"),
+        "logp_auroc_within": mean("logp/auroc_within"),
+        "flow_len_corr_within": mean("flow_score/len_corr_within"),
         "kl_last": mean("policy/kl", last),
         "entropy_last": mean("policy/entropy", last),
         "response_len_last": mean("response_len", last),
@@ -451,24 +461,41 @@ _SIGNAL_COLUMNS = (
     ("flow_rtg_abs", "mean abs flow reward-to-go", "{:.4f}"),
     ("flow_over_outcome", "flow / outcome", "{:.3f}"),
     ("flow_nonzero_frac", "tokens with a flow reward", "{:.2f}"),
-    ("flow_auroc", "flow AUROC (correct vs wrong)", "{:.3f}"),
+    ("flow_auroc", "flow AUROC pooled (correct vs wrong)", "{:.3f}"),
     ("kl_last", "KL to start, last 8", "{:.4f}"),
     ("entropy_last", "entropy, last 8", "{:.3f}"),
     ("response_len_last", "length, last 8", "{:.1f}"),
 )
+# shown after the pooled flow AUROC when some arm logged them (runs of versions before them did not)
+_SEPARATION_COLUMNS = (
+    ("flow_auroc_within", "flow AUROC within prompts", "{:.3f}"),
+    ("flow_len_corr_within", "flow score vs length, r within prompts", "{:+.2f}"),
+    ("logp_auroc", "log-prob AUROC pooled", "{:.3f}"),
+    ("logp_auroc_within", "log-prob AUROC within prompts", "{:.3f}"),
+)
+SEPARATION_NOTE = (
+    "An AUROC is that of correct vs wrong rollouts by the flow score (lower mean deviation) or by the mean token "
+    "log-prob, pooled over a step's rollouts or averaged over the prompts whose rollouts hold both classes. GRPO "
+    "compares the rollouts of one prompt only, so the within-prompt value is the separation that can shape RL; a "
+    "pooled value above it partly measures which problems are easy."
+)
 
 
 def render_signals(arms: dict[str, dict]) -> list[str]:
-    """The markdown table of ``signal_summary`` per RL arm ('-' where an arm has no such signal)."""
-    lines = ["| arm | " + " | ".join(label for _, label, _ in _SIGNAL_COLUMNS) + " |",
-             "|---|" + "---|" * len(_SIGNAL_COLUMNS)]  # fmt: skip
-    for name, a in arms.items():
-        if "curves" not in a:
-            continue
-        sig = signal_summary(a["curves"])
-        cells = ["-" if sig[key] is None else fmt.format(sig[key]) for key, _, fmt in _SIGNAL_COLUMNS]
+    """The markdown table of ``signal_summary`` per RL arm ('-' where an arm has no such signal); the
+    within-prompt and log-prob columns, and a note on them, when some arm logged them."""
+    sigs = {name: signal_summary(a["curves"]) for name, a in arms.items() if "curves" in a}
+    extra = [c for c in _SEPARATION_COLUMNS if any(sig[c[0]] is not None for sig in sigs.values())]
+    cut = [key for key, _, _ in _SIGNAL_COLUMNS].index("flow_auroc") + 1
+    columns = [*_SIGNAL_COLUMNS[:cut], *extra, *_SIGNAL_COLUMNS[cut:]]
+    lines = [
+        "| arm | " + " | ".join(label for _, label, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, sig in sigs.items():
+        cells = ["-" if sig[key] is None else fmt.format(sig[key]) for key, _, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + (["", SEPARATION_NOTE] if extra else [])
 
 
 def render_seed_table(paired: dict[str, dict], k: int) -> list[str]:

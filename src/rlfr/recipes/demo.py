@@ -16,6 +16,8 @@ nothing). ``seed=N`` sets the seed of every stage (SFT order, flow pretraining, 
 problems. ``quick=true`` shrinks every stage (the end-to-end test runs it); the stage configs are sections
 (``sft.steps=10``, ``train.policy.lr=2e-5``, ``flow.epochs=1``); ``rlfr.commands.DemoConfig`` holds the demo's
 settings and chains the stages. ``pool=[DIR,DIR,...]`` runs nothing and pools finished runs (``pool_demos``).
+``task=multistep`` runs every stage on the multi-step task (``embedded-multistep``: worked solutions of 4-5
+steps, 100-180 tokens) with generation limits and SFT steps to match; the user's keys still apply on top.
 
 The RL settings follow the study of ``docs/results/study/``: its learning-rate sweep (RLVR, 48 steps, 200 dev
 problems) kept the SFT model's accuracy at 5e-6 and lost 14-15 points at 1e-5 and 2e-5.
@@ -42,6 +44,11 @@ from rlfr.recipes.train import run_train
 from rlfr.reward.verifier import Verifier
 from rlfr.schema import TrainConfig
 from rlfr.stats import compare_arms, format_diff
+
+TASK_NAMES = {  # DemoConfig.task -> what summary.json calls it
+    "arithmetic": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
+    "multistep": "embedded-multistep (reasoning-gym basic_arithmetic + chain_sum, 5-6 terms, worked steps)",
+}
 
 
 def held_out(model_name: str, cfg: TrainConfig, samples: int):
@@ -112,7 +119,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     summary = {
         "rlfr_version": __version__,
         "model": cfg.sft.model.name_or_path,
-        "task": "embedded (reasoning-gym basic_arithmetic + chain_sum)",
+        "task": TASK_NAMES[cfg.task],
         "method": cfg.train.method,
         "eval_problems": len(after.greedy),
         "accuracy_before": before.greedy_accuracy,

@@ -6,10 +6,10 @@
 Samples ``num_generations`` responses for each of ``n_prompts`` problems, runs the policy once over
 every rollout with a ``LatentTap`` at the flow's own block fractions (``latents.json``: fractions, modes,
 shift, and ``latent_norm``: latents standardised with the flow's ``latent_norm.safetensors`` when set; with
-``--checkpoint``, the modes and shift the run scored with, which ``flow.allow_mode_mismatch`` lets differ),
-stopping each forward after the deepest hooked block,
+``checkpoint=``, the modes and shift the run scored with, which ``flow.allow_mode_mismatch`` lets differ),
+a whole forward (not ``LatentTap.latents_only``: the log-prob baseline below needs the logits), then
 scores each response token with ``rlfr.flow.token_scores`` and writes ``OUT/inspect.html``
-(self-contained: inline CSS, no script, no external resource; all model and data text is escaped),
+(``rlfr.eval.inspect_page``: self-contained, all model and data text escaped),
 ``OUT/rollouts.jsonl`` (every rollout with its tokens) and ``OUT/stats.json``
 (``rlfr.eval.results.InspectResult``, also what ``run_inspect`` returns).
 
@@ -20,12 +20,21 @@ shaping (``rlfr.flow.shaping.shape_flow_rewards``: sparse, and never positive un
 parameters and rewarding timesteps come from the checkpoint's config (defaults with ``model``/``flow``).
 
 Sequence score: mean deviation over a rollout's scored tokens. The AUROC is the probability that a
-correct rollout has a lower mean deviation than a wrong one (ties 1/2); n/a with only one class.
+correct rollout has a lower mean deviation than a wrong one (ties 1/2); n/a with only one class. It is given
+twice: pooled over all rollouts, and within problems (``auroc_within``: per problem over the problems whose
+rollouts hold both classes, averaged, with their count and a bootstrap 95 % interval over problems). GRPO only
+compares rollouts of one problem, so the within-problem value is the signal that can shape RL; the pooled one
+also credits a score for telling easy problems from hard ones. Beside them, as a baseline, the same two for the
+mean token log-prob of the response under the policy (``logp_auroc``, higher = correct), and the correlation of
+the sequence score with the response length (``length_corr``, pooled and within problems). Repeatability
+(``repeatability``): the flow score is noisy (a fresh eps per token and rewarding timestep), so every rollout is
+scored ``NOISE_DRAWS`` more times with independent noise (the policy's latents fixed): the correlation of two
+independent k-draw means and the AUROCs of the k-draw mean, k = 1, 2, 4, 8. The displayed token scores come
+from the first scoring, as before.
 """
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
@@ -34,11 +43,13 @@ import torch
 from rlfr.commands import InspectConfig
 from rlfr.data.sources import GENERATED_SETS, load_source
 from rlfr.data.templates import example_prompt
+from rlfr.eval.inspect_page import render_html, separation_line
 from rlfr.eval.results import FlowTokenStats, InspectResult
 from rlfr.flow import token_scores
 from rlfr.flow.shaping import minmax_normalize, shape_flow_rewards
 from rlfr.flow.store import check_meta, load_flow, meta_for
-from rlfr.policy.forward import model_inputs
+from rlfr.group_stats import draw_repeatability, pearson, within_group_auroc, within_group_pearson
+from rlfr.policy.forward import policy_forward
 from rlfr.policy.latents import LatentTap
 from rlfr.policy.loading import load_model, load_tokenizer
 from rlfr.policy.rollout import generate
@@ -49,17 +60,17 @@ from rlfr.runtime.env import inference_device, seed_everything
 from rlfr.schema import DataConfig, RewardShapingConfig
 from rlfr.stats import auroc, token_reward_stats
 
+NOISE_DRAWS = 8  # extra scorings of every rollout with independent noise (the repeatability statistics)
+BOOTSTRAP = 2000  # resamples of problems for the within-problem intervals
+
 
 def resolve_inputs(cfg: InspectConfig) -> tuple[str, Path, dict]:
     """-> (policy path, flow dir, the run's TrainConfig dict or {})."""
     if cfg.checkpoint:
         if cfg.model or cfg.flow:
             raise ValueError("give either checkpoint=DIR or model=MODEL with flow=DIR, not both")
-        ck = ckpt_io.resolve_checkpoint(cfg.checkpoint)  # a checkpoint or a run directory (its latest)
-        for sub in ("policy", "flow"):
-            if not (ck / sub).is_dir():
-                raise FileNotFoundError(f"{ck} has no {sub}/ (need an RL checkpoint of method rlfr)")
-        return str(ck / "policy"), ckpt_io.flow_dir(ck), ckpt_io.load_state(ck).get("config", {})
+        policy, flow, config = ckpt_io.policy_and_flow(cfg.checkpoint)  # a checkpoint, or a run's latest
+        return str(policy), flow, config
     if not (cfg.model and cfg.flow):
         raise ValueError("give checkpoint=DIR, or both model=MODEL and flow=DIR")
     return cfg.model, Path(cfg.flow), {}
@@ -104,7 +115,9 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
                 for s in verifier.verify_batch(ro.completions, [examples[int(g)].answer for g in ro.group])
             ]
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        rows = []
+        # the repeatability draws have their own noise, so the displayed scores are those of earlier versions
+        gen_draws = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        rows, seq_logp, draws = [], [], []
         for c0 in range(0, ro.input_ids.shape[0], 8):
             sl = slice(c0, c0 + 8)
             ids, att, mask = (
@@ -113,10 +126,12 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
                 ro.response_mask[sl].to(device),
             )
             vision = None if ro.vision is None else ro.vision.select(sl).to(device)
-            with torch.no_grad(), tap.latents_only():  # the latents only: no later block, no logits
-                model(**model_inputs(ids, att, vision), use_cache=False)
+            # a whole forward (not tap.latents_only()): the log-prob baseline needs the logits
+            with torch.no_grad():
+                logp, _ = policy_forward(model, ids, att, mask, need_entropy=False, vision=vision)
+            seq_logp += ((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
             lat = tap.latents() if norm is None else norm(tap.latents())
-            sc = token_scores(
+            inputs = (
                 field,
                 lat,
                 tap.layer_values.to(device),
@@ -124,9 +139,13 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
                 pairing["modes"],
                 pairing["shift"],
                 shaping["timesteps"],
-                generator=gen,
-                context_mask=att.bool(),
             )
+            sc = token_scores(*inputs, generator=gen, context_mask=att.bool())
+            chunk_draws = []
+            for _ in range(NOISE_DRAWS):
+                d = token_scores(*inputs, generator=gen_draws, context_mask=att.bool())
+                chunk_draws.append(((d.scores * d.valid).sum(1) / d.valid.sum(1).clamp(min=1)).tolist())
+            draws += [list(per_row) for per_row in zip(*chunk_draws)]  # (rows, draws)
             x = minmax_normalize(sc.scores, sc.valid)
             spread = (x * sc.valid).amax(dim=1, keepdim=True) > 0  # rows without spread carry no reward
             dense = torch.where(sc.valid & spread, -shaping["beta"] * (2 * x - 1), 0.0)
@@ -164,11 +183,15 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
         rollouts.append(
             {
                 "problem": examples[g].problem,
+                "group": g,
                 "answer": examples[g].answer,
                 "prompt": prompts[g],
                 "completion": ro.completions[i],
                 "correct": correct[i],
                 "mean_deviation": sum(scored) / len(scored) if scored else None,
+                "mean_logp": seq_logp[i],
+                "response_tokens": len(toks),
+                "deviation_draws": draws[i] if scored else None,
                 "tokens": toks,
             }
         )
@@ -191,118 +214,46 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     (out / "stats.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     (out / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     (out / "inspect.html").write_text(render_html(rollouts, result))
-    auc = stats.auroc
     print(
-        f"{len(rollouts)} rollouts, {stats.scored_tokens} scored tokens, accuracy {stats.accuracy:.3f}, "
-        f"AUROC {'n/a' if auc is None else f'{auc:.3f}'}; wrote {out / 'inspect.html'} and {out / 'stats.json'}"
+        f"{len(rollouts)} rollouts, {stats.scored_tokens} scored tokens, accuracy {stats.accuracy:.3f}; "
+        f"{separation_line(stats)}; wrote {out / 'inspect.html'} and {out / 'stats.json'}"
     )
     return result
 
 
 def compute_stats(rollouts: list[dict], reward: str, min_count: int) -> FlowTokenStats:
+    """The statistics of ``stats.json`` (module docstring) from the rollout records; rollouts are grouped by
+    ``group`` (their problem; by problem text in records without one), and the log-prob, length and
+    repeatability statistics need the keys this version writes (``mean_logp``, ``response_tokens``,
+    ``deviation_draws``)."""
     toks = [t for r in rollouts for t in r["tokens"] if t["valid"]]
     scored = [r for r in rollouts if r["mean_deviation"] is not None]
     # lower deviation should mean correct: score = -mean deviation, positive class = correct
-    auc = auroc([-r["mean_deviation"] for r in scored], [r["correct"] for r in scored]) if scored else None
-    return FlowTokenStats(
+    flow = [-r["mean_deviation"] for r in scored]
+    ok = [r["correct"] for r in scored]
+    groups = [r.get("group", r["problem"]) for r in scored]
+    out = dict(
         rollouts=len(rollouts),
         accuracy=sum(r["correct"] for r in rollouts) / max(len(rollouts), 1),
         scored_tokens=len(toks),
-        auroc=auc,
+        auroc=auroc(flow, ok) if scored else None,
         tokens=token_reward_stats([t["text"] for t in toks], [t[reward] for t in toks], min_count=min_count),
+        auroc_within=within_group_auroc(flow, ok, groups, BOOTSTRAP).to_dict(),
     )
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
-pre,.resp{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:13px}
-.tok{background:var(--r);border-radius:2px}
-#by-dev:checked ~ main .tok{background:var(--d)}
-.roll{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin:1em 0}
-.ok{color:#1a7f37}.bad{color:#cf222e}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}
-"""
-
-
-def _color(v: float, scale: float, diverging: bool = True) -> str:
-    a = min(1.0, abs(v) / scale) * 0.75 if scale > 0 else 0.0
-    if not diverging:  # deviation: white -> orange
-        return f"rgba(230,120,0,{a:.3f})"
-    return f"rgba(0,160,60,{a:.3f})" if v > 0 else f"rgba(220,30,30,{a:.3f})"
-
-
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _table(rows: list[dict], cols: list[str]) -> str:
-    def cell(v):
-        return (
-            f"{v:.4g}"
-            if isinstance(v, float)
-            else ("n/a" if v is None else _e(repr(v) if isinstance(v, str) else v))
-        )
-
-    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def render_html(rollouts: list[dict], result: InspectResult) -> str:
-    """A self-contained page: inline CSS only, every piece of text escaped."""
-    reward, stats = result.reward, result.stats
-    vals = [t[reward] for r in rollouts for t in r["tokens"] if t["valid"]]
-    devs = [t["score"] for r in rollouts for t in r["tokens"] if t["valid"]]
-    rscale, dscale = max((abs(v) for v in vals), default=0.0), max(devs, default=0.0)
-    ts = stats.tokens
-    auc = "n/a (one class)" if stats.auroc is None else f"{stats.auroc:.3f}"
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>rlfr inspect</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>Flow rewards per token</h1>",
-        f"<p>policy <code>{_e(result.policy)}</code>, flow <code>{_e(result.flow)}</code>; "
-        f"latents {_e(json.dumps(result.latents))}; reward shown: <b>{_e(reward)}</b> "
-        f"(beta {_e(result.shaping['beta'])}). Red = penalised, green = rewarded; hover a token for its reward, "
-        "normalised deviation x and raw deviation score.</p>",
-        f"<p>{stats.rollouts} rollouts, accuracy {stats.accuracy:.3f}, {stats.scored_tokens} scored tokens. "
-        f"AUROC of the sequence flow score (lower mean deviation = correct): <b>{_e(auc)}</b></p>",
-        "<input type='radio' name='m' id='by-rew' checked><label for='by-rew'>colour by reward</label> "
-        "<input type='radio' name='m' id='by-dev'><label for='by-dev'>colour by raw deviation</label>",
-        "<main>",
-    ]
-    for i, r in enumerate(rollouts):
-        spans = []
-        for t in r["tokens"]:
-            if not t["valid"]:
-                spans.append(f"<span title='not scored'>{_e(t['text'])}</span>")
-                continue
-            tip = (
-                f"reward {t[reward]:+.5f} | x {t['x']:.3f} | deviation {t['score']:.4f} | token {t['text']!r}"
-            )
-            style = f"--r:{_color(t[reward], rscale)};--d:{_color(t['score'], dscale, diverging=False)}"
-            spans.append(f"<span class='tok' style='{style}' title='{_e(tip)}'>{_e(t['text'])}</span>")
-        dev = "n/a" if r["mean_deviation"] is None else f"{r['mean_deviation']:.4f}"
-        verdict = "<span class='ok'>correct</span>" if r["correct"] else "<span class='bad'>wrong</span>"
-        parts.append(
-            f"<div class='roll'><b>#{i}</b> {verdict} &middot; answer <code>{_e(r['answer'])}</code> &middot; "
-            f"mean deviation {dev}<details><summary>prompt</summary><pre>{_e(r['prompt'])}</pre></details>"
-            f"<div class='resp'>{''.join(spans)}</div></div>"
-        )
-    cols = ["token", "count", "mean", "std", "min", "max"]
-    parts += [
-        "<h2>Statistics</h2>",
-        f"<h3>Most rewarded tokens (mean {_e(reward)} reward, seen &ge; {ts['min_count']} times)</h3>",
-        _table(ts["rewarded"], cols),
-        "<h3>Most penalised tokens</h3>",
-        _table(ts["penalised"], cols),
-        "<h3>Reward by token class</h3>",
-        _table(
-            [{"class": c, **v} for c, v in ts["by_class"].items()],
-            ["class", "count", "mean", "penalised", "rewarded"],
-        ),
-        "<h3>Same token, different contexts (most frequent tokens)</h3>",
-        _table(ts["spread"], cols),
-        "</main></body></html>",
-    ]
-    return "\n".join(parts)
+    if scored and all("mean_logp" in r for r in scored):
+        logp = [r["mean_logp"] for r in scored]
+        out |= {
+            "logp_auroc": auroc(logp, ok),
+            "logp_auroc_within": within_group_auroc(logp, ok, groups, BOOTSTRAP).to_dict(),
+        }
+    if scored and all("response_tokens" in r for r in scored):
+        dev, length = [-v for v in flow], [float(r["response_tokens"]) for r in scored]
+        out["length_corr"] = {"pooled": pearson(dev, length),
+                              "within": within_group_pearson(dev, length, groups, BOOTSTRAP).to_dict()}  # fmt: skip
+    if scored and all(r.get("deviation_draws") for r in scored):
+        draws = [[-r["deviation_draws"][j] for r in scored] for j in range(len(scored[0]["deviation_draws"]))]
+        out["repeatability"] = {
+            "draws": len(draws),
+            "by_draws": draw_repeatability(draws, ok, groups, iters=BOOTSTRAP),
+        }
+    return FlowTokenStats(**out)

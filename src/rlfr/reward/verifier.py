@@ -19,6 +19,7 @@ Contract
 - ``Verifier``: context manager holding the pool; ``verify_batch(completions, answers) -> list[float]``.
   Module-level ``verify`` / ``verify_batch`` use a lazily created shared ``Verifier``.
 - ``format_reward(completion) -> float``: 1.0 when an answer form is present.
+- ``answer_key(completion) -> str | None``: the final answer as a voting key (equal numbers share one).
 
 Safety: text is never evaluated as code. math-verify is used with ``LatexExtractionConfig`` only,
 because its ``ExprExtractionConfig`` goes through ``sympy.parse_expr``, which calls ``eval``. math-verify's
@@ -178,6 +179,18 @@ def _number(s: str) -> tuple[Fraction, bool] | None:
         value = Fraction(int(num), int(den))
         return (-value if sign == "-" else value), False
     return None
+
+
+def answer_key(completion: str) -> str | None:
+    """The voting key of a completion's final answer (majority votes in ``rlfr select``): None without an answer;
+    a number's exact value for a numeric answer ("142.0", "142" and "\\frac{284}{2}" share the key "142"); else the
+    normalised string that the fast path compares. Answers equal only to math-verify get different keys."""
+    pred = extract_answer(completion)
+    if pred is None:
+        return None
+    norm = _normalize(pred)
+    num = _number(norm)
+    return str(num[0]) if num is not None else norm
 
 
 def fast_check(pred: str, golds: Sequence[str]) -> bool | None:

@@ -303,6 +303,9 @@ def advantages(c, batch: Batch, rows, ro: Rollout, ent, logp, ref_logp, log: Acc
         token_rewards = kl_r if token_rewards is None else token_rewards + kl_r
     live = mask.any(1)
     n_live = live.sum()
+    # the baseline the flow's separation is read against: the mean token log-prob of each rollout
+    mean_logp = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
+    log.add_samples("logp/auroc", mean_logp, batch.correct[rows], keep=live, groups=ro.group)
     log.add(
         "adv/outcome_abs", (batch.outcome_adv[rows].abs() * live).sum() / n_live.clamp(min=1), weight=n_live
     )
@@ -316,7 +319,7 @@ def flow_rewards(c: Components, batch: Batch, rows, ro: Rollout, log: Accum) -> 
     """The flow rewards of the latest forward's latents: -> (b, T); the magnitude of their reward-to-go (the
     flow's part of the token advantages) is logged as ``adv/flow_abs``."""
     mask = ro.response_mask
-    rewards = c.flow.score(mask, ro.attention_mask.bool(), batch.correct[rows], log)
+    rewards = c.flow.score(mask, ro.attention_mask.bool(), batch.correct[rows], log, group=ro.group)
     n_tok = mask.sum().clamp(min=1)
     log.add("adv/flow_abs", reward_to_go(rewards, mask).abs().sum() / n_tok, weight=n_tok)
     log.put_rows("flow_reward", torch.as_tensor(rows), rewards.sum(1))  # read only for the sample tables

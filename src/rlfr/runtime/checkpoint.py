@@ -520,6 +520,19 @@ def flow_dir(ckpt: Path) -> Path:
     return ckpt / "flow"
 
 
+def policy_and_flow(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """An RL checkpoint with a flow, or a run directory (its newest intact checkpoint) -> (its policy, its flow
+    directory, the run's TrainConfig as a dict): what ``rlfr inspect`` and ``rlfr select`` read."""
+    ck = resolve_checkpoint(path)
+    for sub in (policy_dir(ck), flow_dir(ck)):
+        if not sub.is_dir():
+            raise FileNotFoundError(
+                f"{ck} has no {sub.name}/: a checkpoint of an RL run of method rlfr holds policy/ and flow/ (for a "
+                "policy and a flow from elsewhere give the model and the flow directory)"
+            )
+    return policy_dir(ck), flow_dir(ck), load_state(ck).get("config", {})
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code

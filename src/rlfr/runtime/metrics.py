@@ -25,6 +25,7 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import gather_object
 
 from rlfr.capabilities import check_trackers
+from rlfr.group_stats import pearson, within_group_auroc, within_group_pearson
 from rlfr.stats import auroc
 
 log = logging.getLogger(__name__)
@@ -223,9 +224,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 class Accum:
     """One step's statistics over micro-batches: weighted means (``add``), sums (``total``), maxima
     (``maximum``; across processes ``reduce_stats`` takes the maximum of keys ending in ``_max``), paired samples
-    (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step), non-finite flags
-    (``flag_nonfinite``), and per-rollout values (``put_rows``: row index -> value, for the sample tables;
-    not part of ``means``).
+    (``add_samples``: scores with 0/1 labels, reported as the AUROC over the whole step and, given the rollouts'
+    group ids, the AUROC within groups beside it; ``add_pairs``: two values per rollout, reported as their
+    correlation, pooled and within groups), non-finite flags (``flag_nonfinite``), and per-rollout values
+    (``put_rows``: row index -> value, for the sample tables; not part of ``means``).
 
     Values, weights and flags may be tensors: they stay on their device and are read (one host sync) only
     by ``means()`` / ``first_nonfinite()`` / ``row_values()`` at the end of the step, so logging never
@@ -236,6 +238,7 @@ class Accum:
         self.weights: dict[str, object] = {}
         self.totals: dict[str, float] = {}
         self.samples: dict[str, list] = {}
+        self.pairs: dict[str, list] = {}
         self.rows: dict[str, list] = {}
         self.maxima: dict[str, list] = {}
         self._flags: list[tuple[str, object]] = []
@@ -259,9 +262,15 @@ class Accum:
     def total(self, key: str, value: float) -> None:
         self.totals[key] = self.totals.get(key, 0.0) + value
 
-    def add_samples(self, key: str, scores, labels, keep=None) -> None:
-        """Scores (n,) with 0/1 labels (n,); ``keep`` (n,) bool selects the samples that count."""
-        self.samples.setdefault(key, []).append((scores, labels, keep))
+    def add_samples(self, key: str, scores, labels, keep=None, groups=None) -> None:
+        """Scores (n,) with 0/1 labels (n,); ``keep`` (n,) bool selects the samples that count; ``groups`` (n,)
+        the group id of each (the prompt of a rollout), for ``<key>_within`` (see ``means``)."""
+        self.samples.setdefault(key, []).append((scores, labels, keep, groups))
+
+    def add_pairs(self, key: str, x, y, keep=None, groups=None) -> None:
+        """Two values per sample, x (n,) and y (n,), for their correlation (``means``); ``keep``, ``groups`` as
+        in ``add_samples``."""
+        self.pairs.setdefault(key, []).append((x, y, keep, groups))
 
     def put_rows(self, key: str, rows, values) -> None:
         """Per-rollout values: ``rows`` (n,) row indices of the step's batch, ``values`` (n,) (tensors or lists)."""
@@ -276,7 +285,10 @@ class Accum:
         }
 
     def means(self) -> dict[str, float]:
-        """Weighted means, totals, and the AUROC of each sample key that has both classes."""
+        """Weighted means, totals, the AUROC of each sample key that has both classes and, where the samples came
+        with group ids, ``<key>_within`` (``rlfr.stats.within_group_auroc``, no interval: over the groups with both
+        classes; absent when there is none) and ``<key>_within_groups`` (their count, also 0); the Pearson
+        correlation of each pair key (when both vary) and ``<key>_within`` (``within_group_pearson``)."""
         out = {}
         for k, total in self.sums.items():
             w = float(self.weights[k])
@@ -285,16 +297,39 @@ class Accum:
         out |= self.totals
         out |= {k: max(float(v) for v in values) for k, values in self.maxima.items()}
         for key, parts in self.samples.items():
-            scores, labels = [], []
-            for s, lab, keep in parts:
-                s, lab = _as_list(s), _as_list(lab)
-                kept = _as_list(keep) if keep is not None else [True] * len(s)
-                scores += [v for v, k in zip(s, kept) if k]
-                labels += [bool(v) for v, k in zip(lab, kept) if k]
-            auc = auroc(scores, labels) if scores else None
+            scores, labels, groups = _kept(parts)
+            positive = [bool(v) for v in labels]
+            auc = auroc(scores, positive) if scores else None
             if auc is not None:
                 out[key] = auc
+                if groups is not None:  # beside the pooled value, also when no group holds both classes
+                    within = within_group_auroc(scores, positive, groups, iters=0)
+                    out[f"{key}_within_groups"] = float(within.groups)
+                    if within.mean is not None:
+                        out[f"{key}_within"] = within.mean
+        for key, parts in self.pairs.items():
+            x, y, groups = _kept(parts)
+            if (r := pearson(x, y) if x else None) is not None:
+                out[key] = r
+            if groups is not None and (w := within_group_pearson(x, y, groups, iters=0)).mean is not None:
+                out[f"{key}_within"] = w.mean
         return out
+
+
+def _kept(parts: list[tuple]) -> tuple[list, list, list | None]:
+    """(a, b, keep, groups) parts of one key -> the kept a values, b values and group ids (None unless every
+    part has them)."""
+    a_out, b_out, groups = [], [], []
+    for a, b, keep, grp in parts:
+        a, b = _as_list(a), _as_list(b)
+        kept = _as_list(keep) if keep is not None else [True] * len(a)
+        a_out += [float(v) for v, k in zip(a, kept) if k]
+        b_out += [float(v) for v, k in zip(b, kept) if k]
+        if groups is not None and grp is not None:
+            groups += [int(g) for g, k in zip(_as_list(grp), kept) if k]
+        else:
+            groups = None
+    return a_out, b_out, groups
 
 
 def _as_list(x) -> list:
