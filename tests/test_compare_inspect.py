@@ -12,7 +12,7 @@ from rlfr.commands import CompareConfig
 from rlfr.config import load_config
 from rlfr.errors import RlfrError
 from rlfr.eval.inspect_page import render_html
-from rlfr.eval.results import CompareResult, InspectResult, ModelEval
+from rlfr.eval.results import CompareResult, InspectResult, ModelEval, SelectResult
 from rlfr.recipes import compare
 from rlfr.recipes.inspect_flow import compute_stats
 from rlfr.stats import TOKEN_CLASSES
@@ -598,7 +598,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 @pytest.mark.parametrize(
-    "path", sorted(RESULTS.rglob("results.json")), ids=lambda p: str(p.relative_to(RESULTS))
+    "path",
+    sorted(p for p in RESULTS.rglob("results.json") if "select" not in p.relative_to(RESULTS).parts),
+    ids=lambda p: str(p.relative_to(RESULTS)),
 )
 def test_saved_compare_results_read_back_unchanged(path):
     """Every ``results.json`` of ``rlfr compare`` in docs/results, the layout before eval sets (compare/) and the
@@ -607,6 +609,17 @@ def test_saved_compare_results_read_back_unchanged(path):
     result = CompareResult.from_dict(saved, str(path))
     assert json.dumps(result.to_dict(), indent=2) == json.dumps(saved, indent=2)
     assert (result.arms is None) == ("arms" not in saved) and result.seeds == saved["seeds"]
+
+
+@pytest.mark.parametrize(
+    "path", sorted((RESULTS / "select").glob("*/results.json")), ids=lambda p: str(p.relative_to(RESULTS))
+)
+def test_saved_select_results_read_back_unchanged(path):
+    """Every saved ``rlfr select`` result reads into ``SelectResult`` and writes back the same JSON."""
+    saved = json.loads(path.read_text())
+    result = SelectResult.from_dict(saved, str(path))
+    assert json.dumps(result.to_dict(), indent=2) == json.dumps(saved, indent=2)
+    assert result.primary["rule"] in result.flow_rules
 
 
 @pytest.mark.parametrize("study", ["study", "study/token_pre_seeds"])

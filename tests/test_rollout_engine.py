@@ -49,7 +49,7 @@ def test_missing_vllm_is_one_clear_error(tmp_path, capsys):
     model = make_tiny_model_dir(tmp_path / "m")
     cfg = tiny_train_config(model, tmp_path / "run", "rollout.engine=vllm", "method=rlvr")
     with pytest.raises(
-        EngineUnavailableError, match=r"rollout.engine=vllm needs vLLM.*pip install 'rlfr\[vllm\]'"
+        EngineUnavailableError, match=r"rollout.engine=vllm needs vLLM.*pip install 'vllm>=0.29,<0.32'"
     ):
         run_train(cfg, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran with transformers instead

@@ -38,7 +38,7 @@ def check_trackers(names: Sequence[str]) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(
                 f"report_to={name} needs the {module!r} package, which is not installed: "
-                f"pip install 'rlfr[{extra}]' (or pip install {module}), or drop {name} from report_to"
+                f"pip install {module} (rlfr's {extra} extra), or drop {name} from report_to"
             )
 
 

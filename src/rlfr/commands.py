@@ -72,7 +72,7 @@ class EvalConfig:
     backend: Literal["hf", "vllm"] = field_(
         "hf",
         "generation backend: hf (transformers generate) or vllm (the trainer's vLLM engine; CPU or GPU, "
-        "pip install 'rlfr[vllm]', see docs/vllm.md)",
+        "pip install 'vllm>=0.29,<0.32', see docs/vllm.md)",
     )
     vllm_memory_fraction: float = field_(
         0.3, "vllm: fraction of the GPU's memory vLLM may use (on CPU: of the RAM)", range="(0, 1]"

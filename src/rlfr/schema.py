@@ -29,7 +29,7 @@ BenchmarkName = Literal["aime24", "aime25", "amc23", "math500", "minerva", "olym
 Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml"]
 REPORT_TO_HELP = (
     "experiment trackers to log to (tensorboard, wandb, trackio, mlflow, comet_ml; [] = none; the run's metrics "
-    "log is always written); each tracker needs its package (pip install 'rlfr[wandb]', ...)"
+    "log is always written); each tracker needs its package (pip install wandb, ...)"
 )
 
 
@@ -262,7 +262,7 @@ class RolloutConfig:
     batch_size: int = field_(64, "sequences generated per generate() call (engine hf)", range="[1, inf)")
     engine: Literal["hf", "vllm"] = field_(
         "hf",
-        "sampling engine: hf (transformers generate) or vllm (a colocated vLLM engine, pip install 'rlfr[vllm]'; "
+        "sampling engine: hf (transformers generate) or vllm (a colocated vLLM engine, pip install 'vllm>=0.29,<0.32'; "
         "log-probs and latents for the update still come from the transformers forward)",
     )
     vllm_memory_fraction: float = field_(

