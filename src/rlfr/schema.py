@@ -1,6 +1,6 @@
 """The config schema of every ``rlfr`` command (frozen dataclasses; see ``rlfr.config`` for loading).
 
-Defaults are the published RLFR settings (RLFR_METHOD.md §4-6) where the paper gives one; the demo
+Defaults are the published RLFR settings (docs/RLFR_METHOD.md §4-6) where the paper gives one; the demo
 and the presets in ``configs/`` override what a 135M model on a laptop needs. Every numeric field states its
 allowed values next to its help text (``range="(0, inf)"``, checked at load with NaN and infinities refused);
 ``validate()`` holds the checks between keys.

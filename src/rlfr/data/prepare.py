@@ -1,7 +1,7 @@
 """Flow-pretraining input from a dataset of expert solutions (``rlfr data prepare``).
 
 The authors pretrain their flows on expert solutions rendered with LLaMA-Factory's templates, cut at
-``cutoff_len: 8192`` tokens, with no held-out split (RLFR_METHOD §9). ``prepare_flow_data`` does the same ahead of
+``cutoff_len: 8192`` tokens, with no held-out split (docs/RLFR_METHOD.md §9). ``prepare_flow_data`` does the same ahead of
 ``rlfr flow-pretrain``, so the cut is visible and counted before any GPU time is spent:
 
 - every example is measured as flow pretraining will encode it: the prompt under ``template`` (with the row's

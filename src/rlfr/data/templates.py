@@ -14,7 +14,7 @@ pretraining), or None for the tokenizer's EOS token.
 - ``"r1"``: the DeepSeek-R1-Zero prompt (DeepSeek-R1 paper, Table 1) asking for
   ``<think> ... </think> <answer> ... </answer>``; ``rlfr.reward.verifier.extract_answer`` reads the answer tag.
 
-The authors' templates, reproduced by name (RLFR_METHOD §9; ``tests/test_templates_tasks.py`` checks each against
+The authors' templates, reproduced by name (docs/RLFR_METHOD.md §9; ``tests/test_templates_tasks.py`` checks each against
 the rendering of their code, token for token):
 - ``"authors_llama3"``: their RL prompt for Llama-3.1 (``llama_text`` in their
   ``openrlhf/openrlhf/datasets/prompts_dataset.py``): ``<|begin_of_text|>``, a system turn holding the boxed

@@ -1,4 +1,4 @@
-"""The flow field and everything around it (RLFR_METHOD §2-§4, §6): the velocity network, flow-matching
+"""The flow field and everything around it (docs/RLFR_METHOD.md §2-§4, §6): the velocity network, flow-matching
 pairs and loss, velocity-deviation scores, their shaping into token rewards, latent standardisation, online
 updates, the flow directory on disk (``store``: the only reader and writer), and the learner that wires them
 during RL (``learner.FlowLearner``: ``rlfr train`` and the TRL bridge both use it)."""

@@ -1,4 +1,4 @@
-"""Velocity deviation: the per-token flow score (RLFR_METHOD §4).
+"""Velocity deviation: the per-token flow score (docs/RLFR_METHOD.md §4).
 
 Contract:
 - ``velocity_deviation(field, target (N, d), cond (N, d), layer (N,), timesteps) -> (N,) float32``:
@@ -14,7 +14,7 @@ Contract:
 
 Both run under ``torch.no_grad()``: scores are rewards, not a training signal for the field.
 
-Departures from the authors' code (RLFR_METHOD §8.3): each timestep uses its own debias weight t / (1 - t)
+Departures from the authors' code (docs/RLFR_METHOD.md §8.3): each timestep uses its own debias weight t / (1 - t)
 (theirs applied the last timestep's weight to all) and its own noise draw (theirs shared one).
 """
 
@@ -94,7 +94,7 @@ def token_scores(
     context_mask: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
 ) -> TokenScores:
-    """Per-token flow scores, averaged over layers and modes (RLFR_METHOD §4).
+    """Per-token flow scores, averaged over layers and modes (docs/RLFR_METHOD.md §4).
 
     latents: (L, B, T, d) (any float dtype); layer_values: (L,); mask: (B, T) bool (scored targets:
     response tokens); context_mask: (B, T) bool (allowed conditions: real tokens). The pairs of every mode
@@ -119,7 +119,7 @@ def token_scores(
     b, kt, kc = b.repeat(num_layers), kt.repeat(num_layers), kc.repeat(num_layers)
     lv = layer_values.to(device, torch.float32)
     ts = torch.tensor(ts_list, dtype=torch.float32, device=device)
-    weight = ts / (1 - ts)  # each timestep's own debias weight (RLFR_METHOD §8.3)
+    weight = ts / (1 - ts)  # each timestep's own debias weight (docs/RLFR_METHOD.md §8.3)
     k = len(ts_list)
     sums = torch.zeros(bsz * seq_len, dtype=torch.float32, device=device)
     counts = torch.zeros(bsz * seq_len, dtype=torch.float32, device=device)

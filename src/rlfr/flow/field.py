@@ -1,4 +1,4 @@
-"""The velocity network v_phi(x_t, t, c, layer) of RLFR (RLFR_METHOD §2).
+"""The velocity network v_phi(x_t, t, c, layer) of RLFR (docs/RLFR_METHOD.md §2).
 
 Contract: ``FlowField(dim, width=None, depth=4, freq_dim=256, eps=1e-6)``;
 ``forward(x_t: (N, d), t: (N,), cond: (N, d), layer: (N,)) -> (N, d) float32``.
@@ -23,7 +23,7 @@ hold the keys above under ``model.`` (their conversion script turns ``flow.model
 Dtype: inputs are cast to the parameters' dtype (float32 unless the caller converts the module) and the
 output is returned as float32; keep the field in float32, the latents are bf16 in RL and the flow is small.
 
-Departures from the authors' code (RLFR_METHOD §8.6): checkpoints are written as safetensors, never pickles;
+Departures from the authors' code (docs/RLFR_METHOD.md §8.6): checkpoints are written as safetensors, never pickles;
 pickled ``.bin``/``.pt`` files are read with ``torch.load(weights_only=True)``; a checkpoint whose keys or
 shapes do not match raises ``ValueError`` listing every missing / unexpected / mis-shaped key instead of
 being swallowed (their failed load left a zero flow in training). Target and condition must have the same
@@ -70,7 +70,7 @@ class SinusoidalEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        """value: (N,) -> (N, w). The raw value is used (no x1000 scaling), as in RLFR_METHOD §2."""
+        """value: (N,) -> (N, w). The raw value is used (no x1000 scaling), as in docs/RLFR_METHOD.md §2."""
         args = value[:, None].float() * self.freqs.float()
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
@@ -102,7 +102,7 @@ class FinalLayer(nn.Module):
 
 
 class FlowField(nn.Module):
-    """Conditional velocity field v_phi(x_t, t, c, layer) (RLFR_METHOD §2)."""
+    """Conditional velocity field v_phi(x_t, t, c, layer) (docs/RLFR_METHOD.md §2)."""
 
     def __init__(
         self, dim: int, width: int | None = None, depth: int = 4, freq_dim: int = 256, eps: float = 1e-6

@@ -1,4 +1,4 @@
-"""Flow-matching pairs and loss (RLFR_METHOD §1, §3).
+"""Flow-matching pairs and loss (docs/RLFR_METHOD.md §1, §3).
 
 Contract:
 - ``build_pairs(latents (L, B, T, d), layer_values (L,), mask (B, T) bool, modes, shift, *,
@@ -16,7 +16,7 @@ Contract:
   repeated ``batch_mul`` times with fresh (t, eps), then a weighted mean over pairs.
 
 Latents are detached and cast to float32 in ``build_pairs``: the flow loss must never send gradient into
-the policy (the authors' RL hook did not detach the target, RLFR_METHOD §8.2).
+the policy (the authors' RL hook did not detach the target, docs/RLFR_METHOD.md §8.2).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def pair_counts(
 def sample_timesteps(
     n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """Logit-normal training timesteps t = sigmoid(N(0, 1)) (RLFR_METHOD §3): -> (n,) float32 in (0, 1)."""
+    """Logit-normal training timesteps t = sigmoid(N(0, 1)) (docs/RLFR_METHOD.md §3): -> (n,) float32 in (0, 1)."""
     return torch.sigmoid(torch.randn(n, generator=generator, device=device))
 
 
@@ -196,7 +196,7 @@ def flow_matching_loss(
     """Weighted mean of the per-pair flow-matching loss -> () float32.
 
     weights: (N,) non-negative (e.g. 1 for pairs of correct rollouts, ``soft_flow`` for wrong ones,
-    RLFR_METHOD §6). A zero total weight (or no pairs) gives a 0 loss that is still connected to the
+    docs/RLFR_METHOD.md §6). A zero total weight (or no pairs) gives a 0 loss that is still connected to the
     field's parameters, so ``backward()`` works and gives zero gradients instead of NaN or an error.
     """
     per = flow_matching_loss_per_pair(field, pairs, batch_mul, generator, autocast_dtype)

@@ -1,4 +1,4 @@
-"""Online flow updates during RL (RLFR_METHOD §6, stage 2: rejection sampling).
+"""Online flow updates during RL (docs/RLFR_METHOD.md §6, stage 2: rejection sampling).
 
 The flow keeps learning the latents of the policy's own rollouts that pass the answer check (weight 1),
 and of the others with weight ``soft_flow`` (default 0). Pure functions of tensors:

@@ -1,4 +1,4 @@
-"""Per-token flow rewards from velocity-deviation scores (RLFR_METHOD §4).
+"""Per-token flow rewards from velocity-deviation scores (docs/RLFR_METHOD.md §4).
 
 Contract (all per sequence, over the ``valid`` tokens only; invalid positions always give 0):
 - ``minmax_normalize(scores (B, T), valid (B, T) bool) -> (B, T)`` in [0, 1].
@@ -12,7 +12,7 @@ Contract (all per sequence, over the ``valid`` tokens only; invalid positions al
 
 Ties in top-k are broken by the lower position first (stable sort), so the result is deterministic.
 
-Departures from the authors' code (RLFR_METHOD §8.4): the min is the true minimum (theirs took the second
+Departures from the authors' code (docs/RLFR_METHOD.md §8.4): the min is the true minimum (theirs took the second
 smallest value); max - min below ``eps`` gives zeros instead of NaN; the bilateral mode can be switched on.
 A row whose scores have no spread (max - min < eps, or fewer than two valid tokens) carries no information
 and gets zero reward in both modes (in bilateral mode 2 * 0 - 1 would otherwise penalise every token).

@@ -24,7 +24,7 @@ Contract:
   ``rlfr convert-flow`` all go through here, so the checks hold for every reader.
 
 Why the checks: the authors pretrained their flows with ``token_pre`` and ran RL with ``token_post``
-(RLFR_METHOD §8.7), and rlfr < 0.2 credited a pair's score to its condition position; a flow trained on
+(docs/RLFR_METHOD.md §8.7), and rlfr < 0.2 credited a pair's score to its condition position; a flow trained on
 other latents, or under another convention, must never pass silently. The pairing (``modes``, ``shift``) is the
 one difference a run may accept on purpose: RL with ``flow.allow_mode_mismatch=true`` scores and trains its own
 pairs with a flow recorded under another pairing (the authors' setup); the flow keeps its record, so resuming

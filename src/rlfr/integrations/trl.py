@@ -1,4 +1,4 @@
-"""RLFR inside TRL's ``GRPOTrainer``: flow rewards as token-level advantages (RLFR_METHOD §4-6).
+"""RLFR inside TRL's ``GRPOTrainer``: flow rewards as token-level advantages (docs/RLFR_METHOD.md §4-6).
 
 For a TRL user, the flow is configured like any other GRPOTrainer option::
 

@@ -1,4 +1,4 @@
-"""Tap the policy's latent space: forward hooks on decoder blocks (RLFR_METHOD.md §1).
+"""Tap the policy's latent space: forward hooks on decoder blocks (docs/RLFR_METHOD.md §1).
 
 Contract (the trainer calls exactly this)::
 
@@ -51,7 +51,7 @@ Face model: a wrapper's forward calls the inner model's ``__call__``, so the pre
 the two you call, whereas a pre-hook on the wrapper never fires when the inner model is called directly
 (e.g. ``unwrapped.generate``).
 
-Departures from the authors' code (RLFR_METHOD.md §8, items 1-2):
+Departures from the authors' code (docs/RLFR_METHOD.md §8, items 1-2):
 
 1. Their hook stores latents during the checkpointed forward and forces ``requires_grad = True`` onto a
    flow loss that has no graph under reentrant checkpointing, so online flow updates do nothing. Here

@@ -1,4 +1,4 @@
-"""Offline flow pretraining (``rlfr flow-pretrain``, RLFR_METHOD §6 stage 1).
+"""Offline flow pretraining (``rlfr flow-pretrain``, docs/RLFR_METHOD.md §6 stage 1).
 
 The policy is frozen (eval mode, no gradient); its latents on expert worked solutions (same template as
 RL) train the flow field with the flow-matching loss on the same pairs RL builds (targets are solution
@@ -7,7 +7,7 @@ weight decay 0.01, the same optimizer step as RL (clipping, finite-gradient chec
 sequences is never trained on and its loss is reported with fixed (t, eps) draws, so first and last held-out
 losses are comparable. The flow is saved with the latents it models (``latents.json``) so that RL can check it
 uses the same block fractions, context modes and shift (the authors' configs silently mixed ``token_pre`` and
-``token_post``, RLFR_METHOD §8.7).
+``token_post``, docs/RLFR_METHOD.md §8.7).
 
 How it scales (docs/flow_pretraining.md). The flow reads only the hooked blocks' outputs, so the policy's
 forward stops after the deepest hooked block (``LatentTap.latents_only``): no later block, no LM head, no

@@ -1,4 +1,4 @@
-"""Advantages: group-normalised outcome advantage plus flow reward-to-go (RLFR_METHOD §5).
+"""Advantages: group-normalised outcome advantage plus flow reward-to-go (docs/RLFR_METHOD.md §5).
 
 Contract:
 - ``group_advantages(rewards (B,), group_size) -> (B,)``: A_o = (R - mean_g) / (std_g + eps) over each

@@ -1,4 +1,4 @@
-"""Policy-gradient losses and KL estimators (RLFR_METHOD §5).
+"""Policy-gradient losses and KL estimators (docs/RLFR_METHOD.md §5).
 
 Alignment (the trainer relies on it): every per-token tensor is (B, T) aligned with ``input_ids``, as
 ``rlfr.policy.forward`` computes log-probs and entropies: ``logp[b, k] = log p(input_ids[b, k] |
@@ -22,7 +22,7 @@ Contract:
   secretly brings you off-policy RL training"; TRL's ``vllm_importance_sampling_correction``). It multiplies
   the PPO term of ``policy_loss`` (``is_weights``), never the KL term.
 
-Departure from the authors' code (RLFR_METHOD §8.5): the low and high clips are separate, explicit
+Departure from the authors' code (docs/RLFR_METHOD.md §8.5): the low and high clips are separate, explicit
 arguments (theirs passed ``use_dapo`` into the clip-high slot).
 """
 

@@ -1,4 +1,4 @@
-"""The RL step shared by ``method=rlfr | rlvr | entropy`` (RLFR_METHOD §5-6).
+"""The RL step shared by ``method=rlfr | rlvr | entropy`` (docs/RLFR_METHOD.md §5-6).
 
 ``rl_step(c, step, examples, prompts) -> dict[str, float]`` reads top to bottom: rollout -> verify ->
 outcome advantages (-> accuracy filter) -> update -> log. The update, per micro-batch: one forward gives
@@ -21,7 +21,7 @@ after an optimizer step); the update's log-probs always come from the transforme
 ``rollout/logp_diff_*`` log how far the engine's log-probs are from them (``rollout.vllm_is_correction``
 reweights the loss by their truncated ratio).
 
-Departures from the authors' code (RLFR_METHOD §8): the flow loss runs outside the hooks under autograd, so
+Departures from the authors' code (docs/RLFR_METHOD.md §8): the flow loss runs outside the hooks under autograd, so
 online flow updates really train the flow (also under gradient checkpointing), on detached latents (no
 gradient reaches the policy; ``rlfr.flow.learner``); rewards are binary by default (``reward.outcome=authors``
 gives their 1 / 0.5 / 0), and only rollouts that pass ``reward.correct_if`` train the flow
