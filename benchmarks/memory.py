@@ -22,8 +22,9 @@ included: its KV cache (32 x 1,280 tokens x 28 blocks x 2 x 512 values x 2 bytes
 small next to the update. Reported: peak allocated and peak reserved CUDA memory, with the parameter /
 gradient / AdamW-state arithmetic next to it (docs/lora_fsdp.md); "OOM" when the step does not fit.
 
-AdamW keeps its state in the parameters' dtype (bf16 for the policy, fp32 for PEFT's adapters and the flow),
-as rlfr trains. ``--tiny`` uses a 4-block, hidden-64 model and 4 rollouts x 24 tokens on the CPU (peak RSS of the
+AdamW's state is as rlfr trains: for the bf16 policy a float32 copy and float32 moments
+(``policy.master_weights``, the default since the table in docs/lora_fsdp.md was measured; before, bf16
+moments), for PEFT's adapters and the flow fp32 moments. ``--tiny`` uses a 4-block, hidden-64 model and 4 rollouts x 24 tokens on the CPU (peak RSS of the
 child process); without CUDA and without ``--tiny`` the script refuses to run.
 """
 
@@ -58,10 +59,13 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GB = 1024**3
 
 
-def estimate(size: str, mode: str) -> dict[str, float]:
+def estimate(size: str, mode: str, master_weights: bool = True) -> dict[str, float]:
     """Bytes (GB) of the policy's weights, gradients and AdamW state, by arithmetic: bf16 weights (2 bytes per
-    value) plus PEFT's adapters (fp32, 4 bytes), a gradient and two AdamW moments per trained value in its
-    dtype, and under DDP one more gradient copy (its buckets). Activations and the flow are not in it."""
+    value) plus PEFT's adapters (fp32, 4 bytes), a gradient per trained value in its dtype, and under DDP one
+    more gradient copy (its buckets); AdamW's state: for bf16 weights with ``master_weights``
+    (``policy.master_weights``, the default) a float32 copy and two float32 moments (12 bytes), without it two
+    bf16 moments (4 bytes); for fp32 adapters two fp32 moments (8 bytes). Activations and the flow are not in
+    it."""
     d = SIZES[size]
     h, i, n_layers, v = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"], d["vocab_size"]
     kv = d["num_key_value_heads"] * h // d["num_attention_heads"]  # k / v projection width
@@ -75,7 +79,7 @@ def estimate(size: str, mode: str) -> dict[str, float]:
     out = {"params_B": total / 1e9, "trained_B": trained / 1e9}
     out["weights_GB"] = (2 * total + (per * trained if rank else 0)) / GB
     out["grads_GB"] = per * trained * (2 if ddp else 1) / GB
-    out["adam_GB"] = 2 * per * trained / GB
+    out["adam_GB"] = (2 * per if rank or not master_weights else 12) * trained / GB
     out["static_GB"] = out["weights_GB"] + out["grads_GB"] + out["adam_GB"]
     return out
 

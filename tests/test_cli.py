@@ -289,3 +289,32 @@ def test_a_command_that_parses_its_own_arguments_still_runs(tmp_path, monkeypatc
     monkeypatch.setitem(_COMMANDS, "own", ("own_cmd", None, "a command with its own parser", ()))
     assert _out(capsys, ["own", "dtype=float16"]).strip() == "ran float16"
     assert "dtype: bfloat16" in _out(capsys, ["own", "--show-config", "dtype=bfloat16"])
+
+
+@pytest.mark.parametrize("words", [["train", "--help"], ["--version"], ["data", "--help"]])
+def test_a_reader_that_leaves_early_gets_no_traceback(words):
+    """``rlfr train --help | head``: the reader closes the pipe; rlfr stops quietly with status 0. The read end is
+    closed before rlfr writes anything, so every write meets the closed pipe, whatever the machine's speed."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlfr.cli", *words], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 0 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_help_states_each_range_once_and_rlfr_data_lists_its_settings(capsys):
+    """A numeric key's range is appended to its help from the field's metadata; a help text that also wrote it
+    by hand printed it twice ('(> 0) (> 0)'), or contradicted it ('(>= 1) (>= 0)')."""
+    twice = re.compile(r"\((?:>=?|<=?|in )[^)]*\).*\((?:>=?|<=?|in )")
+    for command in [c for c in _COMMANDS if c not in SUBCOMMANDS]:
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "settings (key=value; default; help):" in out
+        bad = [line.split()[0] for line in out.splitlines() if twice.search(line)]
+        assert not bad, (command, bad)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "settings of rlfr data prepare" in out and "  overlong " in out and "heldout_fraction" in out
+    assert "-v, --verbose" in out

@@ -422,3 +422,39 @@ def test_a_run_saved_with_the_old_key_names_resumes_unchanged():
     assert resume_changes(old, new) == ({}, {})
     old["data"]["problem_field"] = "other"
     assert resume_changes(old, new)[1] == {"data.prompt_field": ("other", "question")}
+
+
+# ------------------------------------------------------------------ said, not silent (review of user paths)
+def test_a_file_cut_to_eval_size_is_said_and_a_generated_set_needs_a_size(tmp_path, capsys):
+    rows = [{"problem": f"{i}+{i}", "answer": str(2 * i)} for i in range(5)]
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, evals = resolve_data(DataConfig(eval=str(path), eval_size=2))
+    assert [e.answer for e in evals] == ["0", "2"]
+    assert (
+        f"data.eval={path}: evaluating on its first 2 of 5 rows (data.eval_size; 0 = all)"
+        in capsys.readouterr().out
+    )
+    _, evals = resolve_data(DataConfig(eval=str(path), eval_size=0))  # 0 = all rows of a file, nothing said
+    assert len(evals) == 5 and "evaluating on" not in capsys.readouterr().out
+    with pytest.raises(DataError, match="data.eval=embedded is generated here.*set data.eval_size >= 1"):
+        resolve_data(DataConfig(eval="embedded", eval_size=0))
+
+
+def test_a_bare_benchmark_name_that_is_also_a_local_path_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "math500").mkdir()
+    with pytest.raises(
+        DataError, match=r"names both the benchmark and the local path \./math500: write benchmark:"
+    ):
+        load_source("math500")
+
+
+def test_evaluating_on_the_training_rows_is_said(tmp_path, capsys):
+    rows = [{"problem": f"{i}+{i}", "answer": str(2 * i)} for i in range(6)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resolve_data(DataConfig(train=str(path), eval=str(path)))
+    assert f"warning: data.eval is data.train ({path}, split train)" in capsys.readouterr().out
+    resolve_data(DataConfig(train=str(path), eval="auto", eval_size=2))  # rows held out: nothing to warn about
+    assert "warning" not in capsys.readouterr().out

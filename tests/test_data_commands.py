@@ -120,7 +120,7 @@ def test_prepare_cuts_at_max_length_and_flow_pretraining_reads_the_same_sequence
     assert "p50 44, p90 104, p99 104, max 104" in out
     assert (
         f"next: rlfr flow-pretrain model.name_or_path={tiny_dir} data.train={tmp_path / 'flow_data'}/train.jsonl "
-        "data.prompt_field=messages data.template=authors_flow_qwen" in out
+        "data.eval= data.prompt_field=messages data.template=authors_flow_qwen" in out
     )
     # what flow pretraining encodes from the written rows: the measured lengths, cut to max_length = 50
     rows = load_examples(tmp_path / "flow_data" / "train.jsonl", prompt_field="messages", need_answer=False)
@@ -131,29 +131,37 @@ def test_prepare_cuts_at_max_length_and_flow_pretraining_reads_the_same_sequence
     assert rows[2].solution == "s" * 26 and rows[0].solution == "s" * 9 + "0"  # cut to 50 - 21 - 3 tokens
     assert rows[0].system == ""  # "no system turn" travels with the row
     # drop instead, and a held-out half
-    dropped = _prepare(tiny_dir, data, tmp_path / "dropped", "over_length=drop", "heldout_fraction=0.5")
+    dropped = _prepare(tiny_dir, data, tmp_path / "dropped", "overlong=drop", "heldout_fraction=0.5")
     assert (dropped.stats.kept, dropped.stats.dropped, dropped.stats.heldout) == (2, 2, 1)
     assert sorted(r["id"] for split in dropped.splits.values() for r in split) == [
         "solutions-0",
         "solutions-1",
     ]
     with pytest.raises(ConfigError, match="every row is longer than max_length=30 tokens"):
-        _prepare(tiny_dir, data, tmp_path / "none", "max_length=30", "over_length=drop")
+        _prepare(tiny_dir, data, tmp_path / "none", "max_length=30", "overlong=drop")
 
 
-def test_prepared_data_trains_a_flow(tiny_dir, tmp_path):
+@pytest.mark.parametrize("held", ["", "heldout"])
+def test_prepared_data_trains_a_flow(tiny_dir, tmp_path, capsys, held):
+    """data.eval= (none), as rlfr data prepare prints it; or a named held-out file (prepare's heldout.jsonl, no
+    answer column), which flow pretraining does not read and says so (before: read, and refused for lacking
+    answers)."""
     from rlfr.recipes.flow_pretrain import run_flow_pretrain
     from rlfr.schema import FlowPretrainConfig
 
     data = _solutions_dataset(tmp_path / "solutions")
     _prepare(tiny_dir, data, tmp_path / "flow_data", "format=dataset")
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1"}]}) + "\n")
     cfg = load_config(FlowPretrainConfig, overrides=[
         f"model.name_or_path={tiny_dir}", f"data.train={tmp_path / 'flow_data'}", "data.split=train",
-        "data.prompt_field=messages", "data.template=authors_flow_qwen", "data.eval=", "batch_size=2", "epochs=1",
-        "heldout_fraction=0", "report_to=[]", f"out_dir={tmp_path / 'flow'}",
+        "data.prompt_field=messages", "data.template=authors_flow_qwen", f"data.eval={heldout if held else ''}",
+        "batch_size=2", "epochs=1", "heldout_fraction=0", "report_to=[]", f"out_dir={tmp_path / 'flow'}",
     ])  # fmt: skip
     res = run_flow_pretrain(cfg, progress=False)
     assert res.steps == 2 and (tmp_path / "flow" / "flow" / "flow.safetensors").is_file()
+    note = f"flow-pretrain: data.eval={heldout} is not read: the held-out flow loss is measured on heldout_fraction=0.0"
+    assert (note in capsys.readouterr().out) == bool(held)
 
 
 def test_prepare_runs_from_the_command_line_on_a_local_file(tiny_dir, tmp_path):
@@ -179,3 +187,11 @@ def test_prepare_takes_only_settings(capsys):
 def test_percentile_by_hand():
     assert [percentile([1, 2, 3, 4], p) for p in (25, 50, 51, 100)] == [1, 2, 3, 4]
     assert percentile([7], 99) == 7
+
+
+def test_prepare_refuses_rows_with_images_rather_than_dropping_them(tiny_dir, tmp_path):
+    rows = [{"problem": "What is shown?", "solution": "A cat.", "images": ["cat.png"]}]
+    (tmp_path / "vl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"has images \(column images\); rlfr data prepare writes text-only rows"):
+        _prepare(tiny_dir, tmp_path / "vl.jsonl", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

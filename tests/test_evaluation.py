@@ -384,3 +384,54 @@ def test_evaluation_follows_the_training_data(tmp_path, capsys):
         bad = load_config(TrainConfig, overrides=[f"data.train={mine}", f"data.eval_size={size}"])
         with pytest.raises(DataError, match=match):
             resolve_data(bad.data)
+
+
+def test_progress_bars_show_the_work_and_draw_no_random_numbers(tiny_dir, capsys):
+    """Long evaluations and sampling show a bar (``rlfr eval``/``inspect``/``select``/``compare``/``demo`` with
+    progress=true); the bar is display only: the same seeded results with and without it."""
+    import torch
+
+    from rlfr.eval.scoring import held_out_scores
+    from rlfr.policy.loading import load_model, load_tokenizer
+    from rlfr.policy.rollout import generate
+
+    tok, model = load_tokenizer(str(tiny_dir)), load_model(str(tiny_dir)).eval()
+    examples = [Example(f"What is {i} + {i}?", str(2 * i), id=f"p{i}") for i in range(6)]
+    runs = [held_out_scores(model, tok, examples, "chat", 5, ParityVerifier(), samples=2, seed=1, batch_size=4,
+                            bar=bar) for bar in (None, "eval tiny")]  # fmt: skip
+    assert (runs[0].greedy, runs[0].sampled) == (runs[1].greedy, runs[1].sampled)
+    err = capsys.readouterr().err
+    # the first draw (at the start, whatever the machine's speed) names the work and its size:
+    assert "eval tiny:   0%" in err and "0/12" in err  # 6 problems greedy + 6 sampled
+    prompts = [f"Count to {i}" for i in range(3)]
+    outs = []
+    for bar in (None, "sampling"):
+        torch.manual_seed(0)
+        outs.append(generate(model, tok, prompts, 2, 6, batch_size=4, progress=bar).completions)
+    assert outs[0] == outs[1]
+    err = capsys.readouterr().err
+    assert "sampling:   0%" in err and "0/6" in err  # 3 prompts x 2 samples
+
+
+def test_eval_refuses_two_sets_of_one_name_and_its_seed_keeps_the_embedded_split(tiny_dir, data_file, tmp_path,
+                                                                                  capsys):  # fmt: skip
+    """Two files of one name (a/test.jsonl, b/test.jsonl) would share samples_test.jsonl and one results entry:
+    refused. ``seed`` draws the samples only; the embedded problems are those of ``data.task_seed`` (before,
+    ``rlfr eval seed=1`` evaluated another split, which held problems a run of task_seed 0 trained on)."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "test.jsonl").write_text(data_file.read_text())
+    words = ["eval", f"model={tiny_dir}", "max_new_tokens=2", "workers=1", "cpu=true", "dtype=float32"]
+    bad = f"data.eval=[{tmp_path / 'a' / 'test.jsonl'},{tmp_path / 'b' / 'test.jsonl'}]"
+    assert main([*words, bad, f"out={tmp_path / 'x'}"]) == 2
+    assert "would both be reported as 'test'" in capsys.readouterr().err
+    problems = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        assert main([*words, "data.eval=embedded", "data.eval_size=4", f"seed={seed}", f"out={out}"]) == 0
+        problems.append([r["prompt"] for r in _rows(out / "samples_embedded.jsonl")])
+    assert len(problems[0]) == 4 and problems[0] == problems[1]
+    out = tmp_path / "task1"
+    assert main([*words, "data.eval=embedded", "data.eval_size=4", "data.task_seed=1", f"out={out}"]) == 0
+    moved = [r["prompt"] for r in _rows(out / "samples_embedded.jsonl")]
+    assert moved != problems[0]  # the seed that moves them

@@ -110,7 +110,20 @@ def test_fsdp2_full_fine_tuning_shards_and_resumes_bit_exact(tiny_dir, tmp_path)
     _check_sharded_run(reports, tmp_path, tiny_dir, lora=False, version=2)
 
 
-@pytest.mark.slow  # ~25 s alone, ~55 s on a loaded 2-core machine; the full-fine-tuning FSDP test stays default
+def test_fsdp2_bfloat16_weights_train_through_float32_master_copies_and_resume_bit_exact(tiny_dir, tmp_path):
+    """The presets' case: a bfloat16 policy, sharded. The optimizer keeps float32 copies of the weight shards
+    (``policy.master_weights``), checkpointed gathered like the moments, and a resumed run is bit-identical."""
+    reports = _worker(CONFIGS / "fsdp.yaml", tmp_path, tiny_dir, "train", "model.dtype=bfloat16")
+    _check_sharded_run(reports, tmp_path, tiny_dir, lora=False, version=2)
+    ck = tmp_path / "full" / "checkpoints" / "step_000003"
+    state = torch.load(ck / "optim.pt", weights_only=True)["policy"]["state"]
+    weights = {k: v for k, v in _files(ck).items() if k.startswith("policy/")}
+    assert state and all(s["master"].dtype == torch.float32 == s["exp_avg"].dtype for s in state.values())
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert sum(s["master"].numel() for s in state.values()) == sum(v.numel() for v in weights.values())
+
+
+@pytest.mark.slow  # ~25 s alone, ~55 s on a loaded 2-core machine; the full-fine-tuning FSDP tests stay default
 def test_fsdp2_lora_sft_and_rl_and_checkpoints_that_move(tiny_dir, tmp_path):
     from rlfr.recipes.train import build_components, restore
     from rlfr.runtime.env import make_accelerator

@@ -359,3 +359,29 @@ def test_sft_on_the_multistep_task_with_a_tiny_model(tmp_path):
     res = run_sft(cfg, progress=False, evaluate_after=False)
     # the same 8 sequences every step (batch = data): Adam at lr 1e-2 lowers their loss from random init
     assert res.loss_last < res.loss_first and (tmp_path / "sft" / "model" / "config.json").is_file()
+
+
+class _BosTokenizer:
+    """Encodes like Llama's tokenizer as far as BOS goes: ``<s>`` (id 1) first unless add_special_tokens=False."""
+
+    bos_token, bos_token_id = "<s>", 1
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [7] * len(text)}
+
+
+class _NoBosTokenizer(_BosTokenizer):  # Qwen's: a bos_token attribute, but encodings do not start with it
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [7] * len(text)}
+
+
+def test_rlfrs_plain_templates_carry_the_bos_a_tokenizer_would_add():
+    """Prompts are encoded with add_special_tokens=False, so llama_box, r1 and qwen_math_box write the BOS token
+    themselves where the tokenizer's own encoding starts with it (before: Llama prompts silently lacked it); the
+    authors' templates are theirs token for token, and a tokenizer without BOS leaves every text as it was."""
+    for name in ("llama_box", "r1", "qwen_math_box"):
+        plain = render_prompt(name, "2+2")
+        assert render_prompt(name, "2+2", _BosTokenizer()) == "<s>" + plain
+        assert render_prompt(name, "2+2", _NoBosTokenizer()) == plain
+    for name in ("authors_llama3", "authors_flow_qwen", "authors_flow_llama3"):
+        assert render_prompt(name, "2+2", _BosTokenizer()) == render_prompt(name, "2+2")

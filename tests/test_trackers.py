@@ -107,7 +107,10 @@ def test_resume_cuts_the_log_and_purges_tensorboard_after_the_checkpoint(tmp_pat
 def test_a_missing_tracker_package_is_a_config_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(capabilities.TRACKER_PACKAGES, "mlflow", ("no_such_module_rlfr", "mlflow"))
     for cls in (TrainConfig, SFTConfig, FlowPretrainConfig):
-        with pytest.raises(ConfigError, match=r"report_to=mlflow needs .* pip install no_such_module_rlfr \(rlfr's mlflow extra\)"):
+        with pytest.raises(
+            ConfigError,
+            match=r"report_to=mlflow needs .* pip install no_such_module_rlfr \(rlfr's mlflow extra\)",
+        ):
             load_config(cls, overrides=["report_to=[tensorboard,mlflow]"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config(TrainConfig, overrides=["report_to=[tensorbored]"])

@@ -386,7 +386,8 @@ def test_only_the_tested_trl_versions_import():
         check_trl_version(version)
     for version in ("1.13.2", "1.15.0", "1.15.1", "1.17.0", "2.0.0"):
         with pytest.raises(
-            ImportError, match=r"tested with trl>=1.14,<1.17,!=1.15.\* .* pip install 'trl>=1.14,<1.17,!=1.15.\*'"
+            ImportError,
+            match=r"tested with trl>=1.14,<1.17,!=1.15.\* .* pip install 'trl>=1.14,<1.17,!=1.15.\*'",
         ):
             check_trl_version(version)
 

@@ -28,6 +28,7 @@ import contextlib
 import difflib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 
@@ -179,6 +180,7 @@ def _run_legacy(command: str, module_name: str, argv: list[str]) -> int:
     """A command whose module still parses its own arguments (``add_arguments(parser)``, ``run(args)``)."""
     parser = argparse.ArgumentParser(prog=f"rlfr {command}", description=_COMMANDS[command][2])
     parser.add_argument("--debug", action="store_true", help=_FLAGS["--debug"][1])
+    parser.add_argument("-v", "--verbose", action="store_true", help=_FLAGS["--verbose"][1])
     module = importlib.import_module(module_name)
     module.add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # key=value words before or after flags
@@ -235,7 +237,16 @@ def _logging(verbose: bool) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # `rlfr train --help | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush raises nothing
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     try:
         ns = parse(argv)
     except UsageError as e:
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlfr {__version__}")
         return 0
     if ns.rest is not None:  # a command that parses its own arguments (module.add_arguments, run(args))
-        with _logging(ns.verbose):
+        with _logging(ns.verbose or any(w in ("-v", "--verbose") for w in ns.rest)):
             return _run_legacy(ns.command, _COMMANDS[ns.command][0], ns.rest)
     if ns.help or ns.command is None:
         print_help(ns.command)

@@ -39,7 +39,7 @@ class EvalDataConfig:
     split: str = field_("train", "dataset directories and Hub ids: the split to evaluate on")
     template: Template = field_("chat", "prompt template")
     system_prompt: str | None = field_(
-        None, "the system turn (a chat row's own wins): none = the template's default, '' = no system turn"
+        None, "the system turn (a chat row's own wins): null = the template's default, '' = no system turn"
     )
     prompt_field: str = field_(
         "problem", "data files and datasets: column holding the prompt (text or a chat)"
@@ -47,9 +47,18 @@ class EvalDataConfig:
     answer_field: str = field_("answer", "data files and datasets: column holding the answer")
     image_field: str = field_("auto", "data files: image column (auto: images or image; none)")
     eval_size: int = field_(
-        64, "embedded held-out problems (as data.eval_size in training)", range="[0, inf)"
+        64,
+        "embedded held-out problems: the model's training run's data.eval_size (its training split left out exactly "
+        "these problems; a larger set would hold problems it trained on)",
+        range="[1, inf)",
     )
     dev_size: int = field_(0, "embedded-dev: the dev split's size (data.dev_size)", range="[0, inf)")
+    task_seed: int = field_(
+        0,
+        "embedded sets: seed of the problem split, the training run's data.task_seed (kept apart from seed, which "
+        "only draws the samples)",
+        range="[0, inf)",
+    )
     min_pixels: int | None = field_(None, "vision-language models: data.min_pixels", range="[1, inf)")
     max_pixels: int | None = field_(None, "vision-language models: data.max_pixels", range="[1, inf)")
 
@@ -68,7 +77,7 @@ class EvalConfig:
     )
     top_p: float = field_(1.0, "nucleus sampling threshold", range="(0, 1]")
     limit: int = field_(0, "evaluate only the first N problems of each set (0 = all)", range="[0, inf)")
-    seed: int = field_(0, "seed (embedded split and sampling)", range=SEED_RANGE)
+    seed: int = field_(0, "seed of the sampling (the embedded split: data.task_seed)", range=SEED_RANGE)
     backend: Literal["hf", "vllm"] = field_(
         "hf",
         "generation backend: hf (transformers generate) or vllm (the trainer's vLLM engine; CPU or GPU, "
@@ -81,6 +90,7 @@ class EvalConfig:
     dtype: Dtype = field_("auto", "model dtype: auto = bfloat16 on a GPU that supports it, float32 on CPU")
     workers: int = field_(2, "verifier worker processes", range="[1, inf)")
     cpu: bool = field_(False, "force CPU")
+    progress: bool = field_(True, "progress bars")
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,11 @@ class InspectConfig:
     template: Template | None = field_(None, "prompt template (default: the run's, else chat)")
     reward: Literal["dense", "shaped"] = field_("dense", "token reward shown (see rlfr.recipes.inspect_flow)")
     min_count: int = field_(3, "tokens seen fewer times are left out of the rankings", range="[1, inf)")
-    seed: int = field_(0, "seed (sampling, flow noise, embedded split)", range=SEED_RANGE)
+    seed: int = field_(0, "seed (sampling, flow noise; the embedded split is the run's data.task_seed)",
+                       range=SEED_RANGE)  # fmt: skip
     out: str = field_("runs/inspect", "output directory")
     cpu: bool = field_(False, "force CPU")
+    progress: bool = field_(True, "progress bars")
 
 
 @dataclass(frozen=True)
@@ -173,10 +185,13 @@ class SelectConfig:
         "forward over the samples (the reference)",
     )
     batch_size: int = field_(64, "sequences per generate call", range="[1, inf)")
-    dtype: Dtype = field_("float32", "parameter dtype of the policy")
+    dtype: Dtype = field_(
+        "auto", "parameter dtype of the policy: auto = bfloat16 on a GPU that supports it, float32 on CPU"
+    )
     seed: int = field_(0, "seed (sampling, flow noise, subsets, dev split)", range=SEED_RANGE)
     out: str = field_("runs/select", "output directory")
     cpu: bool = field_(False, "force CPU")
+    progress: bool = field_(True, "progress bars")
 
     def validate(self) -> None:
         if self.checkpoint is not None and (self.model is not None or self.flow is not None):
@@ -400,7 +415,7 @@ class PrepareDataConfig:
         "solution", "column holding the expert solution (a chat's last assistant turn is used instead)"
     )
     system_prompt: str | None = field_(
-        None, "the system turn (a chat row's own wins): none = the template's default, '' = no system turn"
+        None, "the system turn (a chat row's own wins): null = the template's default, '' = no system turn"
     )
     template: Template = field_("chat", "prompt template, as data.template of rlfr flow-pretrain")
     skip_bad_rows: bool = field_(False, "skip malformed rows (and report how many) instead of failing")
@@ -416,7 +431,7 @@ class PrepareConfig:
         8192, "cutoff in tokens of a whole sequence, prompt + solution + end of turn (the authors: 8192)",
         range="[2, inf)",
     )  # fmt: skip
-    over_length: Literal["truncate", "drop"] = field_(
+    overlong: Literal["truncate", "drop"] = field_(
         "truncate", "longer sequences: truncate the solution (as LLaMA-Factory's cutoff_len) or drop the row"
     )
     heldout_fraction: float = field_(

@@ -109,7 +109,7 @@ class DataConfig:
     solution_field: str | None = field_(None, "column holding a worked solution (SFT / flow pretraining)")
     system_prompt: str | None = field_(
         None,
-        "the system turn of every prompt (a chat row's own system turn wins): none = the template's default, "
+        "the system turn of every prompt (a chat row's own system turn wins): null = the template's default, "
         "'' = no system turn",
     )
     image_field: str = field_(
@@ -144,7 +144,7 @@ class DataConfig:
     eval_size: int = field_(
         64,
         "number of held-out problems used (0 = all); with data.eval=auto on your own data: the rows held out "
-        "of data.train (>= 1)",
+        "of data.train (at least 1 there)",
         range="[0, inf)",
     )
     dev_size: int = field_(
@@ -191,7 +191,7 @@ class FlowLatentsConfig:
         (0.25, 0.5, 0.75), "hooked block fractions of the policy depth", range="[0, 1]"
     )
     modes: tuple[Mode, ...] = field_(("token_post",), "context modes (mean over modes)")
-    shift: int = field_(1, "context shift s between target and condition tokens (>= 1)", range="[1, inf)")
+    shift: int = field_(1, "context shift s between target and condition tokens", range="[1, inf)")
     width: int | None = field_(
         None, "flow network width (default: the policy's hidden size)", range="[1, inf)"
     )
@@ -279,7 +279,7 @@ class RolloutConfig:
         "engine vllm: weight each token's policy-gradient term by min(p_hf / p_vllm, vllm_is_cap), the "
         "truncated importance-sampling correction for the engines' numerical mismatch (as TRL)",
     )
-    vllm_is_cap: float = field_(2.0, "engine vllm: cap of the importance weight (>= 1)", range="[1, inf)")
+    vllm_is_cap: float = field_(2.0, "engine vllm: cap of the importance weight", range="[1, inf)")
 
     def validate(self) -> None:
         if self.engine != "vllm":
@@ -295,12 +295,18 @@ class PolicyConfig:
         (0.9, 0.999), "actor AdamW betas (the authors: 0.9, 0.95)", range="[0, 1)"
     )
     weight_decay: float = field_(0.0, "actor weight decay", range="[0, inf)")
+    master_weights: bool = field_(
+        True,
+        "bfloat16/float16 weights are updated through a float32 copy in the optimizer state (as DeepSpeed's bf16 "
+        "optimizer): updates under bfloat16's resolution (0.2-0.4 % of a weight; at lr 1e-6 nearly all) are kept; "
+        "4 more bytes per weight and float32 moments. false: AdamW on the low-precision weights themselves",
+    )
     warmup_ratio: float = field_(0.0, "warm-up fraction of all optimizer steps", range="[0, 1)")
     schedule: Literal["constant", "cosine"] = field_("constant", "lr schedule after warm-up")
     min_lr_ratio: float = field_(
         0.0, "cosine schedule floor, as a fraction of lr (the authors: 0.1)", range="[0, 1]"
     )
-    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)", range="(0, inf)")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm", range="(0, inf)")
     ppo_epochs: int = field_(1, "passes over each rollout batch", range="[1, inf)")
     minibatches: int = field_(
         1,
@@ -463,7 +469,7 @@ class TrainConfig:
         50, "checkpoint every N steps (and at the end); 0 = only at the end", range="[0, inf)"
     )
     keep_checkpoints: int = field_(
-        2, "checkpoints kept on disk (>= 1: the newest is never deleted)", range="[1, inf)"
+        2, "checkpoints kept on disk (the newest is never deleted)", range="[1, inf)"
     )
     eval_every: int = field_(
         0, "held-out greedy accuracy every N steps (0 = only at the end)", range="[0, inf)"
@@ -494,6 +500,12 @@ class SFTConfig:
     data: DataConfig = field_(DataConfig(solution_field="solution"), "worked solutions")
     lr: float = field_(1e-5, "learning rate", range="(0, inf)")
     weight_decay: float = field_(0.0, "weight decay", range="[0, inf)")
+    master_weights: bool = field_(
+        True,
+        "bfloat16/float16 weights are updated through a float32 copy in the optimizer state (as DeepSpeed's bf16 "
+        "optimizer): updates under bfloat16's resolution (0.2-0.4 % of a weight; at lr 1e-6 nearly all) are kept; "
+        "4 more bytes per weight and float32 moments. false: AdamW on the low-precision weights themselves",
+    )
     warmup_ratio: float = field_(0.1, "warm-up fraction", range="[0, 1)")
     batch_size: int = field_(16, "sequences per optimizer step", range="[1, inf)")
     micro_batch_size: int = field_(16, "sequences per forward/backward", range="[1, inf)")
@@ -519,7 +531,7 @@ class FlowPretrainConfig:
     weight_decay: float = field_(0.01, "weight decay", range="[0, inf)")
     warmup_ratio: float = field_(0.1, "warm-up fraction", range="[0, 1)")
     min_lr_ratio: float = field_(0.0, "cosine schedule floor, as a fraction of lr", range="[0, 1]")
-    max_grad_norm: float = field_(1.0, "gradient clipping norm (> 0)", range="(0, inf)")
+    max_grad_norm: float = field_(1.0, "gradient clipping norm", range="(0, inf)")
     epochs: float = field_(2.0, "passes over the expert data", range="(0, inf)")
     batch_size: int = field_(
         16, "sequences per optimizer step, over all processes (the authors: 128)", range="[1, inf)"

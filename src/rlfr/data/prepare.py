@@ -9,14 +9,14 @@ The authors pretrain their flows on expert solutions rendered with LLaMA-Factory
   the EOS token for the others), ``rlfr.policy.rollout.encode_solutions``;
 - a sequence longer than ``max_length`` tokens is truncated (its solution cut, as LLaMA-Factory's ``cutoff_len``
   does; the cut solution is decoded back to text and re-measured, so it fits as flow pretraining encodes it) or
-  dropped (``over_length``); a prompt that alone leaves no room for a solution token is dropped either way;
+  dropped (``overlong``); a prompt that alone leaves no room for a solution token is dropped either way;
 - ``heldout_fraction`` of the kept rows (a seeded draw) go to a held-out split.
 
 The rows written are chat rows, ``{"id", "messages": [system?, user, assistant]}``: the system turn travels with
 its row (an empty one too, meaning "none"), and ``rlfr flow-pretrain data.prompt_field=messages
 data.template=<the same template>`` reads them back to the very token sequences measured here.
 
-Contract: ``prepare_flow_data(examples, template, tokenizer, max_length, over_length, heldout_fraction, seed) ->
+Contract: ``prepare_flow_data(examples, template, tokenizer, max_length, overlong, heldout_fraction, seed) ->
 Prepared`` (rows per split and ``PrepareStats``); ``write_prepared(prepared, out_dir, fmt)`` writes
 ``train.jsonl`` (+ ``heldout.jsonl``) or a ``DatasetDict`` with ``save_to_disk``, and returns what it wrote.
 """
@@ -94,12 +94,12 @@ def chat_row(example, solution: str) -> dict:
 
 
 def prepare_flow_data(
-    examples, template: str, tokenizer, max_length: int, over_length: str = "truncate",
+    examples, template: str, tokenizer, max_length: int, overlong: str = "truncate",
     heldout_fraction: float = 0.0, seed: int = 0,
 ) -> Prepared:  # fmt: skip
     """Rows for flow pretraining (module docstring)."""
-    if over_length not in ("truncate", "drop"):
-        raise ValueError(f"over_length must be truncate or drop, got {over_length!r}")
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"overlong must be truncate or drop, got {overlong!r}")
     end = response_end(template)
     stats, rows, lengths = PrepareStats(rows=len(examples)), [], []
     for ex in examples:
@@ -110,7 +110,7 @@ def prepare_flow_data(
         if lengths[-1] > max_length:
             cut = (
                 _fit(tokenizer, ex.solution, max_length - len(prompt), end)
-                if over_length == "truncate"
+                if overlong == "truncate"
                 else None
             )
             if cut is None:

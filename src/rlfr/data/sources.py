@@ -81,6 +81,11 @@ def load_source(
     elif spec == VL_SET:
         rows = vl_task(train_size=1, eval_size=max(size, 1), seed=task_seed).eval
     elif (name := benchmark_name(spec)) is not None:
+        if spec == name and Path(spec).exists():
+            raise DataError(
+                f"data {spec!r} names both the benchmark and the local path ./{spec}: write benchmark:{name} for the "
+                f"benchmark or ./{spec} for the local data"
+            )
         rows = list(load_benchmark(name))
     else:
         try:
@@ -160,9 +165,25 @@ def resolve_data(
                   f"{len(train)}")  # fmt: skip
         return train, evals
     evals: list[Example] = []
+    same = (spec, data.subset, data.eval_split or data.split) == (data.train, data.subset, data.split)
+    if same and spec not in GENERATED_SETS and os.environ.get("RANK", "0") == "0":
+        print(f"warning: data.eval is data.train ({spec}, split {data.split}): the held-out accuracy is measured on "
+              "rows this run trains on; name another split (data.eval_split=test) or data.eval=auto")  # fmt: skip
+    if spec in GENERATED_SETS and data.eval_size < 1:
+        raise DataError(
+            f"data.eval={spec} is generated here, so data.eval_size is its size: 0 ('all' rows of a file) would give "
+            "it one problem; set data.eval_size >= 1"
+        )
     if spec:
-        evals = load_source(spec, replace(fields, need_answer=True), data.eval_size, data.task_seed, data.dev_size,
-                            subset=data.subset, split=data.eval_split or data.split)  # fmt: skip
+        generated = spec in GENERATED_SETS
+        evals = load_source(spec, replace(fields, need_answer=True), data.eval_size if generated else 0,
+                            data.task_seed, data.dev_size, subset=data.subset,
+                            split=data.eval_split or data.split)  # fmt: skip
+        if not generated and 0 < data.eval_size < len(evals):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"data.eval={spec}: evaluating on its first {data.eval_size} of {len(evals)} rows "
+                      "(data.eval_size; 0 = all)")  # fmt: skip
+            evals = evals[: data.eval_size]
     return train, evals
 
 

@@ -10,9 +10,13 @@ pretraining), or None for the tokenizer's EOS token.
   instruction ``SYSTEM_PROMPT``) with the generation prompt appended (needs a tokenizer with a chat template).
 - ``"qwen_math_box"``: the plain Qwen2.5-Math prompt with the boxed system prompt (ChatML).
 - ``"llama_box"``: a Llama-3 instruct prompt (header tokens written out) whose user turn asks for a boxed
-  answer; no system turn. No ``<|begin_of_text|>``: the tokenizer adds BOS when it encodes.
+  answer; no system turn.
 - ``"r1"``: the DeepSeek-R1-Zero prompt (DeepSeek-R1 paper, Table 1) asking for
   ``<think> ... </think> <answer> ... </answer>``; ``rlfr.reward.verifier.extract_answer`` reads the answer tag.
+
+These three begin with the tokenizer's BOS token when its encoding adds one (Llama, Gemma, Mistral: prompts are
+encoded with ``add_special_tokens=False``, so a BOS must be in the text, as a chat template writes it); Qwen's
+tokenizer adds none, so their text is unchanged there.
 
 The authors' templates, reproduced by name (docs/RLFR_METHOD.md §9; ``tests/test_templates_tasks.py`` checks each against
 the rendering of their code, token for token):
@@ -30,6 +34,7 @@ the rendering of their code, token for token):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +84,7 @@ _PLAIN = {
     ),
 }
 TEMPLATES = ("chat", *_PLAIN)
+_OWN_BOS = ("qwen_math_box", "llama_box", "r1")  # rlfr's plain templates: the BOS as the tokenizer encodes
 
 
 def user_content(problem: str, num_images: int) -> str | list[dict]:
@@ -162,5 +168,21 @@ def render_prompt(
         )
     system = t.default_system if system is None else system
     head = t.system_turn.replace("{system}", system) if system else ""
+    bos = tokenizer.bos_token if template in _OWN_BOS and adds_bos(tokenizer) else ""
     # str.replace, not str.format: problems contain LaTeX braces.
-    return t.prefix + head + t.body.replace("{problem}", problem)
+    return bos + t.prefix + head + t.body.replace("{problem}", problem)
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> adds_bos, measured once
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` starts an encoding with its BOS token (None, or a processor without one: False);
+    measured once per tokenizer (every prompt is rendered through here)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None or not getattr(tokenizer, "bos_token", None):
+        return False
+    if tokenizer not in _ADDS_BOS:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        _ADDS_BOS[tokenizer] = bool(ids) and ids[0] == bos_id
+    return _ADDS_BOS[tokenizer]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from rlfr.data import Example
 from rlfr.data.templates import example_prompt
@@ -197,6 +198,7 @@ def held_out_scores(
     seed: int = 0,
     batch_size: int = 64,
     progress: EvalProgress | None = None,
+    bar: str | None = None,
 ) -> HeldOut:
     """Greedy pass@1 and (``samples`` > 0) the correct count of ``samples`` samples at temperature 1 per
     problem, the RL sampler's setting; the sampling noise is seeded, so every model sees the same.
@@ -206,7 +208,7 @@ def held_out_scores(
     ``sampled_completions`` call of a ``TransformersSampler`` over all problems. With ``progress`` the results
     and the random state are saved after every chunk and a rerun continues after the last finished one, with
     the same result as an uninterrupted evaluation; the caller clears ``progress`` once it has stored the
-    result."""
+    result. ``bar``: the description of a progress bar over the problems (greedy, then sampled; None: no bar)."""
     if not examples:
         raise ValueError("held_out_scores() got no examples")
     device = next(model.parameters()).device
@@ -214,32 +216,40 @@ def held_out_scores(
     settings = {"n": n, "samples": samples, "seed": seed, "batch_size": batch_size, "device": device.type}
     state = (progress.load(settings) if progress else None) or {"greedy": [], "sampled": []}
     greedy, sampled = state["greedy"], state["sampled"]
-    while len(greedy) < n:  # greedy: one sequence per problem, a chunk of batch_size problems is one batch
-        part = examples[len(greedy) : len(greedy) + batch_size]
-        res = evaluate(model, tokenizer, part, template, max_new_tokens, verifier, batch_size=batch_size)
-        greedy += [int(r["correct"]) for r in res.records]
-        if progress:
-            progress.save(settings, {"greedy": greedy, "sampled": []})
-    if samples:
-        # a chunk of `step` problems is step * samples = lcm(batch_size, samples) sequences: whole batches
-        step = batch_size // math.gcd(batch_size, samples)
-        # seed None: the sampler draws from torch's RNG, seeded here (or restored) so that chunks continue it
-        sampler = TransformersSampler(model, tokenizer, batch_size)
-        params = SamplingParams(n=samples, max_new_tokens=max_new_tokens, temperature=1.0)
-        if sampled:
-            set_torch_rng_state(device, state["rng"])
-        else:
-            torch.manual_seed(seed)
-        while len(sampled) < n:
-            part = examples[len(sampled) : len(sampled) + step]
-            prompts = [example_prompt(template, ex, tokenizer) for ex in part]
-            comps = sampled_completions(sampler, prompts, params, images_of(tokenizer, part))
-            counts = [0] * len(part)
-            for r in score_completions(part, prompts, comps, verifier).records:
-                counts[r["index"]] += int(r["correct"])
-            sampled += counts
+    shown = tqdm(total=(2 if samples else 1) * n, initial=len(greedy) + len(sampled), desc=bar, unit="problem",
+                 disable=bar is None, leave=False)  # fmt: skip
+    try:
+        # greedy: one sequence per problem, a chunk of batch_size problems is one batch
+        while len(greedy) < n:
+            part = examples[len(greedy) : len(greedy) + batch_size]
+            res = evaluate(model, tokenizer, part, template, max_new_tokens, verifier, batch_size=batch_size)
+            greedy += [int(r["correct"]) for r in res.records]
+            shown.update(len(part))
             if progress:
-                progress.save(
-                    settings, {"greedy": greedy, "sampled": sampled, "rng": torch_rng_state(device)}
-                )
+                progress.save(settings, {"greedy": greedy, "sampled": []})
+        if samples:
+            # a chunk of `step` problems is step * samples = lcm(batch_size, samples) sequences: whole batches
+            step = batch_size // math.gcd(batch_size, samples)
+            # seed None: the sampler draws from torch's RNG, seeded here (or restored) so that chunks continue it
+            sampler = TransformersSampler(model, tokenizer, batch_size)
+            params = SamplingParams(n=samples, max_new_tokens=max_new_tokens, temperature=1.0)
+            if sampled:
+                set_torch_rng_state(device, state["rng"])
+            else:
+                torch.manual_seed(seed)
+            while len(sampled) < n:
+                part = examples[len(sampled) : len(sampled) + step]
+                prompts = [example_prompt(template, ex, tokenizer) for ex in part]
+                comps = sampled_completions(sampler, prompts, params, images_of(tokenizer, part))
+                counts = [0] * len(part)
+                for r in score_completions(part, prompts, comps, verifier).records:
+                    counts[r["index"]] += int(r["correct"])
+                sampled += counts
+                shown.update(len(part))
+                if progress:
+                    progress.save(
+                        settings, {"greedy": greedy, "sampled": sampled, "rng": torch_rng_state(device)}
+                    )
+    finally:
+        shown.close()
     return HeldOut(greedy=greedy, sampled=sampled if samples else None, samples=samples)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from rlfr.policy.capture import Captured, RowCapture, assemble, chunk_rows, generate_captured
@@ -131,12 +132,14 @@ def generate(
     images: Sequence[Sequence] | None = None,
     device: torch.device | None = None,
     capture: LatentTap | None = None,
+    progress: str | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` responses per prompt; returns the packed layout described above.
     ``images``: each prompt's images, given exactly when ``tokenizer`` is an ``ImageTextProcessor``.
     ``device``: where the inputs go (default: the first parameter's device; under FSDP with CPU offload that is
     the CPU, so the trainer passes the accelerator's device). ``capture``: a tap on ``model`` whose latents, and
-    the log-probs, are recorded while sampling (``Rollout.captured``; text-only policies)."""
+    the log-probs, are recorded while sampling (``Rollout.captured``; text-only policies). ``progress``: the
+    description of a progress bar over the sequences generated (None: no bar); it draws no random numbers."""
     eos = eos_ids(tokenizer, model)
     prompt_ids, vision = encode_prompts(tokenizer, prompts, images)
     if capture is not None and vision is not None:
@@ -161,6 +164,7 @@ def generate(
     responses: list[list[int]] = []
     truncated: list[bool] = []
     captured: list[RowCapture] = []
+    bar = tqdm(total=len(expanded), desc=progress, unit="seq", disable=progress is None, leave=False)
     try:
         for start in range(0, len(expanded), batch_size):
             chunk = [ids for _, ids in expanded[start : start + batch_size]]
@@ -192,7 +196,9 @@ def generate(
                 captured += chunk_rows(
                     steps, logp, [len(c) for c in chunk], [len(r) for r in responses[first:]]
                 )
+            bar.update(len(chunk))
     finally:
+        bar.close()
         model.train(was_training)
     ro = pack(
         tokenizer, [ids for _, ids in expanded], responses, [g for g, _ in expanded], truncated, vision_rows

@@ -64,7 +64,8 @@ class TransformersSampler:
     sequences per call, inputs on ``device`` (default: the first parameter's device; under FSDP with CPU
     offload that is the CPU, so the trainer passes the accelerator's device). ``capture``: a ``LatentTap`` on the
     model whose latents, and the log-probs, every rollout also carries (``Rollout.captured``,
-    ``rlfr.policy.capture``): opt-in for scoring without a second forward; the samples are the same."""
+    ``rlfr.policy.capture``): opt-in for scoring without a second forward; the samples are the same. ``progress``:
+    the description of a progress bar over each call's sequences (None: none)."""
 
     holds_weights = False
 
@@ -75,11 +76,12 @@ class TransformersSampler:
         batch_size: int = 64,
         device: torch.device | None = None,
         capture: LatentTap | None = None,
+        progress: str | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size, self.device = model, tokenizer, batch_size, device
-        self.capture = capture
+        self.capture, self.progress = capture, progress
 
     def generate(
         self, prompts: Sequence[str], params: SamplingParams, images: Sequence[Sequence] | None = None
@@ -89,7 +91,7 @@ class TransformersSampler:
         with seeded(None if p.greedy else p.seed, torch.device(device)):
             return generate(self.model, self.tokenizer, prompts, p.n, p.max_new_tokens, p.temperature, p.top_p,
                             greedy=p.greedy, batch_size=self.batch_size, images=images, device=self.device,
-                            capture=self.capture)  # fmt: skip
+                            capture=self.capture, progress=self.progress)  # fmt: skip
 
     def sync_weights(self, model: nn.Module, version: int) -> bool:
         """Nothing to push: every rollout samples the live policy."""
@@ -124,16 +126,18 @@ def build_sampler(
     model_path: str | None = None,
     vllm: VLLMSettings | None = None,
     capture: LatentTap | None = None,
+    progress: str | None = None,
 ) -> Sampler:
     """The sampler that ``engine`` names (``rollout.engine``, ``rlfr eval backend=...``).
 
     hf: ``TransformersSampler`` on ``model`` (``batch_size``, ``device``, ``capture`` as there). vllm: a colocated
     ``VLLMEngine`` loaded from ``model_path`` with the settings ``vllm``, stopping at the EOS ids of ``model``
-    (without a loaded model: of the config files in ``model_path``); it cannot capture latents."""
+    (without a loaded model: of the config files in ``model_path``); it cannot capture latents. ``progress``: the
+    description of a progress bar over each call's sequences (None: none; vLLM shows its own bar)."""
     if engine == "hf":
         if model is None:
             raise ValueError("engine hf samples from a loaded model: pass model=")
-        return TransformersSampler(model, tokenizer, batch_size, device, capture)
+        return TransformersSampler(model, tokenizer, batch_size, device, capture, progress)
     if capture is not None:
         raise ValueError(f"engine {engine} cannot capture latents while it samples; use engine hf")
     if engine == "vllm":
@@ -142,5 +146,5 @@ def build_sampler(
                 "engine vllm needs model_path= (the weights it loads) and vllm= (its VLLMSettings)"
             )
         eos = eos_ids(tokenizer, model) if model is not None else model_eos(model_path, tokenizer)
-        return VLLMEngine(model_path, tokenizer, eos, vllm)
+        return VLLMEngine(model_path, tokenizer, eos, vllm, progress=progress is not None)
     raise ValueError(f"unknown sampling engine {engine!r}: one of {', '.join(ENGINES)}")

@@ -103,8 +103,11 @@ class VLLMEngine:
 
     holds_weights = True  # samples from its own copy of the weights: sync_weights pushes the policy's
 
-    def __init__(self, model_path: str, tokenizer, eos: Sequence[int], settings: VLLMSettings):
+    def __init__(
+        self, model_path: str, tokenizer, eos: Sequence[int], settings: VLLMSettings, progress: bool = False
+    ):
         require_vllm("the vLLM engine")
+        self.progress = progress  # vLLM's own progress bar over each call's requests
         if hasattr(tokenizer, "image_processor"):  # an rlfr.policy.vision.ImageTextProcessor
             raise EngineUnavailableError(
                 "the vLLM engine is text-only: a vision-language policy samples with transformers (engine hf)"
@@ -242,7 +245,9 @@ class VLLMEngine:
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None):
             outs = self.llm.generate(
-                [{"prompt_token_ids": prompt_ids[g]} for g in requests], request_params, use_tqdm=False
+                [{"prompt_token_ids": prompt_ids[g]} for g in requests],
+                request_params,
+                use_tqdm=self.progress,
             )
         if self.settings.sleep:
             self.llm.sleep(level=1)

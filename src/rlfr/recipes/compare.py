@@ -198,9 +198,11 @@ def evaluate_model(
     path: Path,
     verifier,
     clock: Callable[[], float] = time.monotonic,
+    bar: str | None = None,
 ) -> ModelEval:
     """Greedy correctness and (samples > 0) correct counts of ``samples`` samples per problem; cached.
-    ``seconds`` is the time of every attempt (``clock``, injectable for tests), at full precision."""
+    ``seconds`` is the time of every attempt (``clock``, injectable for tests), at full precision. ``bar``: the
+    description of a progress bar over the problems (None: none)."""
     key = {
         "model": model_dir,
         "problems": [ex.id or ex.problem for ex in examples],
@@ -223,7 +225,7 @@ def evaluate_model(
     device = inference_device(cfg.cpu)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code, device).to(device).eval()
     res = held_out_scores(model, tok, examples, cfg.data.template, cfg.eval_max_new_tokens, verifier, samples,
-                          cfg.seed, progress=progress)  # fmt: skip
+                          cfg.seed, progress=progress, bar=bar)  # fmt: skip
     result = ModelEval(config=key, greedy=res.greedy, seconds=progress.seconds, sampled=res.sampled)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result.to_dict()))
@@ -328,7 +330,8 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
         every_seed = dict.fromkeys(str(s) for _, _, seeds in arm_specs.values() for s in seeds)
         for slug, (_, examples) in sets.items():
             path = out / "base" / f"eval_{slug}.json"
-            base = evaluate_model(cfg.start, ref, examples, cfg.eval_samples, path, verifier)
+            base = evaluate_model(cfg.start, ref, examples, cfg.eval_samples, path, verifier,
+                                  bar=f"eval base {slug}" if progress else None)  # fmt: skip
             evals["base"][slug] = {s: base for s in every_seed}  # one model, paired with every run
         for name in arm_specs:
             evals[name] = {slug: {} for slug in sets}
@@ -342,7 +345,13 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
             for slug, (_, examples) in sets.items():
                 path = Path(run_cfg.out_dir) / f"eval_{slug}.json"
                 evals[name][slug][str(s)] = evaluate_model(
-                    r.model_dir, run_cfg, examples, cfg.eval_samples, path, verifier
+                    r.model_dir,
+                    run_cfg,
+                    examples,
+                    cfg.eval_samples,
+                    path,
+                    verifier,
+                    bar=f"eval {name} seed {s} {slug}" if progress else None,
                 )
     result = summarize(cfg, arm_specs, sets, runs, evals, ref)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -17,9 +17,10 @@ import argparse
 import shlex
 
 from rlfr.commands import DownloadConfig, PrepareConfig
-from rlfr.config import add_config_arguments, load_config, to_yaml
+from rlfr.config import add_config_arguments, describe, load_config, to_yaml
 from rlfr.data.benchmarks import BENCHMARKS, download
 from rlfr.data.examples import Fields, read_examples
+from rlfr.data.images import IMAGE_FIELDS
 from rlfr.data.prepare import prepare_flow_data, write_prepared
 from rlfr.errors import ConfigError
 from rlfr.policy.loading import load_tokenizer
@@ -28,12 +29,25 @@ ACTIONS = {"download": DownloadConfig, "prepare": PrepareConfig}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = settings_help()
     p.add_argument(
         "action",
         choices=tuple(ACTIONS),
         help="download: benchmarks into the cache; prepare: flow-pretraining data",
     )
     add_config_arguments(p, "benchmark names (download), data.train=my.jsonl max_length=8192 (prepare)")
+
+
+def settings_help() -> str:
+    """Each action's settings (key=value; default; help), as ``rlfr COMMAND --help`` lists them."""
+    parts = []
+    for action, cls in ACTIONS.items():
+        rows = describe(cls)
+        width = max(len(k) for k, _, _ in rows) + 2
+        parts.append(f"settings of rlfr data {action} (key=value; default; help):\n"
+                     + "\n".join(f"  {k:{width}s} {d:24s} {h}" for k, d, h in rows))  # fmt: skip
+    return "\n\n".join(parts)
 
 
 def run_download(cfg: DownloadConfig) -> dict[str, int]:
@@ -58,8 +72,14 @@ def run_prepare(cfg: PrepareConfig):
     examples = read_examples(d.train, fields, subset=d.subset, split=d.split)  # before the tokenizer loads
     if not examples:
         raise ConfigError(f"data.train={d.train}: no rows to prepare")
+    with_images = sorted({c for e in examples for c in IMAGE_FIELDS if e.columns.get(c)})
+    if with_images:  # the rows written are text-only chats: the images would be dropped
+        raise ConfigError(
+            f"data.train={d.train} has images (column {', '.join(with_images)}); rlfr data prepare writes text-only "
+            "rows: flow-pretrain a vision-language model on the dataset itself (data.train=..., data.image_field)"
+        )
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    prepared = prepare_flow_data(examples, d.template, tok, cfg.max_length, cfg.over_length, cfg.heldout_fraction,
+    prepared = prepare_flow_data(examples, d.template, tok, cfg.max_length, cfg.overlong, cfg.heldout_fraction,
                                  cfg.seed)  # fmt: skip
     if not prepared.splits["train"]:
         raise ConfigError(
@@ -69,8 +89,11 @@ def run_prepare(cfg: PrepareConfig):
     for line in prepared.stats.lines():
         print(line)
     print("wrote " + ", ".join(map(str, paths)))
-    source = f"{cfg.out_dir}/train.jsonl" if cfg.format == "jsonl" else f"{cfg.out_dir} data.split=train"
-    words = [f"model.name_or_path={cfg.model.name_or_path}", f"data.train={source}", "data.prompt_field=messages",
+    source = [f"data.train={cfg.out_dir}/train.jsonl"] if cfg.format == "jsonl" else [
+        f"data.train={cfg.out_dir}", "data.split=train"]  # fmt: skip
+    # data.eval= (none): flow-pretrain then trains on every row written here (with data.eval=auto it would hold
+    # data.eval_size rows out for the RL stages' evaluation); its held-out loss comes from its heldout_fraction
+    words = [f"model.name_or_path={cfg.model.name_or_path}", *source, "data.eval=", "data.prompt_field=messages",
              f"data.template={d.template}"]  # fmt: skip
     print("next: rlfr flow-pretrain " + " ".join(shlex.quote(w) for w in words))
     return prepared

@@ -51,15 +51,16 @@ TASK_NAMES = {  # DemoConfig.task -> what summary.json calls it
 }
 
 
-def held_out(model_name: str, cfg: TrainConfig, samples: int):
+def held_out(model_name: str, cfg: TrainConfig, samples: int, bar: str | None = None):
     """Per-problem greedy and (``samples`` > 0) sampled results at temperature 1 (the RL sampler) on the
-    held-out split: -> ``rlfr.eval.scoring.HeldOut``."""
+    held-out split: -> ``rlfr.eval.scoring.HeldOut``. ``bar``: a progress bar's description (None: none)."""
     _, evals = resolve_data(cfg.data)
     tok, model = load_tokenizer(model_name), load_model(model_name)
     with Verifier(num_workers=cfg.reward.workers, timeout=cfg.reward.timeout) as v:
+        # one sampling seed for every stage and every seed=N: the models differ, not the noise
         return held_out_scores(
-            model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, samples, seed=0
-        )  # one sampling seed for every stage and every seed=N: the models differ, not the noise
+            model, tok, evals, cfg.data.template, cfg.eval_max_new_tokens, v, samples, seed=0, bar=bar
+        )
 
 
 def paired_change(after, before, samples: int) -> dict:
@@ -97,14 +98,19 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
 
     k = cfg.eval_samples
 
+    def name_bar(stage_name: str) -> str | None:
+        return stage_name if progress else None
+
     def report(name: str, h) -> None:
         sampled = "" if h.sampled is None else f", sampled avg@{k} {h.sampled_accuracy:.3f}"
         print(f"held-out accuracy {name}: greedy {h.greedy_accuracy:.3f}{sampled}")
 
-    before = stage("eval_raw", lambda: held_out(cfg.sft.model.name_or_path, cfg.train, 0))
+    before = stage(
+        "eval_raw", lambda: held_out(cfg.sft.model.name_or_path, cfg.train, 0, bar=name_bar("eval_raw"))
+    )
     report("of the raw model", before)
     sft = stage("sft", lambda: run_sft(cfg.sft, progress=progress, evaluate_after=False))
-    after_sft = stage("eval_sft", lambda: held_out(sft.model_dir, cfg.train, k))
+    after_sft = stage("eval_sft", lambda: held_out(sft.model_dir, cfg.train, k, bar=name_bar("eval_sft")))
     report("after SFT", after_sft)
     fp = stage("flow_pretrain", lambda: run_flow_pretrain(cfg.flow, progress=progress))
     print(
@@ -112,7 +118,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
         f"held-out {fp.heldout_loss_first:.4f} -> {fp.heldout_loss_last:.4f}"
     )
     rl = stage("rl", lambda: run_train(cfg.train, progress=progress, final_eval=False, overwrite=True))
-    after = stage("eval_rl", lambda: held_out(rl.model_dir, cfg.train, k))
+    after = stage("eval_rl", lambda: held_out(rl.model_dir, cfg.train, k, bar=name_bar("eval_rl")))
     report(f"after {cfg.train.method.upper()}", after)
     change = paired_change(after, after_sft, k)
     print(_fmt_change(f"{cfg.train.method.upper()} - SFT", change))

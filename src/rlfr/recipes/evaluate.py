@@ -79,9 +79,15 @@ def run_evaluate(cfg: EvalConfig) -> EvaluateResult:
             prompt=d.prompt_field, answer=d.answer_field, image=d.image_field, system_prompt=d.system_prompt
         )
         rows = load_source(
-            spec, fields, size, task_seed=cfg.seed, dev_size=d.dev_size, subset=d.subset, split=d.split
+            spec, fields, size, task_seed=d.task_seed, dev_size=d.dev_size, subset=d.subset, split=d.split
         )
-        sets[dataset_slug(spec)] = (spec, rows[: cfg.limit] if cfg.limit > 0 else rows)
+        slug = dataset_slug(spec)
+        if slug in sets:  # their results would go to one samples_<slug>.jsonl and one entry of results.json
+            raise ConfigError(
+                f"data.eval: {sets[slug][0]!r} and {spec!r} would both be reported as {slug!r}; evaluate them in "
+                "separate runs (out=...) or give the files different names"
+            )
+        sets[slug] = (spec, rows[: cfg.limit] if cfg.limit > 0 else rows)
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.model, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
     if cfg.backend == "vllm" and isinstance(tok, ImageTextProcessor):
@@ -99,7 +105,8 @@ def run_evaluate(cfg: EvalConfig) -> EvaluateResult:
         settings = VLLMSettings(dtype=resolve_dtype(cfg.dtype, device), memory_fraction=cfg.vllm_memory_fraction,
                                 max_model_len=max_len, seed=cfg.seed)  # fmt: skip
         vllm = dict(model_path=resolve_model_path(cfg.model), vllm=settings)
-    sampler = build_sampler(cfg.backend, tok, model=model, batch_size=cfg.batch_size, **vllm)
+    sampler = build_sampler(cfg.backend, tok, model=model, batch_size=cfg.batch_size,
+                            progress="generating" if cfg.progress else None, **vllm)  # fmt: skip
     # hf samples with torch's RNG, seeded once above (each set continues it); vllm seeds every set with seed
     seed = cfg.seed if cfg.backend == "vllm" else None
     params = SamplingParams(n=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=temperature,

@@ -25,7 +25,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -131,8 +131,16 @@ class FlowPretrainResult:
 def run_flow_pretrain(cfg: FlowPretrainConfig, progress: bool = True) -> FlowPretrainResult:
     acc = make_accelerator(cfg.cpu)
     seed_everything(cfg.seed)
-    # data errors surface before the model loads; flow pretraining reads no answers
-    train, _ = resolve_data(cfg.data, need_solution=True, need_answer=False)
+    # data errors surface before the model loads; flow pretraining reads no answers. Its held-out loss is on
+    # heldout_fraction of data.train: data.eval=auto only keeps the rows the other stages evaluate on out of
+    # training, and a named held-out set is not read
+    data = cfg.data
+    if data.eval not in ("auto", ""):
+        if acc.is_main_process:
+            print(f"flow-pretrain: data.eval={data.eval} is not read: the held-out flow loss is measured on "
+                  f"heldout_fraction={cfg.heldout_fraction} of data.train")  # fmt: skip
+        data = replace(data, eval="")
+    train, _ = resolve_data(data, need_solution=True, need_answer=False)
     tok = load_tokenizer(
         cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
     )

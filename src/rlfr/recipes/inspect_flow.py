@@ -39,6 +39,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from rlfr.commands import InspectConfig
 from rlfr.data.sources import GENERATED_SETS, load_source
@@ -92,7 +93,9 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     data_cfg = config.get("data", {})
     template = cfg.template or data_cfg.get("template", "chat")
     size = data_cfg.get("eval_size", DataConfig.eval_size) if cfg.data in GENERATED_SETS else 0
-    examples = load_source(cfg.data, size=size, task_seed=cfg.seed)[: cfg.n_prompts]
+    # the run's problem split (its held-out problems are the ones its training left out); seed draws the samples
+    task_seed = data_cfg.get("task_seed", DataConfig.task_seed)
+    examples = load_source(cfg.data, size=size, task_seed=task_seed)[: cfg.n_prompts]
     seed_everything(cfg.seed)
     device = inference_device(cfg.cpu)
     tok = load_tokenizer(
@@ -108,7 +111,7 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     try:
         with tap.paused():
             ro = generate(model, tok, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
-                          images=images_of(tok, examples))  # fmt: skip
+                          images=images_of(tok, examples), progress="sampling" if cfg.progress else None)  # fmt: skip
         with Verifier(num_workers=1) as verifier:
             correct = [
                 s >= 1.0
@@ -118,7 +121,8 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
         # the repeatability draws have their own noise, so the displayed scores are those of earlier versions
         gen_draws = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         rows, seq_logp, draws = [], [], []
-        for c0 in range(0, ro.input_ids.shape[0], 8):
+        chunks = range(0, ro.input_ids.shape[0], 8)
+        for c0 in tqdm(chunks, desc="scoring", unit="batch", disable=not cfg.progress, leave=False):
             sl = slice(c0, c0 + 8)
             ids, att, mask = (
                 ro.input_ids[sl].to(device),

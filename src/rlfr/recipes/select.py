@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from rlfr.commands import SelectConfig
 from rlfr.config import to_dict
@@ -116,7 +117,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     seed_everything(cfg.seed)
     device = inference_device(cfg.cpu)
     tok = load_tokenizer(policy)
-    model = load_model(policy, cfg.dtype).to(device).eval()
+    model = load_model(policy, cfg.dtype, device=device).to(device).eval()
     prompts = [example_prompt(template, ex, tok) for ex in examples]
     # the pairs the run scored (flow.allow_mode_mismatch lets them differ from the flow's record), else the flow's
     pairing = (
@@ -170,6 +171,7 @@ def sample_and_score(cfg: SelectConfig, model, tok, bundle: FlowBundle, prompts,
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the flow's noise
     records, seconds = [], {"generate": 0.0, "score": 0.0}
     per_call = max(1, cfg.batch_size // cfg.n)
+    bar = tqdm(total=len(prompts), desc="sampling and scoring", unit="problem", disable=not cfg.progress)
     try:
         for c0 in range(0, len(prompts), per_call):
             t0 = time.perf_counter()
@@ -200,7 +202,9 @@ def sample_and_score(cfg: SelectConfig, model, tok, bundle: FlowBundle, prompts,
                 records.append(fill_missing([{"completion": ro.completions[i], "response_tokens": int(lens[i]),
                                               "logp": float(mean_logp[i]), "flow_mean": -float(dev_mean[i]),
                                               "flow_q": -float(dev_q[i])} for i in rows]))  # fmt: skip
+            bar.update(len(ro.completions) // cfg.n)
     finally:
+        bar.close()
         tap.remove()
     return records, seconds
 

@@ -75,7 +75,15 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     solutions = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
     trainable = [q for q in model.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
-        trainable, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio, "cosine", 0.0
+        trainable,
+        cfg.lr,
+        (0.9, 0.999),
+        cfg.weight_decay,
+        cfg.steps,
+        cfg.warmup_ratio,
+        "cosine",
+        0.0,
+        cfg.master_weights,
     )
     model, opt = acc.prepare(model, opt)
     sharding.finish_prepare(acc, model)

@@ -86,6 +86,9 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
                 "rollout.engine=vllm does not support FSDP yet (it syncs whole weights); use DDP"
             )
     train, evals = resolve_data(cfg.data)  # data errors surface before minutes of model loading
+    if evals and cfg.reward.correct_if not in ("auto", "verifier") and acc.is_main_process:
+        print(f"reward.correct_if={cfg.reward.correct_if} decides the training accuracy and the flow's updates; the "
+              "held-out accuracy (eval/accuracy) is the math verifier's check of data.eval's answers")  # fmt: skip
     tok = load_tokenizer(
         cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.data.min_pixels, cfg.data.max_pixels
     )
@@ -126,7 +129,7 @@ def build_components(cfg: TrainConfig, acc) -> tuple[Components, RunData]:
     p, trainable = cfg.policy, [q for q in policy.parameters() if q.requires_grad]  # LoRA: the adapters
     opt, sched = build_optimizer(
         trainable, p.lr, p.betas, p.weight_decay, cfg.steps * p.ppo_epochs * p.minibatches,
-        p.warmup_ratio, p.schedule, p.min_lr_ratio,
+        p.warmup_ratio, p.schedule, p.min_lr_ratio, p.master_weights,
     )  # fmt: skip
     policy, opt = acc.prepare(policy, opt)
     sharding.finish_prepare(acc, policy, tap)  # FSDP: the first forward runs through the whole model
@@ -363,6 +366,9 @@ def _train(cfg, acc, out, resuming, progress, stage, stop_after, final_eval) -> 
         rows = [r for r in read_metrics(metrics.path) if r.get("stage") == stage]
         keys = ["reward", "accuracy", "eval/accuracy", "flow/loss_correct", "flow/loss_wrong", "response_len"]
         plot_metrics(rows, out / "curves.png", keys, title=f"rlfr train ({cfg.method})")
+    # every process leaves together: a launcher's agent waits only so long (torch elastic: 300 s) for the
+    # other machines' processes once its own have exited, and rank 0's plotting can outlast that on a slow host
+    acc.wait_for_everyone()
     result.model_dir = str(out / "checkpoints" / f"step_{cfg.steps:06d}" / "policy")
     return result
 
