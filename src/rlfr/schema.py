@@ -27,6 +27,11 @@ NO_SYSTEM_TURN = ("llama_box", "r1")  # templates that refuse a system prompt (r
 BenchmarkName = Literal["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
 # experiment trackers (accelerate's tracker classes); rlfr.capabilities.check_trackers names the pip extra
 Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml"]
+MASTER_WEIGHTS_HELP = (
+    "bfloat16/float16 weights are updated through a float32 copy in the optimizer state (as DeepSpeed's bf16 "
+    "optimizer): updates under bfloat16's resolution (0.2-0.4 % of a weight; at lr 1e-6 nearly all) are kept; "
+    "4 more bytes per weight and float32 moments. false: AdamW on the low-precision weights themselves"
+)
 REPORT_TO_HELP = (
     "experiment trackers to log to (tensorboard, wandb, trackio, mlflow, comet_ml; [] = none; the run's metrics "
     "log is always written); each tracker needs its package (pip install wandb, ...)"
@@ -295,12 +300,7 @@ class PolicyConfig:
         (0.9, 0.999), "actor AdamW betas (the authors: 0.9, 0.95)", range="[0, 1)"
     )
     weight_decay: float = field_(0.0, "actor weight decay", range="[0, inf)")
-    master_weights: bool = field_(
-        True,
-        "bfloat16/float16 weights are updated through a float32 copy in the optimizer state (as DeepSpeed's bf16 "
-        "optimizer): updates under bfloat16's resolution (0.2-0.4 % of a weight; at lr 1e-6 nearly all) are kept; "
-        "4 more bytes per weight and float32 moments. false: AdamW on the low-precision weights themselves",
-    )
+    master_weights: bool = field_(True, MASTER_WEIGHTS_HELP)
     warmup_ratio: float = field_(0.0, "warm-up fraction of all optimizer steps", range="[0, 1)")
     schedule: Literal["constant", "cosine"] = field_("constant", "lr schedule after warm-up")
     min_lr_ratio: float = field_(
@@ -500,12 +500,7 @@ class SFTConfig:
     data: DataConfig = field_(DataConfig(solution_field="solution"), "worked solutions")
     lr: float = field_(1e-5, "learning rate", range="(0, inf)")
     weight_decay: float = field_(0.0, "weight decay", range="[0, inf)")
-    master_weights: bool = field_(
-        True,
-        "bfloat16/float16 weights are updated through a float32 copy in the optimizer state (as DeepSpeed's bf16 "
-        "optimizer): updates under bfloat16's resolution (0.2-0.4 % of a weight; at lr 1e-6 nearly all) are kept; "
-        "4 more bytes per weight and float32 moments. false: AdamW on the low-precision weights themselves",
-    )
+    master_weights: bool = field_(True, MASTER_WEIGHTS_HELP)
     warmup_ratio: float = field_(0.1, "warm-up fraction", range="[0, 1)")
     batch_size: int = field_(16, "sequences per optimizer step", range="[1, inf)")
     micro_batch_size: int = field_(16, "sequences per forward/backward", range="[1, inf)")

@@ -159,16 +159,18 @@ def resolve_data(
     spec = auto_eval(data.train) if data.eval == "auto" else data.eval
     if data.eval == "auto" and spec is None:
         train, evals = hold_out(train, data.eval_size, data.task_seed, data.train)
-        if os.environ.get("RANK", "0") == "0":  # once, not once per process
-            print(f"data.eval=auto: evaluating on {len(evals)} rows held out of {data.train} (data.eval_size, drawn "
-                  f"with data.task_seed={data.task_seed}; no stage trains on them); training on the other "
-                  f"{len(train)}")  # fmt: skip
+        _say(
+            f"data.eval=auto: evaluating on {len(evals)} rows held out of {data.train} (data.eval_size, drawn "
+            f"with data.task_seed={data.task_seed}; no stage trains on them); training on the other {len(train)}"
+        )
         return train, evals
     evals: list[Example] = []
     same = (spec, data.subset, data.eval_split or data.split) == (data.train, data.subset, data.split)
-    if same and spec not in GENERATED_SETS and os.environ.get("RANK", "0") == "0":
-        print(f"warning: data.eval is data.train ({spec}, split {data.split}): the held-out accuracy is measured on "
-              "rows this run trains on; name another split (data.eval_split=test) or data.eval=auto")  # fmt: skip
+    if same and spec not in GENERATED_SETS:
+        _say(
+            f"warning: data.eval is data.train ({spec}, split {data.split}): the held-out accuracy is measured on "
+            "rows this run trains on; name another split (data.eval_split=test) or data.eval=auto"
+        )
     if spec in GENERATED_SETS and data.eval_size < 1:
         raise DataError(
             f"data.eval={spec} is generated here, so data.eval_size is its size: 0 ('all' rows of a file) would give "
@@ -180,11 +182,18 @@ def resolve_data(
                             data.task_seed, data.dev_size, subset=data.subset,
                             split=data.eval_split or data.split)  # fmt: skip
         if not generated and 0 < data.eval_size < len(evals):
-            if os.environ.get("RANK", "0") == "0":
-                print(f"data.eval={spec}: evaluating on its first {data.eval_size} of {len(evals)} rows "
-                      "(data.eval_size; 0 = all)")  # fmt: skip
+            _say(
+                f"data.eval={spec}: evaluating on its first {data.eval_size} of {len(evals)} rows (data.eval_size; "
+                "0 = all)"
+            )
             evals = evals[: data.eval_size]
     return train, evals
+
+
+def _say(message: str) -> None:
+    """Print ``message`` once per run, not once per process (rank 0 of a launcher's processes, or no launcher)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
 
 
 def render_prompts(

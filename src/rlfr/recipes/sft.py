@@ -74,17 +74,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True, evaluate_after: bool = True) 
     model = apply_lora(model, cfg.model.lora)  # unchanged at rank 0
     solutions = encode_solutions(tok, train, prompts, response_end(cfg.data.template))
     trainable = [q for q in model.parameters() if q.requires_grad]  # LoRA: the adapters
-    opt, sched = build_optimizer(
-        trainable,
-        cfg.lr,
-        (0.9, 0.999),
-        cfg.weight_decay,
-        cfg.steps,
-        cfg.warmup_ratio,
-        "cosine",
-        0.0,
-        cfg.master_weights,
-    )
+    opt, sched = build_optimizer(trainable, cfg.lr, (0.9, 0.999), cfg.weight_decay, cfg.steps, cfg.warmup_ratio,
+                                 "cosine", 0.0, master_weights=cfg.master_weights)  # fmt: skip
     model, opt = acc.prepare(model, opt)
     sharding.finish_prepare(acc, model)
     model.train()
