@@ -2,6 +2,7 @@
 per-problem records committed in docs/results/study/five_seeds/.
 
     python scripts/five_seeds.py docs/results/study/five_seeds [--seeds 0 1 2 3 4] [--out DIR]
+        [--recorded docs/results/study/results.json]
 
 Reads ``<dir>/<method>/seed_<n>/eval_<set>.json`` (``rlfr compare``'s record of one model on one held-out set:
 ``greedy`` 0/1 per problem, ``sampled`` correct counts of ``config.samples`` samples) for the methods ``rlvr``
@@ -12,7 +13,13 @@ Reports, per set: each run's greedy accuracy and avg@k; per seed present in both
 exact test on greedy correctness (the protocol's per-seed secondary). The primary statistic (the paired bootstrap
 over problems of the seed-averaged per-problem accuracy, 10,000 resamples, seed 0) and the Student-t interval
 over seeds are computed only when both arms hold every seed of ``--seeds``: the protocol fixes the seeds, so a
-partial set is not reported as the result. Writes ``OUT/five_seeds.json`` and ``OUT/five_seeds.md``.
+partial set is not reported as the result.
+
+With ``--recorded`` (the three-seed study's ``results.json``, which kept per-seed accuracies but no per-problem
+records), the protocol's seed-level secondary is computed as soon as every seed of ``--seeds`` has an accuracy in
+both arms: each seed's greedy and avg@k from its record where one exists, else the recorded one (the table says
+which). A seed with both is the protocol's reproduction check: its rerun must give the recorded accuracies
+exactly, and any difference is reported. Writes ``OUT/five_seeds.json`` and ``OUT/five_seeds.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import json
 import re
 from pathlib import Path
 
-from rlfr.stats import compare_arms, format_diff, mcnemar
+from rlfr.stats import compare_arms, format_diff, mcnemar, seed_interval
 
 METHODS = ("rlvr", "rlfr")
 
@@ -59,8 +66,45 @@ def seed_of(run: str) -> int:
     return int(run.rsplit("_", 1)[1])
 
 
-def analyse(records: dict[str, dict[str, dict]], seeds: list[int]) -> dict:
-    """{set: {"runs": {run: {greedy, sampled}}, "per_seed": {seed: {diff_greedy, mcnemar}}, "primary": ... | None}}."""
+def load_recorded(path: Path) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
+    """The study's results.json -> {set: {method: {seed: {"greedy", "sampled"}}}} for the methods compared."""
+    try:
+        arms = json.loads(path.read_text())["arms"]
+        return {name: {m: {int(s): {"greedy": g, "sampled": arms[m]["eval"][name]["sampled"][s]}
+                           for s, g in arms[m]["eval"][name]["greedy"].items()} for m in METHODS}
+                for name in arms[METHODS[0]]["eval"]}  # fmt: skip
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a study results.json with per-seed accuracies (missing {e})") from None
+
+
+def seed_level(acc: dict, arm: dict, recorded: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+    """Per seed and arm the accuracy used (record first, else recorded) and the reproduction check; the
+    Student-t interval over seeds of RLFR - RLVR once every seed has both arms."""
+    used: dict[str, dict[int, dict]] = {}
+    checks = []
+    for m in METHODS:
+        used[m] = {}
+        for s in seeds:
+            rec = recorded.get(m, {}).get(s)
+            if s in arm[m]:
+                a = acc[f"{m}/seed_{s}"]
+                used[m][s] = {**a, "source": "record"}
+                if rec is not None:
+                    checks.append({"run": f"{m}/seed_{s}", "rerun": a, "recorded": rec,
+                                   "same": all(abs(a[k] - rec[k]) < 1e-9 for k in ("greedy", "sampled"))})  # fmt: skip
+            elif rec is not None:
+                used[m][s] = {**rec, "source": "recorded"}
+    complete = all(s in used[m] for m in METHODS for s in seeds)
+    interval = None
+    if complete:
+        interval = {k: seed_interval([used["rlfr"][s][k] - used["rlvr"][s][k] for s in seeds])
+                    for k in ("greedy", "sampled")}  # fmt: skip
+    return {"accuracy": used, "reproduction": checks, "t_interval": interval}
+
+
+def analyse(records: dict[str, dict[str, dict]], seeds: list[int], recorded: dict | None = None) -> dict:
+    """{set: {"runs": {run: {greedy, sampled}}, "per_seed": {seed: {diff_greedy, mcnemar}}, "primary": ... | None,
+    "seed_level": ... (with ``recorded``)}}."""
     out = {}
     for name, runs in sorted(records.items()):
         k = next(iter(runs.values()))["config"]["samples"]
@@ -81,6 +125,10 @@ def analyse(records: dict[str, dict[str, dict]], seeds: list[int]) -> dict:
             primary = compare_arms(pick["rlfr"], pick["rlvr"], k)
         missing = {m: [s for s in seeds if s not in arm[m]] for m in METHODS}
         out[name] = {"samples": k, "runs": acc, "per_seed": per_seed, "primary": primary, "missing": missing}
+        if recorded is not None:
+            if name not in recorded:
+                raise ValueError(f"the recorded results have no set {name!r} (they have {sorted(recorded)})")
+            out[name]["seed_level"] = seed_level(acc, arm, recorded[name], seeds)
     return out
 
 
@@ -110,8 +158,49 @@ def render(res: dict, seeds: list[int]) -> str:
                     seed_ci = "" if t is None else f"; over seeds (t): {format_diff(t)}"
                     lines.append(f"- RLFR - RLVR {kind}, paired over {p[kind]['n']} problems: "
                                  f"{format_diff(p[kind])}{seed_ci}")  # fmt: skip
+        if "seed_level" in r:
+            lines += _render_seed_level(r["seed_level"], seeds, k)
         lines.append("")
     return "\n".join(lines)
+
+
+def _render_seed_level(sl: dict, seeds: list[int], k: int) -> list[str]:
+    lines = [
+        "",
+        f"Seed level (greedy / avg@{k}; *recorded*: the three-seed study's results.json, no record here):",
+        "",
+        "| seed | RLVR | RLFR | RLFR - RLVR (greedy) |",
+        "|--:|--:|--:|--:|",
+    ]
+    for s in seeds:
+        cells = []
+        for m in METHODS:
+            a = sl["accuracy"][m].get(s)
+            mark = "*" if a is not None and a["source"] == "recorded" else ""
+            cells.append("missing" if a is None else f"{mark}{a['greedy']:.3f} / {a['sampled']:.4f}{mark}")
+        both = all(s in sl["accuracy"][m] for m in METHODS)
+        diff = sl["accuracy"]["rlfr"][s]["greedy"] - sl["accuracy"]["rlvr"][s]["greedy"] if both else None
+        lines.append(f"| {s} | {cells[0]} | {cells[1]} | {'' if diff is None else f'{100 * diff:+.1f}'} |")
+    lines.append("")
+    for c in sl["reproduction"]:
+        verdict = (
+            "reproduced exactly"
+            if c["same"]
+            else (
+                f"NOT reproduced: rerun {c['rerun']['greedy']:.3f} / {c['rerun']['sampled']:.4f}, recorded "
+                f"{c['recorded']['greedy']:.3f} / {c['recorded']['sampled']:.4f}"
+            )
+        )
+        lines.append(f"- {c['run']}: recorded accuracies {verdict}")
+    t = sl["t_interval"]
+    if t is None:
+        lines.append(
+            f"- Student-t interval over seeds {seeds}: not computed, a seed has no accuracy in an arm"
+        )
+    else:
+        lines.append(f"- RLFR - RLVR over seeds {seeds} (Student-t, df {len(seeds) - 1}): greedy "
+                     f"{format_diff(t['greedy'])}, avg@{k} {format_diff(t['sampled'])}")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,8 +208,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("records", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--recorded",
+        type=Path,
+        default=None,
+        help="the three-seed study's results.json (per-seed accuracies of seeds without records)",
+    )
     args = ap.parse_args(argv)
-    res = analyse(load_records(args.records), args.seeds)
+    recorded = None if args.recorded is None else load_recorded(args.recorded)
+    res = analyse(load_records(args.records), args.seeds, recorded)
     text = render(res, args.seeds)
     print(text)
     if args.out is not None:

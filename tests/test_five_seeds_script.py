@@ -74,3 +74,47 @@ def test_the_committed_records_read():
     res = five.main([str(ROOT / "docs" / "results" / "study" / "five_seeds")])
     r = res["embedded"]
     assert len(r["runs"]) >= 2 and r["runs"]["base"]["greedy"] == pytest.approx(0.522)
+
+
+def _recorded(path: Path, greedy: dict, sampled: dict) -> Path:
+    """A study results.json with per-seed accuracies only (arms.<method>.eval.<set>.greedy/sampled)."""
+    arms = {m: {"eval": {"embedded": {"greedy": greedy[m], "sampled": sampled[m]}}} for m in ("rlvr", "rlfr")}
+    path.write_text(json.dumps({"arms": arms}))
+    return path
+
+
+def test_seed_level_interval_mixes_records_and_recorded_accuracies_and_checks_reruns(tmp_path):
+    """Records hold seeds 0 and 1 (greedy: RLFR .5 and .75, RLVR .25 and .25); results.json holds seeds 0-2,
+    where seed 0 equals its rerun, seed 1's RLFR greedy differs (.5 recorded against .75 rerun) and seed 2 has
+    no record (RLFR .5, RLVR .5). Diffs used: .25, .5 (the record wins), 0 -> mean .25, sample sd .25, t(0.975,
+    df 2) = 4.3027: half-width 4.3027 x .25 / sqrt(3) = .6210."""
+    d = _records(tmp_path / "r")
+    rec = _recorded(
+        tmp_path / "results.json",
+        {"rlfr": {"0": 0.5, "1": 0.5, "2": 0.5}, "rlvr": {"0": 0.25, "1": 0.25, "2": 0.5}},
+        {"rlfr": {"0": 0.375, "1": 0.625, "2": 0.5}, "rlvr": {"0": 0.25, "1": 0.25, "2": 0.25}},
+    )
+    res = five.main([str(d), "--seeds", "0", "1", "2", "--recorded", str(rec), "--out", str(tmp_path / "o")])
+    r = res["embedded"]
+    assert r["primary"] is None  # seed 2 has no per-problem records
+    sl = r["seed_level"]
+    assert sl["accuracy"]["rlfr"][1] == {"greedy": 0.75, "sampled": 0.625, "source": "record"}
+    assert sl["accuracy"]["rlvr"][2] == {"greedy": 0.5, "sampled": 0.25, "source": "recorded"}
+    same = {c["run"]: c["same"] for c in sl["reproduction"]}
+    assert same == {"rlvr/seed_0": True, "rlvr/seed_1": True, "rlfr/seed_0": True, "rlfr/seed_1": False}
+    t = sl["t_interval"]["greedy"]
+    assert t["n"] == 3 and t["diff"] == pytest.approx(0.25)
+    assert t["lo"] == pytest.approx(0.25 - 0.6210, abs=1e-3) and t["hi"] == pytest.approx(
+        0.25 + 0.6210, abs=1e-3
+    )
+    md = (tmp_path / "o" / "five_seeds.md").read_text()
+    assert (
+        "rlfr/seed_1: recorded accuracies NOT reproduced: rerun 0.750 / 0.6250, recorded 0.500 / 0.6250" in md
+    )
+    assert "| 2 | *0.500 / 0.2500* | *0.500 / 0.5000* | +0.0 |" in md
+    # a seed with neither a record nor a recorded accuracy: no interval
+    part = five.main([str(d), "--seeds", "0", "1", "3", "--recorded", str(rec)])["embedded"]["seed_level"]
+    assert part["t_interval"] is None
+    (tmp_path / "bad.json").write_text(json.dumps({"methods": {}}))
+    with pytest.raises(ValueError, match=r"bad.json: not a study results.json .*'arms'"):
+        five.main([str(d), "--recorded", str(tmp_path / "bad.json")])
