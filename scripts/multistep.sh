@@ -42,6 +42,23 @@ if [ ! -f "$OUT/flow_pretrain/flow/latents.json" ]; then
   stamp "flow_pretrain start"; $RLFR flow-pretrain --config "$OUT/flow.json" > "$OUT/flow_pretrain.log" 2>&1
   stamp "flow_pretrain done"
 fi
+# The first and last per-step training loss (metrics.jsonl) of both stages, so that a regenerated SFT model and flow can be checked against
+# the ones a diagnostic measured (same config and seed on a CPU give the same losses bit for bit).
+$PY - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+losses = {}
+for stage, key in (("sft", "sft/loss"), ("flow_pretrain", "flow_pretrain/loss")):
+    rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        sys.exit(f"{out / stage / 'metrics.jsonl'}: no '{key}' rows; was the stage cut off? Delete {out / stage} and rerun")
+    losses[f"{stage}_loss_first"], losses[f"{stage}_loss_last"] = values[0], values[-1]
+(out / "stage_losses.json").write_text(json.dumps(losses, indent=2) + "\n")
+print("stage losses:", json.dumps(losses))
+EOF
 
 # 4. RLFR from the SFT model with the pretrained flow and online flow updates (resumes from its checkpoints).
 if [ ! -f "$OUT/rl/checkpoints/step_000032/policy/config.json" ]; then
