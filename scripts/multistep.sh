@@ -42,8 +42,8 @@ if [ ! -f "$OUT/flow_pretrain/flow/latents.json" ]; then
   stamp "flow_pretrain start"; $RLFR flow-pretrain --config "$OUT/flow.json" > "$OUT/flow_pretrain.log" 2>&1
   stamp "flow_pretrain done"
 fi
-# The first and last per-step training loss (metrics.jsonl) of both stages, so that a regenerated SFT model and flow can be checked against
-# the ones a diagnostic measured (same config and seed on a CPU give the same losses bit for bit).
+# The first and last per-step training loss (metrics.jsonl) of both stages, so that a regenerated SFT model and
+# flow can be checked against the ones a diagnostic measured (same config and seed on a CPU give the same losses).
 $PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
