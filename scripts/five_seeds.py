@@ -128,7 +128,16 @@ def analyse(records: dict[str, dict[str, dict]], seeds: list[int], recorded: dic
         if recorded is not None:
             if name not in recorded:
                 raise ValueError(f"the recorded results have no set {name!r} (they have {sorted(recorded)})")
-            out[name]["seed_level"] = seed_level(acc, arm, recorded[name], seeds)
+            sl = seed_level(acc, arm, recorded[name], seeds)
+            if primary is not None:
+                # every seed has records: the seed-level interval is the primary's "over seeds" one, computed once
+                # (two computations could round the same mean differently in the report)
+                kinds = [kind for kind in ("greedy", "sampled") if kind in primary]
+                sl["t_interval"] = {
+                    **(sl["t_interval"] or {}),
+                    **{kd: primary[kd]["across_seeds"] for kd in kinds},
+                }
+            out[name]["seed_level"] = sl
     return out
 
 

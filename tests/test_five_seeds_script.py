@@ -112,6 +112,11 @@ def test_seed_level_interval_mixes_records_and_recorded_accuracies_and_checks_re
         "rlfr/seed_1: recorded accuracies NOT reproduced: rerun 0.750 / 0.6250, recorded 0.500 / 0.6250" in md
     )
     assert "| 2 | *0.500 / 0.2500* | *0.500 / 0.5000* | +0.0 |" in md
+    # every seed has records: the seed-level interval is the primary's "over seeds" one (one computation, so the
+    # two lines of the report cannot round the same mean differently); greedy diffs .25, .5 -> mean .375
+    full = five.main([str(d), "--seeds", "0", "1", "--recorded", str(rec)])["embedded"]
+    assert full["seed_level"]["t_interval"]["greedy"] is full["primary"]["greedy"]["across_seeds"]
+    assert full["seed_level"]["t_interval"]["greedy"]["diff"] == pytest.approx(0.375)
     # a seed with neither a record nor a recorded accuracy: no interval
     part = five.main([str(d), "--seeds", "0", "1", "3", "--recorded", str(rec)])["embedded"]["seed_level"]
     assert part["t_interval"] is None
