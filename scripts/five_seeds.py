@@ -77,9 +77,12 @@ def load_recorded(path: Path) -> dict[str, dict[str, dict[int, dict[str, float]]
         raise ValueError(f"{path}: not a study results.json with per-seed accuracies (missing {e})") from None
 
 
-def seed_level(acc: dict, arm: dict, recorded: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+def seed_level(
+    acc: dict, arm: dict, recorded: dict[str, dict[int, dict]], seeds: list[int], primary: dict | None = None
+) -> dict:
     """Per seed and arm the accuracy used (record first, else recorded) and the reproduction check; the
-    Student-t interval over seeds of RLFR - RLVR once every seed has both arms."""
+    Student-t interval over seeds of RLFR - RLVR once every seed has both arms: the ``primary``'s "over seeds"
+    interval when every seed has records (one computation, so the report cannot round one mean two ways)."""
     used: dict[str, dict[int, dict]] = {}
     checks = []
     for m in METHODS:
@@ -97,7 +100,8 @@ def seed_level(acc: dict, arm: dict, recorded: dict[str, dict[int, dict]], seeds
     complete = all(s in used[m] for m in METHODS for s in seeds)
     interval = None
     if complete:
-        interval = {k: seed_interval([used["rlfr"][s][k] - used["rlvr"][s][k] for s in seeds])
+        interval = {k: primary[k]["across_seeds"] if primary is not None and k in primary
+                    else seed_interval([used["rlfr"][s][k] - used["rlvr"][s][k] for s in seeds])
                     for k in ("greedy", "sampled")}  # fmt: skip
     return {"accuracy": used, "reproduction": checks, "t_interval": interval}
 
@@ -128,16 +132,7 @@ def analyse(records: dict[str, dict[str, dict]], seeds: list[int], recorded: dic
         if recorded is not None:
             if name not in recorded:
                 raise ValueError(f"the recorded results have no set {name!r} (they have {sorted(recorded)})")
-            sl = seed_level(acc, arm, recorded[name], seeds)
-            if primary is not None:
-                # every seed has records: the seed-level interval is the primary's "over seeds" one, computed once
-                # (two computations could round the same mean differently in the report)
-                kinds = [kind for kind in ("greedy", "sampled") if kind in primary]
-                sl["t_interval"] = {
-                    **(sl["t_interval"] or {}),
-                    **{kd: primary[kd]["across_seeds"] for kd in kinds},
-                }
-            out[name]["seed_level"] = sl
+            out[name]["seed_level"] = seed_level(acc, arm, recorded[name], seeds, primary)
     return out
 
 
