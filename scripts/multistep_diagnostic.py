@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     pairs = {}
     for d in args.inspect_dirs:
+        name = d.name.removeprefix("inspect_")
+        if name in pairs:  # one pair's results would silently replace another's
+            raise SystemExit(
+                f"{d}: a second directory for pair '{name}' (pair names are the directory names)"
+            )
         path = d / "rollouts.jsonl"
         if not path.is_file():
             raise SystemExit(f"{path}: not found (run rlfr inspect first)")
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         if stats.is_file():  # inspect's own figures (2,000 resamples), reported beside these
             s = json.loads(stats.read_text())
             result["inspect_stats"] = {k: s.get(k) for k in ("auroc", "auroc_within", "logp_auroc_within")}
-        pairs[d.name.removeprefix("inspect_")] = result
+        pairs[name] = result
     present = any(r["decision"]["separates"] for r in pairs.values())
     inconclusive = all(r["decision"]["verdict"] == "inconclusive" for r in pairs.values())
     summary = {"pairs": pairs, "flow_signal_present": present, "all_inconclusive": inconclusive,

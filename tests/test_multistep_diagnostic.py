@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location(
     "multistep_diagnostic", ROOT / "scripts" / "multistep_diagnostic.py"
@@ -67,3 +69,12 @@ def test_the_decision_rule():
     assert diag.decide(many)["verdict"] == "does not separate"
     many["flow_within"]["groups"] = 19
     assert diag.decide(many)["verdict"] == "inconclusive"
+
+
+def test_two_directories_with_one_pair_name_are_refused(tmp_path):
+    """Pair names are directory names: a second `sft` would replace the first's results in the report."""
+    a = _write(tmp_path / "a" / "inspect_sft", ROWS)
+    b = _write(tmp_path / "b" / "sft", ROWS)
+    with pytest.raises(SystemExit, match=r"second directory for pair 'sft'"):
+        diag.main([str(a), str(b), "--out", str(tmp_path / "res")])
+    assert not (tmp_path / "res").exists()  # nothing written
